@@ -1,0 +1,114 @@
+//! An account's identity key and one device's key, and the certificate that binds them.
+
+use ed25519_dalek::{Signer as _, SigningKey};
+use miyu_proto::cert::{self, VerifiedCertificate};
+use miyu_proto::wire;
+use rand::{CryptoRng, RngCore};
+use zeroize::Zeroizing;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    #[error("stored key material is malformed")]
+    Malformed,
+}
+
+/// The identity key of the account and the key of this device. Secret halves are wiped from
+/// memory when dropped.
+pub struct AccountKeys {
+    identity: SigningKey,
+    device: SigningKey,
+    certificate: VerifiedCertificate,
+}
+
+impl std::fmt::Debug for AccountKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountKeys")
+            .field("account", &self.certificate.account_id())
+            .finish_non_exhaustive()
+    }
+}
+
+fn certify(identity: &SigningKey, device: &SigningKey) -> Result<VerifiedCertificate, IdentityError> {
+    let identity_key = identity.verifying_key().to_bytes();
+    let device_key = device.verifying_key().to_bytes();
+    let signature = identity.sign(&cert::certificate_payload(&identity_key, &device_key));
+    VerifiedCertificate::verify(&wire::DeviceCertificate {
+        identity_key: identity_key.to_vec(),
+        device_key: device_key.to_vec(),
+        signature: signature.to_bytes().to_vec(),
+    })
+    .map_err(|_| IdentityError::Malformed)
+}
+
+impl AccountKeys {
+    /// Makes a new account with its first device.
+    pub fn generate<R: RngCore + CryptoRng>(rng: &mut R) -> Self {
+        let identity = SigningKey::generate(rng);
+        let device = SigningKey::generate(rng);
+        let certificate = certify(&identity, &device).expect("a fresh certificate verifies");
+        Self {
+            identity,
+            device,
+            certificate,
+        }
+    }
+
+    /// Rebuilds the keys from their stored secret halves.
+    pub fn from_secrets(identity: &[u8], device: &[u8]) -> Result<Self, IdentityError> {
+        let identity: &[u8; 32] = identity.try_into().map_err(|_| IdentityError::Malformed)?;
+        let device: &[u8; 32] = device.try_into().map_err(|_| IdentityError::Malformed)?;
+        let identity = SigningKey::from_bytes(identity);
+        let device = SigningKey::from_bytes(device);
+        let certificate = certify(&identity, &device)?;
+        Ok(Self {
+            identity,
+            device,
+            certificate,
+        })
+    }
+
+    pub fn identity_secret(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.identity.to_bytes())
+    }
+
+    pub fn device_secret(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.device.to_bytes())
+    }
+
+    pub fn certificate(&self) -> &VerifiedCertificate {
+        &self.certificate
+    }
+
+    /// Signs a server's authentication challenge with the device key.
+    pub fn sign_auth(&self, server_certificate_sha256: &[u8; 32], nonce: &[u8]) -> Vec<u8> {
+        self.device
+            .sign(&cert::auth_payload(server_certificate_sha256, nonce))
+            .to_bytes()
+            .to_vec()
+    }
+
+    pub(crate) fn device_key(&self) -> &SigningKey {
+        &self.device
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_survive_a_round_trip_through_their_secrets() {
+        let keys = AccountKeys::generate(&mut rand::rngs::OsRng);
+        let again = AccountKeys::from_secrets(&*keys.identity_secret(), &*keys.device_secret()).unwrap();
+        assert_eq!(again.certificate(), keys.certificate());
+        assert!(AccountKeys::from_secrets(&[1; 3], &[2; 32]).is_err());
+    }
+
+    #[test]
+    fn auth_signature_verifies_against_the_certificate() {
+        let keys = AccountKeys::generate(&mut rand::rngs::OsRng);
+        let signature = keys.sign_auth(&[7; 32], b"nonce");
+        assert!(keys.certificate().verify_auth(&[7; 32], b"nonce", &signature));
+    }
+}

@@ -1,0 +1,424 @@
+//! The MLS glue: an OpenMLS provider whose state lives in the client's SQLite database, a
+//! signer over the device key, and the group operations Miyu uses.
+//!
+//! Every member leaf carries a Basic credential whose identity is the member's device
+//! certificate (compact form), and whose signature key is the certified device key. Peers
+//! accept a leaf only if both check out ([`member_certificate`]), so a server cannot slip in a
+//! device the account's identity key did not certify.
+
+use miyu_proto::cert::VerifiedCertificate;
+use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
+use openmls::prelude::*;
+use openmls_rust_crypto::RustCrypto;
+use openmls_sqlite_storage::{Codec, Connection, SqliteStorageProvider};
+use openmls_traits::OpenMlsProvider;
+use openmls_traits::signatures::{Signer, SignerError};
+
+use crate::identity::AccountKeys;
+
+/// X25519 key exchange, ChaCha20-Poly1305, SHA-256, Ed25519 signatures.
+pub const CIPHERSUITE: Ciphersuite =
+    Ciphersuite::MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519;
+
+/// Application messages are padded to a multiple of this many bytes, so the server sees sizes
+/// in buckets rather than exact lengths.
+pub const PADDING: usize = 256;
+
+/// Why an MLS operation failed, sorted by who must act.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MlsError {
+    /// A peer or the server sent bytes that are not a valid MLS message of the expected kind.
+    #[error("malformed MLS data: {0}")]
+    Malformed(String),
+    /// A member's credential is not a valid device certificate for its key.
+    #[error("member rejected: {0}")]
+    BadMember(&'static str),
+    /// The message could not be decrypted or verified (a replay, an own message, a message
+    /// from an epoch this device no longer keeps, or tampering).
+    #[error("message not accepted: {0}")]
+    Rejected(String),
+    #[error("local MLS state failed: {0}")]
+    State(String),
+}
+
+/// Serialises OpenMLS state for the SQLite storage provider.
+#[derive(Default)]
+pub struct JsonCodec;
+
+impl Codec for JsonCodec {
+    type Error = serde_json::Error;
+
+    fn to_vec<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Self::Error> {
+        serde_json::to_vec(value)
+    }
+
+    fn from_slice<T: serde::de::DeserializeOwned>(slice: &[u8]) -> Result<T, Self::Error> {
+        serde_json::from_slice(slice)
+    }
+}
+
+/// An OpenMLS provider writing its state into the caller's SQLite connection, so MLS state and
+/// the client's own tables change in one transaction.
+pub struct Provider<'a> {
+    crypto: RustCrypto,
+    storage: SqliteStorageProvider<JsonCodec, &'a Connection>,
+}
+
+impl<'a> Provider<'a> {
+    pub fn new(connection: &'a Connection) -> Self {
+        Self {
+            crypto: RustCrypto::default(),
+            storage: SqliteStorageProvider::new(connection),
+        }
+    }
+}
+
+impl<'a> OpenMlsProvider for Provider<'a> {
+    type CryptoProvider = RustCrypto;
+    type RandProvider = RustCrypto;
+    type StorageProvider = SqliteStorageProvider<JsonCodec, &'a Connection>;
+
+    fn storage(&self) -> &Self::StorageProvider {
+        &self.storage
+    }
+
+    fn crypto(&self) -> &Self::CryptoProvider {
+        &self.crypto
+    }
+
+    fn rand(&self) -> &Self::RandProvider {
+        &self.crypto
+    }
+}
+
+/// Creates or upgrades OpenMLS's tables in the client database.
+pub fn migrate(connection: &mut Connection) -> Result<(), MlsError> {
+    SqliteStorageProvider::<JsonCodec, &mut Connection>::new(connection)
+        .run_migrations()
+        .map_err(|error| MlsError::State(error.to_string()))
+}
+
+/// Signs MLS messages with the device key.
+struct DeviceSigner<'a>(&'a AccountKeys);
+
+impl Signer for DeviceSigner<'_> {
+    fn sign(&self, payload: &[u8]) -> Result<Vec<u8>, SignerError> {
+        use ed25519_dalek::Signer as _;
+        Ok(self.0.device_key().sign(payload).to_bytes().to_vec())
+    }
+
+    fn signature_scheme(&self) -> SignatureScheme {
+        SignatureScheme::ED25519
+    }
+}
+
+fn credential_with_key(keys: &AccountKeys) -> CredentialWithKey {
+    CredentialWithKey {
+        credential: BasicCredential::new(keys.certificate().to_compact()).into(),
+        signature_key: keys.certificate().device_key().to_vec().into(),
+    }
+}
+
+/// Checks that a leaf's credential is a valid device certificate for the leaf's signature key,
+/// and returns the certificate.
+pub fn member_certificate(
+    credential: &Credential,
+    signature_key: &[u8],
+) -> Result<VerifiedCertificate, MlsError> {
+    let basic = BasicCredential::try_from(credential.clone())
+        .map_err(|_| MlsError::BadMember("credential is not a basic credential"))?;
+    let certificate = VerifiedCertificate::from_compact(basic.identity())
+        .map_err(|_| MlsError::BadMember("credential is not a valid device certificate"))?;
+    if certificate.device_key().as_slice() != signature_key {
+        return Err(MlsError::BadMember(
+            "leaf signature key is not the certified device key",
+        ));
+    }
+    Ok(certificate)
+}
+
+fn state_error(error: impl std::fmt::Display) -> MlsError {
+    MlsError::State(error.to_string())
+}
+
+fn create_config() -> MlsGroupCreateConfig {
+    MlsGroupCreateConfig::builder()
+        .ciphersuite(CIPHERSUITE)
+        .use_ratchet_tree_extension(true)
+        .padding_size(PADDING)
+        .build()
+}
+
+fn join_config() -> MlsGroupJoinConfig {
+    MlsGroupJoinConfig::builder()
+        .use_ratchet_tree_extension(true)
+        .padding_size(PADDING)
+        .build()
+}
+
+/// Makes a key package for this device, serialised for upload. Its private half stays in the
+/// provider's storage until a Welcome uses it.
+pub fn new_key_package(
+    provider: &Provider<'_>,
+    keys: &AccountKeys,
+    last_resort: bool,
+) -> Result<Vec<u8>, MlsError> {
+    let mut builder = KeyPackage::builder();
+    if last_resort {
+        builder = builder.mark_as_last_resort();
+    }
+    let bundle = builder
+        .build(
+            CIPHERSUITE,
+            provider,
+            &DeviceSigner(keys),
+            credential_with_key(keys),
+        )
+        .map_err(state_error)?;
+    bundle
+        .key_package()
+        .tls_serialize_detached()
+        .map_err(state_error)
+}
+
+/// Parses and validates a key package a server handed out, and checks that it belongs to the
+/// device `certificate` names.
+pub fn check_key_package(
+    provider: &Provider<'_>,
+    bytes: &[u8],
+    certificate: &VerifiedCertificate,
+) -> Result<KeyPackage, MlsError> {
+    let key_package = KeyPackageIn::tls_deserialize_exact(bytes)
+        .map_err(|error| MlsError::Malformed(error.to_string()))?
+        .validate(provider.crypto(), ProtocolVersion::Mls10)
+        .map_err(|error| MlsError::Malformed(error.to_string()))?;
+    if key_package.ciphersuite() != CIPHERSUITE {
+        return Err(MlsError::Malformed("unsupported ciphersuite".into()));
+    }
+    let leaf = key_package.leaf_node();
+    let leaf_certificate = member_certificate(leaf.credential(), leaf.signature_key().as_slice())?;
+    if &leaf_certificate != certificate {
+        return Err(MlsError::BadMember(
+            "key package belongs to another device than the server claimed",
+        ));
+    }
+    Ok(key_package)
+}
+
+/// A group just created with its first members, ready to be announced to the server.
+pub struct CreatedGroup {
+    pub group: MlsGroup,
+    pub welcome: Vec<u8>,
+    pub epoch: u64,
+}
+
+/// Creates a group with the given id and adds the devices of `key_packages` in one commit.
+pub fn create_group(
+    provider: &Provider<'_>,
+    keys: &AccountKeys,
+    group_id: &[u8],
+    key_packages: &[KeyPackage],
+) -> Result<CreatedGroup, MlsError> {
+    let signer = DeviceSigner(keys);
+    let mut group = MlsGroup::new_with_group_id(
+        provider,
+        &signer,
+        &create_config(),
+        GroupId::from_slice(group_id),
+        credential_with_key(keys),
+    )
+    .map_err(state_error)?;
+    let (_commit, welcome, _info) = group
+        .add_members(provider, &signer, key_packages)
+        .map_err(state_error)?;
+    group.merge_pending_commit(provider).map_err(state_error)?;
+    let welcome = welcome.tls_serialize_detached().map_err(state_error)?;
+    let epoch = group.epoch().as_u64();
+    Ok(CreatedGroup {
+        group,
+        welcome,
+        epoch,
+    })
+}
+
+/// A group joined from a Welcome, with every member's verified certificate.
+pub struct JoinedGroup {
+    pub group: MlsGroup,
+    pub members: Vec<VerifiedCertificate>,
+}
+
+/// Joins a group from a Welcome. Fails, leaving no group behind, if any member's credential is
+/// not a valid device certificate.
+pub fn join_group(provider: &Provider<'_>, welcome: &[u8]) -> Result<JoinedGroup, MlsError> {
+    let message = MlsMessageIn::tls_deserialize_exact(welcome)
+        .map_err(|error| MlsError::Malformed(error.to_string()))?;
+    let MlsMessageBodyIn::Welcome(welcome) = message.extract() else {
+        return Err(MlsError::Malformed("not a Welcome".into()));
+    };
+    let staged = StagedWelcome::new_from_welcome(provider, &join_config(), welcome, None)
+        .map_err(|error| MlsError::Rejected(error.to_string()))?;
+    let members = staged
+        .members()
+        .map(|member| member_certificate(&member.credential, &member.signature_key))
+        .collect::<Result<Vec<_>, _>>()?;
+    let group = staged.into_group(provider).map_err(state_error)?;
+    Ok(JoinedGroup { group, members })
+}
+
+/// Loads a group's state from storage.
+pub fn load_group(provider: &Provider<'_>, group_id: &[u8]) -> Result<Option<MlsGroup>, MlsError> {
+    MlsGroup::load(provider.storage(), &GroupId::from_slice(group_id)).map_err(state_error)
+}
+
+/// Encrypts an application message for the group's current epoch.
+pub fn encrypt(
+    provider: &Provider<'_>,
+    keys: &AccountKeys,
+    group: &mut MlsGroup,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, MlsError> {
+    group
+        .create_message(provider, &DeviceSigner(keys), plaintext)
+        .map_err(state_error)?
+        .tls_serialize_detached()
+        .map_err(state_error)
+}
+
+/// What an incoming group message turned out to be.
+pub enum Incoming {
+    Application {
+        plaintext: Vec<u8>,
+        sender: VerifiedCertificate,
+    },
+    /// A commit from another member, merged: the group moved to a new epoch.
+    Commit,
+    /// A proposal, stored until a commit covers it.
+    Proposal,
+}
+
+/// Decrypts and verifies one message of the group's log.
+pub fn process(
+    provider: &Provider<'_>,
+    group: &mut MlsGroup,
+    bytes: &[u8],
+) -> Result<Incoming, MlsError> {
+    let message = MlsMessageIn::tls_deserialize_exact(bytes)
+        .map_err(|error| MlsError::Malformed(error.to_string()))?
+        .try_into_protocol_message()
+        .map_err(|error| MlsError::Malformed(error.to_string()))?;
+    let processed = group
+        .process_message(provider, message)
+        .map_err(|error| MlsError::Rejected(error.to_string()))?;
+    let sender_leaf = processed.sender().clone();
+    let credential = processed.credential().clone();
+    match processed.into_content() {
+        ProcessedMessageContent::ApplicationMessage(application) => {
+            let Sender::Member(index) = sender_leaf else {
+                return Err(MlsError::Rejected("application message from a non-member".into()));
+            };
+            let member = group
+                .member_at(index)
+                .ok_or_else(|| MlsError::Rejected("sender is not in the group".into()))?;
+            if member.credential != credential {
+                return Err(MlsError::Rejected("sender credential mismatch".into()));
+            }
+            let sender = member_certificate(&member.credential, &member.signature_key)?;
+            Ok(Incoming::Application {
+                plaintext: application.into_bytes(),
+                sender,
+            })
+        }
+        ProcessedMessageContent::StagedCommitMessage(staged) => {
+            for member in staged.add_proposals() {
+                let leaf = member.add_proposal().key_package().leaf_node();
+                member_certificate(leaf.credential(), leaf.signature_key().as_slice())?;
+            }
+            group
+                .merge_staged_commit(provider, *staged)
+                .map_err(state_error)?;
+            Ok(Incoming::Commit)
+        }
+        ProcessedMessageContent::ProposalMessage(proposal) => {
+            group
+                .store_pending_proposal(provider.storage(), *proposal)
+                .map_err(state_error)?;
+            Ok(Incoming::Proposal)
+        }
+        _ => Err(MlsError::Rejected("unsupported message type".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn database() -> Connection {
+        let mut connection = Connection::open_in_memory().unwrap();
+        migrate(&mut connection).unwrap();
+        connection
+    }
+
+    fn keys() -> AccountKeys {
+        AccountKeys::generate(&mut rand::rngs::OsRng)
+    }
+
+    #[test]
+    fn two_devices_talk_and_a_replay_is_rejected() {
+        let (alice_db, bob_db) = (database(), database());
+        let (alice, bob) = (keys(), keys());
+        let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
+
+        let package = new_key_package(&alice_mls, &alice, false).unwrap();
+        let package = check_key_package(&bob_mls, &package, alice.certificate()).unwrap();
+        let created = create_group(&bob_mls, &bob, &[9; 16], &[package]).unwrap();
+        let mut bob_group = created.group;
+
+        let joined = join_group(&alice_mls, &created.welcome).unwrap();
+        assert!(joined.members.contains(bob.certificate()));
+        let mut alice_group = load_group(&alice_mls, &[9; 16]).unwrap().unwrap();
+        assert_eq!(alice_group.epoch().as_u64(), created.epoch);
+
+        let ciphertext = encrypt(&bob_mls, &bob, &mut bob_group, b"hello alice").unwrap();
+        match process(&alice_mls, &mut alice_group, &ciphertext).unwrap() {
+            Incoming::Application { plaintext, sender } => {
+                assert_eq!(plaintext, b"hello alice");
+                assert_eq!(&sender, bob.certificate());
+            }
+            _ => panic!("expected an application message"),
+        }
+        assert!(matches!(
+            process(&alice_mls, &mut alice_group, &ciphertext),
+            Err(MlsError::Rejected(_))
+        ));
+        assert!(matches!(
+            process(&alice_mls, &mut alice_group, b"garbage"),
+            Err(MlsError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_key_package_of_another_device_is_refused() {
+        let db = database();
+        let provider = Provider::new(&db);
+        let (alice, mallory) = (keys(), keys());
+        let package = new_key_package(&provider, &mallory, false).unwrap();
+        assert!(matches!(
+            check_key_package(&provider, &package, alice.certificate()),
+            Err(MlsError::BadMember(_))
+        ));
+    }
+
+    #[test]
+    fn padding_hides_exact_lengths() {
+        let (alice_db, bob_db) = (database(), database());
+        let (alice, bob) = (keys(), keys());
+        let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
+        let package = new_key_package(&alice_mls, &alice, false).unwrap();
+        let package = check_key_package(&bob_mls, &package, alice.certificate()).unwrap();
+        let mut group = create_group(&bob_mls, &bob, &[1; 16], &[package]).unwrap().group;
+        let short = encrypt(&bob_mls, &bob, &mut group, b"a").unwrap();
+        let longer = encrypt(&bob_mls, &bob, &mut group, &[b'a'; 100]).unwrap();
+        assert_eq!(short.len(), longer.len());
+    }
+}
