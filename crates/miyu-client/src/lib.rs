@@ -1,1 +1,1113 @@
+//! The Miyu client core: the account and its keys, contacts and invites, one end-to-end
+//! encrypted MLS conversation per contact, the sync engine (cursors, acknowledgements,
+//! de-duplication, an outbox that survives crashes), and an event stream for front ends.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), miyu_client::Error> {
+//! use miyu_client::Client;
+//! let server = "wss://127.0.0.1:7443/#...".parse().map_err(|_| miyu_client::Error::Usage("bad".into()))?;
+//! let mut alice = Client::init("alice-profile".as_ref(), server, "alice").await?;
+//! let link = alice.invite().await?;
+//! println!("send this link to a friend: {link}");
+//! # Ok(()) }
+//! ```
+//!
+//! Front ends (the `miyu` CLI, later a TUI and a web UI) only parse input and print; all logic
+//! is here. What it does not do: trust the server. Keys handed out by the server are checked
+//! against the invite link's fingerprint and every member's device certificate.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+mod db;
+pub mod net;
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use miyu_crypto::identity::AccountKeys;
+use miyu_crypto::mls::{self, Incoming, MlsError, Provider};
+use miyu_proto::cert::VerifiedCertificate;
+use miyu_proto::wire::{self, client_frame::Body as Request, server_frame::Body as Reply};
+use miyu_proto::{AccountId, InviteLink, ServerAddress};
+use prost::Message as _;
+use rand::RngCore;
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+pub use net::ServerError;
+
+/// One-time key packages kept on the server; topped up when fewer than half remain.
+const KEY_PACKAGE_TARGET: u32 = 20;
+/// How long a request may take before the connection is considered dead.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors, sorted by who must act.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The user asked for something that cannot be done; the message says what to do instead.
+    #[error("{0}")]
+    Usage(String),
+    /// The server refused a request.
+    #[error("the server refused: {0}")]
+    Server(ServerError),
+    /// The server or a peer sent something that does not follow the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A peer's keys or certificates did not check out.
+    #[error("security check failed: {0}")]
+    Security(String),
+    #[error("network: {0}")]
+    Network(String),
+    #[error("local database: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("encryption: {0}")]
+    Mls(#[from] MlsError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// True when retrying after reconnecting may help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Network(_))
+            || matches!(self, Error::Server(e) if e.code == wire::ErrorCode::ShuttingDown || e.code == wire::ErrorCode::RateLimited)
+    }
+}
+
+/// A contact as front ends show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Contact {
+    pub name: String,
+    pub account_id: String,
+    pub verified: bool,
+}
+
+/// Where a message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageState {
+    /// Stored locally, not yet acknowledged by the server.
+    Pending,
+    /// Durably stored by the server.
+    Sent,
+    /// Received from the contact.
+    Received,
+}
+
+/// A message as front ends show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MessageView {
+    pub contact: String,
+    /// Who wrote it: the contact's name, or "me".
+    pub from: String,
+    pub outgoing: bool,
+    pub body: String,
+    pub sent_at_ms: u64,
+    pub state: MessageState,
+}
+
+/// Something front ends may want to show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    Message(MessageView),
+    ContactAdded(Contact),
+    /// The contact told us their name.
+    ContactNamed { old: String, new: String },
+    /// Everything the server held for this device has been processed.
+    CaughtUp,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes
+}
+
+/// A profile: one device of one account, with its local state.
+pub struct Client {
+    db: Connection,
+    keys: AccountKeys,
+    server: ServerAddress,
+    name: String,
+    session: Option<Session>,
+    events: VecDeque<Event>,
+    /// The outbox got entries while a request was in flight; flush at the next chance.
+    outbox_waiting: bool,
+    _lock: File,
+}
+
+/// An authenticated connection and what it has told us.
+struct Session {
+    connection: net::Connection,
+    caught_up: bool,
+}
+
+fn lock_profile(profile: &Path) -> Result<File, Error> {
+    std::fs::create_dir_all(profile).map_err(|source| Error::Io {
+        context: format!("creating profile folder {}", profile.display()),
+        source,
+    })?;
+    restrict_permissions(profile);
+    let path = profile.join("lock");
+    let file = File::create(&path).map_err(|source| Error::Io {
+        context: format!("creating {}", path.display()),
+        source,
+    })?;
+    file.try_lock().map_err(|_| {
+        Error::Usage(format!(
+            "profile {} is in use by another miyu process (is `miyu chat` running?)",
+            profile.display()
+        ))
+    })?;
+    Ok(file)
+}
+
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
+}
+
+fn database_path(profile: &Path) -> PathBuf {
+    profile.join("miyu.db")
+}
+
+impl Client {
+    /// Creates an account on `server`: new identity and device keys, registration with a batch
+    /// of key packages. No phone number, no e-mail. Fails if the profile already holds one.
+    pub async fn init(profile: &Path, server: ServerAddress, name: &str) -> Result<Self, Error> {
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+            return Err(Error::Usage(
+                "a name is 1 to 64 printable characters".into(),
+            ));
+        }
+        let lock = lock_profile(profile)?;
+        let path = database_path(profile);
+        if path.exists() {
+            return Err(Error::Usage(format!(
+                "{} already holds an account; use another --profile",
+                profile.display()
+            )));
+        }
+        let result = Self::create_account(&path, lock, server, name).await;
+        if result.is_err() {
+            // Leave no half-made account behind, so `init` can simply be run again.
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+            }
+        }
+        result
+    }
+
+    async fn create_account(
+        path: &Path,
+        lock: File,
+        server: ServerAddress,
+        name: &str,
+    ) -> Result<Self, Error> {
+        let db = db::open(path)?;
+        let keys = AccountKeys::generate(&mut rand::rngs::OsRng);
+        db.execute(
+            "INSERT INTO account (id, server, name, identity_secret, device_secret) VALUES (1, ?1, ?2, ?3, ?4)",
+            params![
+                server.to_string(),
+                name,
+                keys.identity_secret().as_slice(),
+                keys.device_secret().as_slice()
+            ],
+        )?;
+        let mut client = Self {
+            db,
+            keys,
+            server,
+            name: name.to_string(),
+            session: None,
+            events: VecDeque::new(),
+            outbox_waiting: false,
+            _lock: lock,
+        };
+        client.connect().await?;
+        Ok(client)
+    }
+
+    /// Opens an existing profile. Does not connect yet.
+    pub fn open(profile: &Path) -> Result<Self, Error> {
+        let lock = lock_profile(profile)?;
+        let path = database_path(profile);
+        if !path.exists() {
+            return Err(Error::Usage(format!(
+                "no account in {}; create one with `miyu --profile {} init --server URL`",
+                profile.display(),
+                profile.display()
+            )));
+        }
+        let db = db::open(&path)?;
+        let (server, name, identity, device): (String, String, Vec<u8>, Vec<u8>) = db.query_row(
+            "SELECT server, name, identity_secret, device_secret FROM account WHERE id = 1",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+        )?;
+        let identity = zeroize::Zeroizing::new(identity);
+        let device = zeroize::Zeroizing::new(device);
+        let keys = AccountKeys::from_secrets(&identity, &device)
+            .map_err(|error| Error::Usage(format!("profile keys are damaged: {error}")))?;
+        let server = server
+            .parse()
+            .map_err(|_| Error::Usage("profile's server address is damaged".into()))?;
+        Ok(Self {
+            db,
+            keys,
+            server,
+            name,
+            session: None,
+            events: VecDeque::new(),
+            outbox_waiting: false,
+            _lock: lock,
+        })
+    }
+
+    pub fn account_id(&self) -> AccountId {
+        self.keys.certificate().account_id()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn server(&self) -> &ServerAddress {
+        &self.server
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Connection and sync
+    // -----------------------------------------------------------------------------------------
+
+    /// Connects and authenticates (registering on first use), then re-sends what the outbox
+    /// holds. Incoming entries are processed as they arrive, inside any later call.
+    pub async fn connect(&mut self) -> Result<(), Error> {
+        if self.session.is_some() {
+            return Ok(());
+        }
+        let mut connection = net::Connection::open(&self.server).await?;
+        let (server_sha256, nonce) = connection.challenge();
+        let signature = self.keys.sign_auth(server_sha256, nonce);
+        let registered: bool =
+            self.db
+                .query_row("SELECT registered FROM account WHERE id = 1", [], |row| row.get(0))?;
+        let remaining = if registered {
+            let reply = connection
+                .call(Request::Authenticate(wire::Authenticate {
+                    device_id: self.keys.certificate().device_id().as_bytes().to_vec(),
+                    signature,
+                }))
+                .await?;
+            match reply {
+                Reply::Authenticated(authenticated) => authenticated.key_packages_remaining,
+                other => return Err(Error::Protocol(format!("unexpected answer: {other:?}"))),
+            }
+        } else {
+            let (key_packages, last_resort) = self.new_key_packages(KEY_PACKAGE_TARGET, true)?;
+            let token = std::env::var("MIYU_REGISTRATION_TOKEN").unwrap_or_default();
+            let reply = connection
+                .call(Request::Register(wire::Register {
+                    certificate: Some(self.keys.certificate().to_wire()),
+                    challenge_signature: signature,
+                    registration_token: token,
+                    key_packages,
+                    last_resort_key_package: last_resort.unwrap_or_default(),
+                }))
+                .await?;
+            match reply {
+                Reply::Registered(_) => {}
+                other => return Err(Error::Protocol(format!("unexpected answer: {other:?}"))),
+            }
+            self.db
+                .execute("UPDATE account SET registered = 1 WHERE id = 1", [])?;
+            KEY_PACKAGE_TARGET
+        };
+        self.session = Some(Session {
+            connection,
+            caught_up: false,
+        });
+        if remaining < KEY_PACKAGE_TARGET / 2 {
+            let (key_packages, _) = self.new_key_packages(KEY_PACKAGE_TARGET - remaining, false)?;
+            self.call(Request::UploadKeyPackages(wire::UploadKeyPackages {
+                key_packages,
+                last_resort_key_package: Vec::new(),
+            }))
+            .await?;
+        }
+        self.announce_pending_groups().await?;
+        self.flush_outbox().await?;
+        Ok(())
+    }
+
+    /// Drops the connection (the server keeps everything unacknowledged for next time).
+    pub async fn disconnect(&mut self) {
+        if let Some(session) = self.session.take() {
+            session.connection.close().await;
+        }
+    }
+
+    fn new_key_packages(
+        &self,
+        count: u32,
+        with_last_resort: bool,
+    ) -> Result<(Vec<Vec<u8>>, Option<Vec<u8>>), Error> {
+        db::in_transaction(&self.db, |db| {
+            let provider = Provider::new(db);
+            let packages = (0..count)
+                .map(|_| mls::new_key_package(&provider, &self.keys, false))
+                .collect::<Result<Vec<_>, _>>()?;
+            let last_resort = if with_last_resort {
+                Some(mls::new_key_package(&provider, &self.keys, true)?)
+            } else {
+                None
+            };
+            Ok((packages, last_resort))
+        })
+    }
+
+    fn session(&mut self) -> Result<&mut Session, Error> {
+        self.session
+            .as_mut()
+            .ok_or_else(|| Error::Network("not connected".into()))
+    }
+
+    /// Sends a request and waits for its answer, processing whatever the server pushes
+    /// meanwhile.
+    async fn call(&mut self, body: Request) -> Result<Reply, Error> {
+        let id = self.session()?.connection.send(body).await?;
+        loop {
+            let frame = self.receive().await?;
+            if frame.request_id == id {
+                return net::into_result(frame);
+            }
+            self.handle_frame(frame).await?;
+        }
+    }
+
+    async fn receive(&mut self) -> Result<wire::ServerFrame, Error> {
+        let session = self.session()?;
+        match tokio::time::timeout(REQUEST_TIMEOUT, session.connection.receive()).await {
+            Ok(Ok(frame)) => Ok(frame),
+            Ok(Err(error)) => {
+                self.session = None;
+                Err(error)
+            }
+            Err(_) => {
+                self.session = None;
+                Err(Error::Network("the server stopped answering".into()))
+            }
+        }
+    }
+
+    /// Waits for and processes the next frame the server pushes, then posts anything that
+    /// processing queued.
+    async fn pump(&mut self) -> Result<(), Error> {
+        let frame = self.receive().await?;
+        self.handle_frame(frame).await?;
+        if self.outbox_waiting {
+            self.outbox_waiting = false;
+            self.flush_outbox().await?;
+        }
+        Ok(())
+    }
+
+    /// Processes everything pending on the server. With a `wait`, then keeps listening until
+    /// at least one new message arrives or `wait` has passed.
+    pub async fn sync(&mut self, wait: Duration) -> Result<Vec<Event>, Error> {
+        self.connect().await?;
+        let mut events = Vec::new();
+        while !self.session()?.caught_up {
+            self.pump().await?;
+        }
+        events.extend(self.events.drain(..));
+        let received = |events: &[Event]| events.iter().any(|e| matches!(e, Event::Message(m) if !m.outgoing));
+        if !wait.is_zero() && !received(&events) {
+            let deadline = tokio::time::Instant::now() + wait;
+            while !received(&events) {
+                match tokio::time::timeout_at(deadline, self.pump()).await {
+                    Ok(result) => result?,
+                    Err(_) => break,
+                }
+                events.extend(self.events.drain(..));
+            }
+        }
+        events.extend(self.events.drain(..));
+        Ok(events)
+    }
+
+    /// The next event, connecting if needed. For live front ends such as `miyu chat`.
+    pub async fn next_event(&mut self) -> Result<Event, Error> {
+        loop {
+            if let Some(event) = self.events.pop_front() {
+                return Ok(event);
+            }
+            self.connect().await?;
+            self.pump().await?;
+        }
+    }
+
+    async fn handle_frame(&mut self, frame: wire::ServerFrame) -> Result<(), Error> {
+        match frame.body {
+            Some(Reply::Delivery(delivery)) => match delivery.entry {
+                Some(wire::delivery::Entry::InboxEntry(entry)) => self.on_inbox_entry(entry).await,
+                Some(wire::delivery::Entry::GroupEntry(entry)) => self.on_group_entry(entry).await,
+                None => Ok(()),
+            },
+            Some(Reply::CaughtUp(_)) => {
+                self.session()?.caught_up = true;
+                self.events.push_back(Event::CaughtUp);
+                Ok(())
+            }
+            Some(Reply::Error(error)) if frame.request_id == 0 => {
+                let error = ServerError::from(error);
+                if error.code == wire::ErrorCode::ShuttingDown {
+                    self.session = None;
+                    return Err(Error::Network("the server is restarting".into()));
+                }
+                Err(Error::Server(error))
+            }
+            // Answers to acknowledgements we did not wait for.
+            Some(Reply::Error(error)) => {
+                tracing::debug!("request {} failed: {}", frame.request_id, ServerError::from(error));
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Sends a request whose answer nobody waits for.
+    async fn send_and_forget(&mut self, body: Request) -> Result<(), Error> {
+        self.session()?.connection.send(body).await.map(|_| ())
+    }
+
+    async fn on_inbox_entry(&mut self, entry: wire::InboxEntry) -> Result<(), Error> {
+        let cursor: u64 =
+            self.db
+                .query_row("SELECT inbox_cursor FROM account WHERE id = 1", [], |row| row.get(0))?;
+        if entry.seq > cursor {
+            let joined = db::in_transaction(&self.db, |db| {
+                let joined = self.join_from_welcome(db, &entry.payload);
+                db.execute(
+                    "UPDATE account SET inbox_cursor = ?1 WHERE id = 1",
+                    params![entry.seq],
+                )?;
+                Ok(joined)
+            })?;
+            match joined {
+                Ok(Some((group_id, contact))) => {
+                    self.events.push_back(Event::ContactAdded(contact));
+                    // Tell the inviter who we are, end to end encrypted.
+                    let profile = wire::app_message::Body::Profile(wire::Profile {
+                        name: self.name.clone(),
+                        invite_token: Vec::new(),
+                    });
+                    // Posted by the next flush: this runs inside `call`, which must not recurse.
+                    self.queue_app_message(&group_id, profile, None)?;
+                    self.outbox_waiting = true;
+                }
+                Ok(None) => {}
+                Err(error) => tracing::warn!("ignored an invitation that failed checks: {error}"),
+            }
+        }
+        self.send_and_forget(Request::AckInbox(wire::AckInbox { seq: entry.seq }))
+            .await
+    }
+
+    /// Joins a conversation from a Welcome. The outer result is a database failure (retry);
+    /// the inner one a Welcome that fails checks (drop it).
+    fn join_from_welcome(
+        &self,
+        db: &Connection,
+        welcome: &[u8],
+    ) -> Result<Option<(Vec<u8>, Contact)>, Error> {
+        let provider = Provider::new(db);
+        let joined = mls::join_group(&provider, welcome)?;
+        let me = self.account_id();
+        let others: Vec<&VerifiedCertificate> = joined
+            .members
+            .iter()
+            .filter(|member| member.account_id() != me)
+            .collect();
+        let [other] = others.as_slice() else {
+            return Err(Error::Security(
+                "a conversation must have exactly one other account".into(),
+            ));
+        };
+        let group_id = joined.group.group_id().as_slice().to_vec();
+        let account = other.account_id().to_string();
+        let existing: Option<String> = db
+            .query_row(
+                "SELECT name FROM contacts WHERE account_id = ?1",
+                params![account],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let name = match existing {
+            Some(name) => name,
+            None => {
+                let placeholder = db::free_contact_name(db, &account[..8], &account)?;
+                db.execute(
+                    "INSERT INTO contacts (account_id, name, certificate, added_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                    params![account, placeholder, other.to_compact(), now_ms()],
+                )?;
+                placeholder
+            }
+        };
+        db.execute(
+            "INSERT OR REPLACE INTO conversations (group_id, contact, cursor) VALUES (?1, ?2, 0)",
+            params![group_id, account],
+        )?;
+        Ok(Some((
+            group_id,
+            Contact {
+                name,
+                account_id: account,
+                verified: false,
+            },
+        )))
+    }
+
+    async fn on_group_entry(&mut self, entry: wire::GroupEntry) -> Result<(), Error> {
+        let conversation: Option<(String, u64)> = self
+            .db
+            .query_row(
+                "SELECT contact, cursor FROM conversations WHERE group_id = ?1",
+                params![entry.group_id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        let Some((contact_account, cursor)) = conversation else {
+            // Welcomes arrive before their group's entries; an unknown group is one whose
+            // Welcome failed its checks. Its entries can never be read.
+            tracing::debug!("dropping an entry of an unknown group");
+            return self.ack_group(entry.group_id, entry.seq).await;
+        };
+        if entry.seq <= cursor {
+            // Delivered again (after a reconnect, say): already processed.
+            return self.ack_group(entry.group_id, entry.seq).await;
+        }
+        let event = db::in_transaction(&self.db, |db| {
+            let event = if entry.own {
+                None
+            } else {
+                self.process_entry(db, &entry, &contact_account)?
+            };
+            db.execute(
+                "UPDATE conversations SET cursor = ?1 WHERE group_id = ?2",
+                params![entry.seq, entry.group_id],
+            )?;
+            Ok(event)
+        })?;
+        if let Some(event) = event {
+            self.events.push_back(event);
+        }
+        self.ack_group(entry.group_id, entry.seq).await
+    }
+
+    async fn ack_group(&mut self, group_id: Vec<u8>, seq: u64) -> Result<(), Error> {
+        self.send_and_forget(Request::AckGroup(wire::AckGroup { group_id, seq }))
+            .await
+    }
+
+    /// Decrypts one entry and stores what it says. Entries that fail to decrypt are dropped
+    /// (they are replays, our own messages echoed back, or forgeries), but a local storage
+    /// failure is returned so the entry is retried.
+    fn process_entry(
+        &self,
+        db: &Connection,
+        entry: &wire::GroupEntry,
+        contact_account: &str,
+    ) -> Result<Option<Event>, Error> {
+        let provider = Provider::new(db);
+        let Some(mut group) = mls::load_group(&provider, &entry.group_id)? else {
+            return Ok(None);
+        };
+        let incoming = match mls::process(&provider, &mut group, &entry.payload) {
+            Ok(incoming) => incoming,
+            Err(MlsError::State(error)) => return Err(Error::Mls(MlsError::State(error))),
+            Err(error) => {
+                let hash: [u8; 32] = Sha256::digest(&entry.payload).into();
+                let marked = db.execute(
+                    "UPDATE messages SET state = 'sent', seq = ?1 WHERE ciphertext_hash = ?2 AND state = 'pending'",
+                    params![entry.seq, hash.as_slice()],
+                )?;
+                if marked == 0 {
+                    tracing::debug!("dropped a group entry that did not decrypt: {error}");
+                }
+                return Ok(None);
+            }
+        };
+        let Incoming::Application { plaintext, sender } = incoming else {
+            return Ok(None);
+        };
+        if sender.account_id().to_string() != contact_account {
+            tracing::warn!("dropped a message whose sender is not the conversation's contact");
+            return Ok(None);
+        }
+        let Ok(message) = wire::AppMessage::decode(plaintext.as_slice()) else {
+            tracing::debug!("dropped a message that is not a Miyu message");
+            return Ok(None);
+        };
+        let contact_name: String = db.query_row(
+            "SELECT name FROM contacts WHERE account_id = ?1",
+            params![contact_account],
+            |row| row.get(0),
+        )?;
+        match message.body {
+            Some(wire::app_message::Body::Text(text)) => {
+                let inserted = db.execute(
+                    "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq)
+                     VALUES (?1, ?2, 0, ?3, ?4, ?5, 'received', ?6)",
+                    params![entry.group_id, message.message_id, text.body, message.sent_at_ms, now_ms(), entry.seq],
+                )?;
+                if inserted == 0 {
+                    return Ok(None);
+                }
+                Ok(Some(Event::Message(MessageView {
+                    contact: contact_name.clone(),
+                    from: contact_name,
+                    outgoing: false,
+                    body: text.body,
+                    sent_at_ms: message.sent_at_ms,
+                    state: MessageState::Received,
+                })))
+            }
+            Some(wire::app_message::Body::Profile(profile)) => {
+                if !profile.invite_token.is_empty() {
+                    db.execute(
+                        "UPDATE invites SET used = 1 WHERE token = ?1",
+                        params![profile.invite_token],
+                    )?;
+                }
+                let wanted: String = profile
+                    .name
+                    .chars()
+                    .filter(|c| !c.is_control())
+                    .take(64)
+                    .collect::<String>()
+                    .trim()
+                    .to_string();
+                let named_locally: bool = db.query_row(
+                    "SELECT named_locally FROM contacts WHERE account_id = ?1",
+                    params![contact_account],
+                    |row| row.get(0),
+                )?;
+                if named_locally || wanted.is_empty() || wanted == contact_name {
+                    return Ok(None);
+                }
+                let new = db::free_contact_name(db, &wanted, contact_account)?;
+                db.execute(
+                    "UPDATE contacts SET name = ?1 WHERE account_id = ?2",
+                    params![new, contact_account],
+                )?;
+                Ok(Some(Event::ContactNamed {
+                    old: contact_name,
+                    new,
+                }))
+            }
+            None => Ok(None),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Invites
+    // -----------------------------------------------------------------------------------------
+
+    /// Creates a one-time invite link. Whoever holds it can become a contact.
+    pub async fn invite(&mut self) -> Result<InviteLink, Error> {
+        self.connect().await?;
+        let token: [u8; 32] = random();
+        self.call(Request::CreateInvite(wire::CreateInvite {
+            token_hash: Sha256::digest(token).to_vec(),
+        }))
+        .await?;
+        self.db.execute(
+            "INSERT INTO invites (token, created_at_ms) VALUES (?1, ?2)",
+            params![token.as_slice(), now_ms()],
+        )?;
+        Ok(InviteLink {
+            server: self.server.clone(),
+            account: self.account_id(),
+            identity: self.keys.certificate().identity_fingerprint(),
+            token,
+        })
+    }
+
+    /// Accepts an invite link: fetches the inviter's key packages with the link's token,
+    /// checks them against the link's identity fingerprint, creates the encrypted conversation
+    /// and introduces us by name. `name` is what we call the inviter locally.
+    pub async fn accept(&mut self, link: &InviteLink, name: Option<&str>) -> Result<Contact, Error> {
+        if link.server != self.server {
+            return Err(Error::Usage(format!(
+                "this invite is for server {}, but this profile uses {}; contacts on other servers are not supported yet",
+                link.server.authority(),
+                self.server.authority()
+            )));
+        }
+        if link.account == self.account_id() {
+            return Err(Error::Usage("this is your own invite link".into()));
+        }
+        let account = link.account.to_string();
+        let known: Option<String> = self
+            .db
+            .query_row("SELECT name FROM contacts WHERE account_id = ?1", params![account], |row| row.get(0))
+            .optional()?;
+        if let Some(known) = known {
+            return Err(Error::Usage(format!("{known} is already a contact")));
+        }
+        self.connect().await?;
+        let claimed = match self
+            .call(Request::ClaimInvite(wire::ClaimInvite {
+                token: link.token.to_vec(),
+            }))
+            .await
+        {
+            Ok(Reply::InviteClaimed(claimed)) => claimed,
+            Ok(other) => return Err(Error::Protocol(format!("unexpected answer: {other:?}"))),
+            Err(Error::Server(error)) if error.code == wire::ErrorCode::NotFound => {
+                return Err(Error::Usage(
+                    "this invite link was already used or has expired; ask for a new one".into(),
+                ));
+            }
+            Err(error) => return Err(error),
+        };
+        if claimed.devices.is_empty() {
+            return Err(Error::Protocol("the server returned no devices for this invite".into()));
+        }
+        let mut key_packages = Vec::new();
+        let mut devices = Vec::new();
+        let mut inviter_certificate = None;
+        {
+            let provider = Provider::new(&self.db);
+            for device in &claimed.devices {
+                let certificate = device
+                    .certificate
+                    .as_ref()
+                    .ok_or_else(|| Error::Security("a device came without certificate".into()))
+                    .and_then(|c| {
+                        VerifiedCertificate::verify(c)
+                            .map_err(|e| Error::Security(format!("device certificate: {e}")))
+                    })?;
+                if certificate.identity_fingerprint() != link.identity
+                    || certificate.account_id() != link.account
+                {
+                    return Err(Error::Security(
+                        "the server returned keys that do not match the invite link's fingerprint; not connecting".into(),
+                    ));
+                }
+                key_packages.push(mls::check_key_package(&provider, &device.key_package, &certificate)?);
+                devices.push(certificate.device_id());
+                inviter_certificate = Some(certificate);
+            }
+        }
+        let certificate = inviter_certificate
+            .ok_or_else(|| Error::Protocol("no devices".into()))?;
+        let group_id: [u8; 16] = random();
+        let wanted = name.map(str::trim).filter(|n| !n.is_empty()).unwrap_or(&account[..8]).to_string();
+        let named_locally = name.is_some();
+        let contact = db::in_transaction(&self.db, |db| {
+            let provider = Provider::new(db);
+            let created = mls::create_group(&provider, &self.keys, &group_id, &key_packages)?;
+            let contact_name = db::free_contact_name(db, &wanted, &account)?;
+            db.execute(
+                "INSERT INTO contacts (account_id, name, named_locally, certificate, added_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![account, contact_name, named_locally, certificate.to_compact(), now_ms()],
+            )?;
+            let announce = wire::CreateGroup {
+                group_id: group_id.to_vec(),
+                epoch: created.epoch,
+                member_devices: devices.iter().map(|d| d.as_bytes().to_vec()).collect(),
+                welcomes: devices
+                    .iter()
+                    .map(|d| wire::InboxMessage {
+                        device_id: d.as_bytes().to_vec(),
+                        payload: created.welcome.clone(),
+                    })
+                    .collect(),
+            };
+            db.execute(
+                "INSERT INTO conversations (group_id, contact, announce) VALUES (?1, ?2, ?3)",
+                params![group_id.as_slice(), account, announce.encode_to_vec()],
+            )?;
+            Ok(Contact {
+                name: contact_name,
+                account_id: account.clone(),
+                verified: false,
+            })
+        })?;
+        let profile = wire::app_message::Body::Profile(wire::Profile {
+            name: self.name.clone(),
+            invite_token: link.token.to_vec(),
+        });
+        self.queue_app_message(&group_id, profile, None)?;
+        self.announce_pending_groups().await?;
+        self.flush_outbox().await?;
+        Ok(contact)
+    }
+
+    /// Sends CreateGroup for conversations the server does not know yet.
+    async fn announce_pending_groups(&mut self) -> Result<(), Error> {
+        let pending: Vec<(Vec<u8>, Vec<u8>)> = {
+            let mut statement = self
+                .db
+                .prepare("SELECT group_id, announce FROM conversations WHERE announce IS NOT NULL")?;
+            statement
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        for (group_id, announce) in pending {
+            let create = wire::CreateGroup::decode(announce.as_slice())
+                .map_err(|error| Error::Protocol(format!("stored group announcement: {error}")))?;
+            match self.call(Request::CreateGroup(create)).await {
+                Ok(_) => {}
+                // Announced before a crash took the answer away.
+                Err(Error::Server(error)) if error.code == wire::ErrorCode::AlreadyExists => {}
+                Err(error) => return Err(error),
+            }
+            self.db.execute(
+                "UPDATE conversations SET announce = NULL WHERE group_id = ?1",
+                params![group_id],
+            )?;
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Sending
+    // -----------------------------------------------------------------------------------------
+
+    /// Encrypts an application message and puts it in the outbox, in one transaction. Returns
+    /// the message row when the message is one the user sees.
+    fn queue_app_message(
+        &self,
+        group_id: &[u8],
+        body: wire::app_message::Body,
+        shown: Option<&str>,
+    ) -> Result<(), Error> {
+        let message = wire::AppMessage {
+            message_id: random::<16>().to_vec(),
+            sent_at_ms: now_ms(),
+            body: Some(body),
+        };
+        let plaintext = message.encode_to_vec();
+        db::in_transaction(&self.db, |db| {
+            let provider = Provider::new(db);
+            let mut group = mls::load_group(&provider, group_id)?
+                .ok_or_else(|| Error::Usage("conversation state is missing".into()))?;
+            let ciphertext = mls::encrypt(&provider, &self.keys, &mut group, &plaintext)?;
+            let epoch = group.epoch().as_u64();
+            let row = match shown {
+                Some(text) => {
+                    let hash: [u8; 32] = Sha256::digest(&ciphertext).into();
+                    db.execute(
+                        "INSERT INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, ciphertext_hash)
+                         VALUES (?1, ?2, 1, ?3, ?4, ?4, 'pending', ?5)",
+                        params![group_id, message.message_id, text, message.sent_at_ms, hash.as_slice()],
+                    )?;
+                    Some(db.last_insert_rowid())
+                }
+                None => None,
+            };
+            db.execute(
+                "INSERT INTO outbox (group_id, epoch, ciphertext, plaintext, message_row) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![group_id, epoch, ciphertext, plaintext, row],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Posts what the outbox holds, oldest first; each entry leaves the outbox only once the
+    /// server has acknowledged it.
+    async fn flush_outbox(&mut self) -> Result<(), Error> {
+        loop {
+            let next: Option<(i64, Vec<u8>, u64, Vec<u8>, Option<i64>)> = self
+                .db
+                .query_row(
+                    "SELECT id, group_id, epoch, ciphertext, message_row FROM outbox ORDER BY id LIMIT 1",
+                    [],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
+                )
+                .optional()?;
+            let Some((id, group_id, epoch, ciphertext, message_row)) = next else {
+                return Ok(());
+            };
+            let result = self
+                .call(Request::Post(wire::Post {
+                    group_id,
+                    epoch,
+                    kind: wire::EntryKind::Application as i32,
+                    payload: ciphertext,
+                }))
+                .await;
+            match result {
+                Ok(Reply::Posted(posted)) => {
+                    db::in_transaction(&self.db, |db| {
+                        db.execute("DELETE FROM outbox WHERE id = ?1", params![id])?;
+                        if let Some(row) = message_row {
+                            db.execute(
+                                "UPDATE messages SET state = 'sent', seq = ?1 WHERE id = ?2",
+                                params![posted.seq, row],
+                            )?;
+                        }
+                        Ok(())
+                    })?;
+                }
+                Ok(other) => return Err(Error::Protocol(format!("unexpected answer: {other:?}"))),
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Sends a text message to a contact; returns once the server has durably stored it.
+    pub async fn send(&mut self, contact: &str, text: &str) -> Result<MessageView, Error> {
+        if text.is_empty() {
+            return Err(Error::Usage("the message is empty".into()));
+        }
+        let (account, group_id) = self.conversation_of(contact)?;
+        let _ = account;
+        self.queue_app_message(
+            &group_id,
+            wire::app_message::Body::Text(wire::Text {
+                body: text.to_string(),
+            }),
+            Some(text),
+        )?;
+        self.connect().await?;
+        self.flush_outbox().await?;
+        Ok(MessageView {
+            contact: contact.to_string(),
+            from: "me".into(),
+            outgoing: true,
+            body: text.to_string(),
+            sent_at_ms: now_ms(),
+            state: MessageState::Sent,
+        })
+    }
+
+    fn conversation_of(&self, contact: &str) -> Result<(String, Vec<u8>), Error> {
+        self.db
+            .query_row(
+                "SELECT c.account_id, v.group_id FROM contacts c JOIN conversations v ON v.contact = c.account_id WHERE c.name = ?1",
+                params![contact],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "no contact called {contact:?}; `miyu contacts` lists them"
+                ))
+            })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Local views
+    // -----------------------------------------------------------------------------------------
+
+    pub fn contacts(&self) -> Result<Vec<Contact>, Error> {
+        let mut statement = self
+            .db
+            .prepare("SELECT name, account_id, verified FROM contacts ORDER BY name")?;
+        let contacts = statement
+            .query_map([], |row| {
+                Ok(Contact {
+                    name: row.get(0)?,
+                    account_id: row.get(1)?,
+                    verified: row.get(2)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(contacts)
+    }
+
+    /// Renames a contact locally; their own choice of name no longer overrides it.
+    pub fn rename(&self, old: &str, new: &str) -> Result<(), Error> {
+        let new = new.trim();
+        if new.is_empty() || new.chars().count() > 64 || new.chars().any(char::is_control) {
+            return Err(Error::Usage("a name is 1 to 64 printable characters".into()));
+        }
+        let taken: Option<String> = self
+            .db
+            .query_row("SELECT account_id FROM contacts WHERE name = ?1", params![new], |row| row.get(0))
+            .optional()?;
+        if taken.is_some() {
+            return Err(Error::Usage(format!("another contact is already called {new:?}")));
+        }
+        let changed = self.db.execute(
+            "UPDATE contacts SET name = ?1, named_locally = 1 WHERE name = ?2",
+            params![new, old],
+        )?;
+        if changed == 0 {
+            return Err(Error::Usage(format!("no contact called {old:?}")));
+        }
+        Ok(())
+    }
+
+    /// Marks a contact as verified, after the safety numbers were compared out of band.
+    pub fn verify(&self, contact: &str) -> Result<(), Error> {
+        let changed = self.db.execute(
+            "UPDATE contacts SET verified = 1 WHERE name = ?1",
+            params![contact],
+        )?;
+        if changed == 0 {
+            return Err(Error::Usage(format!("no contact called {contact:?}")));
+        }
+        Ok(())
+    }
+
+    /// The conversation with a contact, oldest first.
+    pub fn messages(&self, contact: &str) -> Result<Vec<MessageView>, Error> {
+        let (_, group_id) = self.conversation_of(contact)?;
+        let mut statement = self.db.prepare(
+            "SELECT outgoing, body, sent_at_ms, state FROM messages WHERE group_id = ?1 ORDER BY id",
+        )?;
+        let messages = statement
+            .query_map(params![group_id], |row| {
+                let outgoing: bool = row.get(0)?;
+                let state: String = row.get(3)?;
+                Ok(MessageView {
+                    contact: contact.to_string(),
+                    from: if outgoing { "me".into() } else { contact.to_string() },
+                    outgoing,
+                    body: row.get(1)?,
+                    sent_at_ms: row.get(2)?,
+                    state: match state.as_str() {
+                        "pending" => MessageState::Pending,
+                        "sent" => MessageState::Sent,
+                        _ => MessageState::Received,
+                    },
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(messages)
+    }
+
+    /// The safety number shared with a contact: compare it in person to rule out a server that
+    /// substituted keys.
+    pub fn safety_number(&self, contact: &str) -> Result<String, Error> {
+        let compact: Vec<u8> = self
+            .db
+            .query_row("SELECT certificate FROM contacts WHERE name = ?1", params![contact], |row| row.get(0))
+            .optional()?
+            .ok_or_else(|| Error::Usage(format!("no contact called {contact:?}")))?;
+        let theirs = VerifiedCertificate::from_compact(&compact)
+            .map_err(|error| Error::Security(format!("stored certificate: {error}")))?;
+        Ok(miyu_crypto::safety::safety_number(self.keys.certificate(), &theirs))
+    }
+}

@@ -1,0 +1,137 @@
+//! The client's local database: account keys, contacts, conversations, messages and the
+//! outbox. OpenMLS keeps its own tables in the same file, so an incoming message's MLS state
+//! change and its stored plaintext commit together.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::Error;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE account (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    server TEXT NOT NULL,
+    name TEXT NOT NULL,
+    identity_secret BLOB NOT NULL,
+    device_secret BLOB NOT NULL,
+    registered INTEGER NOT NULL DEFAULT 0,
+    inbox_cursor INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE contacts (
+    account_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    named_locally INTEGER NOT NULL DEFAULT 0,
+    certificate BLOB NOT NULL,
+    verified INTEGER NOT NULL DEFAULT 0,
+    added_at_ms INTEGER NOT NULL
+);
+CREATE TABLE conversations (
+    group_id BLOB PRIMARY KEY,
+    contact TEXT NOT NULL REFERENCES contacts(account_id),
+    cursor INTEGER NOT NULL DEFAULT 0,
+    -- A CreateGroup request not yet acknowledged by the server, retried on connect.
+    announce BLOB
+);
+CREATE TABLE invites (
+    token BLOB PRIMARY KEY,
+    created_at_ms INTEGER NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    group_id BLOB NOT NULL,
+    message_id BLOB NOT NULL,
+    outgoing INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    sent_at_ms INTEGER NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    seq INTEGER,
+    ciphertext_hash BLOB,
+    UNIQUE (group_id, message_id)
+);
+CREATE INDEX messages_by_conversation ON messages (group_id, id);
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY,
+    group_id BLOB NOT NULL,
+    epoch INTEGER NOT NULL,
+    ciphertext BLOB NOT NULL,
+    plaintext BLOB NOT NULL,
+    message_row INTEGER
+);
+";
+
+pub(crate) fn open(path: &Path) -> Result<Connection, Error> {
+    let mut connection = Connection::open(path)?;
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    connection.pragma_update(None, "foreign_keys", true)?;
+    connection.pragma_update(None, "secure_delete", true)?;
+    connection.busy_timeout(std::time::Duration::from_secs(5))?;
+    let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    match version {
+        0 => {
+            let transaction = connection.transaction()?;
+            transaction.execute_batch(SCHEMA)?;
+            transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            transaction.commit()?;
+        }
+        SCHEMA_VERSION => {}
+        newer => {
+            return Err(Error::Usage(format!(
+                "this profile was written by a newer miyu (schema {newer}); update miyu"
+            )));
+        }
+    }
+    miyu_crypto::mls::migrate(&mut connection)?;
+    Ok(connection)
+}
+
+/// Runs `body` in one write transaction: all of it is stored, or none.
+pub(crate) fn in_transaction<T>(
+    connection: &Connection,
+    body: impl FnOnce(&Connection) -> Result<T, Error>,
+) -> Result<T, Error> {
+    connection.execute_batch("BEGIN IMMEDIATE")?;
+    match body(connection) {
+        Ok(value) => {
+            connection.execute_batch("COMMIT")?;
+            Ok(value)
+        }
+        Err(error) => {
+            let _ = connection.execute_batch("ROLLBACK");
+            Err(error)
+        }
+    }
+}
+
+/// A name no contact has yet: `wanted`, else `wanted-2`, `wanted-3`, ...
+pub(crate) fn free_contact_name(
+    connection: &Connection,
+    wanted: &str,
+    except_account: &str,
+) -> Result<String, Error> {
+    let taken = |name: &str| -> Result<bool, Error> {
+        Ok(connection
+            .query_row(
+                "SELECT 1 FROM contacts WHERE name = ?1 AND account_id != ?2",
+                params![name, except_account],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    };
+    if !taken(wanted)? {
+        return Ok(wanted.to_string());
+    }
+    for suffix in 2..10_000 {
+        let candidate = format!("{wanted}-{suffix}");
+        if !taken(&candidate)? {
+            return Ok(candidate);
+        }
+    }
+    Err(Error::Usage(format!("too many contacts are called {wanted}")))
+}

@@ -1,0 +1,939 @@
+//! One client connection: the handshake, authentication, requests, and the delivery task that
+//! pushes inbox and group entries to the device.
+//!
+//! A connection moves through [`Phase`]s: it must say `Hello` (and get a challenge), then
+//! `Register` or `Authenticate` by signing that challenge, and only then may it use the store.
+//! Requests after authentication are pipelined: each is queued on the store in the order it
+//! arrived and answered when its batch is durable.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use miyu_proto::cert::VerifiedCertificate;
+use miyu_proto::frame::{self, FrameError, PROTOCOL_VERSION};
+use miyu_proto::wire::{self, ErrorCode, client_frame::Body as Request, server_frame::Body as Reply};
+use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio::sync::{mpsc, watch};
+
+use crate::hub::{Hub, Mailbox, PushedEntry};
+use crate::limits::TokenBucket;
+use crate::store::worker::StoreHandle;
+use crate::store::{EntryKind, NewDevice, NewGroup, StoreError};
+
+/// Frames waiting to be written to one connection.
+const OUTBOUND_DEPTH: usize = 1024;
+/// Entries read from the store at a time when a device catches up.
+const PAGE: usize = 256;
+/// A connection that keeps sending frames the server cannot use is closed after this many.
+const MAX_BAD_FRAMES: u32 = 32;
+/// Key packages one request may upload.
+const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 200;
+/// How long an unused invite stays valid.
+const INVITE_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Invite claims one connection may make per minute: tokens are unguessable, this only keeps
+/// a hostile client from turning the server into a key-package pump.
+const CLAIMS_PER_MINUTE: f64 = 20.0;
+/// A connection that sends nothing for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What every connection shares.
+pub(crate) struct Shared {
+    pub(crate) store: StoreHandle,
+    pub(crate) hub: Hub,
+    pub(crate) certificate_sha256: [u8; 32],
+    pub(crate) registration_token: Option<String>,
+    pub(crate) registrations: Mutex<TokenBucket>,
+    pub(crate) requests_per_second: u32,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// Resolves once the server is stopping (or its stop signal is gone).
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
+    loop {
+        let stopping = *stop.borrow_and_update();
+        if stopping || stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+fn encode(request_id: u64, body: Reply) -> Vec<u8> {
+    frame::encode(&wire::ServerFrame {
+        version: PROTOCOL_VERSION,
+        request_id,
+        body: Some(body),
+    })
+}
+
+fn error_frame(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Vec<u8> {
+    encode(
+        request_id,
+        Reply::Error(wire::Error {
+            code: code as i32,
+            message: message.into(),
+            current_epoch: 0,
+            supported_versions: vec![],
+        }),
+    )
+}
+
+fn store_error_frame(request_id: u64, error: &StoreError) -> Vec<u8> {
+    let (code, message) = match error {
+        StoreError::NotFound => (ErrorCode::NotFound, "not found".to_string()),
+        StoreError::AlreadyExists => (ErrorCode::AlreadyExists, "already exists".into()),
+        StoreError::Forbidden => (ErrorCode::Forbidden, "not allowed".into()),
+        StoreError::EpochMismatch { current } => {
+            return encode(
+                request_id,
+                Reply::Error(wire::Error {
+                    code: ErrorCode::EpochMismatch as i32,
+                    message: format!("the group is at epoch {}", current.0),
+                    current_epoch: current.0,
+                    supported_versions: vec![],
+                }),
+            );
+        }
+        StoreError::Invalid(why) => (ErrorCode::InvalidArgument, (*why).to_string()),
+        StoreError::Closed => (ErrorCode::ShuttingDown, "server is shutting down".into()),
+        StoreError::Database(_) | StoreError::Corrupt(_) | StoreError::CommitFailed(_) => {
+            tracing::error!("store failure: {error}");
+            (ErrorCode::Internal, "internal error".into())
+        }
+    };
+    error_frame(request_id, code, message)
+}
+
+fn frame_error_frame(error: &FrameError) -> Vec<u8> {
+    let request_id = error.request_id();
+    match error {
+        FrameError::TooLarge { .. } => {
+            error_frame(request_id, ErrorCode::FrameTooLarge, error.to_string())
+        }
+        FrameError::Malformed(_) => {
+            error_frame(request_id, ErrorCode::MalformedFrame, error.to_string())
+        }
+        FrameError::UnsupportedVersion { .. } => encode(
+            request_id,
+            Reply::Error(wire::Error {
+                code: ErrorCode::UnsupportedVersion as i32,
+                message: error.to_string(),
+                current_epoch: 0,
+                supported_versions: vec![PROTOCOL_VERSION],
+            }),
+        ),
+        FrameError::UnknownBody { .. } => {
+            error_frame(request_id, ErrorCode::UnknownRequest, error.to_string())
+        }
+        _ => error_frame(request_id, ErrorCode::MalformedFrame, error.to_string()),
+    }
+}
+
+enum Phase {
+    New,
+    Challenged { nonce: [u8; 32] },
+    Authenticated(Authenticated),
+}
+
+struct Authenticated {
+    device: DeviceId,
+    account: AccountId,
+    mailbox: Arc<Mailbox>,
+    delivery: tokio::task::JoinHandle<()>,
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    outbound: mpsc::Sender<Vec<u8>>,
+    connection: u64,
+    phase: Phase,
+    requests: TokenBucket,
+    claims: TokenBucket,
+    bad_frames: u32,
+}
+
+/// Serves one WebSocket until the peer leaves, misbehaves too often, or the server stops.
+pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
+    let (mut sink, mut stream) = socket.split();
+    let (outbound, mut queue) = mpsc::channel::<Vec<u8>>(OUTBOUND_DEPTH);
+    let writer = tokio::spawn(async move {
+        // Write everything that is queued, then flush once: one TLS record burst per wake-up
+        // rather than one per frame.
+        while let Some(first) = queue.recv().await {
+            if sink.feed(Message::Binary(first.into())).await.is_err() {
+                return;
+            }
+            while let Ok(more) = queue.try_recv() {
+                if sink.feed(Message::Binary(more.into())).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let now = Instant::now();
+    let rate = f64::from(shared.requests_per_second);
+    let mut session = Session {
+        connection: shared.hub.connection_number(),
+        shared: Arc::clone(&shared),
+        outbound,
+        phase: Phase::New,
+        requests: TokenBucket::new(rate, rate * 2.0, now),
+        claims: TokenBucket::new(CLAIMS_PER_MINUTE / 60.0, CLAIMS_PER_MINUTE, now),
+        bad_frames: 0,
+    };
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let message = tokio::select! {
+            message = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => match message {
+                Ok(message) => message,
+                Err(_) => break,
+            },
+            _ = stopped(&mut shutdown) => {
+                session.send(error_frame(0, ErrorCode::ShuttingDown, "server is shutting down")).await;
+                break;
+            }
+        };
+        match message {
+            Some(Ok(Message::Binary(bytes))) => session.handle(&bytes).await,
+            Some(Ok(Message::Text(_))) => {
+                session.bad_frame(error_frame(
+                    0,
+                    ErrorCode::MalformedFrame,
+                    "text frames are not part of the protocol; send binary frames",
+                ))
+                .await;
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Err(error)) => {
+                tracing::debug!("connection ended: {error}");
+                break;
+            }
+        }
+        if session.bad_frames >= MAX_BAD_FRAMES {
+            tracing::debug!("closing a connection that sent too many bad frames");
+            break;
+        }
+    }
+    if let Phase::Authenticated(auth) = &session.phase {
+        shared.hub.unregister(&auth.device, &auth.mailbox);
+        auth.delivery.abort();
+    }
+    drop(session);
+    let _ = writer.await;
+}
+
+impl Session {
+    async fn send(&self, bytes: Vec<u8>) {
+        // The writer only goes away when the socket is gone; then there is nobody to tell.
+        let _ = self.outbound.send(bytes).await;
+    }
+
+    async fn bad_frame(&mut self, bytes: Vec<u8>) {
+        self.bad_frames += 1;
+        self.send(bytes).await;
+    }
+
+    async fn handle(&mut self, bytes: &[u8]) {
+        let frame = match frame::decode_client_frame(bytes) {
+            Ok(frame) => frame,
+            Err(error) => {
+                let reply = frame_error_frame(&error);
+                return self.bad_frame(reply).await;
+            }
+        };
+        let id = frame.request_id;
+        let Some(body) = frame.body else {
+            return self
+                .bad_frame(error_frame(id, ErrorCode::UnknownRequest, "empty frame"))
+                .await;
+        };
+        if !self.requests.try_take(Instant::now()) {
+            return self
+                .send(error_frame(id, ErrorCode::RateLimited, "too many requests; slow down"))
+                .await;
+        }
+        match (&self.phase, body) {
+            (_, Request::Ping(_)) => self.send(encode(id, Reply::Pong(wire::Pong {}))).await,
+            (Phase::New, Request::Hello(hello)) => self.hello(id, hello).await,
+            (Phase::New, _) => {
+                self.bad_frame(error_frame(id, ErrorCode::BadSequence, "send Hello first"))
+                    .await;
+            }
+            (Phase::Challenged { nonce }, Request::Register(register)) => {
+                let nonce = *nonce;
+                self.register(id, nonce, register).await;
+            }
+            (Phase::Challenged { nonce }, Request::Authenticate(authenticate)) => {
+                let nonce = *nonce;
+                self.authenticate(id, nonce, authenticate).await;
+            }
+            (Phase::Challenged { .. }, Request::Hello(_)) => {
+                self.bad_frame(error_frame(id, ErrorCode::BadSequence, "Hello was already sent"))
+                    .await;
+            }
+            (Phase::Challenged { .. }, _) => {
+                self.bad_frame(error_frame(
+                    id,
+                    ErrorCode::NotAuthenticated,
+                    "register or authenticate first",
+                ))
+                .await;
+            }
+            (
+                Phase::Authenticated(_),
+                Request::Hello(_) | Request::Register(_) | Request::Authenticate(_),
+            ) => {
+                self.bad_frame(error_frame(id, ErrorCode::BadSequence, "already authenticated"))
+                    .await;
+            }
+            (Phase::Authenticated(auth), request) => {
+                let context = RequestContext {
+                    id,
+                    device: auth.device,
+                    account: auth.account,
+                    mailbox: Arc::clone(&auth.mailbox),
+                    connection: self.connection,
+                };
+                self.request(context, request).await;
+            }
+        }
+    }
+
+    async fn hello(&mut self, id: u64, hello: wire::Hello) {
+        if !hello.versions.contains(&PROTOCOL_VERSION) {
+            let reply = encode(
+                id,
+                Reply::Error(wire::Error {
+                    code: ErrorCode::UnsupportedVersion as i32,
+                    message: format!("this server speaks protocol version {PROTOCOL_VERSION}"),
+                    current_epoch: 0,
+                    supported_versions: vec![PROTOCOL_VERSION],
+                }),
+            );
+            return self.bad_frame(reply).await;
+        }
+        let mut nonce = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        self.phase = Phase::Challenged { nonce };
+        self.send(encode(
+            id,
+            Reply::Challenge(wire::Challenge {
+                version: PROTOCOL_VERSION,
+                nonce: nonce.to_vec(),
+            }),
+        ))
+        .await;
+    }
+
+    fn registration_token_ok(&self, offered: &str) -> bool {
+        match &self.shared.registration_token {
+            None => true,
+            // Hash both sides so the comparison takes the same time whatever the lengths.
+            Some(expected) => Sha256::digest(expected.as_bytes())
+                .ct_eq(&Sha256::digest(offered.as_bytes()))
+                .into(),
+        }
+    }
+
+    async fn register(&mut self, id: u64, nonce: [u8; 32], register: wire::Register) {
+        if !self.registration_token_ok(&register.registration_token) {
+            return self
+                .bad_frame(error_frame(
+                    id,
+                    ErrorCode::RegistrationRefused,
+                    "this server needs a valid registration token",
+                ))
+                .await;
+        }
+        let allowed = self
+            .shared
+            .registrations
+            .lock()
+            .map(|mut bucket| bucket.try_take(Instant::now()))
+            .unwrap_or(false);
+        if !allowed {
+            return self
+                .send(error_frame(
+                    id,
+                    ErrorCode::RateLimited,
+                    "too many registrations; try again in a minute",
+                ))
+                .await;
+        }
+        let certificate = match register.certificate.as_ref().map(VerifiedCertificate::verify) {
+            Some(Ok(certificate)) => certificate,
+            Some(Err(error)) => {
+                return self
+                    .bad_frame(error_frame(id, ErrorCode::AuthenticationFailed, error.to_string()))
+                    .await;
+            }
+            None => {
+                return self
+                    .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "certificate missing"))
+                    .await;
+            }
+        };
+        if !certificate.verify_auth(
+            &self.shared.certificate_sha256,
+            &nonce,
+            &register.challenge_signature,
+        ) {
+            return self
+                .bad_frame(error_frame(
+                    id,
+                    ErrorCode::AuthenticationFailed,
+                    "challenge signature does not verify",
+                ))
+                .await;
+        }
+        if register.key_packages.len() > MAX_KEY_PACKAGES_PER_UPLOAD
+            || register.last_resort_key_package.is_empty()
+        {
+            return self
+                .bad_frame(error_frame(
+                    id,
+                    ErrorCode::InvalidArgument,
+                    "register with at most 200 key packages and one last-resort key package",
+                ))
+                .await;
+        }
+        let device = certificate.device_id();
+        let account = certificate.account_id();
+        let new_device = NewDevice {
+            device_id: device,
+            account_id: account,
+            device_key: *certificate.device_key(),
+            certificate: certificate.to_compact(),
+            key_packages: register.key_packages,
+            last_resort_key_package: Some(register.last_resort_key_package),
+            now: unix_now(),
+        };
+        match self
+            .shared
+            .store
+            .run(move |store| store.register_device(new_device))
+            .await
+        {
+            Ok(()) => {
+                self.become_authenticated(device, account);
+                self.send(encode(
+                    id,
+                    Reply::Registered(wire::Registered {
+                        account_id: account.as_bytes().to_vec(),
+                        device_id: device.as_bytes().to_vec(),
+                    }),
+                ))
+                .await;
+            }
+            Err(StoreError::AlreadyExists) => {
+                self.send(error_frame(
+                    id,
+                    ErrorCode::AlreadyExists,
+                    "this device is already registered; authenticate instead",
+                ))
+                .await;
+            }
+            Err(error) => self.send(store_error_frame(id, &error)).await,
+        }
+    }
+
+    async fn authenticate(&mut self, id: u64, nonce: [u8; 32], request: wire::Authenticate) {
+        let failed = |session: &mut Session| {
+            session.bad_frames += 1;
+            error_frame(id, ErrorCode::AuthenticationFailed, "authentication failed")
+        };
+        let Ok(device) = DeviceId::from_bytes(&request.device_id) else {
+            let reply = failed(self);
+            return self.send(reply).await;
+        };
+        let record = match self.shared.store.run(move |store| store.device(&device)).await {
+            Ok(Some(record)) => record,
+            Ok(None) => {
+                let reply = failed(self);
+                return self.send(reply).await;
+            }
+            Err(error) => return self.send(store_error_frame(id, &error)).await,
+        };
+        if !miyu_proto::cert::verify_auth(
+            &record.device_key,
+            &self.shared.certificate_sha256,
+            &nonce,
+            &request.signature,
+        ) {
+            let reply = failed(self);
+            return self.send(reply).await;
+        }
+        let remaining = self
+            .shared
+            .store
+            .run(move |store| store.key_package_count(&device))
+            .await;
+        match remaining {
+            Ok(remaining) => {
+                self.become_authenticated(device, record.account_id);
+                self.send(encode(
+                    id,
+                    Reply::Authenticated(wire::Authenticated {
+                        key_packages_remaining: remaining,
+                    }),
+                ))
+                .await;
+            }
+            Err(error) => self.send(store_error_frame(id, &error)).await,
+        }
+    }
+
+    fn become_authenticated(&mut self, device: DeviceId, account: AccountId) {
+        // Register before reading the backlog, so nothing posted in between is missed.
+        let mailbox = self.shared.hub.register(device, self.connection);
+        let delivery = tokio::spawn(deliver(
+            Arc::clone(&self.shared),
+            device,
+            Arc::clone(&mailbox),
+            self.outbound.clone(),
+        ));
+        self.phase = Phase::Authenticated(Authenticated {
+            device,
+            account,
+            mailbox,
+            delivery,
+        });
+    }
+
+    async fn request(&mut self, context: RequestContext, request: Request) {
+        let id = context.id;
+        let store = self.shared.store.clone();
+        let device = context.device;
+        let now = unix_now();
+        // Each arm checks its arguments, queues its store operation (in arrival order) and
+        // leaves the answer to a task that waits for the batch to be durable.
+        match request {
+            Request::UploadKeyPackages(upload) => {
+                if upload.key_packages.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
+                    return self
+                        .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "too many key packages"))
+                        .await;
+                }
+                let last_resort =
+                    Some(upload.last_resort_key_package).filter(|bytes| !bytes.is_empty());
+                let pending = store.submit(move |store| {
+                    store.add_key_packages(&device, upload.key_packages, last_resort)
+                });
+                self.answer(context, pending.await, |remaining, _| {
+                    Reply::KeyPackageCount(wire::KeyPackageCount { remaining })
+                });
+            }
+            Request::CreateInvite(invite) => {
+                let Ok(token_hash) = <[u8; 32]>::try_from(invite.token_hash.as_slice()) else {
+                    return self
+                        .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "token hash is 32 bytes"))
+                        .await;
+                };
+                let account = context.account;
+                let expires = now + INVITE_LIFETIME.as_secs();
+                let pending = store.submit(move |store| {
+                    store.create_invite(&account, token_hash, expires)
+                });
+                self.answer(context, pending.await, |(), _| Reply::Done(wire::Done {}));
+            }
+            Request::ClaimInvite(claim) => {
+                if !self.claims.try_take(Instant::now()) {
+                    return self
+                        .send(error_frame(id, ErrorCode::RateLimited, "too many invite claims; wait a minute"))
+                        .await;
+                }
+                let token_hash: [u8; 32] = Sha256::digest(&claim.token).into();
+                let pending = store
+                    .submit(move |store| store.claim_invite(&token_hash, &device, now));
+                self.answer(context, pending.await, |claimed, _| {
+                    let devices = claimed
+                        .into_iter()
+                        .filter_map(|claimed| {
+                            // Certificates were verified when stored; one that no longer parses
+                            // is left out rather than handed to a client.
+                            let certificate =
+                                VerifiedCertificate::from_compact(&claimed.certificate).ok()?;
+                            Some(wire::DeviceKeyPackage {
+                                device_id: claimed.device_id.as_bytes().to_vec(),
+                                certificate: Some(certificate.to_wire()),
+                                key_package: claimed.key_package,
+                            })
+                        })
+                        .collect();
+                    Reply::InviteClaimed(wire::InviteClaimed { devices })
+                });
+            }
+            Request::CreateGroup(create) => {
+                let Some(new_group) = parse_new_group(create, device, now) else {
+                    return self
+                        .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "malformed group id or device id"))
+                        .await;
+                };
+                let group_id = new_group.group_id.clone();
+                let pending = store.submit(move |store| store.create_group(new_group));
+                self.answer(context, pending.await, move |created, shared| {
+                    shared.hub.notify_inbox(&created.welcomed);
+                    shared.hub.notify_group(&group_id, &created.members, None);
+                    Reply::Done(wire::Done {})
+                });
+            }
+            Request::Post(post) => {
+                let kind = match wire::EntryKind::try_from(post.kind) {
+                    Ok(wire::EntryKind::Application) => EntryKind::Application,
+                    Ok(wire::EntryKind::Commit) => EntryKind::Commit,
+                    _ => {
+                        return self
+                            .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "unknown entry kind"))
+                            .await;
+                    }
+                };
+                let Ok(group_id) = GroupId::from_bytes(&post.group_id) else {
+                    return self
+                        .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "malformed group id"))
+                        .await;
+                };
+                if post.payload.is_empty() {
+                    return self
+                        .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "empty payload"))
+                        .await;
+                }
+                let epoch = Epoch(post.epoch);
+                let payload = post.payload;
+                let connection = context.connection;
+                let group = group_id.clone();
+                let pending = store.submit(move |store| {
+                    let appended = store.append(&group, &device, epoch, kind, payload.clone(), now)?;
+                    Ok((appended, payload))
+                });
+                self.answer(context, pending.await, move |(appended, payload), shared| {
+                    let pushed = Arc::new(PushedEntry {
+                        entry: crate::store::LogEntry {
+                            seq: appended.seq,
+                            epoch,
+                            kind,
+                            payload,
+                        },
+                        poster_connection: connection,
+                    });
+                    shared
+                        .hub
+                        .notify_group(&group_id, &appended.members, Some(&pushed));
+                    Reply::Posted(wire::Posted { seq: appended.seq })
+                });
+            }
+            Request::AckGroup(ack) => {
+                let Ok(group_id) = GroupId::from_bytes(&ack.group_id) else {
+                    return self
+                        .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "malformed group id"))
+                        .await;
+                };
+                let pending = store
+                    .submit(move |store| store.ack_group(&device, &group_id, ack.seq));
+                self.answer(context, pending.await, |(), _| Reply::Done(wire::Done {}));
+            }
+            Request::AckInbox(ack) => {
+                let pending = store
+                    .submit(move |store| store.ack_inbox(&device, ack.seq));
+                self.answer(context, pending.await, |(), _| Reply::Done(wire::Done {}));
+            }
+            Request::FetchGroup(fetch) => {
+                let Ok(group_id) = GroupId::from_bytes(&fetch.group_id) else {
+                    return self
+                        .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "malformed group id"))
+                        .await;
+                };
+                let group = group_id.clone();
+                // Reading one entry checks membership without sending anything yet.
+                let pending = store
+                    .submit(move |store| store.group_entries(&group, &device, 0, 0));
+                let after = fetch.after_seq;
+                let mailbox = Arc::clone(&context.mailbox);
+                self.answer(context, pending.await, move |_, _| {
+                    mailbox.refetch(group_id, after);
+                    Reply::Done(wire::Done {})
+                });
+            }
+            Request::Hello(_) | Request::Register(_) | Request::Authenticate(_) | Request::Ping(_) => {
+                // Routed elsewhere by `handle`.
+            }
+        }
+    }
+
+    /// Sends the answer to a queued store operation once it is durable, without holding up
+    /// the next request.
+    fn answer<R, F>(
+        &self,
+        context: RequestContext,
+        pending: Result<impl Future<Output = Result<R, StoreError>> + Send + 'static, StoreError>,
+        reply: F,
+    ) where
+        R: Send + 'static,
+        F: FnOnce(R, &Shared) -> Reply + Send + 'static,
+    {
+        let outbound = self.outbound.clone();
+        let shared = Arc::clone(&self.shared);
+        let id = context.id;
+        tokio::spawn(async move {
+            let result = match pending {
+                Ok(pending) => pending.await,
+                Err(error) => Err(error),
+            };
+            let bytes = match result {
+                Ok(value) => encode(id, reply(value, &shared)),
+                Err(error) => store_error_frame(id, &error),
+            };
+            let _ = outbound.send(bytes).await;
+        });
+    }
+}
+
+struct RequestContext {
+    id: u64,
+    device: DeviceId,
+    account: AccountId,
+    mailbox: Arc<Mailbox>,
+    connection: u64,
+}
+
+fn parse_new_group(create: wire::CreateGroup, creator: DeviceId, now: u64) -> Option<NewGroup> {
+    let members = create
+        .member_devices
+        .iter()
+        .map(|bytes| DeviceId::from_bytes(bytes).ok())
+        .collect::<Option<Vec<_>>>()?;
+    let welcomes = create
+        .welcomes
+        .into_iter()
+        .map(|welcome| Some((DeviceId::from_bytes(&welcome.device_id).ok()?, welcome.payload)))
+        .collect::<Option<Vec<_>>>()?;
+    Some(NewGroup {
+        group_id: GroupId::from_bytes(&create.group_id).ok()?,
+        epoch: Epoch(create.epoch),
+        creator,
+        members,
+        welcomes,
+        now,
+    })
+}
+
+/// Pushes a device's inbox and group entries to one connection: first the backlog, then
+/// `CaughtUp`, then whatever arrives. Ends when the connection does.
+async fn deliver(
+    shared: Arc<Shared>,
+    device: DeviceId,
+    mailbox: Arc<Mailbox>,
+    outbound: mpsc::Sender<Vec<u8>>,
+) {
+    let mut delivery = Delivery {
+        shared,
+        device,
+        connection: mailbox.connection,
+        outbound,
+        inbox_sent: 0,
+        groups: HashMap::new(),
+    };
+    match delivery.run(&mailbox).await {
+        Ok(()) | Err(Stop::Disconnected) => {}
+        Err(Stop::Store(error)) => tracing::warn!("delivery stopped: {error}"),
+    }
+}
+
+#[derive(Debug)]
+enum Stop {
+    Disconnected,
+    Store(StoreError),
+}
+
+impl From<StoreError> for Stop {
+    fn from(error: StoreError) -> Self {
+        Stop::Store(error)
+    }
+}
+
+struct Delivery {
+    shared: Arc<Shared>,
+    device: DeviceId,
+    connection: u64,
+    outbound: mpsc::Sender<Vec<u8>>,
+    inbox_sent: u64,
+    /// Highest sequence number sent on this connection, per group.
+    groups: HashMap<GroupId, u64>,
+}
+
+impl Delivery {
+    async fn run(&mut self, mailbox: &Mailbox) -> Result<(), Stop> {
+        self.refresh_memberships().await?;
+        self.send_inbox().await?;
+        let groups: Vec<GroupId> = self.groups.keys().cloned().collect();
+        for group in groups {
+            self.send_group_from_store(&group).await?;
+        }
+        self.send(encode(0, Reply::CaughtUp(wire::CaughtUp {}))).await?;
+        loop {
+            mailbox.wait().await;
+            let pending = mailbox.take();
+            // Inbox first: a Welcome must reach the device before its group's first entries.
+            if pending.inbox {
+                self.send_inbox().await?;
+            }
+            for (group, group_pending) in pending.groups {
+                if !self.groups.contains_key(&group) {
+                    self.refresh_memberships().await?;
+                }
+                let Some(&sent) = self.groups.get(&group) else {
+                    continue;
+                };
+                let mut sent = sent;
+                let mut read_store = group_pending.read_store;
+                if let Some(after) = group_pending.refetch_after {
+                    sent = sent.min(after);
+                    read_store = true;
+                }
+                self.groups.insert(group.clone(), sent);
+                if !read_store {
+                    for pushed in &group_pending.entries {
+                        let seq = pushed.entry.seq;
+                        if seq <= sent {
+                            continue;
+                        }
+                        if seq != sent + 1 {
+                            read_store = true;
+                            break;
+                        }
+                        let own = pushed.poster_connection == self.connection;
+                        self.send_entry(&group, &pushed.entry, own).await?;
+                        sent = seq;
+                        self.groups.insert(group.clone(), sent);
+                    }
+                }
+                if read_store {
+                    self.send_group_from_store(&group).await?;
+                }
+            }
+        }
+    }
+
+    async fn send(&self, bytes: Vec<u8>) -> Result<(), Stop> {
+        self.outbound
+            .send(bytes)
+            .await
+            .map_err(|_| Stop::Disconnected)
+    }
+
+    async fn refresh_memberships(&mut self) -> Result<(), Stop> {
+        let device = self.device;
+        let memberships = self
+            .shared
+            .store
+            .run(move |store| store.memberships(&device))
+            .await?;
+        for membership in memberships {
+            self.groups
+                .entry(membership.group_id)
+                .or_insert(membership.cursor);
+        }
+        Ok(())
+    }
+
+    async fn send_inbox(&mut self) -> Result<(), Stop> {
+        loop {
+            let device = self.device;
+            let after = self.inbox_sent;
+            let entries = self
+                .shared
+                .store
+                .run(move |store| store.inbox_entries(&device, after, PAGE))
+                .await?;
+            let full_page = entries.len() == PAGE;
+            for entry in entries {
+                self.inbox_sent = entry.seq;
+                self.send(encode(
+                    0,
+                    Reply::Delivery(wire::Delivery {
+                        entry: Some(wire::delivery::Entry::InboxEntry(wire::InboxEntry {
+                            seq: entry.seq,
+                            payload: entry.payload,
+                        })),
+                    }),
+                ))
+                .await?;
+            }
+            if !full_page {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn send_group_from_store(&mut self, group: &GroupId) -> Result<(), Stop> {
+        loop {
+            let device = self.device;
+            let after = self.groups.get(group).copied().unwrap_or(0);
+            let group_id = group.clone();
+            let entries = match self
+                .shared
+                .store
+                .run(move |store| store.group_entries(&group_id, &device, after, PAGE))
+                .await
+            {
+                Ok(entries) => entries,
+                // Removed from the group since: nothing more to send.
+                Err(StoreError::Forbidden | StoreError::NotFound) => {
+                    self.groups.remove(group);
+                    return Ok(());
+                }
+                Err(error) => return Err(error.into()),
+            };
+            let full_page = entries.len() == PAGE;
+            for entry in &entries {
+                self.send_entry(group, entry, false).await?;
+                self.groups.insert(group.clone(), entry.seq);
+            }
+            if !full_page {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn send_entry(
+        &self,
+        group: &GroupId,
+        entry: &crate::store::LogEntry,
+        own: bool,
+    ) -> Result<(), Stop> {
+        let kind = match entry.kind {
+            EntryKind::Application => wire::EntryKind::Application,
+            EntryKind::Commit => wire::EntryKind::Commit,
+        };
+        self.send(encode(
+            0,
+            Reply::Delivery(wire::Delivery {
+                entry: Some(wire::delivery::Entry::GroupEntry(wire::GroupEntry {
+                    group_id: group.as_bytes().to_vec(),
+                    seq: entry.seq,
+                    epoch: entry.epoch.0,
+                    kind: kind as i32,
+                    payload: if own { Vec::new() } else { entry.payload.clone() },
+                    own,
+                })),
+            }),
+        ))
+        .await
+    }
+}

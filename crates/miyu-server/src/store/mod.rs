@@ -1,0 +1,237 @@
+//! Storage of the delivery service, behind one trait with coarse, use-case shaped operations.
+//!
+//! Every operation is atomic on its own: when it returns an error it has left no trace. The
+//! operations since the last [`Store::commit`] become durable together when it returns, which
+//! lets the [`worker`] acknowledge many requests with one disk flush (group commit).
+//!
+//! Two backends exist today: [`sqlite::SqliteStore`] (the embedded default) and
+//! [`memory::MemoryStore`] (tests and benchmarks of everything but the disk). One conformance
+//! suite, in `conformance.rs`, runs against both.
+//!
+//! Times are Unix seconds passed in by the caller, so that expiry can be tested with an
+//! injected clock. Stored times are rounded down to the hour: the server keeps no finer record
+//! of when anything happened.
+
+use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
+
+pub mod memory;
+pub mod sqlite;
+pub mod worker;
+
+#[cfg(test)]
+mod conformance;
+
+/// What kind of MLS message a log entry holds. The server sees nothing else of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    Application,
+    /// Advances the group's epoch by one.
+    Commit,
+}
+
+/// A device to create, with the public material it registers with.
+#[derive(Debug, Clone)]
+pub struct NewDevice {
+    pub device_id: DeviceId,
+    pub account_id: AccountId,
+    pub device_key: [u8; 32],
+    /// The device certificate in its compact form (identity key, device key, signature).
+    pub certificate: Vec<u8>,
+    pub key_packages: Vec<Vec<u8>>,
+    pub last_resort_key_package: Option<Vec<u8>>,
+    pub now: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub device_id: DeviceId,
+    pub account_id: AccountId,
+    pub device_key: [u8; 32],
+    pub certificate: Vec<u8>,
+}
+
+/// One key package handed out for one device of an invite's account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedKeyPackage {
+    pub device_id: DeviceId,
+    pub certificate: Vec<u8>,
+    pub key_package: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewGroup {
+    pub group_id: GroupId,
+    pub epoch: Epoch,
+    /// Becomes a member without needing a grant.
+    pub creator: DeviceId,
+    /// The other members; each needs a grant to the creator from `claim_invite`.
+    pub members: Vec<DeviceId>,
+    /// Welcome messages, each to the inbox of one member.
+    pub welcomes: Vec<(DeviceId, Vec<u8>)>,
+    pub now: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupCreated {
+    /// Every member, the creator included.
+    pub members: Vec<DeviceId>,
+    /// The devices whose inbox got a Welcome.
+    pub welcomed: Vec<DeviceId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub seq: u64,
+    /// The group's members after the append, the poster included.
+    pub members: Vec<DeviceId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    pub seq: u64,
+    pub epoch: Epoch,
+    pub kind: EntryKind,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxEntry {
+    pub seq: u64,
+    pub payload: Vec<u8>,
+}
+
+/// How far a device has acknowledged one of its groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub group_id: GroupId,
+    pub cursor: u64,
+}
+
+/// Errors, sorted by who must act.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    // The request cannot be granted as asked.
+    #[error("not found")]
+    NotFound,
+    #[error("already exists")]
+    AlreadyExists,
+    #[error("not allowed")]
+    Forbidden,
+    #[error("the group is at epoch {}", current.0)]
+    EpochMismatch { current: Epoch },
+    #[error("invalid request: {0}")]
+    Invalid(&'static str),
+    // The storage failed.
+    #[error("database error: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(&'static str),
+    #[error("the batch could not be committed: {0}")]
+    CommitFailed(String),
+    #[error("the store is shut down")]
+    Closed,
+}
+
+/// The delivery service's storage. See the module documentation for the atomicity and
+/// durability contract.
+pub trait Store: Send + 'static {
+    /// Makes every operation since the previous commit durable. If it fails, all of them are
+    /// rolled back.
+    fn commit(&mut self) -> Result<(), StoreError>;
+
+    /// Creates a device. `AlreadyExists` if the device id is taken.
+    fn register_device(&mut self, device: NewDevice) -> Result<(), StoreError>;
+
+    fn device(&mut self, device_id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
+
+    /// Adds one-time key packages, and replaces the last-resort one when given. Returns how many
+    /// one-time key packages the device now has.
+    fn add_key_packages(
+        &mut self,
+        device_id: &DeviceId,
+        key_packages: Vec<Vec<u8>>,
+        last_resort: Option<Vec<u8>>,
+    ) -> Result<u32, StoreError>;
+
+    /// How many one-time key packages the device has left.
+    fn key_package_count(&mut self, device_id: &DeviceId) -> Result<u32, StoreError>;
+
+    /// Registers a one-time invite of `account`, known only by the hash of its token.
+    fn create_invite(
+        &mut self,
+        account_id: &AccountId,
+        token_hash: [u8; 32],
+        expires_at: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Redeems an invite: deletes it, takes one key package of every device of its account (a
+    /// one-time one if any is left, else the last-resort one, which is kept) and grants the
+    /// claiming device the right to add each of those devices to one group. `NotFound` if the
+    /// invite does not exist or has expired.
+    fn claim_invite(
+        &mut self,
+        token_hash: &[u8; 32],
+        claimer: &DeviceId,
+        now: u64,
+    ) -> Result<Vec<ClaimedKeyPackage>, StoreError>;
+
+    /// Creates a group log at `epoch` with its members and puts the Welcomes in their inboxes.
+    /// `AlreadyExists` if the group exists; `Forbidden` if a member other than the creator has
+    /// no grant to the creator (grants are consumed) or a Welcome goes to a non-member.
+    fn create_group(&mut self, group: NewGroup) -> Result<GroupCreated, StoreError>;
+
+    /// Appends to a group log. `NotFound` if there is no such group, `Forbidden` if the poster
+    /// is not a member, `EpochMismatch` if `epoch` is not the group's current one. A commit
+    /// moves the group to `epoch + 1`. Sequence numbers start at 1 and never repeat.
+    fn append(
+        &mut self,
+        group_id: &GroupId,
+        poster: &DeviceId,
+        epoch: Epoch,
+        kind: EntryKind,
+        payload: Vec<u8>,
+        now: u64,
+    ) -> Result<Appended, StoreError>;
+
+    /// Up to `limit` entries after `after_seq`, oldest first. `Forbidden` for non-members.
+    fn group_entries(
+        &mut self,
+        group_id: &GroupId,
+        device_id: &DeviceId,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, StoreError>;
+
+    /// The groups a device is a member of, with its cursor in each.
+    fn memberships(&mut self, device_id: &DeviceId) -> Result<Vec<Membership>, StoreError>;
+
+    /// Records that `device_id` has everything up to `seq` (clamped to the last entry), then
+    /// deletes the entries every member has. `Forbidden` for non-members.
+    fn ack_group(
+        &mut self,
+        device_id: &DeviceId,
+        group_id: &GroupId,
+        seq: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Up to `limit` unacknowledged inbox entries of a device after `after_seq`, oldest first.
+    fn inbox_entries(
+        &mut self,
+        device_id: &DeviceId,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<InboxEntry>, StoreError>;
+
+    /// Deletes a device's inbox entries up to and including `seq`.
+    fn ack_inbox(&mut self, device_id: &DeviceId, seq: u64) -> Result<(), StoreError>;
+
+    /// Deletes log and inbox entries stored before `cutoff`, and invites and grants that
+    /// expired before `now`. Returns how many rows went.
+    fn expire(&mut self, now: u64, cutoff: u64) -> Result<u64, StoreError>;
+}
+
+/// Rounds a time down to the hour, the only resolution the server keeps.
+pub fn coarse_hour(unix_seconds: u64) -> u64 {
+    unix_seconds - unix_seconds % 3600
+}
