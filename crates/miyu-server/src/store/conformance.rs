@@ -1,0 +1,1014 @@
+//! The one suite every [`Store`] backend must pass: each test states a behaviour of the contract
+//! in `mod.rs` and runs once per backend, as `sqlite::<behaviour>` and `memory::<behaviour>`.
+
+use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
+
+use super::memory::MemoryStore;
+use super::sqlite::SqliteStore;
+use super::{
+    ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated, InboxEntry, LogEntry, Membership,
+    NewDevice, NewGroup, Store, StoreError,
+};
+
+macro_rules! conformance_suite {
+    ($($behaviour:ident)*) => {
+        mod sqlite {
+            $(
+                #[test]
+                fn $behaviour() -> super::Outcome {
+                    let mut store = super::SqliteStore::open_in_memory()?;
+                    super::$behaviour(&mut store)
+                }
+            )*
+        }
+
+        mod memory {
+            $(
+                #[test]
+                fn $behaviour() -> super::Outcome {
+                    super::$behaviour(&mut super::MemoryStore::default())
+                }
+            )*
+        }
+    };
+}
+
+conformance_suite! {
+    a_registered_device_can_be_looked_up
+    registering_a_taken_device_id_fails_and_keeps_the_first
+    key_package_count_counts_one_time_packages_only
+    a_claim_hands_out_one_time_packages_oldest_first_then_keeps_the_last_resort
+    adding_a_last_resort_package_replaces_the_old_one
+    a_device_without_key_packages_is_left_out_of_a_claim
+    claiming_consumes_the_invite
+    an_expired_invite_is_not_found
+    creating_an_invite_twice_fails
+    a_claim_returns_one_key_package_per_device_of_the_account
+    an_unknown_device_cannot_claim
+    creating_a_group_needs_a_grant_for_every_other_member
+    a_grant_is_consumed_by_the_group_it_is_used_for
+    a_grant_lasts_a_day
+    a_grant_belongs_to_its_claimer
+    welcomes_land_in_the_inboxes_of_members
+    a_welcome_to_a_non_member_is_forbidden_and_consumes_no_grant
+    creating_an_existing_group_fails
+    appending_to_an_unknown_group_is_not_found
+    appending_as_a_non_member_is_forbidden
+    an_application_message_at_another_epoch_is_refused_with_the_current_one
+    commits_are_compare_and_swap
+    the_epoch_cannot_advance_past_the_largest
+    sequence_numbers_start_at_one_and_never_repeat
+    an_append_reports_every_member
+    group_entries_come_after_the_cursor_oldest_first_up_to_the_limit
+    group_entries_are_forbidden_to_non_members
+    memberships_list_each_group_with_its_cursor
+    an_entry_is_deleted_once_every_member_acknowledged_it
+    an_acknowledgement_is_clamped_to_the_last_entry
+    a_cursor_never_moves_back
+    acknowledging_as_a_non_member_is_forbidden
+    inbox_entries_come_oldest_first_and_go_when_acknowledged
+    expire_deletes_old_entries_and_expired_invites_and_grants
+    expire_keeps_entries_of_the_cutoff_hour
+    a_failed_operation_leaves_no_trace_while_the_rest_of_the_batch_commits
+}
+
+type Outcome = Result<(), StoreError>;
+
+/// On an hour boundary, so that the stored coarse times are exact.
+const NOW: u64 = 1_699_999_200;
+const HOUR: u64 = 3600;
+const DAY: u64 = 24 * HOUR;
+
+fn device(number: u8) -> DeviceId {
+    DeviceId::from_device_key(&[number; 32])
+}
+
+fn account(number: u8) -> AccountId {
+    AccountId::from_identity_key(&[number; 32])
+}
+
+fn group(number: u8) -> GroupId {
+    GroupId::from_bytes(&[number; 16]).expect("16 bytes make a group id")
+}
+
+fn key_package(device: u8, number: u8) -> Vec<u8> {
+    vec![b'k', device, number]
+}
+
+fn certificate(device: u8) -> Vec<u8> {
+    vec![b'c', device]
+}
+
+/// Two one-time key packages, numbered 1 and 2, and a last-resort one numbered 0.
+fn new_device(number: u8, account_number: u8) -> NewDevice {
+    NewDevice {
+        device_id: device(number),
+        account_id: account(account_number),
+        device_key: [number; 32],
+        certificate: certificate(number),
+        key_packages: vec![key_package(number, 1), key_package(number, 2)],
+        last_resort_key_package: Some(key_package(number, 0)),
+        now: NOW,
+    }
+}
+
+fn register(store: &mut dyn Store, numbers: &[u8]) -> Outcome {
+    for number in numbers {
+        store.register_device(new_device(*number, *number))?;
+    }
+    Ok(())
+}
+
+/// Lets `claimer` add every device of the account numbered `account_number`.
+fn claim(
+    store: &mut dyn Store,
+    claimer: DeviceId,
+    account_number: u8,
+    token: u8,
+) -> Result<Vec<ClaimedKeyPackage>, StoreError> {
+    store.create_invite(&account(account_number), [token; 32], NOW + DAY)?;
+    store.claim_invite(&[token; 32], &claimer, NOW)
+}
+
+fn new_group(number: u8, creator: DeviceId, members: &[DeviceId]) -> NewGroup {
+    NewGroup {
+        group_id: group(number),
+        epoch: Epoch(0),
+        creator,
+        members: members.to_vec(),
+        welcomes: Vec::new(),
+        now: NOW,
+    }
+}
+
+/// Devices 1, 2 and 3, each its own account, in group 1 at epoch 0, created by device 1.
+fn group_of_three(store: &mut dyn Store) -> Result<GroupId, StoreError> {
+    register(store, &[1, 2, 3])?;
+    claim(store, device(1), 2, 2)?;
+    claim(store, device(1), 3, 3)?;
+    store.create_group(new_group(1, device(1), &[device(2), device(3)]))?;
+    store.commit()?;
+    Ok(group(1))
+}
+
+fn append_message(store: &mut dyn Store, group_id: &GroupId, payload: &[u8]) -> Outcome {
+    store.append(
+        group_id,
+        &device(1),
+        Epoch(0),
+        EntryKind::Application,
+        payload.to_vec(),
+        NOW,
+    )?;
+    Ok(())
+}
+
+fn seqs(entries: &[LogEntry]) -> Vec<u64> {
+    entries.iter().map(|entry| entry.seq).collect()
+}
+
+fn sorted(mut devices: Vec<DeviceId>) -> Vec<DeviceId> {
+    devices.sort();
+    devices
+}
+
+fn a_registered_device_can_be_looked_up(store: &mut dyn Store) -> Outcome {
+    register(store, &[1])?;
+    store.commit()?;
+    assert_eq!(
+        store.device(&device(1))?,
+        Some(DeviceRecord {
+            device_id: device(1),
+            account_id: account(1),
+            device_key: [1; 32],
+            certificate: certificate(1),
+        })
+    );
+    assert_eq!(store.device(&device(2))?, None);
+    Ok(())
+}
+
+fn registering_a_taken_device_id_fails_and_keeps_the_first(store: &mut dyn Store) -> Outcome {
+    register(store, &[1])?;
+    let mut impostor = new_device(1, 9);
+    impostor.key_packages = vec![vec![9]; 5];
+    assert!(matches!(
+        store.register_device(impostor),
+        Err(StoreError::AlreadyExists)
+    ));
+    store.commit()?;
+    assert_eq!(
+        store.device(&device(1))?.map(|record| record.account_id),
+        Some(account(1))
+    );
+    assert_eq!(store.key_package_count(&device(1))?, 2);
+    Ok(())
+}
+
+fn key_package_count_counts_one_time_packages_only(store: &mut dyn Store) -> Outcome {
+    register(store, &[1])?;
+    assert_eq!(store.key_package_count(&device(1))?, 2);
+    assert_eq!(
+        store.add_key_packages(&device(1), vec![key_package(1, 3)], None)?,
+        3
+    );
+    assert_eq!(
+        store.add_key_packages(&device(1), Vec::new(), Some(vec![b'n']))?,
+        3
+    );
+    assert_eq!(store.key_package_count(&device(1))?, 3);
+    assert!(matches!(
+        store.add_key_packages(&device(2), vec![key_package(2, 1)], None),
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.key_package_count(&device(2)),
+        Err(StoreError::NotFound)
+    ));
+    Ok(())
+}
+
+fn a_claim_hands_out_one_time_packages_oldest_first_then_keeps_the_last_resort(
+    store: &mut dyn Store,
+) -> Outcome {
+    register(store, &[1, 2])?;
+    let mut handed_out = Vec::new();
+    for token in 1..=4 {
+        let claimed = claim(store, device(1), 2, token)?;
+        assert_eq!(claimed.len(), 1);
+        handed_out.push(claimed[0].key_package.clone());
+    }
+    store.commit()?;
+    assert_eq!(
+        handed_out,
+        [
+            key_package(2, 1),
+            key_package(2, 2),
+            key_package(2, 0),
+            key_package(2, 0)
+        ]
+    );
+    assert_eq!(store.key_package_count(&device(2))?, 0);
+    Ok(())
+}
+
+fn adding_a_last_resort_package_replaces_the_old_one(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2])?;
+    claim(store, device(1), 2, 1)?;
+    claim(store, device(1), 2, 2)?;
+    assert_eq!(
+        store.add_key_packages(&device(2), Vec::new(), Some(vec![b'n']))?,
+        0
+    );
+    for token in [3, 4] {
+        let claimed = claim(store, device(1), 2, token)?;
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].key_package, b"n");
+    }
+    Ok(())
+}
+
+fn a_device_without_key_packages_is_left_out_of_a_claim(store: &mut dyn Store) -> Outcome {
+    register(store, &[1])?;
+    let mut bare = new_device(2, 2);
+    bare.key_packages.clear();
+    bare.last_resort_key_package = None;
+    store.register_device(bare)?;
+    store.register_device(new_device(3, 2))?;
+    let claimed = claim(store, device(1), 2, 1)?;
+    assert_eq!(
+        claimed
+            .iter()
+            .map(|claimed| claimed.device_id)
+            .collect::<Vec<_>>(),
+        [device(3)]
+    );
+    Ok(())
+}
+
+fn claiming_consumes_the_invite(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2])?;
+    claim(store, device(1), 2, 7)?;
+    store.commit()?;
+    assert!(matches!(
+        store.claim_invite(&[7; 32], &device(1), NOW),
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.claim_invite(&[8; 32], &device(1), NOW),
+        Err(StoreError::NotFound)
+    ));
+    Ok(())
+}
+
+fn an_expired_invite_is_not_found(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2])?;
+    store.create_invite(&account(2), [7; 32], NOW + HOUR)?;
+    assert!(matches!(
+        store.claim_invite(&[7; 32], &device(1), NOW + HOUR),
+        Err(StoreError::NotFound)
+    ));
+    // The refused claim left the invite alone.
+    assert_eq!(
+        store
+            .claim_invite(&[7; 32], &device(1), NOW + HOUR - 1)?
+            .len(),
+        1
+    );
+    Ok(())
+}
+
+fn creating_an_invite_twice_fails(store: &mut dyn Store) -> Outcome {
+    store.create_invite(&account(2), [7; 32], NOW + DAY)?;
+    assert!(matches!(
+        store.create_invite(&account(3), [7; 32], NOW + DAY),
+        Err(StoreError::AlreadyExists)
+    ));
+    Ok(())
+}
+
+fn a_claim_returns_one_key_package_per_device_of_the_account(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 4])?;
+    store.register_device(new_device(2, 2))?;
+    store.register_device(new_device(3, 2))?;
+    let claimed = claim(store, device(1), 2, 1)?;
+    let mut expected = vec![
+        ClaimedKeyPackage {
+            device_id: device(2),
+            certificate: certificate(2),
+            key_package: key_package(2, 1),
+        },
+        ClaimedKeyPackage {
+            device_id: device(3),
+            certificate: certificate(3),
+            key_package: key_package(3, 1),
+        },
+    ];
+    expected.sort_by_key(|claimed| claimed.device_id);
+    assert_eq!(claimed, expected);
+    // Both devices may now be added.
+    store.create_group(new_group(1, device(1), &[device(2), device(3)]))?;
+    Ok(())
+}
+
+fn an_unknown_device_cannot_claim(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2])?;
+    store.create_invite(&account(2), [7; 32], NOW + DAY)?;
+    assert!(matches!(
+        store.claim_invite(&[7; 32], &device(9), NOW),
+        Err(StoreError::Forbidden)
+    ));
+    assert_eq!(store.claim_invite(&[7; 32], &device(1), NOW)?.len(), 1);
+    Ok(())
+}
+
+fn creating_a_group_needs_a_grant_for_every_other_member(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2, 3])?;
+    claim(store, device(1), 2, 2)?;
+    assert!(matches!(
+        store.create_group(new_group(1, device(1), &[device(2), device(3)])),
+        Err(StoreError::Forbidden)
+    ));
+    let created = store.create_group(new_group(1, device(1), &[device(2)]))?;
+    assert_eq!(created.members, sorted(vec![device(1), device(2)]));
+    Ok(())
+}
+
+fn a_grant_is_consumed_by_the_group_it_is_used_for(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2])?;
+    claim(store, device(1), 2, 1)?;
+    store.create_group(new_group(1, device(1), &[device(2)]))?;
+    assert!(matches!(
+        store.create_group(new_group(2, device(1), &[device(2)])),
+        Err(StoreError::Forbidden)
+    ));
+    claim(store, device(1), 2, 2)?;
+    store.create_group(new_group(2, device(1), &[device(2)]))?;
+    Ok(())
+}
+
+fn a_grant_lasts_a_day(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2])?;
+    claim(store, device(1), 2, 1)?;
+    let mut late = new_group(1, device(1), &[device(2)]);
+    late.now = NOW + DAY;
+    assert!(matches!(
+        store.create_group(late),
+        Err(StoreError::Forbidden)
+    ));
+    let mut in_time = new_group(1, device(1), &[device(2)]);
+    in_time.now = NOW + DAY - 1;
+    store.create_group(in_time)?;
+    Ok(())
+}
+
+fn a_grant_belongs_to_its_claimer(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2, 3])?;
+    claim(store, device(1), 2, 1)?;
+    assert!(matches!(
+        store.create_group(new_group(1, device(3), &[device(2)])),
+        Err(StoreError::Forbidden)
+    ));
+    Ok(())
+}
+
+fn welcomes_land_in_the_inboxes_of_members(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2, 3])?;
+    claim(store, device(1), 2, 2)?;
+    claim(store, device(1), 3, 3)?;
+    let mut new = new_group(1, device(1), &[device(2), device(3)]);
+    new.welcomes = vec![
+        (device(2), b"welcome 2".to_vec()),
+        (device(3), b"welcome 3".to_vec()),
+    ];
+    let created = store.create_group(new)?;
+    store.commit()?;
+    assert_eq!(
+        created,
+        GroupCreated {
+            members: sorted(vec![device(1), device(2), device(3)]),
+            welcomed: sorted(vec![device(2), device(3)]),
+        }
+    );
+    for number in [2, 3] {
+        assert_eq!(
+            store.inbox_entries(&device(number), 0, 10)?,
+            [InboxEntry {
+                seq: 1,
+                payload: format!("welcome {number}").into_bytes(),
+            }]
+        );
+    }
+    assert!(store.inbox_entries(&device(1), 0, 10)?.is_empty());
+    Ok(())
+}
+
+fn a_welcome_to_a_non_member_is_forbidden_and_consumes_no_grant(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2, 3])?;
+    claim(store, device(1), 2, 2)?;
+    let mut new = new_group(1, device(1), &[device(2)]);
+    new.welcomes = vec![
+        (device(2), b"welcome".to_vec()),
+        (device(3), b"stray".to_vec()),
+    ];
+    assert!(matches!(
+        store.create_group(new),
+        Err(StoreError::Forbidden)
+    ));
+    assert!(store.inbox_entries(&device(2), 0, 10)?.is_empty());
+    assert!(store.inbox_entries(&device(3), 0, 10)?.is_empty());
+    assert!(store.memberships(&device(1))?.is_empty());
+    store.create_group(new_group(1, device(1), &[device(2)]))?;
+    Ok(())
+}
+
+fn creating_an_existing_group_fails(store: &mut dyn Store) -> Outcome {
+    let group_id = group_of_three(store)?;
+    register(store, &[4])?;
+    claim(store, device(1), 4, 4)?;
+    let mut again = new_group(1, device(1), &[device(4)]);
+    again.welcomes = vec![(device(4), b"welcome".to_vec())];
+    assert!(matches!(
+        store.create_group(again),
+        Err(StoreError::AlreadyExists)
+    ));
+    assert!(store.memberships(&device(4))?.is_empty());
+    assert!(store.inbox_entries(&device(4), 0, 10)?.is_empty());
+    let appended = store.append(
+        &group_id,
+        &device(1),
+        Epoch(0),
+        EntryKind::Application,
+        b"hello".to_vec(),
+        NOW,
+    )?;
+    assert_eq!(
+        appended.members,
+        sorted(vec![device(1), device(2), device(3)])
+    );
+    // The grant was not used up by the refused creation.
+    store.create_group(new_group(2, device(1), &[device(4)]))?;
+    Ok(())
+}
+
+fn appending_to_an_unknown_group_is_not_found(store: &mut dyn Store) -> Outcome {
+    group_of_three(store)?;
+    assert!(matches!(
+        store.append(
+            &group(9),
+            &device(1),
+            Epoch(0),
+            EntryKind::Application,
+            b"hello".to_vec(),
+            NOW
+        ),
+        Err(StoreError::NotFound)
+    ));
+    Ok(())
+}
+
+fn appending_as_a_non_member_is_forbidden(store: &mut dyn Store) -> Outcome {
+    let group_id = group_of_three(store)?;
+    register(store, &[4])?;
+    assert!(matches!(
+        store.append(
+            &group_id,
+            &device(4),
+            Epoch(0),
+            EntryKind::Application,
+            b"hello".to_vec(),
+            NOW
+        ),
+        Err(StoreError::Forbidden)
+    ));
+    assert!(
+        store
+            .group_entries(&group_id, &device(1), 0, 10)?
+            .is_empty()
+    );
+    Ok(())
+}
+
+fn an_application_message_at_another_epoch_is_refused_with_the_current_one(
+    store: &mut dyn Store,
+) -> Outcome {
+    register(store, &[1])?;
+    let mut new = new_group(1, device(1), &[]);
+    new.epoch = Epoch(5);
+    store.create_group(new)?;
+    for wrong in [4, 6] {
+        assert!(matches!(
+            store.append(
+                &group(1),
+                &device(1),
+                Epoch(wrong),
+                EntryKind::Application,
+                b"hello".to_vec(),
+                NOW
+            ),
+            Err(StoreError::EpochMismatch { current: Epoch(5) })
+        ));
+    }
+    let appended = store.append(
+        &group(1),
+        &device(1),
+        Epoch(5),
+        EntryKind::Application,
+        b"hello".to_vec(),
+        NOW,
+    )?;
+    assert_eq!(appended.seq, 1);
+    Ok(())
+}
+
+fn commits_are_compare_and_swap(store: &mut dyn Store) -> Outcome {
+    let group_id = group_of_three(store)?;
+    store.append(
+        &group_id,
+        &device(1),
+        Epoch(0),
+        EntryKind::Commit,
+        b"commit by 1".to_vec(),
+        NOW,
+    )?;
+    assert!(matches!(
+        store.append(
+            &group_id,
+            &device(2),
+            Epoch(0),
+            EntryKind::Commit,
+            b"commit by 2".to_vec(),
+            NOW
+        ),
+        Err(StoreError::EpochMismatch { current: Epoch(1) })
+    ));
+    store.append(
+        &group_id,
+        &device(2),
+        Epoch(1),
+        EntryKind::Application,
+        b"after".to_vec(),
+        NOW,
+    )?;
+    store.commit()?;
+    assert_eq!(
+        store.group_entries(&group_id, &device(3), 0, 10)?,
+        [
+            LogEntry {
+                seq: 1,
+                epoch: Epoch(0),
+                kind: EntryKind::Commit,
+                payload: b"commit by 1".to_vec(),
+            },
+            LogEntry {
+                seq: 2,
+                epoch: Epoch(1),
+                kind: EntryKind::Application,
+                payload: b"after".to_vec(),
+            },
+        ]
+    );
+    Ok(())
+}
+
+fn the_epoch_cannot_advance_past_the_largest(store: &mut dyn Store) -> Outcome {
+    register(store, &[1])?;
+    let mut new = new_group(1, device(1), &[]);
+    new.epoch = Epoch(u64::MAX);
+    store.create_group(new)?;
+    store.append(
+        &group(1),
+        &device(1),
+        Epoch(u64::MAX),
+        EntryKind::Application,
+        b"hello".to_vec(),
+        NOW,
+    )?;
+    assert!(matches!(
+        store.append(
+            &group(1),
+            &device(1),
+            Epoch(u64::MAX),
+            EntryKind::Commit,
+            b"commit".to_vec(),
+            NOW
+        ),
+        Err(StoreError::Invalid(_))
+    ));
+    let entries = store.group_entries(&group(1), &device(1), 0, 10)?;
+    assert_eq!(seqs(&entries), [1]);
+    assert_eq!(entries[0].epoch, Epoch(u64::MAX));
+    Ok(())
+}
+
+fn sequence_numbers_start_at_one_and_never_repeat(store: &mut dyn Store) -> Outcome {
+    let group_id = group_of_three(store)?;
+    for expected in 1..=3 {
+        let appended = store.append(
+            &group_id,
+            &device(1),
+            Epoch(0),
+            EntryKind::Application,
+            b"hello".to_vec(),
+            NOW,
+        )?;
+        assert_eq!(appended.seq, expected);
+    }
+    for number in [1, 2, 3] {
+        store.ack_group(&device(number), &group_id, 3)?;
+    }
+    store.commit()?;
+    assert!(
+        store
+            .group_entries(&group_id, &device(1), 0, 10)?
+            .is_empty()
+    );
+    let appended = store.append(
+        &group_id,
+        &device(1),
+        Epoch(0),
+        EntryKind::Application,
+        b"hello".to_vec(),
+        NOW,
+    )?;
+    assert_eq!(appended.seq, 4);
+    Ok(())
+}
+
+fn an_append_reports_every_member(store: &mut dyn Store) -> Outcome {
+    let group_id = group_of_three(store)?;
+    let appended = store.append(
+        &group_id,
+        &device(2),
+        Epoch(0),
+        EntryKind::Application,
+        b"hello".to_vec(),
+        NOW,
+    )?;
+    assert_eq!(
+        appended.members,
+        sorted(vec![device(1), device(2), device(3)])
+    );
+    Ok(())
+}
+
+fn group_entries_come_after_the_cursor_oldest_first_up_to_the_limit(
+    store: &mut dyn Store,
+) -> Outcome {
+    let group_id = group_of_three(store)?;
+    for number in 1..=5u8 {
+        append_message(store, &group_id, &[number])?;
+    }
+    store.commit()?;
+    let entries = store.group_entries(&group_id, &device(2), 1, 2)?;
+    assert_eq!(seqs(&entries), [2, 3]);
+    assert_eq!(entries[0].payload, [2]);
+    assert_eq!(entries[0].kind, EntryKind::Application);
+    assert_eq!(entries[0].epoch, Epoch(0));
+    assert_eq!(
+        seqs(&store.group_entries(&group_id, &device(2), 3, 10)?),
+        [4, 5]
+    );
+    assert!(
+        store
+            .group_entries(&group_id, &device(2), 5, 10)?
+            .is_empty()
+    );
+    assert!(store.group_entries(&group_id, &device(2), 0, 0)?.is_empty());
+    assert!(
+        store
+            .group_entries(&group_id, &device(2), u64::MAX, 10)?
+            .is_empty()
+    );
+    Ok(())
+}
+
+fn group_entries_are_forbidden_to_non_members(store: &mut dyn Store) -> Outcome {
+    let group_id = group_of_three(store)?;
+    append_message(store, &group_id, b"secret")?;
+    register(store, &[4])?;
+    assert!(matches!(
+        store.group_entries(&group_id, &device(4), 0, 10),
+        Err(StoreError::Forbidden)
+    ));
+    assert!(matches!(
+        store.group_entries(&group(9), &device(1), 0, 10),
+        Err(StoreError::Forbidden)
+    ));
+    Ok(())
+}
+
+fn memberships_list_each_group_with_its_cursor(store: &mut dyn Store) -> Outcome {
+    let first = group_of_three(store)?;
+    claim(store, device(1), 2, 4)?;
+    store.create_group(new_group(2, device(1), &[device(2)]))?;
+    append_message(store, &first, b"hello")?;
+    store.ack_group(&device(2), &first, 1)?;
+    store.commit()?;
+    let mut expected = vec![
+        Membership {
+            group_id: first,
+            cursor: 1,
+        },
+        Membership {
+            group_id: group(2),
+            cursor: 0,
+        },
+    ];
+    expected.sort_by(|one, other| one.group_id.cmp(&other.group_id));
+    assert_eq!(store.memberships(&device(2))?, expected);
+    assert_eq!(store.memberships(&device(3))?.len(), 1);
+    assert!(store.memberships(&device(9))?.is_empty());
+    Ok(())
+}
+
+fn an_entry_is_deleted_once_every_member_acknowledged_it(store: &mut dyn Store) -> Outcome {
+    let group_id = group_of_three(store)?;
+    for number in 1..=3u8 {
+        append_message(store, &group_id, &[number])?;
+    }
+    store.ack_group(&device(1), &group_id, 3)?;
+    store.ack_group(&device(2), &group_id, 2)?;
+    store.commit()?;
+    assert_eq!(
+        seqs(&store.group_entries(&group_id, &device(3), 0, 10)?),
+        [1, 2, 3]
+    );
+    store.ack_group(&device(3), &group_id, 1)?;
+    assert_eq!(
+        seqs(&store.group_entries(&group_id, &device(3), 0, 10)?),
+        [2, 3]
+    );
+    store.ack_group(&device(3), &group_id, 3)?;
+    store.commit()?;
+    assert_eq!(
+        seqs(&store.group_entries(&group_id, &device(2), 0, 10)?),
+        [3]
+    );
+    Ok(())
+}
+
+fn an_acknowledgement_is_clamped_to_the_last_entry(store: &mut dyn Store) -> Outcome {
+    let group_id = group_of_three(store)?;
+    append_message(store, &group_id, b"one")?;
+    append_message(store, &group_id, b"two")?;
+    store.ack_group(&device(1), &group_id, u64::MAX)?;
+    assert_eq!(store.memberships(&device(1))?[0].cursor, 2);
+    append_message(store, &group_id, b"three")?;
+    store.commit()?;
+    // Had the cursor gone past the last entry, this one would count as read already.
+    assert_eq!(
+        seqs(&store.group_entries(&group_id, &device(1), 2, 10)?),
+        [3]
+    );
+    for number in [2, 3] {
+        store.ack_group(&device(number), &group_id, 3)?;
+    }
+    assert_eq!(
+        seqs(&store.group_entries(&group_id, &device(1), 0, 10)?),
+        [3]
+    );
+    Ok(())
+}
+
+fn a_cursor_never_moves_back(store: &mut dyn Store) -> Outcome {
+    let group_id = group_of_three(store)?;
+    append_message(store, &group_id, b"one")?;
+    append_message(store, &group_id, b"two")?;
+    store.ack_group(&device(2), &group_id, 2)?;
+    store.ack_group(&device(2), &group_id, 1)?;
+    assert_eq!(store.memberships(&device(2))?[0].cursor, 2);
+    Ok(())
+}
+
+fn acknowledging_as_a_non_member_is_forbidden(store: &mut dyn Store) -> Outcome {
+    let group_id = group_of_three(store)?;
+    append_message(store, &group_id, b"one")?;
+    register(store, &[4])?;
+    assert!(matches!(
+        store.ack_group(&device(4), &group_id, 1),
+        Err(StoreError::Forbidden)
+    ));
+    assert!(matches!(
+        store.ack_group(&device(1), &group(9), 1),
+        Err(StoreError::Forbidden)
+    ));
+    Ok(())
+}
+
+fn inbox_entries_come_oldest_first_and_go_when_acknowledged(store: &mut dyn Store) -> Outcome {
+    fn welcome_to_2(store: &mut dyn Store, number: u8) -> Outcome {
+        claim(store, device(1), 2, number)?;
+        let mut new = new_group(number, device(1), &[device(2)]);
+        new.welcomes = vec![(device(2), vec![number])];
+        store.create_group(new)?;
+        Ok(())
+    }
+
+    register(store, &[1, 2])?;
+    for number in 1..=3 {
+        welcome_to_2(store, number)?;
+    }
+    store.commit()?;
+    assert_eq!(
+        store.inbox_entries(&device(2), 1, 1)?,
+        [InboxEntry {
+            seq: 2,
+            payload: vec![2],
+        }]
+    );
+    store.ack_inbox(&device(2), 2)?;
+    assert_eq!(
+        store.inbox_entries(&device(2), 0, 10)?,
+        [InboxEntry {
+            seq: 3,
+            payload: vec![3],
+        }]
+    );
+    store.ack_inbox(&device(2), u64::MAX)?;
+    assert!(store.inbox_entries(&device(2), 0, 10)?.is_empty());
+    welcome_to_2(store, 4)?;
+    store.commit()?;
+    assert_eq!(
+        store.inbox_entries(&device(2), 0, 10)?,
+        [InboxEntry {
+            seq: 4,
+            payload: vec![4],
+        }]
+    );
+    assert!(store.inbox_entries(&device(9), 0, 10)?.is_empty());
+    store.ack_inbox(&device(9), 1)?;
+    Ok(())
+}
+
+fn expire_deletes_old_entries_and_expired_invites_and_grants(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2, 3])?;
+    claim(store, device(1), 2, 2)?;
+    let mut new = new_group(1, device(1), &[device(2)]);
+    new.welcomes = vec![(device(2), b"welcome".to_vec())];
+    store.create_group(new)?;
+    append_message(store, &group(1), b"old")?;
+    store.append(
+        &group(1),
+        &device(1),
+        Epoch(0),
+        EntryKind::Application,
+        b"new".to_vec(),
+        NOW + 2 * HOUR,
+    )?;
+    store.create_invite(&account(2), [10; 32], NOW + HOUR)?;
+    store.create_invite(&account(2), [11; 32], NOW + 10 * DAY)?;
+    claim(store, device(1), 3, 3)?;
+    store.commit()?;
+
+    // The old entry, the welcome, one invite and the grant to add device 3.
+    assert_eq!(store.expire(NOW + 2 * DAY, NOW + HOUR)?, 4);
+    assert_eq!(store.expire(NOW + 2 * DAY, NOW + HOUR)?, 0);
+    store.commit()?;
+    assert_eq!(
+        seqs(&store.group_entries(&group(1), &device(2), 0, 10)?),
+        [2]
+    );
+    assert!(store.inbox_entries(&device(2), 0, 10)?.is_empty());
+    assert!(matches!(
+        store.claim_invite(&[10; 32], &device(1), NOW),
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(store.claim_invite(&[11; 32], &device(1), NOW)?.len(), 1);
+    Ok(())
+}
+
+/// Only the hour of storage is known, so an entry goes when its whole hour is before the
+/// cutoff: early rather than late would lose messages not yet fetched.
+fn expire_keeps_entries_of_the_cutoff_hour(store: &mut dyn Store) -> Outcome {
+    let group_id = group_of_three(store)?;
+    store.append(
+        &group_id,
+        &device(1),
+        Epoch(0),
+        EntryKind::Application,
+        b"early in the hour".to_vec(),
+        NOW + 60,
+    )?;
+    assert_eq!(store.expire(NOW, NOW + HOUR - 1)?, 0);
+    assert_eq!(store.expire(NOW, NOW + HOUR)?, 1);
+    Ok(())
+}
+
+fn a_failed_operation_leaves_no_trace_while_the_rest_of_the_batch_commits(
+    store: &mut dyn Store,
+) -> Outcome {
+    register(store, &[1, 2, 3, 4])?;
+    claim(store, device(1), 2, 2)?;
+    claim(store, device(1), 3, 3)?;
+    store.commit()?;
+
+    // One batch: failures in between successes.
+    let mut doomed = new_group(1, device(1), &[device(2), device(3)]);
+    doomed.welcomes = vec![
+        (device(2), b"doomed".to_vec()),
+        (device(3), b"doomed".to_vec()),
+        (device(4), b"stray".to_vec()),
+    ];
+    assert!(matches!(
+        store.create_group(doomed),
+        Err(StoreError::Forbidden)
+    ));
+    store.register_device(new_device(5, 5))?;
+    let mut kept = new_group(2, device(1), &[device(2)]);
+    kept.welcomes = vec![(device(2), b"kept".to_vec())];
+    store.create_group(kept)?;
+    assert!(matches!(
+        store.register_device(new_device(5, 5)),
+        Err(StoreError::AlreadyExists)
+    ));
+    append_message(store, &group(2), b"hello")?;
+    assert!(matches!(
+        store.append(
+            &group(2),
+            &device(1),
+            Epoch(7),
+            EntryKind::Commit,
+            b"stale".to_vec(),
+            NOW
+        ),
+        Err(StoreError::EpochMismatch { current: Epoch(0) })
+    ));
+    store.commit()?;
+
+    assert!(store.device(&device(5))?.is_some());
+    assert_eq!(
+        store.inbox_entries(&device(2), 0, 10)?,
+        [InboxEntry {
+            seq: 1,
+            payload: b"kept".to_vec(),
+        }]
+    );
+    assert!(store.inbox_entries(&device(3), 0, 10)?.is_empty());
+    assert_eq!(
+        store
+            .memberships(&device(2))?
+            .into_iter()
+            .map(|membership| membership.group_id)
+            .collect::<Vec<_>>(),
+        [group(2)]
+    );
+    assert_eq!(
+        seqs(&store.group_entries(&group(2), &device(2), 0, 10)?),
+        [1]
+    );
+    assert!(matches!(
+        store.append(
+            &group(1),
+            &device(1),
+            Epoch(0),
+            EntryKind::Application,
+            b"hello".to_vec(),
+            NOW
+        ),
+        Err(StoreError::NotFound)
+    ));
+    // The doomed group used no grant: device 3's is still there.
+    store.create_group(new_group(1, device(1), &[device(3)]))?;
+    Ok(())
+}

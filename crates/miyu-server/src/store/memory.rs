@@ -1,0 +1,396 @@
+//! The in-memory backend, for tests and for benchmarks of everything but the disk.
+//!
+//! Every operation checks all it needs before it changes anything, which is how it keeps the
+//! promise that a failed operation leaves no trace.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
+
+use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
+
+use super::{
+    Appended, ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated, InboxEntry, LogEntry,
+    Membership, NewDevice, NewGroup, Store, StoreError, coarse_hour,
+};
+
+/// A [`Store`] that keeps everything in memory; nothing survives the value.
+#[derive(Default)]
+pub struct MemoryStore {
+    devices: BTreeMap<DeviceId, Device>,
+    invites: HashMap<[u8; 32], Invite>,
+    /// Expiry of the right of `.0` to add `.1` to a group.
+    grants: BTreeMap<(DeviceId, DeviceId), u64>,
+    groups: BTreeMap<GroupId, Group>,
+}
+
+impl Store for MemoryStore {
+    fn commit(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn register_device(&mut self, device: NewDevice) -> Result<(), StoreError> {
+        if self.devices.contains_key(&device.device_id) {
+            return Err(StoreError::AlreadyExists);
+        }
+        self.devices.insert(
+            device.device_id,
+            Device {
+                record: DeviceRecord {
+                    device_id: device.device_id,
+                    account_id: device.account_id,
+                    device_key: device.device_key,
+                    certificate: device.certificate,
+                },
+                key_packages: device.key_packages.into(),
+                last_resort: device.last_resort_key_package,
+                inbox: BTreeMap::new(),
+                inbox_next_seq: 1,
+            },
+        );
+        Ok(())
+    }
+
+    fn device(&mut self, device_id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        Ok(self
+            .devices
+            .get(device_id)
+            .map(|device| device.record.clone()))
+    }
+
+    fn add_key_packages(
+        &mut self,
+        device_id: &DeviceId,
+        key_packages: Vec<Vec<u8>>,
+        last_resort: Option<Vec<u8>>,
+    ) -> Result<u32, StoreError> {
+        let device = self
+            .devices
+            .get_mut(device_id)
+            .ok_or(StoreError::NotFound)?;
+        device.key_packages.extend(key_packages);
+        if last_resort.is_some() {
+            device.last_resort = last_resort;
+        }
+        Ok(device.one_time_count())
+    }
+
+    fn key_package_count(&mut self, device_id: &DeviceId) -> Result<u32, StoreError> {
+        self.devices
+            .get(device_id)
+            .map(Device::one_time_count)
+            .ok_or(StoreError::NotFound)
+    }
+
+    fn create_invite(
+        &mut self,
+        account_id: &AccountId,
+        token_hash: [u8; 32],
+        expires_at: u64,
+    ) -> Result<(), StoreError> {
+        if self.invites.contains_key(&token_hash) {
+            return Err(StoreError::AlreadyExists);
+        }
+        self.invites.insert(
+            token_hash,
+            Invite {
+                account_id: *account_id,
+                expires_at,
+            },
+        );
+        Ok(())
+    }
+
+    fn claim_invite(
+        &mut self,
+        token_hash: &[u8; 32],
+        claimer: &DeviceId,
+        now: u64,
+    ) -> Result<Vec<ClaimedKeyPackage>, StoreError> {
+        let invite = self.invites.get(token_hash).ok_or(StoreError::NotFound)?;
+        if invite.expires_at <= now {
+            return Err(StoreError::NotFound);
+        }
+        if !self.devices.contains_key(claimer) {
+            return Err(StoreError::Forbidden);
+        }
+        let account_id = invite.account_id;
+        self.invites.remove(token_hash);
+        let grant_expires_at = coarse_hour(now).saturating_add(GRANT_LIFETIME);
+        let mut claimed = Vec::new();
+        for device in self.devices.values_mut() {
+            if device.record.account_id != account_id {
+                continue;
+            }
+            let Some(key_package) = device
+                .key_packages
+                .pop_front()
+                .or_else(|| device.last_resort.clone())
+            else {
+                continue;
+            };
+            let device_id = device.record.device_id;
+            self.grants.insert((*claimer, device_id), grant_expires_at);
+            claimed.push(ClaimedKeyPackage {
+                device_id,
+                certificate: device.record.certificate.clone(),
+                key_package,
+            });
+        }
+        Ok(claimed)
+    }
+
+    fn create_group(&mut self, group: NewGroup) -> Result<GroupCreated, StoreError> {
+        if self.groups.contains_key(&group.group_id) {
+            return Err(StoreError::AlreadyExists);
+        }
+        let mut members: BTreeSet<DeviceId> = group.members.iter().copied().collect();
+        members.insert(group.creator);
+        for member in &members {
+            let allowed = if *member == group.creator {
+                self.devices.contains_key(member)
+            } else {
+                self.grants
+                    .get(&(group.creator, *member))
+                    .is_some_and(|expires_at| *expires_at > group.now)
+                    && self.devices.contains_key(member)
+            };
+            if !allowed {
+                return Err(StoreError::Forbidden);
+            }
+        }
+        if group
+            .welcomes
+            .iter()
+            .any(|(device_id, _)| !members.contains(device_id))
+        {
+            return Err(StoreError::Forbidden);
+        }
+
+        for member in members.iter().filter(|member| **member != group.creator) {
+            self.grants.remove(&(group.creator, *member));
+        }
+        let mut welcomed = BTreeSet::new();
+        for (device_id, welcome) in group.welcomes {
+            if let Some(device) = self.devices.get_mut(&device_id) {
+                device.push_to_inbox(welcome, group.now);
+                welcomed.insert(device_id);
+            }
+        }
+        self.groups.insert(
+            group.group_id,
+            Group {
+                epoch: group.epoch,
+                next_seq: 1,
+                members: members.iter().map(|member| (*member, 0)).collect(),
+                log: BTreeMap::new(),
+            },
+        );
+        Ok(GroupCreated {
+            members: members.into_iter().collect(),
+            welcomed: welcomed.into_iter().collect(),
+        })
+    }
+
+    fn append(
+        &mut self,
+        group_id: &GroupId,
+        poster: &DeviceId,
+        epoch: Epoch,
+        kind: EntryKind,
+        payload: Vec<u8>,
+        now: u64,
+    ) -> Result<Appended, StoreError> {
+        let group = self.groups.get_mut(group_id).ok_or(StoreError::NotFound)?;
+        if !group.members.contains_key(poster) {
+            return Err(StoreError::Forbidden);
+        }
+        if epoch != group.epoch {
+            return Err(StoreError::EpochMismatch {
+                current: group.epoch,
+            });
+        }
+        let next_epoch = match kind {
+            EntryKind::Application => group.epoch,
+            EntryKind::Commit => Epoch(
+                group
+                    .epoch
+                    .0
+                    .checked_add(1)
+                    .ok_or(StoreError::Invalid("the epoch cannot advance further"))?,
+            ),
+        };
+        let seq = group.next_seq;
+        group.log.insert(
+            seq,
+            Stored {
+                value: LogEntry {
+                    seq,
+                    epoch,
+                    kind,
+                    payload,
+                },
+                created_hour: coarse_hour(now),
+            },
+        );
+        group.next_seq += 1;
+        group.epoch = next_epoch;
+        Ok(Appended {
+            seq,
+            members: group.members.keys().copied().collect(),
+        })
+    }
+
+    fn group_entries(
+        &mut self,
+        group_id: &GroupId,
+        device_id: &DeviceId,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        let group = self
+            .groups
+            .get(group_id)
+            .filter(|group| group.members.contains_key(device_id))
+            .ok_or(StoreError::Forbidden)?;
+        Ok(group
+            .log
+            .range((Bound::Excluded(after_seq), Bound::Unbounded))
+            .take(limit)
+            .map(|(_, stored)| stored.value.clone())
+            .collect())
+    }
+
+    fn memberships(&mut self, device_id: &DeviceId) -> Result<Vec<Membership>, StoreError> {
+        Ok(self
+            .groups
+            .iter()
+            .filter_map(|(group_id, group)| {
+                group.members.get(device_id).map(|cursor| Membership {
+                    group_id: group_id.clone(),
+                    cursor: *cursor,
+                })
+            })
+            .collect())
+    }
+
+    fn ack_group(
+        &mut self,
+        device_id: &DeviceId,
+        group_id: &GroupId,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        let group = self.groups.get_mut(group_id).ok_or(StoreError::Forbidden)?;
+        let last_seq = group.next_seq - 1;
+        let cursor = group
+            .members
+            .get_mut(device_id)
+            .ok_or(StoreError::Forbidden)?;
+        *cursor = (*cursor).max(seq.min(last_seq));
+        if let Some(everyone_has) = group.members.values().min() {
+            group.log = group.log.split_off(&(everyone_has + 1));
+        }
+        Ok(())
+    }
+
+    fn inbox_entries(
+        &mut self,
+        device_id: &DeviceId,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
+        let Some(device) = self.devices.get(device_id) else {
+            return Ok(Vec::new());
+        };
+        Ok(device
+            .inbox
+            .range((Bound::Excluded(after_seq), Bound::Unbounded))
+            .take(limit)
+            .map(|(seq, stored)| InboxEntry {
+                seq: *seq,
+                payload: stored.value.clone(),
+            })
+            .collect())
+    }
+
+    fn ack_inbox(&mut self, device_id: &DeviceId, seq: u64) -> Result<(), StoreError> {
+        if let Some(device) = self.devices.get_mut(device_id) {
+            match seq.checked_add(1) {
+                Some(first_kept) => device.inbox = device.inbox.split_off(&first_kept),
+                None => device.inbox.clear(),
+            }
+        }
+        Ok(())
+    }
+
+    fn expire(&mut self, now: u64, cutoff: u64) -> Result<u64, StoreError> {
+        // Only whole hours before the cutoff's are surely older than it.
+        let cutoff_hour = coarse_hour(cutoff);
+        let mut removed = 0;
+        for group in self.groups.values_mut() {
+            let before = group.log.len();
+            group
+                .log
+                .retain(|_, entry| entry.created_hour >= cutoff_hour);
+            removed += before - group.log.len();
+        }
+        for device in self.devices.values_mut() {
+            let before = device.inbox.len();
+            device
+                .inbox
+                .retain(|_, entry| entry.created_hour >= cutoff_hour);
+            removed += before - device.inbox.len();
+        }
+        let before = self.invites.len() + self.grants.len();
+        self.invites.retain(|_, invite| invite.expires_at > now);
+        self.grants.retain(|_, expires_at| *expires_at > now);
+        removed += before - (self.invites.len() + self.grants.len());
+        Ok(u64::try_from(removed).unwrap_or(u64::MAX))
+    }
+}
+
+/// How long the right to add a device, won by claiming an invite, lasts.
+const GRANT_LIFETIME: u64 = 24 * 3600;
+
+struct Device {
+    record: DeviceRecord,
+    key_packages: VecDeque<Vec<u8>>,
+    last_resort: Option<Vec<u8>>,
+    inbox: BTreeMap<u64, Stored<Vec<u8>>>,
+    inbox_next_seq: u64,
+}
+
+struct Invite {
+    account_id: AccountId,
+    expires_at: u64,
+}
+
+struct Group {
+    epoch: Epoch,
+    next_seq: u64,
+    /// Each member's cursor.
+    members: BTreeMap<DeviceId, u64>,
+    log: BTreeMap<u64, Stored<LogEntry>>,
+}
+
+struct Stored<T> {
+    value: T,
+    created_hour: u64,
+}
+
+impl Device {
+    fn one_time_count(&self) -> u32 {
+        u32::try_from(self.key_packages.len()).unwrap_or(u32::MAX)
+    }
+
+    fn push_to_inbox(&mut self, payload: Vec<u8>, now: u64) {
+        let seq = self.inbox_next_seq;
+        self.inbox_next_seq += 1;
+        self.inbox.insert(
+            seq,
+            Stored {
+                value: payload,
+                created_hour: coarse_hour(now),
+            },
+        );
+    }
+}

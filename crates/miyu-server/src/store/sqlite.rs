@@ -1,0 +1,1049 @@
+//! The embedded backend: one SQLite database in WAL mode, written through one connection.
+//!
+//! A batch is one transaction, opened by the first operation after a commit; each operation
+//! runs inside its own savepoint so that a failed one is undone without disturbing the rest of
+//! the batch.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::{
+    Appended, ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated, InboxEntry, LogEntry,
+    Membership, NewDevice, NewGroup, Store, StoreError, coarse_hour,
+};
+
+/// A [`Store`] in one SQLite database file.
+pub struct SqliteStore {
+    connection: Connection,
+    in_transaction: bool,
+    /// Set when SQLite rolled back the open transaction by itself, or a savepoint could not be
+    /// settled: the operations already answered in this batch are gone, so the commit must fail.
+    lost_batch: Option<String>,
+}
+
+impl SqliteStore {
+    /// Opens the database at `path`, creating it and its schema if missing.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::set_up(Connection::open(path)?)
+    }
+
+    /// A database that lives only as long as the value, for tests.
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        Self::set_up(Connection::open_in_memory()?)
+    }
+}
+
+impl Store for SqliteStore {
+    fn commit(&mut self) -> Result<(), StoreError> {
+        if let Some(reason) = self.lost_batch.take() {
+            self.roll_back();
+            return Err(StoreError::CommitFailed(reason));
+        }
+        if !self.in_transaction {
+            return Ok(());
+        }
+        self.in_transaction = false;
+        self.execute_cached("COMMIT").map_err(|error| {
+            self.roll_back();
+            error.into()
+        })
+    }
+
+    fn register_device(&mut self, device: NewDevice) -> Result<(), StoreError> {
+        self.write(|db| {
+            let inserted = db
+                .prepare_cached(
+                    "INSERT INTO devices (device_id, account_id, device_key, certificate, \
+                     created_hour) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (device_id) DO NOTHING",
+                )?
+                .execute(params![
+                    device.device_id.as_bytes().as_slice(),
+                    device.account_id.as_bytes().as_slice(),
+                    device.device_key.as_slice(),
+                    device.certificate,
+                    clamp_to_sql(coarse_hour(device.now)),
+                ])?;
+            if inserted == 0 {
+                return Err(StoreError::AlreadyExists);
+            }
+            insert_key_packages(db, &device.device_id, &device.key_packages)?;
+            if let Some(last_resort) = &device.last_resort_key_package {
+                replace_last_resort(db, &device.device_id, last_resort)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn device(&mut self, device_id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
+        self.read(|db| {
+            let row = db
+                .prepare_cached(
+                    "SELECT account_id, device_key, certificate FROM devices WHERE device_id = ?1",
+                )?
+                .query_row([device_id.as_bytes().as_slice()], |row| {
+                    Ok((
+                        row.get::<_, Vec<u8>>(0)?,
+                        row.get::<_, Vec<u8>>(1)?,
+                        row.get::<_, Vec<u8>>(2)?,
+                    ))
+                })
+                .optional()?;
+            let Some((account_id, device_key, certificate)) = row else {
+                return Ok(None);
+            };
+            Ok(Some(DeviceRecord {
+                device_id: *device_id,
+                account_id: AccountId::from_bytes(&account_id)
+                    .map_err(|_| StoreError::Corrupt("a stored account id has the wrong length"))?,
+                device_key: device_key
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("a stored device key has the wrong length"))?,
+                certificate,
+            }))
+        })
+    }
+
+    fn add_key_packages(
+        &mut self,
+        device_id: &DeviceId,
+        key_packages: Vec<Vec<u8>>,
+        last_resort: Option<Vec<u8>>,
+    ) -> Result<u32, StoreError> {
+        self.write(|db| {
+            if !device_exists(db, device_id)? {
+                return Err(StoreError::NotFound);
+            }
+            insert_key_packages(db, device_id, &key_packages)?;
+            if let Some(last_resort) = &last_resort {
+                replace_last_resort(db, device_id, last_resort)?;
+            }
+            count_key_packages(db, device_id)
+        })
+    }
+
+    fn key_package_count(&mut self, device_id: &DeviceId) -> Result<u32, StoreError> {
+        self.read(|db| {
+            if !device_exists(db, device_id)? {
+                return Err(StoreError::NotFound);
+            }
+            count_key_packages(db, device_id)
+        })
+    }
+
+    fn create_invite(
+        &mut self,
+        account_id: &AccountId,
+        token_hash: [u8; 32],
+        expires_at: u64,
+    ) -> Result<(), StoreError> {
+        self.write(|db| {
+            let inserted = db
+                .prepare_cached(
+                    "INSERT INTO invites (token_hash, account_id, expires_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (token_hash) DO NOTHING",
+                )?
+                .execute(params![
+                    token_hash.as_slice(),
+                    account_id.as_bytes().as_slice(),
+                    clamp_to_sql(expires_at),
+                ])?;
+            if inserted == 0 {
+                return Err(StoreError::AlreadyExists);
+            }
+            Ok(())
+        })
+    }
+
+    fn claim_invite(
+        &mut self,
+        token_hash: &[u8; 32],
+        claimer: &DeviceId,
+        now: u64,
+    ) -> Result<Vec<ClaimedKeyPackage>, StoreError> {
+        self.write(|db| {
+            // An expired invite stays until `expire`: the savepoint undoes this deletion.
+            let invite = db
+                .prepare_cached(
+                    "DELETE FROM invites WHERE token_hash = ?1 RETURNING account_id, expires_at",
+                )?
+                .query_row([token_hash.as_slice()], |row| {
+                    Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, i64>(1)?))
+                })
+                .optional()?;
+            let Some((account_id, expires_at)) = invite else {
+                return Err(StoreError::NotFound);
+            };
+            if expires_at <= clamp_to_sql(now) {
+                return Err(StoreError::NotFound);
+            }
+            if !device_exists(db, claimer)? {
+                return Err(StoreError::Forbidden);
+            }
+            let devices = db
+                .prepare_cached(
+                    "SELECT device_id, certificate FROM devices WHERE account_id = ?1 \
+                     ORDER BY device_id",
+                )?
+                .query_map([&account_id], |row| {
+                    Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let grant_expires_at = clamp_to_sql(coarse_hour(now).saturating_add(GRANT_LIFETIME));
+            let mut claimed = Vec::with_capacity(devices.len());
+            for (device_id, certificate) in devices {
+                let Some(key_package) = take_key_package(db, &device_id)? else {
+                    continue;
+                };
+                db.prepare_cached(
+                    "INSERT INTO add_grants (claimer, target, expires_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (claimer, target) DO UPDATE SET expires_at = excluded.expires_at",
+                )?
+                .execute(params![
+                    claimer.as_bytes().as_slice(),
+                    device_id,
+                    grant_expires_at
+                ])?;
+                claimed.push(ClaimedKeyPackage {
+                    device_id: decode_device_id(&device_id)?,
+                    certificate,
+                    key_package,
+                });
+            }
+            Ok(claimed)
+        })
+    }
+
+    fn create_group(&mut self, group: NewGroup) -> Result<GroupCreated, StoreError> {
+        self.write(|db| {
+            let group_id = group.group_id.as_bytes();
+            let inserted = db
+                .prepare_cached(
+                    "INSERT INTO groups (group_id, epoch, next_seq) VALUES (?1, ?2, 1) \
+                     ON CONFLICT (group_id) DO NOTHING",
+                )?
+                .execute(params![group_id, epoch_to_sql(group.epoch)])?;
+            if inserted == 0 {
+                return Err(StoreError::AlreadyExists);
+            }
+            if !device_exists(db, &group.creator)? {
+                return Err(StoreError::Forbidden);
+            }
+            let mut members: BTreeSet<DeviceId> = group.members.iter().copied().collect();
+            members.insert(group.creator);
+            let now = clamp_to_sql(group.now);
+            for member in &members {
+                if *member != group.creator {
+                    let consumed = db
+                        .prepare_cached(
+                            "DELETE FROM add_grants WHERE claimer = ?1 AND target = ?2 \
+                             AND expires_at > ?3",
+                        )?
+                        .execute(params![
+                            group.creator.as_bytes().as_slice(),
+                            member.as_bytes().as_slice(),
+                            now,
+                        ])?;
+                    if consumed == 0 {
+                        return Err(StoreError::Forbidden);
+                    }
+                }
+                db.prepare_cached(
+                    "INSERT INTO group_members (group_id, device_id, cursor) VALUES (?1, ?2, 0)",
+                )?
+                .execute(params![group_id, member.as_bytes().as_slice()])?;
+            }
+            let mut welcomed = BTreeSet::new();
+            for (device_id, welcome) in &group.welcomes {
+                if !members.contains(device_id) {
+                    return Err(StoreError::Forbidden);
+                }
+                push_to_inbox(db, device_id, welcome, group.now)?;
+                welcomed.insert(*device_id);
+            }
+            Ok(GroupCreated {
+                members: members.into_iter().collect(),
+                welcomed: welcomed.into_iter().collect(),
+            })
+        })
+    }
+
+    fn append(
+        &mut self,
+        group_id: &GroupId,
+        poster: &DeviceId,
+        epoch: Epoch,
+        kind: EntryKind,
+        payload: Vec<u8>,
+        now: u64,
+    ) -> Result<Appended, StoreError> {
+        self.write(|db| {
+            let group_key = group_id.as_bytes();
+            let (current, seq) = db
+                .prepare_cached("SELECT epoch, next_seq FROM groups WHERE group_id = ?1")?
+                .query_row([group_key], |row| {
+                    Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
+                })
+                .optional()?
+                .ok_or(StoreError::NotFound)?;
+            if !is_member(db, group_key, poster)? {
+                return Err(StoreError::Forbidden);
+            }
+            let next_seq = seq.checked_add(1).ok_or(StoreError::Corrupt(
+                "a group's sequence number is exhausted",
+            ))?;
+            let current = epoch_from_sql(current);
+            if epoch != current {
+                return Err(StoreError::EpochMismatch { current });
+            }
+            let next_epoch = match kind {
+                EntryKind::Application => current,
+                EntryKind::Commit => Epoch(
+                    current
+                        .0
+                        .checked_add(1)
+                        .ok_or(StoreError::Invalid("the epoch cannot advance further"))?,
+                ),
+            };
+            db.prepare_cached(
+                "INSERT INTO group_log (group_id, seq, epoch, kind, payload, created_hour) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                group_key,
+                seq,
+                epoch_to_sql(current),
+                kind_to_sql(kind),
+                payload,
+                clamp_to_sql(coarse_hour(now)),
+            ])?;
+            db.prepare_cached("UPDATE groups SET epoch = ?2, next_seq = ?3 WHERE group_id = ?1")?
+                .execute(params![group_key, epoch_to_sql(next_epoch), next_seq])?;
+            let members = db
+                .prepare_cached(
+                    "SELECT device_id FROM group_members WHERE group_id = ?1 ORDER BY device_id",
+                )?
+                .query_map([group_key], |row| row.get::<_, Vec<u8>>(0))?
+                .map(|device_id| decode_device_id(&device_id?))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Appended {
+                seq: seq_from_sql(seq)?,
+                members,
+            })
+        })
+    }
+
+    fn group_entries(
+        &mut self,
+        group_id: &GroupId,
+        device_id: &DeviceId,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        self.read(|db| {
+            let group_key = group_id.as_bytes();
+            if !is_member(db, group_key, device_id)? {
+                return Err(StoreError::Forbidden);
+            }
+            db.prepare_cached(
+                "SELECT seq, epoch, kind, payload FROM group_log \
+                 WHERE group_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )?
+            .query_map(
+                params![
+                    group_key,
+                    clamp_to_sql(after_seq),
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, Vec<u8>>(3)?,
+                    ))
+                },
+            )?
+            .map(|row| {
+                let (seq, epoch, kind, payload) = row?;
+                Ok(LogEntry {
+                    seq: seq_from_sql(seq)?,
+                    epoch: epoch_from_sql(epoch),
+                    kind: kind_from_sql(kind)?,
+                    payload,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn memberships(&mut self, device_id: &DeviceId) -> Result<Vec<Membership>, StoreError> {
+        self.read(|db| {
+            db.prepare_cached(
+                "SELECT group_id, cursor FROM group_members WHERE device_id = ?1 \
+                 ORDER BY group_id",
+            )?
+            .query_map([device_id.as_bytes().as_slice()], |row| {
+                Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, i64>(1)?))
+            })?
+            .map(|row| {
+                let (group_id, cursor) = row?;
+                Ok(Membership {
+                    group_id: GroupId::from_bytes(&group_id).map_err(|_| {
+                        StoreError::Corrupt("a stored group id has the wrong length")
+                    })?,
+                    cursor: seq_from_sql(cursor)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn ack_group(
+        &mut self,
+        device_id: &DeviceId,
+        group_id: &GroupId,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        self.write(|db| {
+            let group_key = group_id.as_bytes();
+            // Acknowledging entries that do not exist yet would hide them once they do.
+            let next_seq = db
+                .prepare_cached("SELECT next_seq FROM groups WHERE group_id = ?1")?
+                .query_row([group_key], |row| row.get::<_, i64>(0))
+                .optional()?
+                .ok_or(StoreError::Forbidden)?;
+            let acknowledged = clamp_to_sql(seq).min(next_seq.saturating_sub(1));
+            let updated = db
+                .prepare_cached(
+                    "UPDATE group_members SET cursor = max(cursor, ?3) \
+                     WHERE group_id = ?1 AND device_id = ?2",
+                )?
+                .execute(params![
+                    group_key,
+                    device_id.as_bytes().as_slice(),
+                    acknowledged
+                ])?;
+            if updated == 0 {
+                return Err(StoreError::Forbidden);
+            }
+            db.prepare_cached(
+                "DELETE FROM group_log WHERE group_id = ?1 AND seq <= \
+                 (SELECT min(cursor) FROM group_members WHERE group_id = ?1)",
+            )?
+            .execute([group_key])?;
+            Ok(())
+        })
+    }
+
+    fn inbox_entries(
+        &mut self,
+        device_id: &DeviceId,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
+        self.read(|db| {
+            db.prepare_cached(
+                "SELECT seq, payload FROM inbox WHERE device_id = ?1 AND seq > ?2 \
+                 ORDER BY seq LIMIT ?3",
+            )?
+            .query_map(
+                params![
+                    device_id.as_bytes().as_slice(),
+                    clamp_to_sql(after_seq),
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)),
+            )?
+            .map(|row| {
+                let (seq, payload) = row?;
+                Ok(InboxEntry {
+                    seq: seq_from_sql(seq)?,
+                    payload,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn ack_inbox(&mut self, device_id: &DeviceId, seq: u64) -> Result<(), StoreError> {
+        self.write(|db| {
+            db.prepare_cached("DELETE FROM inbox WHERE device_id = ?1 AND seq <= ?2")?
+                .execute(params![device_id.as_bytes().as_slice(), clamp_to_sql(seq)])?;
+            Ok(())
+        })
+    }
+
+    fn expire(&mut self, now: u64, cutoff: u64) -> Result<u64, StoreError> {
+        self.write(|db| {
+            // Only whole hours before the cutoff's are surely older than it.
+            let cutoff_hour = clamp_to_sql(coarse_hour(cutoff));
+            let now = clamp_to_sql(now);
+            let mut removed = 0;
+            for (sql, bound) in [
+                ("DELETE FROM group_log WHERE created_hour < ?1", cutoff_hour),
+                ("DELETE FROM inbox WHERE created_hour < ?1", cutoff_hour),
+                ("DELETE FROM invites WHERE expires_at <= ?1", now),
+                ("DELETE FROM add_grants WHERE expires_at <= ?1", now),
+            ] {
+                removed += db.prepare_cached(sql)?.execute([bound])?;
+            }
+            Ok(u64::try_from(removed).unwrap_or(u64::MAX))
+        })
+    }
+}
+
+impl SqliteStore {
+    fn set_up(mut connection: Connection) -> Result<Self, StoreError> {
+        // Another process (a backup tool, the operator's sqlite3 shell) may hold the lock briefly.
+        connection.busy_timeout(Duration::from_secs(5))?;
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        // In WAL mode only FULL syncs the log on every commit; NORMAL may lose the last batches,
+        // which were already acknowledged, on power loss.
+        connection.pragma_update(None, "synchronous", "FULL")?;
+        connection.pragma_update(None, "foreign_keys", "ON")?;
+        // Deleted messages should not linger in free pages.
+        connection.pragma_update(None, "secure_delete", "ON")?;
+        connection.set_prepared_statement_cache_capacity(64);
+        migrate(&mut connection)?;
+        Ok(Self {
+            connection,
+            in_transaction: false,
+            lost_batch: None,
+        })
+    }
+
+    /// Runs one writing operation inside the batch's transaction, atomically.
+    fn write<R>(
+        &mut self,
+        operation: impl FnOnce(&Connection) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        if !self.in_transaction {
+            self.execute_cached("BEGIN IMMEDIATE")?;
+            self.in_transaction = true;
+        }
+        if let Err(error) = self.execute_cached("SAVEPOINT operation") {
+            self.lose_batch(&error);
+            return Err(error.into());
+        }
+        let result = operation(&self.connection);
+        if self.connection.is_autocommit() {
+            // Some errors (disk full, I/O) make SQLite roll back the whole transaction.
+            self.lose_batch(&"SQLite rolled back the transaction");
+            return result;
+        }
+        let settled = if result.is_ok() {
+            self.execute_cached("RELEASE operation")
+        } else {
+            self.execute_cached("ROLLBACK TO operation")
+                .and_then(|()| self.execute_cached("RELEASE operation"))
+        };
+        match settled {
+            Ok(()) => result,
+            Err(error) => {
+                self.lose_batch(&error);
+                match result {
+                    Ok(_) => Err(error.into()),
+                    Err(original) => Err(original),
+                }
+            }
+        }
+    }
+
+    /// Runs a reading operation; it needs no savepoint as it leaves nothing to undo.
+    fn read<R>(
+        &self,
+        operation: impl FnOnce(&Connection) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        operation(&self.connection)
+    }
+
+    fn execute_cached(&self, sql: &str) -> rusqlite::Result<()> {
+        self.connection.prepare_cached(sql)?.execute([]).map(|_| ())
+    }
+
+    fn lose_batch(&mut self, reason: &dyn std::fmt::Display) {
+        self.roll_back();
+        self.lost_batch.get_or_insert_with(|| reason.to_string());
+    }
+
+    fn roll_back(&mut self) {
+        if !self.connection.is_autocommit() {
+            // Best effort: if even this fails, the connection is unusable and the next
+            // statement reports it.
+            let _ = self.connection.execute_batch("ROLLBACK");
+        }
+        self.in_transaction = false;
+    }
+}
+
+/// How long the right to add a device, won by claiming an invite, lasts.
+const GRANT_LIFETIME: u64 = 24 * 3600;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE devices (
+    device_id BLOB PRIMARY KEY NOT NULL,
+    account_id BLOB NOT NULL,
+    device_key BLOB NOT NULL,
+    certificate BLOB NOT NULL,
+    created_hour INTEGER NOT NULL,
+    inbox_next_seq INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX devices_by_account ON devices (account_id);
+
+CREATE TABLE key_packages (
+    id INTEGER PRIMARY KEY,
+    device_id BLOB NOT NULL REFERENCES devices (device_id),
+    key_package BLOB NOT NULL,
+    last_resort INTEGER NOT NULL
+);
+CREATE INDEX key_packages_by_device ON key_packages (device_id, last_resort);
+
+CREATE TABLE invites (
+    token_hash BLOB PRIMARY KEY NOT NULL,
+    account_id BLOB NOT NULL,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE add_grants (
+    claimer BLOB NOT NULL REFERENCES devices (device_id),
+    target BLOB NOT NULL REFERENCES devices (device_id),
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (claimer, target)
+) WITHOUT ROWID;
+
+CREATE TABLE groups (
+    group_id BLOB PRIMARY KEY NOT NULL,
+    epoch INTEGER NOT NULL,
+    next_seq INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE group_members (
+    group_id BLOB NOT NULL REFERENCES groups (group_id),
+    device_id BLOB NOT NULL REFERENCES devices (device_id),
+    cursor INTEGER NOT NULL,
+    PRIMARY KEY (group_id, device_id)
+) WITHOUT ROWID;
+CREATE INDEX group_members_by_device ON group_members (device_id);
+
+CREATE TABLE group_log (
+    group_id BLOB NOT NULL REFERENCES groups (group_id),
+    seq INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    created_hour INTEGER NOT NULL,
+    PRIMARY KEY (group_id, seq)
+);
+CREATE INDEX group_log_by_hour ON group_log (created_hour);
+
+CREATE TABLE inbox (
+    device_id BLOB NOT NULL REFERENCES devices (device_id),
+    seq INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    created_hour INTEGER NOT NULL,
+    PRIMARY KEY (device_id, seq)
+);
+CREATE INDEX inbox_by_hour ON inbox (created_hour);
+";
+
+fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
+    // Immediate, so that two processes opening a new file do not both create the schema.
+    let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    match version {
+        0 => {
+            transaction.execute_batch(SCHEMA)?;
+            transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        SCHEMA_VERSION => {}
+        newer if newer > SCHEMA_VERSION => {
+            return Err(StoreError::Corrupt(
+                "the database was written by a newer version of the server",
+            ));
+        }
+        _ => {
+            return Err(StoreError::Corrupt(
+                "the database has an unknown schema version",
+            ));
+        }
+    }
+    transaction.commit()?;
+    Ok(())
+}
+
+fn device_exists(db: &Connection, device_id: &DeviceId) -> Result<bool, StoreError> {
+    Ok(db
+        .prepare_cached("SELECT 1 FROM devices WHERE device_id = ?1")?
+        .exists([device_id.as_bytes().as_slice()])?)
+}
+
+fn is_member(db: &Connection, group_id: &[u8], device_id: &DeviceId) -> Result<bool, StoreError> {
+    Ok(db
+        .prepare_cached("SELECT 1 FROM group_members WHERE group_id = ?1 AND device_id = ?2")?
+        .exists(params![group_id, device_id.as_bytes().as_slice()])?)
+}
+
+fn insert_key_packages(
+    db: &Connection,
+    device_id: &DeviceId,
+    key_packages: &[Vec<u8>],
+) -> Result<(), StoreError> {
+    let mut insert = db.prepare_cached(
+        "INSERT INTO key_packages (device_id, key_package, last_resort) VALUES (?1, ?2, 0)",
+    )?;
+    for key_package in key_packages {
+        insert.execute(params![device_id.as_bytes().as_slice(), key_package])?;
+    }
+    Ok(())
+}
+
+fn replace_last_resort(
+    db: &Connection,
+    device_id: &DeviceId,
+    key_package: &[u8],
+) -> Result<(), StoreError> {
+    let device_id = device_id.as_bytes().as_slice();
+    db.prepare_cached("DELETE FROM key_packages WHERE device_id = ?1 AND last_resort = 1")?
+        .execute([device_id])?;
+    db.prepare_cached(
+        "INSERT INTO key_packages (device_id, key_package, last_resort) VALUES (?1, ?2, 1)",
+    )?
+    .execute(params![device_id, key_package])?;
+    Ok(())
+}
+
+fn count_key_packages(db: &Connection, device_id: &DeviceId) -> Result<u32, StoreError> {
+    let count: i64 = db
+        .prepare_cached(
+            "SELECT count(*) FROM key_packages WHERE device_id = ?1 AND last_resort = 0",
+        )?
+        .query_row([device_id.as_bytes().as_slice()], |row| row.get(0))?;
+    Ok(u32::try_from(count).unwrap_or(u32::MAX))
+}
+
+/// The oldest one-time key package, which is deleted, or else the last-resort one, which stays.
+fn take_key_package(db: &Connection, device_id: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    let found = db
+        .prepare_cached(
+            "SELECT id, key_package, last_resort FROM key_packages WHERE device_id = ?1 \
+             ORDER BY last_resort, id LIMIT 1",
+        )?
+        .query_row([device_id], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, Vec<u8>>(1)?,
+                row.get::<_, bool>(2)?,
+            ))
+        })
+        .optional()?;
+    let Some((id, key_package, last_resort)) = found else {
+        return Ok(None);
+    };
+    if !last_resort {
+        db.prepare_cached("DELETE FROM key_packages WHERE id = ?1")?
+            .execute([id])?;
+    }
+    Ok(Some(key_package))
+}
+
+fn push_to_inbox(
+    db: &Connection,
+    device_id: &DeviceId,
+    payload: &[u8],
+    now: u64,
+) -> Result<(), StoreError> {
+    let device_id = device_id.as_bytes().as_slice();
+    let seq: i64 = db
+        .prepare_cached(
+            "UPDATE devices SET inbox_next_seq = inbox_next_seq + 1 WHERE device_id = ?1 \
+             RETURNING inbox_next_seq - 1",
+        )?
+        .query_row([device_id], |row| row.get(0))
+        .optional()?
+        .ok_or(StoreError::NotFound)?;
+    db.prepare_cached(
+        "INSERT INTO inbox (device_id, seq, payload, created_hour) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        device_id,
+        seq,
+        payload,
+        clamp_to_sql(coarse_hour(now))
+    ])?;
+    Ok(())
+}
+
+/// Times, sequence numbers and limits beyond SQLite's signed integers are clamped, which keeps
+/// their meaning: "never", "everything".
+fn clamp_to_sql(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn seq_from_sql(value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt("a stored sequence number is negative"))
+}
+
+/// Epochs come from clients and may use all 64 bits, and are only ever compared for equality,
+/// so they are stored bit for bit.
+fn epoch_to_sql(epoch: Epoch) -> i64 {
+    epoch.0.cast_signed()
+}
+
+fn epoch_from_sql(value: i64) -> Epoch {
+    Epoch(value.cast_unsigned())
+}
+
+fn kind_to_sql(kind: EntryKind) -> i64 {
+    match kind {
+        EntryKind::Application => 0,
+        EntryKind::Commit => 1,
+    }
+}
+
+fn kind_from_sql(value: i64) -> Result<EntryKind, StoreError> {
+    match value {
+        0 => Ok(EntryKind::Application),
+        1 => Ok(EntryKind::Commit),
+        _ => Err(StoreError::Corrupt(
+            "a stored log entry has an unknown kind",
+        )),
+    }
+}
+
+fn decode_device_id(bytes: &[u8]) -> Result<DeviceId, StoreError> {
+    DeviceId::from_bytes(bytes)
+        .map_err(|_| StoreError::Corrupt("a stored device id has the wrong length"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_699_999_200;
+
+    fn new_device(number: u8) -> NewDevice {
+        NewDevice {
+            device_id: DeviceId::from_device_key(&[number; 32]),
+            account_id: AccountId::from_identity_key(&[number; 32]),
+            device_key: [number; 32],
+            certificate: vec![b'c', number],
+            key_packages: vec![vec![b'k', number]],
+            last_resort_key_package: None,
+            now: NOW,
+        }
+    }
+
+    /// Device 1 alone in group 1.
+    fn group_alone(store: &mut SqliteStore) -> Result<(DeviceId, GroupId), StoreError> {
+        let device = new_device(1);
+        let device_id = device.device_id;
+        store.register_device(device)?;
+        let group_id = GroupId::from_bytes(&[1; 16]).expect("16 bytes make a group id");
+        store.create_group(NewGroup {
+            group_id: group_id.clone(),
+            epoch: Epoch(0),
+            creator: device_id,
+            members: Vec::new(),
+            welcomes: Vec::new(),
+            now: NOW,
+        })?;
+        Ok((device_id, group_id))
+    }
+
+    fn files_contain(folder: &Path, needle: &[u8]) -> std::io::Result<bool> {
+        for file in std::fs::read_dir(folder)? {
+            let bytes = std::fs::read(file?.path())?;
+            if bytes.windows(needle.len()).any(|window| window == needle) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    #[test]
+    fn a_committed_batch_survives_closing_and_reopening() -> Result<(), StoreError> {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let path = folder.path().join("miyu.sqlite");
+        let mut store = SqliteStore::open(&path)?;
+        let (device_id, group_id) = group_alone(&mut store)?;
+        store.append(
+            &group_id,
+            &device_id,
+            Epoch(0),
+            EntryKind::Commit,
+            b"c".to_vec(),
+            NOW,
+        )?;
+        assert!(matches!(
+            store.register_device(new_device(1)),
+            Err(StoreError::AlreadyExists)
+        ));
+        store.commit()?;
+        drop(store);
+
+        let mut store = SqliteStore::open(&path)?;
+        assert_eq!(
+            store.device(&device_id)?.map(|record| record.device_key),
+            Some([1; 32])
+        );
+        assert_eq!(store.key_package_count(&device_id)?, 1);
+        let entries = store.group_entries(&group_id, &device_id, 0, 10)?;
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].kind, EntryKind::Commit);
+        let next = store.append(
+            &group_id,
+            &device_id,
+            Epoch(1),
+            EntryKind::Application,
+            Vec::new(),
+            NOW,
+        )?;
+        assert_eq!(next.seq, 2);
+        Ok(())
+    }
+
+    #[test]
+    fn an_uncommitted_batch_is_gone_after_reopening() -> Result<(), StoreError> {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let path = folder.path().join("miyu.sqlite");
+        let mut store = SqliteStore::open(&path)?;
+        store.register_device(new_device(1))?;
+        store.commit()?;
+        store.register_device(new_device(2))?;
+        drop(store);
+
+        let mut store = SqliteStore::open(&path)?;
+        assert!(store.device(&new_device(1).device_id)?.is_some());
+        assert!(store.device(&new_device(2).device_id)?.is_none());
+        Ok(())
+    }
+
+    #[test]
+    fn the_database_is_durable_on_every_commit() -> Result<(), StoreError> {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let store = SqliteStore::open(&folder.path().join("miyu.sqlite"))?;
+        let journal_mode: String =
+            store
+                .connection
+                .pragma_query_value(None, "journal_mode", |row| row.get(0))?;
+        assert_eq!(journal_mode, "wal");
+        let synchronous: i64 = store
+            .connection
+            .pragma_query_value(None, "synchronous", |row| row.get(0))?;
+        assert_eq!(synchronous, 2, "FULL");
+        let foreign_keys: bool =
+            store
+                .connection
+                .pragma_query_value(None, "foreign_keys", |row| row.get(0))?;
+        assert!(foreign_keys);
+        Ok(())
+    }
+
+    #[test]
+    fn a_payload_is_stored_as_given_and_overwritten_once_deleted() -> Result<(), StoreError> {
+        let marker = b"miyu-opaque-marker-5b0c1e";
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let path = folder.path().join("miyu.sqlite");
+        let mut store = SqliteStore::open(&path)?;
+        let (device_id, group_id) = group_alone(&mut store)?;
+        store.append(
+            &group_id,
+            &device_id,
+            Epoch(0),
+            EntryKind::Application,
+            marker.to_vec(),
+            NOW,
+        )?;
+        store.commit()?;
+        drop(store);
+        assert!(files_contain(folder.path(), marker).expect("readable files"));
+
+        let mut store = SqliteStore::open(&path)?;
+        store.ack_group(&device_id, &group_id, 1)?;
+        store.commit()?;
+        drop(store);
+        assert!(!files_contain(folder.path(), marker).expect("readable files"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_batch_that_sqlite_rolled_back_by_itself_fails_to_commit() -> Result<(), StoreError> {
+        let mut store = SqliteStore::open_in_memory()?;
+        store.register_device(new_device(1))?;
+        // What SQLite does on a full disk or an I/O error in the middle of a statement.
+        let failed = store.write(|db| -> Result<(), StoreError> {
+            db.execute_batch("ROLLBACK")?;
+            Err(StoreError::Invalid("disk full"))
+        });
+        assert!(failed.is_err());
+        store.register_device(new_device(2))?;
+        assert!(matches!(store.commit(), Err(StoreError::CommitFailed(_))));
+        assert!(store.device(&new_device(1).device_id)?.is_none());
+        assert!(store.device(&new_device(2).device_id)?.is_none());
+
+        store.register_device(new_device(3))?;
+        store.commit()?;
+        assert!(store.device(&new_device(3).device_id)?.is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn a_database_from_a_newer_version_is_refused() -> Result<(), StoreError> {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let path = folder.path().join("miyu.sqlite");
+        drop(SqliteStore::open(&path)?);
+        Connection::open(&path)?.pragma_update(None, "user_version", SCHEMA_VERSION + 1)?;
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::Corrupt(_))
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn corrupt_rows_are_reported_not_panicked_on() -> Result<(), StoreError> {
+        let mut store = SqliteStore::open_in_memory()?;
+        let (device_id, group_id) = group_alone(&mut store)?;
+        store.append(
+            &group_id,
+            &device_id,
+            Epoch(0),
+            EntryKind::Application,
+            Vec::new(),
+            NOW,
+        )?;
+        store.commit()?;
+        store.connection.execute_batch(
+            "UPDATE devices SET device_key = x'0102'; UPDATE group_log SET kind = 7;",
+        )?;
+        assert!(matches!(
+            store.device(&device_id),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            store.group_entries(&group_id, &device_id, 0, 10),
+            Err(StoreError::Corrupt(_))
+        ));
+        store
+            .connection
+            .execute_batch("UPDATE groups SET next_seq = 9223372036854775807")?;
+        assert!(matches!(
+            store.append(
+                &group_id,
+                &device_id,
+                Epoch(0),
+                EntryKind::Application,
+                Vec::new(),
+                NOW
+            ),
+            Err(StoreError::Corrupt(_))
+        ));
+        Ok(())
+    }
+}
