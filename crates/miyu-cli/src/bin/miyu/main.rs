@@ -1,0 +1,334 @@
+//! `miyu`: the Miyu command-line client. It parses arguments, calls the client core and
+//! prints; all logic lives in `miyu-client`.
+//!
+//! Exit codes: 0 success, 1 other failure, 2 wrong usage, 3 network, 4 refused by the server,
+//! 5 a security check failed.
+
+mod demo;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use miyu_client::{Client, Event, MessageView};
+use miyu_proto::{InviteLink, ServerAddress};
+
+#[derive(Parser, Debug)]
+#[command(name = "miyu", version, about = "Miyu: end-to-end encrypted messaging without phone numbers")]
+struct Cli {
+    /// Folder holding this account's keys and messages.
+    #[arg(long, env = "MIYU_PROFILE", global = true, default_value = "miyu-profile")]
+    profile: PathBuf,
+    /// Print data as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create an account (no phone number, no e-mail) and print its id.
+    Init {
+        /// The server's address line, e.g. wss://127.0.0.1:7443/#<fingerprint>.
+        #[arg(long)]
+        server: String,
+        /// The name your contacts will see (sent to them end-to-end encrypted).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Print a one-time invite link.
+    Invite,
+    /// Accept an invite link and start an encrypted chat.
+    Accept {
+        link: String,
+        /// What to call this contact (default: the name they chose).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List contacts.
+    Contacts,
+    /// Rename a contact locally.
+    Rename { old: String, new: String },
+    /// Send a message; succeeds once the server has stored it.
+    Send { contact: String, text: String },
+    /// Fetch and process everything pending.
+    Sync {
+        /// Then wait up to this many seconds for a new message.
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+    },
+    /// Print the conversation with a contact, oldest first.
+    Messages { contact: String },
+    /// Chat interactively: type lines to send, incoming messages appear live.
+    Chat { contact: String },
+    /// Print the safety number to compare with a contact.
+    SafetyNumber { contact: String },
+    /// Mark a contact as verified after comparing safety numbers.
+    Verify { contact: String },
+    /// Run a server and two clients locally and show an encrypted conversation.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MIYU_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("miyu: cannot start: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("miyu: {error:#}");
+            ExitCode::from(exit_code(&error))
+        }
+    }
+}
+
+fn exit_code(error: &anyhow::Error) -> u8 {
+    match error.downcast_ref::<miyu_client::Error>() {
+        Some(miyu_client::Error::Usage(_)) => 2,
+        Some(miyu_client::Error::Network(_)) => 3,
+        Some(miyu_client::Error::Server(_)) => 4,
+        Some(miyu_client::Error::Security(_)) => 5,
+        _ if error.downcast_ref::<Usage>().is_some() => 2,
+        _ => 1,
+    }
+}
+
+/// A mistake in how the command was called.
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    serde_json::to_writer(&mut stdout, value)?;
+    writeln!(stdout)?;
+    Ok(())
+}
+
+/// `2026-11-29 14:03:07` in UTC, from Unix milliseconds.
+fn format_time(unix_ms: u64) -> String {
+    let seconds = unix_ms / 1000;
+    let days = (seconds / 86_400) as i64;
+    let rest = seconds % 86_400;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian calendar).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+fn message_line(message: &MessageView) -> String {
+    let state = match message.state {
+        miyu_client::MessageState::Pending => " (not sent yet)",
+        _ => "",
+    };
+    format!(
+        "{}  {}: {}{}",
+        format_time(message.sent_at_ms),
+        message.from,
+        message.body,
+        state
+    )
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let profile = cli.profile;
+    match cli.command {
+        Command::Demo => demo::run().await,
+        Command::Init { server, name } => {
+            let server: ServerAddress = server.parse().map_err(|error| {
+                Usage(format!(
+                    "{error}; pass the `address:` line miyu-server printed, e.g. wss://127.0.0.1:7443/#<fingerprint>"
+                ))
+            })?;
+            let name = name.unwrap_or_else(|| "me".to_string());
+            let mut client = Client::init(&profile, server, &name).await?;
+            client.disconnect().await;
+            if cli.json {
+                print_json(&serde_json::json!({ "account_id": client.account_id().to_string() }))
+            } else {
+                println!("{}", client.account_id());
+                Ok(())
+            }
+        }
+        Command::Invite => {
+            let mut client = Client::open(&profile)?;
+            let link = client.invite().await?;
+            client.disconnect().await;
+            if cli.json {
+                print_json(&serde_json::json!({ "link": link.to_string() }))
+            } else {
+                println!("{link}");
+                Ok(())
+            }
+        }
+        Command::Accept { link, name } => {
+            let link: InviteLink = link
+                .parse()
+                .map_err(|error| Usage(format!("not an invite link: {error}")))?;
+            let mut client = Client::open(&profile)?;
+            let contact = client.accept(&link, name.as_deref()).await?;
+            client.disconnect().await;
+            if cli.json {
+                print_json(&contact)
+            } else {
+                println!("added {} ({}); chat is end-to-end encrypted", contact.name, contact.account_id);
+                Ok(())
+            }
+        }
+        Command::Contacts => {
+            let client = Client::open(&profile)?;
+            let contacts = client.contacts()?;
+            if cli.json {
+                return print_json(&contacts);
+            }
+            for contact in contacts {
+                let verified = if contact.verified { "verified" } else { "not verified" };
+                println!("{}\t{}\t{}", contact.name, contact.account_id, verified);
+            }
+            Ok(())
+        }
+        Command::Rename { old, new } => Ok(Client::open(&profile)?.rename(&old, &new)?),
+        Command::Verify { contact } => Ok(Client::open(&profile)?.verify(&contact)?),
+        Command::Send { contact, text } => {
+            let mut client = Client::open(&profile)?;
+            client.send(&contact, &text).await?;
+            client.disconnect().await;
+            Ok(())
+        }
+        Command::Sync { wait } => {
+            let mut client = Client::open(&profile)?;
+            let events = client.sync(Duration::from_secs(wait)).await?;
+            client.disconnect().await;
+            print_events(&events, cli.json)
+        }
+        Command::Messages { contact } => {
+            let client = Client::open(&profile)?;
+            let messages = client.messages(&contact)?;
+            if cli.json {
+                return print_json(&messages);
+            }
+            for message in &messages {
+                println!("{}", message_line(message));
+            }
+            Ok(())
+        }
+        Command::SafetyNumber { contact } => {
+            let client = Client::open(&profile)?;
+            let number = client.safety_number(&contact)?;
+            if cli.json {
+                print_json(&serde_json::json!({ "contact": contact, "safety_number": number }))
+            } else {
+                println!("{number}");
+                Ok(())
+            }
+        }
+        Command::Chat { contact } => chat(&profile, &contact).await,
+    }
+}
+
+fn print_events(events: &[Event], json: bool) -> anyhow::Result<()> {
+    for event in events {
+        match event {
+            Event::Message(message) if !message.outgoing => {
+                if json {
+                    print_json(message)?;
+                } else {
+                    println!("{}", message_line(message));
+                }
+            }
+            Event::ContactAdded(contact) if !json => {
+                println!("new contact: {} ({})", contact.name, contact.account_id);
+            }
+            Event::ContactNamed { old, new } if !json => {
+                println!("contact {old} is now called {new}");
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Interactive chat: stdin lines are sent, incoming messages are printed as they arrive.
+/// Reconnects with growing pauses when the connection drops.
+async fn chat(profile: &std::path::Path, contact: &str) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let mut client = Client::open(profile)?;
+    for message in client.messages(contact)? {
+        println!("{}", message_line(&message));
+    }
+    println!("-- chatting with {contact}; type a line and press Enter to send, Ctrl-D to quit --");
+    std::io::stdout().flush()?;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        tokio::select! {
+            line = lines.next_line() => {
+                let Some(line) = line.context("reading input")? else {
+                    break;
+                };
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match client.send(contact, &line).await {
+                    Ok(_) => {}
+                    Err(error) if error.is_transient() => {
+                        eprintln!("not sent yet ({error}); it stays in the outbox and goes out on reconnect");
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            event = client.next_event() => match event {
+                Ok(Event::Message(message)) if message.contact == contact && !message.outgoing => {
+                    backoff = Duration::from_millis(250);
+                    println!("{}", message_line(&message));
+                    std::io::stdout().flush()?;
+                }
+                Ok(Event::ContactNamed { old, new }) => println!("-- {old} is now called {new} --"),
+                Ok(_) => {}
+                Err(error) if error.is_transient() => {
+                    eprintln!("connection lost ({error}); retrying in {} ms", backoff.as_millis());
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+    client.disconnect().await;
+    Ok(())
+}
