@@ -1,0 +1,220 @@
+//! Helpers for end-to-end tests: the real `miyu-server` and `miyu` binaries as processes, on
+//! 127.0.0.1, in temporary folders.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Upper bound for waiting on an event that should come; reaching it fails the test.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+pub struct Server {
+    child: Child,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    pub address: String,
+    pub listen: SocketAddr,
+}
+
+impl Server {
+    /// Starts `miyu-server` with its data in `data`, logging at debug level into a file next to
+    /// it, and waits for its address line.
+    pub fn start(data: &Path, listen: &str, extra: &[&str]) -> Server {
+        let log = data.with_extension("log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_miyu-server"))
+            .args(["--data", data.to_str().unwrap(), "--listen", listen])
+            .args(extra)
+            .env("MIYU_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let address = line
+            .strip_prefix("address: ")
+            .unwrap_or_else(|| panic!("no address line, got {line:?}"))
+            .trim()
+            .to_string();
+        let authority = address
+            .trim_start_matches("wss://")
+            .split('/')
+            .next()
+            .unwrap();
+        Server {
+            child,
+            data: data.to_path_buf(),
+            log,
+            listen: authority.parse().unwrap(),
+            address,
+        }
+    }
+
+    /// Kills the server without warning, as a crash or power cut would.
+    pub fn kill9(mut self) -> (PathBuf, SocketAddr) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        (self.data.clone(), self.listen)
+    }
+
+    /// Stops the server with SIGTERM and waits for a clean exit.
+    pub fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success());
+        let exit = self.child.wait().unwrap();
+        assert!(exit.success(), "server exited with {exit}");
+    }
+
+    /// Every file the server wrote, its log included.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.log.clone()];
+        for entry in std::fs::read_dir(&self.data).unwrap() {
+            files.push(entry.unwrap().path());
+        }
+        files
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn count_in_files(files: &[PathBuf], needle: &[u8]) -> usize {
+    files
+        .iter()
+        .filter(|path| path.is_file())
+        .map(|path| {
+            let bytes = std::fs::read(path).unwrap();
+            bytes.windows(needle.len()).filter(|w| *w == needle).count()
+        })
+        .sum()
+}
+
+/// Runs `miyu --profile PROFILE ARGS...`.
+pub fn miyu(profile: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_miyu"))
+        .arg("--profile")
+        .arg(profile)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Runs `miyu` and returns its stdout, failing the test if it did not succeed.
+pub fn miyu_ok(profile: &Path, args: &[&str]) -> String {
+    let output = miyu(profile, args);
+    assert!(
+        output.status.success(),
+        "miyu {args:?} failed with {}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Two accounts on one server that have connected through an invite and both processed it.
+pub struct Pair {
+    pub alice: PathBuf,
+    pub bob: PathBuf,
+}
+
+pub fn connect_pair(root: &Path, server: &str) -> Pair {
+    let alice = root.join("alice");
+    let bob = root.join("bob");
+    miyu_ok(&alice, &["init", "--server", server, "--name", "alice"]);
+    miyu_ok(&bob, &["init", "--server", server, "--name", "bob"]);
+    let link = miyu_ok(&alice, &["invite"]);
+    miyu_ok(&bob, &["accept", link.trim(), "--name", "alice"]);
+    // Alice joins from the Welcome and introduces herself; Bob learns nothing new but syncs.
+    miyu_ok(&alice, &["sync"]);
+    miyu_ok(&bob, &["sync"]);
+    Pair { alice, bob }
+}
+
+/// The bodies of a conversation, as `miyu messages` prints them (after the time stamp).
+pub fn conversation(profile: &Path, contact: &str) -> Vec<String> {
+    miyu_ok(profile, &["messages", contact])
+        .lines()
+        .map(|line| line.splitn(2, "  ").nth(1).unwrap_or(line).to_string())
+        .collect()
+}
+
+/// A running `miyu chat`: lines typed into it, lines it printed.
+pub struct Chat {
+    child: Child,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Chat {
+    pub fn start(profile: &Path, contact: &str) -> Chat {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_miyu"))
+            .arg("--profile")
+            .arg(profile)
+            .args(["chat", contact])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if sender.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut chat = Chat {
+            child,
+            stdin,
+            lines,
+        };
+        chat.wait_for_line(|line| line.starts_with("-- chatting with"));
+        chat
+    }
+
+    pub fn type_line(&mut self, text: &str) {
+        writeln!(self.stdin, "{text}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// Waits until the chat prints a line matching `wanted`, and returns it.
+    pub fn wait_for_line(&mut self, wanted: impl Fn(&str) -> bool) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(PATIENCE)
+                .expect("chat did not print the expected line");
+            if wanted(&line) {
+                return line;
+            }
+        }
+    }
+}
+
+impl Drop for Chat {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

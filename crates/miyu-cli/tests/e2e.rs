@@ -1,0 +1,487 @@
+//! End-to-end tests: the real `miyu-server` binary and real `miyu` clients, talking TLS over
+//! loopback, with their state in temporary folders.
+
+mod common;
+
+use std::path::Path;
+
+use common::{Chat, Server, connect_pair, conversation, count_in_files, miyu, miyu_ok};
+use miyu_client::net::Connection;
+use miyu_crypto::identity::AccountKeys;
+use miyu_proto::frame::{self, MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use miyu_proto::wire::{self, ErrorCode, client_frame::Body as Request, server_frame::Body as Reply};
+use miyu_proto::ServerAddress;
+
+fn unique(label: &str) -> String {
+    let mut bytes = [0u8; 8];
+    getrandom(&mut bytes);
+    format!("{label}-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+fn getrandom(bytes: &mut [u8]) {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(bytes)
+        .unwrap();
+}
+
+#[test]
+fn accounts_connect_by_invite_and_learn_each_others_names_end_to_end() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+
+    // The inviter sees the name the invitee chose at `init`, learned inside MLS.
+    let contacts = miyu_ok(&pair.alice, &["contacts"]);
+    assert!(contacts.starts_with("bob\t"), "{contacts}");
+    assert!(contacts.contains("not verified"));
+    let bob_account = miyu_ok(&pair.bob, &["contacts", "--json"]);
+    assert!(bob_account.contains("\"name\":\"alice\""), "{bob_account}");
+
+    // Both sides compute the same safety number.
+    let alice_number = miyu_ok(&pair.alice, &["safety-number", "bob"]);
+    let bob_number = miyu_ok(&pair.bob, &["safety-number", "alice"]);
+    assert_eq!(alice_number, bob_number);
+    assert_eq!(alice_number.trim().len(), 60 + 11);
+
+    miyu_ok(&pair.alice, &["rename", "bob", "robert"]);
+    miyu_ok(&pair.alice, &["send", "robert", "hello robert"]);
+    miyu_ok(&pair.bob, &["sync"]);
+    assert_eq!(conversation(&pair.bob, "alice"), ["alice: hello robert"]);
+
+    // A used invite cannot be used again, and the error says what to do.
+    let carol = root.path().join("carol");
+    miyu_ok(&carol, &["init", "--server", &server.address, "--name", "carol"]);
+    let link = miyu_ok(&pair.alice, &["invite"]);
+    miyu_ok(&carol, &["accept", link.trim()]);
+    let dave = root.path().join("dave");
+    miyu_ok(&dave, &["init", "--server", &server.address, "--name", "dave"]);
+    let again = miyu(&dave, &["accept", link.trim()]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already used or has expired"));
+    // Accepting someone who is already a contact is refused too.
+    let link = miyu_ok(&pair.alice, &["invite"]);
+    let twice = miyu(&pair.bob, &["accept", link.trim()]);
+    assert_eq!(twice.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&twice.stderr).contains("already a contact"));
+}
+
+#[test]
+fn live_chat_delivers_both_ways() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+    let mut alice = Chat::start(&pair.alice, "bob");
+    let mut bob = Chat::start(&pair.bob, "alice");
+
+    let to_bob = unique("live-to-bob");
+    alice.type_line(&to_bob);
+    let seen = bob.wait_for_line(|line| line.contains(&to_bob));
+    assert!(seen.contains("alice: "), "{seen}");
+
+    let to_alice = unique("live-to-alice");
+    bob.type_line(&to_alice);
+    let seen = alice.wait_for_line(|line| line.contains(&to_alice));
+    assert!(seen.contains("bob: "), "{seen}");
+}
+
+#[test]
+fn offline_recipient_gets_messages_in_order_after_reconnecting() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+    for text in ["first", "second", "third"] {
+        miyu_ok(&pair.alice, &["send", "bob", text]);
+    }
+    let printed = miyu_ok(&pair.bob, &["sync"]);
+    assert_eq!(printed.lines().count(), 3, "{printed}");
+    assert_eq!(
+        conversation(&pair.bob, "alice"),
+        ["alice: first", "alice: second", "alice: third"]
+    );
+    assert_eq!(
+        conversation(&pair.alice, "bob"),
+        ["me: first", "me: second", "me: third"]
+    );
+}
+
+#[test]
+fn an_acknowledged_message_survives_kill_9_and_is_delivered_exactly_once() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+    let text = unique("durable");
+    // `send` exits 0 only after the server acknowledged, so the crash comes after the ack.
+    miyu_ok(&pair.alice, &["send", "bob", &text]);
+    let (data, listen) = server.kill9();
+
+    // While the server is down, a send fails with a network error, and the message waits.
+    let down = miyu(&pair.alice, &["send", "bob", "while down"]);
+    assert_eq!(down.status.code(), Some(3), "{}", String::from_utf8_lossy(&down.stderr));
+
+    let _server = Server::start(&data, &listen.to_string(), &[]);
+    miyu_ok(&pair.bob, &["sync"]);
+    miyu_ok(&pair.bob, &["sync"]);
+    assert_eq!(conversation(&pair.bob, "alice"), [format!("alice: {text}")]);
+
+    // The message queued while the server was down goes out on the next connection.
+    miyu_ok(&pair.alice, &["sync"]);
+    miyu_ok(&pair.bob, &["sync"]);
+    assert_eq!(
+        conversation(&pair.bob, "alice"),
+        [format!("alice: {text}"), "alice: while down".to_string()]
+    );
+}
+
+#[test]
+fn server_files_and_logs_never_contain_plaintext_or_names() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let alice = root.path().join("alice");
+    let bob = root.path().join("bob");
+    let alice_name = unique("alicename");
+    let bob_name = unique("bobname");
+    miyu_ok(&alice, &["init", "--server", &server.address, "--name", &alice_name]);
+    miyu_ok(&bob, &["init", "--server", &server.address, "--name", &bob_name]);
+    let link = miyu_ok(&alice, &["invite"]);
+    miyu_ok(&bob, &["accept", link.trim()]);
+    miyu_ok(&alice, &["sync"]);
+    miyu_ok(&bob, &["sync"]);
+
+    let marker = unique("plaintext-marker");
+    miyu_ok(&alice, &["send", &bob_name, &marker]);
+    // Bob is offline: the ciphertext sits in the server's database now.
+    for needle in [&marker, &alice_name, &bob_name] {
+        assert_eq!(count_in_files(&server.files(), needle.as_bytes()), 0, "{needle} leaked");
+    }
+    miyu_ok(&bob, &["sync"]);
+    assert_eq!(conversation(&bob, &alice_name), [format!("{alice_name}: {marker}")]);
+    let files = server.files();
+    server.terminate();
+    for needle in [&marker, &alice_name, &bob_name] {
+        assert_eq!(count_in_files(&files, needle.as_bytes()), 0, "{needle} leaked");
+    }
+    // The log is there and was written (at debug level), so the scan above meant something.
+    assert!(std::fs::metadata(&files[0]).unwrap().len() > 0);
+    assert_eq!(count_in_files(&files, b"127.0.0.1"), 0, "an IP address was logged or stored");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw protocol: what a hostile client can and cannot do.
+// ---------------------------------------------------------------------------------------------
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Waits for the answer to request `id`, skipping pushes.
+async fn answer(connection: &mut Connection, id: u64) -> Result<Reply, wire::Error> {
+    loop {
+        let frame = connection.receive().await.unwrap();
+        if frame.request_id == id {
+            return match frame.body.unwrap() {
+                Reply::Error(error) => Err(error),
+                other => Ok(other),
+            };
+        }
+    }
+}
+
+/// The next error frame, whatever request it answers.
+async fn next_error(connection: &mut Connection) -> wire::Error {
+    loop {
+        if let Some(Reply::Error(error)) = connection.receive().await.unwrap().body {
+            return error;
+        }
+    }
+}
+
+fn code(error: &wire::Error) -> ErrorCode {
+    ErrorCode::try_from(error.code).unwrap()
+}
+
+/// Registers a fresh device over a raw connection.
+async fn register(address: &ServerAddress) -> (Connection, AccountKeys) {
+    let keys = AccountKeys::generate(&mut rand::rngs::OsRng);
+    let mut connection = Connection::open(address).await.unwrap();
+    let (sha, nonce) = connection.challenge();
+    let signature = keys.sign_auth(sha, nonce);
+    let id = connection
+        .send(Request::Register(wire::Register {
+            certificate: Some(keys.certificate().to_wire()),
+            challenge_signature: signature,
+            registration_token: String::new(),
+            key_packages: vec![vec![1, 2, 3]],
+            last_resort_key_package: vec![4, 5, 6],
+        }))
+        .await
+        .unwrap();
+    assert!(matches!(answer(&mut connection, id).await, Ok(Reply::Registered(_))));
+    (connection, keys)
+}
+
+fn group_ids(server_data: &Path) -> Vec<Vec<u8>> {
+    let database = rusqlite::Connection::open(server_data.join("miyu.sqlite3")).unwrap();
+    let mut statement = database.prepare("SELECT group_id FROM groups").unwrap();
+    statement
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[test]
+fn malformed_oversized_and_unauthenticated_frames_get_errors_while_others_chat() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+    let address: ServerAddress = server.address.parse().unwrap();
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut hostile = Connection::open(&address).await.unwrap();
+
+        hostile.send_raw(vec![0xff, 0x00, 0x13, 0x37]).await.unwrap();
+        assert_eq!(code(&next_error(&mut hostile).await), ErrorCode::MalformedFrame);
+
+        hostile.send_raw(vec![0u8; MAX_FRAME_BYTES + 1]).await.unwrap();
+        assert_eq!(code(&next_error(&mut hostile).await), ErrorCode::FrameTooLarge);
+
+        hostile.send_text("hello?").await.unwrap();
+        assert_eq!(code(&next_error(&mut hostile).await), ErrorCode::MalformedFrame);
+
+        let future = frame::encode(&wire::ClientFrame {
+            version: PROTOCOL_VERSION + 1,
+            request_id: 77,
+            body: Some(Request::Ping(wire::Ping {})),
+        });
+        hostile.send_raw(future).await.unwrap();
+        let error = next_error(&mut hostile).await;
+        assert_eq!(code(&error), ErrorCode::UnsupportedVersion);
+        assert_eq!(error.supported_versions, [PROTOCOL_VERSION]);
+
+        let id = hostile
+            .send(Request::Post(wire::Post {
+                group_id: vec![1; 16],
+                epoch: 1,
+                kind: wire::EntryKind::Application as i32,
+                payload: vec![1],
+            }))
+            .await
+            .unwrap();
+        assert_eq!(code(&answer(&mut hostile, id).await.unwrap_err()), ErrorCode::NotAuthenticated);
+
+        // The connection is still usable after all that.
+        let id = hostile.send(Request::Ping(wire::Ping {})).await.unwrap();
+        assert!(matches!(answer(&mut hostile, id).await, Ok(Reply::Pong(_))));
+    });
+
+    // Meanwhile the server serves everyone else as usual.
+    miyu_ok(&pair.alice, &["send", "bob", "still working"]);
+    miyu_ok(&pair.bob, &["sync"]);
+    assert_eq!(conversation(&pair.bob, "alice"), ["alice: still working"]);
+
+    // A connection that keeps sending garbage is eventually closed.
+    runtime.block_on(async {
+        let mut hostile = Connection::open(&address).await.unwrap();
+        let mut closed = false;
+        for _ in 0..100 {
+            if hostile.send_raw(vec![0xff]).await.is_err() {
+                closed = true;
+                break;
+            }
+        }
+        while !closed {
+            closed = hostile.receive().await.is_err();
+        }
+    });
+}
+
+#[test]
+fn a_device_can_neither_impersonate_nor_touch_a_group_it_is_not_in() {
+    let root = tempfile::tempdir().unwrap();
+    let server_data = root.path().join("server");
+    let server = Server::start(&server_data, "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+    let address: ServerAddress = server.address.parse().unwrap();
+    let groups = group_ids(&server_data);
+    assert_eq!(groups.len(), 1);
+    let group = groups[0].clone();
+
+    runtime().block_on(async {
+        // Mallory has a real account, and (worst case) knows the group's id.
+        let (mut mallory, mallory_keys) = register(&address).await;
+
+        let id = mallory
+            .send(Request::Post(wire::Post {
+                group_id: group.clone(),
+                epoch: 1,
+                kind: wire::EntryKind::Application as i32,
+                payload: b"forged".to_vec(),
+            }))
+            .await
+            .unwrap();
+        assert_eq!(code(&answer(&mut mallory, id).await.unwrap_err()), ErrorCode::Forbidden);
+
+        let id = mallory
+            .send(Request::FetchGroup(wire::FetchGroup {
+                group_id: group.clone(),
+                after_seq: 0,
+            }))
+            .await
+            .unwrap();
+        assert_eq!(code(&answer(&mut mallory, id).await.unwrap_err()), ErrorCode::Forbidden);
+
+        let id = mallory
+            .send(Request::AckGroup(wire::AckGroup {
+                group_id: group.clone(),
+                seq: 1000,
+            }))
+            .await
+            .unwrap();
+        assert_eq!(code(&answer(&mut mallory, id).await.unwrap_err()), ErrorCode::Forbidden);
+
+        // Nor can Mallory push a "Welcome" into Bob's inbox: that needs a claimed invite.
+        let bob_device = {
+            let database = rusqlite::Connection::open(server_data.join("miyu.sqlite3")).unwrap();
+            let devices: Vec<Vec<u8>> = database
+                .prepare("SELECT device_id FROM devices")
+                .unwrap()
+                .query_map([], |row| row.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            devices
+                .into_iter()
+                .find(|d| d.as_slice() != mallory_keys.certificate().device_id().as_bytes())
+                .unwrap()
+        };
+        let id = mallory
+            .send(Request::CreateGroup(wire::CreateGroup {
+                group_id: vec![7; 16],
+                epoch: 1,
+                member_devices: vec![bob_device.clone()],
+                welcomes: vec![wire::InboxMessage {
+                    device_id: bob_device.clone(),
+                    payload: b"spam".to_vec(),
+                }],
+            }))
+            .await
+            .unwrap();
+        assert_eq!(code(&answer(&mut mallory, id).await.unwrap_err()), ErrorCode::Forbidden);
+
+        // And Mallory cannot log in as someone else's device to read their inbox.
+        let mut impostor = Connection::open(&address).await.unwrap();
+        let (sha, nonce) = impostor.challenge();
+        let signature = mallory_keys.sign_auth(sha, nonce);
+        let id = impostor
+            .send(Request::Authenticate(wire::Authenticate {
+                device_id: bob_device,
+                signature,
+            }))
+            .await
+            .unwrap();
+        assert_eq!(
+            code(&answer(&mut impostor, id).await.unwrap_err()),
+            ErrorCode::AuthenticationFailed
+        );
+        let id = impostor.send(Request::AckInbox(wire::AckInbox { seq: 1 })).await.unwrap();
+        assert_eq!(code(&answer(&mut impostor, id).await.unwrap_err()), ErrorCode::NotAuthenticated);
+
+        // Alice and Bob keep talking; Mallory's connection is told nothing about it.
+        miyu_ok(&pair.alice, &["send", "bob", "private"]);
+        let id = mallory.send(Request::Ping(wire::Ping {})).await.unwrap();
+        loop {
+            let frame = mallory.receive().await.unwrap();
+            assert!(!matches!(frame.body, Some(Reply::Delivery(_))), "Mallory got a delivery");
+            if frame.request_id == id {
+                break;
+            }
+        }
+    });
+    miyu_ok(&pair.bob, &["sync"]);
+    assert_eq!(conversation(&pair.bob, "alice"), ["alice: private"]);
+}
+
+#[test]
+fn a_message_replayed_or_redelivered_by_the_server_is_shown_once() {
+    let root = tempfile::tempdir().unwrap();
+    let server_data = root.path().join("server");
+    let server = Server::start(&server_data, "127.0.0.1:0", &[]);
+    let listen = server.listen.to_string();
+    let pair = connect_pair(root.path(), &server.address);
+    miyu_ok(&pair.alice, &["send", "bob", "only once"]);
+    server.terminate();
+
+    // A malicious or broken server appends the same ciphertext again under a new number.
+    {
+        let database = rusqlite::Connection::open(server_data.join("miyu.sqlite3")).unwrap();
+        let replayed = database
+            .execute(
+                "INSERT INTO group_log (group_id, seq, epoch, kind, payload, created_hour)
+                 SELECT group_id, seq + 100, epoch, kind, payload, created_hour FROM group_log
+                 WHERE seq = (SELECT MAX(seq) FROM group_log)",
+                [],
+            )
+            .unwrap();
+        assert_eq!(replayed, 1);
+        database
+            .execute("UPDATE groups SET next_seq = next_seq + 200", [])
+            .unwrap();
+    }
+    let server = Server::start(&server_data, &listen, &[]);
+    miyu_ok(&pair.bob, &["sync"]);
+    assert_eq!(conversation(&pair.bob, "alice"), ["alice: only once"]);
+    server.terminate();
+
+    // And it forgets Bob's acknowledgement, delivering everything again from the start.
+    {
+        let database = rusqlite::Connection::open(server_data.join("miyu.sqlite3")).unwrap();
+        database.execute("UPDATE group_members SET cursor = 0", []).unwrap();
+    }
+    let _server = Server::start(&server_data, &listen, &[]);
+    miyu_ok(&pair.bob, &["sync"]);
+    miyu_ok(&pair.alice, &["send", "bob", "and this once too"]);
+    miyu_ok(&pair.bob, &["sync"]);
+    assert_eq!(
+        conversation(&pair.bob, "alice"),
+        ["alice: only once", "alice: and this once too"]
+    );
+}
+
+#[test]
+fn init_against_a_wrong_fingerprint_fails_with_a_security_hint() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let address: ServerAddress = server.address.parse().unwrap();
+    let impostor = ServerAddress::new(address.host(), address.port(), [0; 32]).unwrap();
+    let output = miyu(&root.path().join("eve"), &["init", "--server", &impostor.to_string()]);
+    assert_eq!(output.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("fingerprint"));
+    // Nothing half-made is left behind: init works once pointed at the right server.
+    miyu_ok(&root.path().join("eve"), &["init", "--server", &server.address]);
+}
+
+#[test]
+fn registration_token_is_enforced() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &root.path().join("server"),
+        "127.0.0.1:0",
+        &["--registration-token", "open-sesame"],
+    );
+    let refused = miyu(&root.path().join("a"), &["init", "--server", &server.address]);
+    assert_eq!(refused.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("registration token"));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_miyu"))
+        .args(["--profile"])
+        .arg(root.path().join("b"))
+        .args(["init", "--server", &server.address])
+        .env("MIYU_REGISTRATION_TOKEN", "open-sesame")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
