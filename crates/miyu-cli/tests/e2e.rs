@@ -8,14 +8,19 @@ use std::path::Path;
 use common::{Chat, Server, connect_pair, conversation, count_in_files, miyu, miyu_ok};
 use miyu_client::net::Connection;
 use miyu_crypto::identity::AccountKeys;
-use miyu_proto::frame::{self, MAX_FRAME_BYTES, PROTOCOL_VERSION};
-use miyu_proto::wire::{self, ErrorCode, client_frame::Body as Request, server_frame::Body as Reply};
 use miyu_proto::ServerAddress;
+use miyu_proto::frame::{self, MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use miyu_proto::wire::{
+    self, ErrorCode, client_frame::Body as Request, server_frame::Body as Reply,
+};
 
 fn unique(label: &str) -> String {
     let mut bytes = [0u8; 8];
     getrandom(&mut bytes);
-    format!("{label}-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    format!(
+        "{label}-{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
 }
 
 fn getrandom(bytes: &mut [u8]) {
@@ -52,11 +57,17 @@ fn accounts_connect_by_invite_and_learn_each_others_names_end_to_end() {
 
     // A used invite cannot be used again, and the error says what to do.
     let carol = root.path().join("carol");
-    miyu_ok(&carol, &["init", "--server", &server.address, "--name", "carol"]);
+    miyu_ok(
+        &carol,
+        &["init", "--server", &server.address, "--name", "carol"],
+    );
     let link = miyu_ok(&pair.alice, &["invite"]);
     miyu_ok(&carol, &["accept", link.trim()]);
     let dave = root.path().join("dave");
-    miyu_ok(&dave, &["init", "--server", &server.address, "--name", "dave"]);
+    miyu_ok(
+        &dave,
+        &["init", "--server", &server.address, "--name", "dave"],
+    );
     let again = miyu(&dave, &["accept", link.trim()]);
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already used or has expired"));
@@ -118,7 +129,12 @@ fn an_acknowledged_message_survives_kill_9_and_is_delivered_exactly_once() {
 
     // While the server is down, a send fails with a network error, and the message waits.
     let down = miyu(&pair.alice, &["send", "bob", "while down"]);
-    assert_eq!(down.status.code(), Some(3), "{}", String::from_utf8_lossy(&down.stderr));
+    assert_eq!(
+        down.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
 
     let _server = Server::start(&data, &listen.to_string(), &[]);
     miyu_ok(&pair.bob, &["sync"]);
@@ -142,8 +158,14 @@ fn server_files_and_logs_never_contain_plaintext_or_names() {
     let bob = root.path().join("bob");
     let alice_name = unique("alicename");
     let bob_name = unique("bobname");
-    miyu_ok(&alice, &["init", "--server", &server.address, "--name", &alice_name]);
-    miyu_ok(&bob, &["init", "--server", &server.address, "--name", &bob_name]);
+    miyu_ok(
+        &alice,
+        &["init", "--server", &server.address, "--name", &alice_name],
+    );
+    miyu_ok(
+        &bob,
+        &["init", "--server", &server.address, "--name", &bob_name],
+    );
     let link = miyu_ok(&alice, &["invite"]);
     miyu_ok(&bob, &["accept", link.trim()]);
     miyu_ok(&alice, &["sync"]);
@@ -153,18 +175,33 @@ fn server_files_and_logs_never_contain_plaintext_or_names() {
     miyu_ok(&alice, &["send", &bob_name, &marker]);
     // Bob is offline: the ciphertext sits in the server's database now.
     for needle in [&marker, &alice_name, &bob_name] {
-        assert_eq!(count_in_files(&server.files(), needle.as_bytes()), 0, "{needle} leaked");
+        assert_eq!(
+            count_in_files(&server.files(), needle.as_bytes()),
+            0,
+            "{needle} leaked"
+        );
     }
     miyu_ok(&bob, &["sync"]);
-    assert_eq!(conversation(&bob, &alice_name), [format!("{alice_name}: {marker}")]);
+    assert_eq!(
+        conversation(&bob, &alice_name),
+        [format!("{alice_name}: {marker}")]
+    );
     let files = server.files();
     server.terminate();
     for needle in [&marker, &alice_name, &bob_name] {
-        assert_eq!(count_in_files(&files, needle.as_bytes()), 0, "{needle} leaked");
+        assert_eq!(
+            count_in_files(&files, needle.as_bytes()),
+            0,
+            "{needle} leaked"
+        );
     }
     // The log is there and was written (at debug level), so the scan above meant something.
     assert!(std::fs::metadata(&files[0]).unwrap().len() > 0);
-    assert_eq!(count_in_files(&files, b"127.0.0.1"), 0, "an IP address was logged or stored");
+    assert_eq!(
+        count_in_files(&files, b"127.0.0.1"),
+        0,
+        "an IP address was logged or stored"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -220,7 +257,10 @@ async fn register(address: &ServerAddress) -> (Connection, AccountKeys) {
         }))
         .await
         .unwrap();
-    assert!(matches!(answer(&mut connection, id).await, Ok(Reply::Registered(_))));
+    assert!(matches!(
+        answer(&mut connection, id).await,
+        Ok(Reply::Registered(_))
+    ));
     (connection, keys)
 }
 
@@ -244,14 +284,29 @@ fn malformed_oversized_and_unauthenticated_frames_get_errors_while_others_chat()
     runtime.block_on(async {
         let mut hostile = Connection::open(&address).await.unwrap();
 
-        hostile.send_raw(vec![0xff, 0x00, 0x13, 0x37]).await.unwrap();
-        assert_eq!(code(&next_error(&mut hostile).await), ErrorCode::MalformedFrame);
+        hostile
+            .send_raw(vec![0xff, 0x00, 0x13, 0x37])
+            .await
+            .unwrap();
+        assert_eq!(
+            code(&next_error(&mut hostile).await),
+            ErrorCode::MalformedFrame
+        );
 
-        hostile.send_raw(vec![0u8; MAX_FRAME_BYTES + 1]).await.unwrap();
-        assert_eq!(code(&next_error(&mut hostile).await), ErrorCode::FrameTooLarge);
+        hostile
+            .send_raw(vec![0u8; MAX_FRAME_BYTES + 1])
+            .await
+            .unwrap();
+        assert_eq!(
+            code(&next_error(&mut hostile).await),
+            ErrorCode::FrameTooLarge
+        );
 
         hostile.send_text("hello?").await.unwrap();
-        assert_eq!(code(&next_error(&mut hostile).await), ErrorCode::MalformedFrame);
+        assert_eq!(
+            code(&next_error(&mut hostile).await),
+            ErrorCode::MalformedFrame
+        );
 
         let future = frame::encode(&wire::ClientFrame {
             version: PROTOCOL_VERSION + 1,
@@ -272,7 +327,10 @@ fn malformed_oversized_and_unauthenticated_frames_get_errors_while_others_chat()
             }))
             .await
             .unwrap();
-        assert_eq!(code(&answer(&mut hostile, id).await.unwrap_err()), ErrorCode::NotAuthenticated);
+        assert_eq!(
+            code(&answer(&mut hostile, id).await.unwrap_err()),
+            ErrorCode::NotAuthenticated
+        );
 
         // The connection is still usable after all that.
         let id = hostile.send(Request::Ping(wire::Ping {})).await.unwrap();
@@ -324,7 +382,10 @@ fn a_device_can_neither_impersonate_nor_touch_a_group_it_is_not_in() {
             }))
             .await
             .unwrap();
-        assert_eq!(code(&answer(&mut mallory, id).await.unwrap_err()), ErrorCode::Forbidden);
+        assert_eq!(
+            code(&answer(&mut mallory, id).await.unwrap_err()),
+            ErrorCode::Forbidden
+        );
 
         let id = mallory
             .send(Request::FetchGroup(wire::FetchGroup {
@@ -333,7 +394,10 @@ fn a_device_can_neither_impersonate_nor_touch_a_group_it_is_not_in() {
             }))
             .await
             .unwrap();
-        assert_eq!(code(&answer(&mut mallory, id).await.unwrap_err()), ErrorCode::Forbidden);
+        assert_eq!(
+            code(&answer(&mut mallory, id).await.unwrap_err()),
+            ErrorCode::Forbidden
+        );
 
         let id = mallory
             .send(Request::AckGroup(wire::AckGroup {
@@ -342,7 +406,10 @@ fn a_device_can_neither_impersonate_nor_touch_a_group_it_is_not_in() {
             }))
             .await
             .unwrap();
-        assert_eq!(code(&answer(&mut mallory, id).await.unwrap_err()), ErrorCode::Forbidden);
+        assert_eq!(
+            code(&answer(&mut mallory, id).await.unwrap_err()),
+            ErrorCode::Forbidden
+        );
 
         // Nor can Mallory push a "Welcome" into Bob's inbox: that needs a claimed invite.
         let bob_device = {
@@ -371,7 +438,10 @@ fn a_device_can_neither_impersonate_nor_touch_a_group_it_is_not_in() {
             }))
             .await
             .unwrap();
-        assert_eq!(code(&answer(&mut mallory, id).await.unwrap_err()), ErrorCode::Forbidden);
+        assert_eq!(
+            code(&answer(&mut mallory, id).await.unwrap_err()),
+            ErrorCode::Forbidden
+        );
 
         // And Mallory cannot log in as someone else's device to read their inbox.
         let mut impostor = Connection::open(&address).await.unwrap();
@@ -388,15 +458,24 @@ fn a_device_can_neither_impersonate_nor_touch_a_group_it_is_not_in() {
             code(&answer(&mut impostor, id).await.unwrap_err()),
             ErrorCode::AuthenticationFailed
         );
-        let id = impostor.send(Request::AckInbox(wire::AckInbox { seq: 1 })).await.unwrap();
-        assert_eq!(code(&answer(&mut impostor, id).await.unwrap_err()), ErrorCode::NotAuthenticated);
+        let id = impostor
+            .send(Request::AckInbox(wire::AckInbox { seq: 1 }))
+            .await
+            .unwrap();
+        assert_eq!(
+            code(&answer(&mut impostor, id).await.unwrap_err()),
+            ErrorCode::NotAuthenticated
+        );
 
         // Alice and Bob keep talking; Mallory's connection is told nothing about it.
         miyu_ok(&pair.alice, &["send", "bob", "private"]);
         let id = mallory.send(Request::Ping(wire::Ping {})).await.unwrap();
         loop {
             let frame = mallory.receive().await.unwrap();
-            assert!(!matches!(frame.body, Some(Reply::Delivery(_))), "Mallory got a delivery");
+            assert!(
+                !matches!(frame.body, Some(Reply::Delivery(_))),
+                "Mallory got a delivery"
+            );
             if frame.request_id == id {
                 break;
             }
@@ -440,7 +519,9 @@ fn a_message_replayed_or_redelivered_by_the_server_is_shown_once() {
     // And it forgets Bob's acknowledgement, delivering everything again from the start.
     {
         let database = rusqlite::Connection::open(server_data.join("miyu.sqlite3")).unwrap();
-        database.execute("UPDATE group_members SET cursor = 0", []).unwrap();
+        database
+            .execute("UPDATE group_members SET cursor = 0", [])
+            .unwrap();
     }
     let _server = Server::start(&server_data, &listen, &[]);
     miyu_ok(&pair.bob, &["sync"]);
@@ -458,11 +539,17 @@ fn init_against_a_wrong_fingerprint_fails_with_a_security_hint() {
     let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
     let address: ServerAddress = server.address.parse().unwrap();
     let impostor = ServerAddress::new(address.host(), address.port(), [0; 32]).unwrap();
-    let output = miyu(&root.path().join("eve"), &["init", "--server", &impostor.to_string()]);
+    let output = miyu(
+        &root.path().join("eve"),
+        &["init", "--server", &impostor.to_string()],
+    );
     assert_eq!(output.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&output.stderr).contains("fingerprint"));
     // Nothing half-made is left behind: init works once pointed at the right server.
-    miyu_ok(&root.path().join("eve"), &["init", "--server", &server.address]);
+    miyu_ok(
+        &root.path().join("eve"),
+        &["init", "--server", &server.address],
+    );
 }
 
 #[test]
@@ -473,7 +560,10 @@ fn registration_token_is_enforced() {
         "127.0.0.1:0",
         &["--registration-token", "open-sesame"],
     );
-    let refused = miyu(&root.path().join("a"), &["init", "--server", &server.address]);
+    let refused = miyu(
+        &root.path().join("a"),
+        &["init", "--server", &server.address],
+    );
     assert_eq!(refused.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("registration token"));
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_miyu"))
@@ -483,5 +573,9 @@ fn registration_token_is_enforced() {
         .env("MIYU_REGISTRATION_TOKEN", "open-sesame")
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -133,5 +133,7 @@ pub(crate) fn free_contact_name(
             return Ok(candidate);
         }
     }
-    Err(Error::Usage(format!("too many contacts are called {wanted}")))
+    Err(Error::Usage(format!(
+        "too many contacts are called {wanted}"
+    )))
 }

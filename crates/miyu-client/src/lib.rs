@@ -120,7 +120,10 @@ pub enum Event {
     Message(MessageView),
     ContactAdded(Contact),
     /// The contact told us their name.
-    ContactNamed { old: String, new: String },
+    ContactNamed {
+        old: String,
+        new: String,
+    },
     /// Everything the server held for this device has been processed.
     CaughtUp,
 }
@@ -136,6 +139,12 @@ fn random<const N: usize>() -> [u8; N] {
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     bytes
 }
+
+/// Serialised one-time key packages, and a last-resort one when asked for.
+type KeyPackages = (Vec<Vec<u8>>, Option<Vec<u8>>);
+
+/// An outbox row: id, group, epoch, ciphertext, and the message row it delivers, if shown.
+type OutboxRow = (i64, Vec<u8>, u64, Vec<u8>, Option<i64>);
 
 /// A profile: one device of one account, with its local state.
 pub struct Client {
@@ -307,7 +316,9 @@ impl Client {
         let signature = self.keys.sign_auth(server_sha256, nonce);
         let registered: bool =
             self.db
-                .query_row("SELECT registered FROM account WHERE id = 1", [], |row| row.get(0))?;
+                .query_row("SELECT registered FROM account WHERE id = 1", [], |row| {
+                    row.get(0)
+                })?;
         let remaining = if registered {
             let reply = connection
                 .call(Request::Authenticate(wire::Authenticate {
@@ -367,7 +378,7 @@ impl Client {
         &self,
         count: u32,
         with_last_resort: bool,
-    ) -> Result<(Vec<Vec<u8>>, Option<Vec<u8>>), Error> {
+    ) -> Result<KeyPackages, Error> {
         db::in_transaction(&self.db, |db| {
             let provider = Provider::new(db);
             let packages = (0..count)
@@ -437,7 +448,11 @@ impl Client {
             self.pump().await?;
         }
         events.extend(self.events.drain(..));
-        let received = |events: &[Event]| events.iter().any(|e| matches!(e, Event::Message(m) if !m.outgoing));
+        let received = |events: &[Event]| {
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Message(m) if !m.outgoing))
+        };
         if !wait.is_zero() && !received(&events) {
             let deadline = tokio::time::Instant::now() + wait;
             while !received(&events) {
@@ -485,7 +500,11 @@ impl Client {
             }
             // Answers to acknowledgements we did not wait for.
             Some(Reply::Error(error)) => {
-                tracing::debug!("request {} failed: {}", frame.request_id, ServerError::from(error));
+                tracing::debug!(
+                    "request {} failed: {}",
+                    frame.request_id,
+                    ServerError::from(error)
+                );
                 Ok(())
             }
             _ => Ok(()),
@@ -500,7 +519,9 @@ impl Client {
     async fn on_inbox_entry(&mut self, entry: wire::InboxEntry) -> Result<(), Error> {
         let cursor: u64 =
             self.db
-                .query_row("SELECT inbox_cursor FROM account WHERE id = 1", [], |row| row.get(0))?;
+                .query_row("SELECT inbox_cursor FROM account WHERE id = 1", [], |row| {
+                    row.get(0)
+                })?;
         if entry.seq > cursor {
             let joined = db::in_transaction(&self.db, |db| {
                 let joined = self.join_from_welcome(db, &entry.payload);
@@ -753,7 +774,11 @@ impl Client {
     /// Accepts an invite link: fetches the inviter's key packages with the link's token,
     /// checks them against the link's identity fingerprint, creates the encrypted conversation
     /// and introduces us by name. `name` is what we call the inviter locally.
-    pub async fn accept(&mut self, link: &InviteLink, name: Option<&str>) -> Result<Contact, Error> {
+    pub async fn accept(
+        &mut self,
+        link: &InviteLink,
+        name: Option<&str>,
+    ) -> Result<Contact, Error> {
         if link.server != self.server {
             return Err(Error::Usage(format!(
                 "this invite is for server {}, but this profile uses {}; contacts on other servers are not supported yet",
@@ -767,7 +792,11 @@ impl Client {
         let account = link.account.to_string();
         let known: Option<String> = self
             .db
-            .query_row("SELECT name FROM contacts WHERE account_id = ?1", params![account], |row| row.get(0))
+            .query_row(
+                "SELECT name FROM contacts WHERE account_id = ?1",
+                params![account],
+                |row| row.get(0),
+            )
             .optional()?;
         if let Some(known) = known {
             return Err(Error::Usage(format!("{known} is already a contact")));
@@ -789,7 +818,9 @@ impl Client {
             Err(error) => return Err(error),
         };
         if claimed.devices.is_empty() {
-            return Err(Error::Protocol("the server returned no devices for this invite".into()));
+            return Err(Error::Protocol(
+                "the server returned no devices for this invite".into(),
+            ));
         }
         let mut key_packages = Vec::new();
         let mut devices = Vec::new();
@@ -812,15 +843,23 @@ impl Client {
                         "the server returned keys that do not match the invite link's fingerprint; not connecting".into(),
                     ));
                 }
-                key_packages.push(mls::check_key_package(&provider, &device.key_package, &certificate)?);
+                key_packages.push(mls::check_key_package(
+                    &provider,
+                    &device.key_package,
+                    &certificate,
+                )?);
                 devices.push(certificate.device_id());
                 inviter_certificate = Some(certificate);
             }
         }
-        let certificate = inviter_certificate
-            .ok_or_else(|| Error::Protocol("no devices".into()))?;
+        let certificate =
+            inviter_certificate.ok_or_else(|| Error::Protocol("no devices".into()))?;
         let group_id: [u8; 16] = random();
-        let wanted = name.map(str::trim).filter(|n| !n.is_empty()).unwrap_or(&account[..8]).to_string();
+        let wanted = name
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .unwrap_or(&account[..8])
+            .to_string();
         let named_locally = name.is_some();
         let contact = db::in_transaction(&self.db, |db| {
             let provider = Provider::new(db);
@@ -865,9 +904,9 @@ impl Client {
     /// Sends CreateGroup for conversations the server does not know yet.
     async fn announce_pending_groups(&mut self) -> Result<(), Error> {
         let pending: Vec<(Vec<u8>, Vec<u8>)> = {
-            let mut statement = self
-                .db
-                .prepare("SELECT group_id, announce FROM conversations WHERE announce IS NOT NULL")?;
+            let mut statement = self.db.prepare(
+                "SELECT group_id, announce FROM conversations WHERE announce IS NOT NULL",
+            )?;
             statement
                 .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
                 .collect::<Result<_, _>>()?
@@ -937,7 +976,7 @@ impl Client {
     /// server has acknowledged it.
     async fn flush_outbox(&mut self) -> Result<(), Error> {
         loop {
-            let next: Option<(i64, Vec<u8>, u64, Vec<u8>, Option<i64>)> = self
+            let next: Option<OutboxRow> = self
                 .db
                 .query_row(
                     "SELECT id, group_id, epoch, ciphertext, message_row FROM outbox ORDER BY id LIMIT 1",
@@ -1040,14 +1079,22 @@ impl Client {
     pub fn rename(&self, old: &str, new: &str) -> Result<(), Error> {
         let new = new.trim();
         if new.is_empty() || new.chars().count() > 64 || new.chars().any(char::is_control) {
-            return Err(Error::Usage("a name is 1 to 64 printable characters".into()));
+            return Err(Error::Usage(
+                "a name is 1 to 64 printable characters".into(),
+            ));
         }
         let taken: Option<String> = self
             .db
-            .query_row("SELECT account_id FROM contacts WHERE name = ?1", params![new], |row| row.get(0))
+            .query_row(
+                "SELECT account_id FROM contacts WHERE name = ?1",
+                params![new],
+                |row| row.get(0),
+            )
             .optional()?;
         if taken.is_some() {
-            return Err(Error::Usage(format!("another contact is already called {new:?}")));
+            return Err(Error::Usage(format!(
+                "another contact is already called {new:?}"
+            )));
         }
         let changed = self.db.execute(
             "UPDATE contacts SET name = ?1, named_locally = 1 WHERE name = ?2",
@@ -1083,7 +1130,11 @@ impl Client {
                 let state: String = row.get(3)?;
                 Ok(MessageView {
                     contact: contact.to_string(),
-                    from: if outgoing { "me".into() } else { contact.to_string() },
+                    from: if outgoing {
+                        "me".into()
+                    } else {
+                        contact.to_string()
+                    },
                     outgoing,
                     body: row.get(1)?,
                     sent_at_ms: row.get(2)?,
@@ -1103,11 +1154,18 @@ impl Client {
     pub fn safety_number(&self, contact: &str) -> Result<String, Error> {
         let compact: Vec<u8> = self
             .db
-            .query_row("SELECT certificate FROM contacts WHERE name = ?1", params![contact], |row| row.get(0))
+            .query_row(
+                "SELECT certificate FROM contacts WHERE name = ?1",
+                params![contact],
+                |row| row.get(0),
+            )
             .optional()?
             .ok_or_else(|| Error::Usage(format!("no contact called {contact:?}")))?;
         let theirs = VerifiedCertificate::from_compact(&compact)
             .map_err(|error| Error::Security(format!("stored certificate: {error}")))?;
-        Ok(miyu_crypto::safety::safety_number(self.keys.certificate(), &theirs))
+        Ok(miyu_crypto::safety::safety_number(
+            self.keys.certificate(),
+            &theirs,
+        ))
     }
 }

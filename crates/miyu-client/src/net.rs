@@ -112,7 +112,9 @@ impl Connection {
     pub async fn open(server: &ServerAddress) -> Result<Self, Error> {
         let tcp = TcpStream::connect((server.connect_host(), server.port()))
             .await
-            .map_err(|error| Error::Network(format!("cannot reach {}: {error}", server.authority())))?;
+            .map_err(|error| {
+                Error::Network(format!("cannot reach {}: {error}", server.authority()))
+            })?;
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(server.connect_host().to_string())
             .map_err(|error| Error::Network(error.to_string()))?;
@@ -149,7 +151,9 @@ impl Connection {
                 connection.nonce = challenge.nonce;
                 Ok(connection)
             }
-            other => Err(Error::Protocol(format!("unexpected answer to Hello: {other:?}"))),
+            other => Err(Error::Protocol(format!(
+                "unexpected answer to Hello: {other:?}"
+            ))),
         }
     }
 
@@ -192,14 +196,17 @@ impl Connection {
         loop {
             match self.socket.next().await {
                 Some(Ok(Message::Binary(bytes))) => {
-                    return frame::decode_server_frame(&bytes)
-                        .map_err(|error| Error::Protocol(format!("bad frame from server: {error}")));
+                    return frame::decode_server_frame(&bytes).map_err(|error| {
+                        Error::Protocol(format!("bad frame from server: {error}"))
+                    });
                 }
                 Some(Ok(Message::Close(_))) | None => {
                     return Err(Error::Network("the server closed the connection".into()));
                 }
                 Some(Ok(_)) => continue,
-                Some(Err(error)) => return Err(Error::Network(format!("connection lost: {error}"))),
+                Some(Err(error)) => {
+                    return Err(Error::Network(format!("connection lost: {error}")));
+                }
             }
         }
     }

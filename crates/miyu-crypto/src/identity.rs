@@ -29,7 +29,10 @@ impl std::fmt::Debug for AccountKeys {
     }
 }
 
-fn certify(identity: &SigningKey, device: &SigningKey) -> Result<VerifiedCertificate, IdentityError> {
+fn certify(
+    identity: &SigningKey,
+    device: &SigningKey,
+) -> Result<VerifiedCertificate, IdentityError> {
     let identity_key = identity.verifying_key().to_bytes();
     let device_key = device.verifying_key().to_bytes();
     let signature = identity.sign(&cert::certificate_payload(&identity_key, &device_key));
@@ -100,7 +103,8 @@ mod tests {
     #[test]
     fn keys_survive_a_round_trip_through_their_secrets() {
         let keys = AccountKeys::generate(&mut rand::rngs::OsRng);
-        let again = AccountKeys::from_secrets(&*keys.identity_secret(), &*keys.device_secret()).unwrap();
+        let again =
+            AccountKeys::from_secrets(&*keys.identity_secret(), &*keys.device_secret()).unwrap();
         assert_eq!(again.certificate(), keys.certificate());
         assert!(AccountKeys::from_secrets(&[1; 3], &[2; 32]).is_err());
     }
@@ -109,6 +113,9 @@ mod tests {
     fn auth_signature_verifies_against_the_certificate() {
         let keys = AccountKeys::generate(&mut rand::rngs::OsRng);
         let signature = keys.sign_auth(&[7; 32], b"nonce");
-        assert!(keys.certificate().verify_auth(&[7; 32], b"nonce", &signature));
+        assert!(
+            keys.certificate()
+                .verify_auth(&[7; 32], b"nonce", &signature)
+        );
     }
 }

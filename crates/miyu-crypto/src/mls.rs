@@ -289,7 +289,7 @@ pub fn encrypt(
 pub enum Incoming {
     Application {
         plaintext: Vec<u8>,
-        sender: VerifiedCertificate,
+        sender: Box<VerifiedCertificate>,
     },
     /// A commit from another member, merged: the group moved to a new epoch.
     Commit,
@@ -315,7 +315,9 @@ pub fn process(
     match processed.into_content() {
         ProcessedMessageContent::ApplicationMessage(application) => {
             let Sender::Member(index) = sender_leaf else {
-                return Err(MlsError::Rejected("application message from a non-member".into()));
+                return Err(MlsError::Rejected(
+                    "application message from a non-member".into(),
+                ));
             };
             let member = group
                 .member_at(index)
@@ -326,7 +328,7 @@ pub fn process(
             let sender = member_certificate(&member.credential, &member.signature_key)?;
             Ok(Incoming::Application {
                 plaintext: application.into_bytes(),
-                sender,
+                sender: Box::new(sender),
             })
         }
         ProcessedMessageContent::StagedCommitMessage(staged) => {
@@ -383,7 +385,7 @@ mod tests {
         match process(&alice_mls, &mut alice_group, &ciphertext).unwrap() {
             Incoming::Application { plaintext, sender } => {
                 assert_eq!(plaintext, b"hello alice");
-                assert_eq!(&sender, bob.certificate());
+                assert_eq!(&*sender, bob.certificate());
             }
             _ => panic!("expected an application message"),
         }
@@ -416,7 +418,9 @@ mod tests {
         let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
         let package = new_key_package(&alice_mls, &alice, false).unwrap();
         let package = check_key_package(&bob_mls, &package, alice.certificate()).unwrap();
-        let mut group = create_group(&bob_mls, &bob, &[1; 16], &[package]).unwrap().group;
+        let mut group = create_group(&bob_mls, &bob, &[1; 16], &[package])
+            .unwrap()
+            .group;
         let short = encrypt(&bob_mls, &bob, &mut group, b"a").unwrap();
         let longer = encrypt(&bob_mls, &bob, &mut group, &[b'a'; 100]).unwrap();
         assert_eq!(short.len(), longer.len());

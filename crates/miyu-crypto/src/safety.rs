@@ -61,10 +61,16 @@ mod tests {
         let bob = AccountKeys::from_secrets(&[3; 32], &[4; 32]).unwrap();
         let mallory = AccountKeys::from_secrets(&[5; 32], &[6; 32]).unwrap();
         let number = safety_number(alice.certificate(), bob.certificate());
-        assert_eq!(number, safety_number(bob.certificate(), alice.certificate()));
+        assert_eq!(
+            number,
+            safety_number(bob.certificate(), alice.certificate())
+        );
         assert_eq!(number.split(' ').count(), 12);
         assert!(number.replace(' ', "").bytes().all(|b| b.is_ascii_digit()));
-        assert_ne!(number, safety_number(alice.certificate(), mallory.certificate()));
+        assert_ne!(
+            number,
+            safety_number(alice.certificate(), mallory.certificate())
+        );
     }
 
     #[test]

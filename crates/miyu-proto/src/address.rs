@@ -111,7 +111,10 @@ impl FromStr for ServerAddress {
     type Err = AddressError;
 
     fn from_str(s: &str) -> Result<Self, AddressError> {
-        let rest = s.trim().strip_prefix("wss://").ok_or(AddressError::Scheme)?;
+        let rest = s
+            .trim()
+            .strip_prefix("wss://")
+            .ok_or(AddressError::Scheme)?;
         let (authority, fingerprint) = rest.split_once('#').ok_or(AddressError::Fingerprint)?;
         let authority = authority.strip_suffix('/').unwrap_or(authority);
         let (host, port) = parse_host_port(authority)?;
@@ -142,7 +145,9 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_an_address() {
-        let fp = ServerAddress::new("h", 1, [0; 32]).unwrap().certificate_fingerprint();
+        let fp = ServerAddress::new("h", 1, [0; 32])
+            .unwrap()
+            .certificate_fingerprint();
         for bad in [
             "https://h:1/#x".to_string(),
             "wss://h:1/".to_string(),

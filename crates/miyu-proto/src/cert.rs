@@ -180,7 +180,10 @@ mod tests {
         let verified = VerifiedCertificate::verify(&certificate(&identity, &device)).unwrap();
         let compact = verified.to_compact();
         assert_eq!(compact.len(), CERTIFICATE_LEN);
-        assert_eq!(VerifiedCertificate::from_compact(&compact).unwrap(), verified);
+        assert_eq!(
+            VerifiedCertificate::from_compact(&compact).unwrap(),
+            verified
+        );
     }
 
     #[test]

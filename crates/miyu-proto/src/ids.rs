@@ -40,11 +40,17 @@ pub struct AccountId([u8; 16]);
 
 impl AccountId {
     pub fn from_identity_key(identity_key: &[u8; 32]) -> Self {
-        Self(truncated(tagged_sha256(b"miyu account id v1", identity_key)))
+        Self(truncated(tagged_sha256(
+            b"miyu account id v1",
+            identity_key,
+        )))
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, IdError> {
-        bytes.try_into().map(Self).map_err(|_| IdError::BadAccountId)
+        bytes
+            .try_into()
+            .map(Self)
+            .map_err(|_| IdError::BadAccountId)
     }
 
     pub fn as_bytes(&self) -> &[u8; 16] {
@@ -131,7 +137,9 @@ impl fmt::Debug for IdentityFingerprint {
 impl FromStr for IdentityFingerprint {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
-        text::decode_array(s).map(Self).ok_or(IdError::BadFingerprint)
+        text::decode_array(s)
+            .map(Self)
+            .ok_or(IdError::BadFingerprint)
     }
 }
 

@@ -75,7 +75,9 @@ impl FromStr for InviteLink {
         if s.len() > MAX_LINK_LEN {
             return Err(InviteError::TooLong);
         }
-        let query = s.strip_prefix("miyu://invite?").ok_or(InviteError::Scheme)?;
+        let query = s
+            .strip_prefix("miyu://invite?")
+            .ok_or(InviteError::Scheme)?;
         let mut version = None;
         let mut server = None;
         let mut cert = None;
@@ -98,10 +100,15 @@ impl FromStr for InviteLink {
         }
         match version.ok_or(InviteError::Missing("v"))? {
             "1" => {}
-            other => return Err(InviteError::UnsupportedVersion(other.chars().take(8).collect())),
+            other => {
+                return Err(InviteError::UnsupportedVersion(
+                    other.chars().take(8).collect(),
+                ));
+            }
         }
         let (host, port) = parse_host_port(server.ok_or(InviteError::Missing("server"))?)?;
-        let certificate = ServerAddress::parse_fingerprint(cert.ok_or(InviteError::Missing("cert"))?)?;
+        let certificate =
+            ServerAddress::parse_fingerprint(cert.ok_or(InviteError::Missing("cert"))?)?;
         Ok(Self {
             server: ServerAddress::new(&host, port, certificate)?,
             account: account

@@ -14,7 +14,9 @@ use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use miyu_proto::cert::VerifiedCertificate;
 use miyu_proto::frame::{self, FrameError, PROTOCOL_VERSION};
-use miyu_proto::wire::{self, ErrorCode, client_frame::Body as Request, server_frame::Body as Reply};
+use miyu_proto::wire::{
+    self, ErrorCode, client_frame::Body as Request, server_frame::Body as Reply,
+};
 use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -212,12 +214,13 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         match message {
             Some(Ok(Message::Binary(bytes))) => session.handle(&bytes).await,
             Some(Ok(Message::Text(_))) => {
-                session.bad_frame(error_frame(
-                    0,
-                    ErrorCode::MalformedFrame,
-                    "text frames are not part of the protocol; send binary frames",
-                ))
-                .await;
+                session
+                    .bad_frame(error_frame(
+                        0,
+                        ErrorCode::MalformedFrame,
+                        "text frames are not part of the protocol; send binary frames",
+                    ))
+                    .await;
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
             Some(Ok(Message::Close(_))) | None => break,
@@ -266,7 +269,11 @@ impl Session {
         };
         if !self.requests.try_take(Instant::now()) {
             return self
-                .send(error_frame(id, ErrorCode::RateLimited, "too many requests; slow down"))
+                .send(error_frame(
+                    id,
+                    ErrorCode::RateLimited,
+                    "too many requests; slow down",
+                ))
                 .await;
         }
         match (&self.phase, body) {
@@ -285,8 +292,12 @@ impl Session {
                 self.authenticate(id, nonce, authenticate).await;
             }
             (Phase::Challenged { .. }, Request::Hello(_)) => {
-                self.bad_frame(error_frame(id, ErrorCode::BadSequence, "Hello was already sent"))
-                    .await;
+                self.bad_frame(error_frame(
+                    id,
+                    ErrorCode::BadSequence,
+                    "Hello was already sent",
+                ))
+                .await;
             }
             (Phase::Challenged { .. }, _) => {
                 self.bad_frame(error_frame(
@@ -300,8 +311,12 @@ impl Session {
                 Phase::Authenticated(_),
                 Request::Hello(_) | Request::Register(_) | Request::Authenticate(_),
             ) => {
-                self.bad_frame(error_frame(id, ErrorCode::BadSequence, "already authenticated"))
-                    .await;
+                self.bad_frame(error_frame(
+                    id,
+                    ErrorCode::BadSequence,
+                    "already authenticated",
+                ))
+                .await;
             }
             (Phase::Authenticated(auth), request) => {
                 let context = RequestContext {
@@ -377,16 +392,28 @@ impl Session {
                 ))
                 .await;
         }
-        let certificate = match register.certificate.as_ref().map(VerifiedCertificate::verify) {
+        let certificate = match register
+            .certificate
+            .as_ref()
+            .map(VerifiedCertificate::verify)
+        {
             Some(Ok(certificate)) => certificate,
             Some(Err(error)) => {
                 return self
-                    .bad_frame(error_frame(id, ErrorCode::AuthenticationFailed, error.to_string()))
+                    .bad_frame(error_frame(
+                        id,
+                        ErrorCode::AuthenticationFailed,
+                        error.to_string(),
+                    ))
                     .await;
             }
             None => {
                 return self
-                    .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "certificate missing"))
+                    .bad_frame(error_frame(
+                        id,
+                        ErrorCode::InvalidArgument,
+                        "certificate missing",
+                    ))
                     .await;
             }
         };
@@ -463,7 +490,12 @@ impl Session {
             let reply = failed(self);
             return self.send(reply).await;
         };
-        let record = match self.shared.store.run(move |store| store.device(&device)).await {
+        let record = match self
+            .shared
+            .store
+            .run(move |store| store.device(&device))
+            .await
+        {
             Ok(Some(record)) => record,
             Ok(None) => {
                 let reply = failed(self);
@@ -528,7 +560,11 @@ impl Session {
             Request::UploadKeyPackages(upload) => {
                 if upload.key_packages.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
                     return self
-                        .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "too many key packages"))
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "too many key packages",
+                        ))
                         .await;
                 }
                 let last_resort =
@@ -543,25 +579,33 @@ impl Session {
             Request::CreateInvite(invite) => {
                 let Ok(token_hash) = <[u8; 32]>::try_from(invite.token_hash.as_slice()) else {
                     return self
-                        .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "token hash is 32 bytes"))
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "token hash is 32 bytes",
+                        ))
                         .await;
                 };
                 let account = context.account;
-                let expires = now + INVITE_LIFETIME.as_secs();
-                let pending = store.submit(move |store| {
-                    store.create_invite(&account, token_hash, expires)
-                });
+                // Rounded to the hour, like every time the server stores.
+                let expires = crate::store::coarse_hour(now) + 3600 + INVITE_LIFETIME.as_secs();
+                let pending =
+                    store.submit(move |store| store.create_invite(&account, token_hash, expires));
                 self.answer(context, pending.await, |(), _| Reply::Done(wire::Done {}));
             }
             Request::ClaimInvite(claim) => {
                 if !self.claims.try_take(Instant::now()) {
                     return self
-                        .send(error_frame(id, ErrorCode::RateLimited, "too many invite claims; wait a minute"))
+                        .send(error_frame(
+                            id,
+                            ErrorCode::RateLimited,
+                            "too many invite claims; wait a minute",
+                        ))
                         .await;
                 }
                 let token_hash: [u8; 32] = Sha256::digest(&claim.token).into();
-                let pending = store
-                    .submit(move |store| store.claim_invite(&token_hash, &device, now));
+                let pending =
+                    store.submit(move |store| store.claim_invite(&token_hash, &device, now));
                 self.answer(context, pending.await, |claimed, _| {
                     let devices = claimed
                         .into_iter()
@@ -583,7 +627,11 @@ impl Session {
             Request::CreateGroup(create) => {
                 let Some(new_group) = parse_new_group(create, device, now) else {
                     return self
-                        .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "malformed group id or device id"))
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "malformed group id or device id",
+                        ))
                         .await;
                 };
                 let group_id = new_group.group_id.clone();
@@ -600,13 +648,21 @@ impl Session {
                     Ok(wire::EntryKind::Commit) => EntryKind::Commit,
                     _ => {
                         return self
-                            .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "unknown entry kind"))
+                            .bad_frame(error_frame(
+                                id,
+                                ErrorCode::InvalidArgument,
+                                "unknown entry kind",
+                            ))
                             .await;
                     }
                 };
                 let Ok(group_id) = GroupId::from_bytes(&post.group_id) else {
                     return self
-                        .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "malformed group id"))
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "malformed group id",
+                        ))
                         .await;
                 };
                 if post.payload.is_empty() {
@@ -619,50 +675,61 @@ impl Session {
                 let connection = context.connection;
                 let group = group_id.clone();
                 let pending = store.submit(move |store| {
-                    let appended = store.append(&group, &device, epoch, kind, payload.clone(), now)?;
+                    let appended =
+                        store.append(&group, &device, epoch, kind, payload.clone(), now)?;
                     Ok((appended, payload))
                 });
-                self.answer(context, pending.await, move |(appended, payload), shared| {
-                    let pushed = Arc::new(PushedEntry {
-                        entry: crate::store::LogEntry {
-                            seq: appended.seq,
-                            epoch,
-                            kind,
-                            payload,
-                        },
-                        poster_connection: connection,
-                    });
-                    shared
-                        .hub
-                        .notify_group(&group_id, &appended.members, Some(&pushed));
-                    Reply::Posted(wire::Posted { seq: appended.seq })
-                });
+                self.answer(
+                    context,
+                    pending.await,
+                    move |(appended, payload), shared| {
+                        let pushed = Arc::new(PushedEntry {
+                            entry: crate::store::LogEntry {
+                                seq: appended.seq,
+                                epoch,
+                                kind,
+                                payload,
+                            },
+                            poster_connection: connection,
+                        });
+                        shared
+                            .hub
+                            .notify_group(&group_id, &appended.members, Some(&pushed));
+                        Reply::Posted(wire::Posted { seq: appended.seq })
+                    },
+                );
             }
             Request::AckGroup(ack) => {
                 let Ok(group_id) = GroupId::from_bytes(&ack.group_id) else {
                     return self
-                        .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "malformed group id"))
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "malformed group id",
+                        ))
                         .await;
                 };
-                let pending = store
-                    .submit(move |store| store.ack_group(&device, &group_id, ack.seq));
+                let pending =
+                    store.submit(move |store| store.ack_group(&device, &group_id, ack.seq));
                 self.answer(context, pending.await, |(), _| Reply::Done(wire::Done {}));
             }
             Request::AckInbox(ack) => {
-                let pending = store
-                    .submit(move |store| store.ack_inbox(&device, ack.seq));
+                let pending = store.submit(move |store| store.ack_inbox(&device, ack.seq));
                 self.answer(context, pending.await, |(), _| Reply::Done(wire::Done {}));
             }
             Request::FetchGroup(fetch) => {
                 let Ok(group_id) = GroupId::from_bytes(&fetch.group_id) else {
                     return self
-                        .bad_frame(error_frame(id, ErrorCode::InvalidArgument, "malformed group id"))
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "malformed group id",
+                        ))
                         .await;
                 };
                 let group = group_id.clone();
                 // Reading one entry checks membership without sending anything yet.
-                let pending = store
-                    .submit(move |store| store.group_entries(&group, &device, 0, 0));
+                let pending = store.submit(move |store| store.group_entries(&group, &device, 0, 0));
                 let after = fetch.after_seq;
                 let mailbox = Arc::clone(&context.mailbox);
                 self.answer(context, pending.await, move |_, _| {
@@ -670,7 +737,10 @@ impl Session {
                     Reply::Done(wire::Done {})
                 });
             }
-            Request::Hello(_) | Request::Register(_) | Request::Authenticate(_) | Request::Ping(_) => {
+            Request::Hello(_)
+            | Request::Register(_)
+            | Request::Authenticate(_)
+            | Request::Ping(_) => {
                 // Routed elsewhere by `handle`.
             }
         }
@@ -721,7 +791,12 @@ fn parse_new_group(create: wire::CreateGroup, creator: DeviceId, now: u64) -> Op
     let welcomes = create
         .welcomes
         .into_iter()
-        .map(|welcome| Some((DeviceId::from_bytes(&welcome.device_id).ok()?, welcome.payload)))
+        .map(|welcome| {
+            Some((
+                DeviceId::from_bytes(&welcome.device_id).ok()?,
+                welcome.payload,
+            ))
+        })
         .collect::<Option<Vec<_>>>()?;
     Some(NewGroup {
         group_id: GroupId::from_bytes(&create.group_id).ok()?,
@@ -785,7 +860,8 @@ impl Delivery {
         for group in groups {
             self.send_group_from_store(&group).await?;
         }
-        self.send(encode(0, Reply::CaughtUp(wire::CaughtUp {}))).await?;
+        self.send(encode(0, Reply::CaughtUp(wire::CaughtUp {})))
+            .await?;
         loop {
             mailbox.wait().await;
             let pending = mailbox.take();
@@ -929,7 +1005,11 @@ impl Delivery {
                     seq: entry.seq,
                     epoch: entry.epoch.0,
                     kind: kind as i32,
-                    payload: if own { Vec::new() } else { entry.payload.clone() },
+                    payload: if own {
+                        Vec::new()
+                    } else {
+                        entry.payload.clone()
+                    },
                     own,
                 })),
             }),

@@ -67,7 +67,11 @@ impl RunningServer {
 }
 
 /// The address line the server prints: where it listens, with its certificate fingerprint.
-fn public_address(config: &ServerConfig, local: SocketAddr, sha256: [u8; 32]) -> Result<ServerAddress, ServerError> {
+fn public_address(
+    config: &ServerConfig,
+    local: SocketAddr,
+    sha256: [u8; 32],
+) -> Result<ServerAddress, ServerError> {
     let host = match &config.public_host {
         Some(host) => host.clone(),
         None if local.ip().is_unspecified() => "127.0.0.1".to_string(),
@@ -114,7 +118,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         hub: Hub::default(),
         certificate_sha256,
         registration_token: config.registration_token.clone(),
-        registrations: Mutex::new(TokenBucket::new(per_minute / 60.0, per_minute, Instant::now())),
+        registrations: Mutex::new(TokenBucket::new(
+            per_minute / 60.0,
+            per_minute,
+            Instant::now(),
+        )),
         requests_per_second: config.requests_per_second,
         shutdown: stop_signal.clone(),
     });
@@ -129,7 +137,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             connection_alive,
         });
 
-    tokio::spawn(expire_periodically(store, config.retention_days, stop_signal.clone()));
+    tokio::spawn(expire_periodically(
+        store,
+        config.retention_days,
+        stop_signal.clone(),
+    ));
     let tls_listener = TlsListener::start(listener, acceptor, stop_signal.clone());
     let mut stopping = stop_signal;
     let serving = tokio::spawn(async move {
@@ -176,7 +188,11 @@ async fn websocket(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> 
         })
 }
 
-async fn expire_periodically(store: StoreHandle, retention_days: u32, mut stop: watch::Receiver<bool>) {
+async fn expire_periodically(
+    store: StoreHandle,
+    retention_days: u32,
+    mut stop: watch::Receiver<bool>,
+) {
     let retention = u64::from(retention_days) * 24 * 3600;
     loop {
         let now = unix_now();
@@ -205,7 +221,11 @@ struct TlsListener {
 }
 
 impl TlsListener {
-    fn start(listener: TcpListener, acceptor: TlsAcceptor, mut stop: watch::Receiver<bool>) -> Self {
+    fn start(
+        listener: TcpListener,
+        acceptor: TlsAcceptor,
+        mut stop: watch::Receiver<bool>,
+    ) -> Self {
         let (ready_sender, ready) = mpsc::channel(MAX_HANDSHAKES);
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {

@@ -53,7 +53,9 @@ impl Mailbox {
     fn pending(&self) -> MutexGuard<'_, Pending> {
         // A panic while holding this lock cannot leave `Pending` half-updated in a way that
         // matters: the worst case is a redundant store read.
-        self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Takes everything pending, leaving the mailbox empty.

@@ -14,7 +14,11 @@ use clap::Parser;
 use miyu_server::{ServerConfig, StoreBackend};
 
 #[derive(Parser, Debug)]
-#[command(name = "miyu-server", version, about = "The Miyu delivery service: stores and relays ciphertext only")]
+#[command(
+    name = "miyu-server",
+    version,
+    about = "The Miyu delivery service: stores and relays ciphertext only"
+)]
 struct Args {
     /// Folder for the database and the TLS certificate.
     #[arg(long, env = "MIYU_DATA", default_value = "miyu-data")]

@@ -90,7 +90,9 @@ fn scan(server_data: &Path) -> anyhow::Result<()> {
 pub(crate) async fn run() -> anyhow::Result<()> {
     let folder = tempfile::tempdir().context("creating a temporary folder")?;
     let server_data = folder.path().join("server");
-    println!("1. Starting a Miyu server on 127.0.0.1 (embedded SQLite, TLS 1.3 with a self-signed key)");
+    println!(
+        "1. Starting a Miyu server on 127.0.0.1 (embedded SQLite, TLS 1.3 with a self-signed key)"
+    );
     let server = miyu_server::start(ServerConfig::new(
         server_data.clone(),
         "127.0.0.1:0".parse().context("loopback address")?,
@@ -99,7 +101,12 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     println!("   address: {}", server.address());
 
     println!("2. Creating two accounts: no phone number, no e-mail, just key pairs");
-    let mut alice = Client::init(&folder.path().join("alice"), server.address().clone(), "Alice").await?;
+    let mut alice = Client::init(
+        &folder.path().join("alice"),
+        server.address().clone(),
+        "Alice",
+    )
+    .await?;
     let mut bob = Client::init(&folder.path().join("bob"), server.address().clone(), "Bob").await?;
     println!("   alice: {}", alice.account_id());
     println!("   bob:   {}", bob.account_id());
@@ -110,8 +117,16 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     bob.accept(&link, None).await?;
     show("alice", &alice.sync(Duration::from_secs(5)).await?);
     show("bob", &bob.sync(Duration::from_secs(5)).await?);
-    let alice_name_for_bob = alice.contacts()?.first().map(|c| c.name.clone()).context("alice has no contact")?;
-    let bob_name_for_alice = bob.contacts()?.first().map(|c| c.name.clone()).context("bob has no contact")?;
+    let alice_name_for_bob = alice
+        .contacts()?
+        .first()
+        .map(|c| c.name.clone())
+        .context("alice has no contact")?;
+    let bob_name_for_alice = bob
+        .contacts()?
+        .first()
+        .map(|c| c.name.clone())
+        .context("bob has no contact")?;
     println!(
         "   safety number (same on both sides): {}",
         alice.safety_number(&alice_name_for_bob)?
@@ -130,7 +145,10 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     show("bob", &bob.sync(Duration::from_secs(5)).await?);
 
     println!("6. What each side sees");
-    for (who, client, contact) in [("alice", &alice, &alice_name_for_bob), ("bob", &bob, &bob_name_for_alice)] {
+    for (who, client, contact) in [
+        ("alice", &alice, &alice_name_for_bob),
+        ("bob", &bob, &bob_name_for_alice),
+    ] {
         println!("   {who}'s conversation with {contact}:");
         for message in client.messages(contact)? {
             println!("     {}: {}", message.from, message.body);
@@ -142,6 +160,8 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     server.shutdown().await;
     println!("7. The server stopped; its files after delivery:");
     scan(&server_data)?;
-    println!("   Every message was encrypted on the sender's device (MLS) and decrypted on the recipient's.");
+    println!(
+        "   Every message was encrypted on the sender's device (MLS) and decrypted on the recipient's."
+    );
     Ok(())
 }

@@ -17,10 +17,19 @@ use miyu_client::{Client, Event, MessageView};
 use miyu_proto::{InviteLink, ServerAddress};
 
 #[derive(Parser, Debug)]
-#[command(name = "miyu", version, about = "Miyu: end-to-end encrypted messaging without phone numbers")]
+#[command(
+    name = "miyu",
+    version,
+    about = "Miyu: end-to-end encrypted messaging without phone numbers"
+)]
 struct Cli {
     /// Folder holding this account's keys and messages.
-    #[arg(long, env = "MIYU_PROFILE", global = true, default_value = "miyu-profile")]
+    #[arg(
+        long,
+        env = "MIYU_PROFILE",
+        global = true,
+        default_value = "miyu-profile"
+    )]
     profile: PathBuf,
     /// Print data as JSON.
     #[arg(long, global = true)]
@@ -137,11 +146,16 @@ fn format_time(unix_ms: u64) -> String {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     format!(
         "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
@@ -206,7 +220,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.json {
                 print_json(&contact)
             } else {
-                println!("added {} ({}); chat is end-to-end encrypted", contact.name, contact.account_id);
+                println!(
+                    "added {} ({}); chat is end-to-end encrypted",
+                    contact.name, contact.account_id
+                );
                 Ok(())
             }
         }
@@ -217,7 +234,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return print_json(&contacts);
             }
             for contact in contacts {
-                let verified = if contact.verified { "verified" } else { "not verified" };
+                let verified = if contact.verified {
+                    "verified"
+                } else {
+                    "not verified"
+                };
                 println!("{}\t{}\t{}", contact.name, contact.account_id, verified);
             }
             Ok(())
