@@ -84,3 +84,19 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod known_answers {
+    use super::*;
+    use crate::identity::AccountKeys;
+
+    #[test]
+    fn safety_number_of_fixed_keys() {
+        let alice = AccountKeys::from_secrets(&[1; 32], &[2; 32]).unwrap();
+        let bob = AccountKeys::from_secrets(&[3; 32], &[4; 32]).unwrap();
+        assert_eq!(
+            safety_number(alice.certificate(), bob.certificate()),
+            "09415 57352 42349 20242 83291 59188 98293 80957 61301 27122 96284 17261"
+        );
+    }
+}
