@@ -151,6 +151,71 @@ fn an_acknowledged_message_survives_kill_9_and_is_delivered_exactly_once() {
 }
 
 #[test]
+fn a_key_update_moves_the_epoch_and_a_stale_sender_catches_up() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+    // Bob's commit wins epoch 1; Alice has not seen it when she sends at epoch 1, is refused,
+    // processes the commit and sends again at epoch 2.
+    miyu_ok(&pair.bob, &["update-keys", "alice"]);
+    miyu_ok(&pair.alice, &["send", "bob", "sent across a key update"]);
+    miyu_ok(&pair.bob, &["sync"]);
+    assert_eq!(
+        conversation(&pair.bob, "alice"),
+        ["alice: sent across a key update"]
+    );
+    miyu_ok(&pair.bob, &["send", "alice", "and back"]);
+    miyu_ok(&pair.alice, &["sync"]);
+    assert_eq!(
+        conversation(&pair.alice, "bob"),
+        ["me: sent across a key update", "bob: and back"]
+    );
+}
+
+#[test]
+fn simultaneous_key_updates_never_fork_the_conversation() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+    for round in 0..3 {
+        let spawn = |profile: &Path, contact: &str| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_miyu"))
+                .arg("--profile")
+                .arg(profile)
+                .args(["update-keys", contact])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let alice = spawn(&pair.alice, "bob");
+        let bob = spawn(&pair.bob, "alice");
+        for child in [alice, bob] {
+            let output = child.wait_with_output().unwrap();
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        miyu_ok(&pair.alice, &["send", "bob", &format!("round {round}")]);
+        miyu_ok(&pair.bob, &["sync"]);
+        miyu_ok(&pair.bob, &["send", "alice", &format!("reply {round}")]);
+        miyu_ok(&pair.alice, &["sync"]);
+    }
+    assert_eq!(
+        conversation(&pair.bob, "alice"),
+        [
+            "alice: round 0",
+            "me: reply 0",
+            "alice: round 1",
+            "me: reply 1",
+            "alice: round 2",
+            "me: reply 2"
+        ]
+    );
+}
+
+#[test]
 fn server_files_and_logs_never_contain_plaintext_or_names() {
     let root = tempfile::tempdir().unwrap();
     let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);

@@ -33,7 +33,11 @@ CREATE TABLE conversations (
     contact TEXT NOT NULL REFERENCES contacts(account_id),
     cursor INTEGER NOT NULL DEFAULT 0,
     -- A CreateGroup request not yet acknowledged by the server, retried on connect.
-    announce BLOB
+    announce BLOB,
+    -- When this device last replaced its keys in the conversation (an MLS self-update).
+    last_update_ms INTEGER NOT NULL DEFAULT 0,
+    -- SHA-256 of our commit while the server has not yet said whether it won the epoch.
+    pending_commit_hash BLOB
 );
 CREATE TABLE invites (
     token BLOB PRIMARY KEY,

@@ -42,6 +42,11 @@ pub use net::ServerError;
 const KEY_PACKAGE_TARGET: u32 = 20;
 /// How long a request may take before the connection is considered dead.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// A device replaces its keys in a conversation (an MLS self-update, for post-compromise
+/// security) before sending, once its last update is older than this.
+const KEY_UPDATE_INTERVAL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Attempts at winning an epoch for a commit before giving up.
+const COMMIT_ATTEMPTS: usize = 5;
 
 /// Errors, sorted by who must act.
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +131,21 @@ pub enum Event {
     },
     /// Everything the server held for this device has been processed.
     CaughtUp,
+}
+
+/// Merges our pending commit, if the group still has one, and forgets its hash.
+fn merge_own_commit(db: &Connection, group_id: &[u8]) -> Result<(), Error> {
+    let provider = Provider::new(db);
+    if let Some(mut group) = mls::load_group(&provider, group_id)? {
+        if mls::has_pending_commit(&group) {
+            mls::merge_own_commit(&provider, &mut group)?;
+        }
+    }
+    db.execute(
+        "UPDATE conversations SET pending_commit_hash = NULL WHERE group_id = ?1",
+        params![group_id],
+    )?;
+    Ok(())
 }
 
 fn now_ms() -> u64 {
@@ -374,11 +394,7 @@ impl Client {
         }
     }
 
-    fn new_key_packages(
-        &self,
-        count: u32,
-        with_last_resort: bool,
-    ) -> Result<KeyPackages, Error> {
+    fn new_key_packages(&self, count: u32, with_last_resort: bool) -> Result<KeyPackages, Error> {
         db::in_transaction(&self.db, |db| {
             let provider = Provider::new(db);
             let packages = (0..count)
@@ -486,6 +502,7 @@ impl Client {
                 None => Ok(()),
             },
             Some(Reply::CaughtUp(_)) => {
+                self.discard_unaccepted_commits()?;
                 self.session()?.caught_up = true;
                 self.events.push_back(Event::CaughtUp);
                 Ok(())
@@ -592,8 +609,8 @@ impl Client {
             }
         };
         db.execute(
-            "INSERT OR REPLACE INTO conversations (group_id, contact, cursor) VALUES (?1, ?2, 0)",
-            params![group_id, account],
+            "INSERT OR REPLACE INTO conversations (group_id, contact, cursor, last_update_ms) VALUES (?1, ?2, 0, ?3)",
+            params![group_id, account, now_ms()],
         )?;
         Ok(Some((
             group_id,
@@ -625,7 +642,12 @@ impl Client {
             return self.ack_group(entry.group_id, entry.seq).await;
         }
         let event = db::in_transaction(&self.db, |db| {
+            let is_commit = entry.kind == wire::EntryKind::Commit as i32;
             let event = if entry.own {
+                if is_commit {
+                    // The server accepted our commit (the answer may still be on its way).
+                    merge_own_commit(db, &entry.group_id)?;
+                }
                 None
             } else {
                 self.process_entry(db, &entry, &contact_account)?
@@ -656,26 +678,55 @@ impl Client {
         entry: &wire::GroupEntry,
         contact_account: &str,
     ) -> Result<Option<Event>, Error> {
+        let hash: [u8; 32] = Sha256::digest(&entry.payload).into();
+        let pending_commit_hash: Option<Vec<u8>> = db
+            .query_row(
+                "SELECT pending_commit_hash FROM conversations WHERE group_id = ?1",
+                params![entry.group_id],
+                |row| row.get(0),
+            )
+            .optional()?
+            .flatten();
+        let is_commit = entry.kind == wire::EntryKind::Commit as i32;
+        if is_commit && pending_commit_hash.as_deref() == Some(hash.as_slice()) {
+            // Our own commit, echoed after a reconnect: the server accepted it.
+            merge_own_commit(db, &entry.group_id)?;
+            return Ok(None);
+        }
         let provider = Provider::new(db);
         let Some(mut group) = mls::load_group(&provider, &entry.group_id)? else {
             return Ok(None);
         };
+        if is_commit && mls::has_pending_commit(&group) {
+            // The log's order is the truth: another member's commit took the epoch ours was
+            // built on, so ours can never be accepted. Drop it and follow theirs.
+            mls::discard_own_commit(&provider, &mut group)?;
+            db.execute(
+                "UPDATE conversations SET pending_commit_hash = NULL WHERE group_id = ?1",
+                params![entry.group_id],
+            )?;
+        }
         let incoming = match mls::process(&provider, &mut group, &entry.payload) {
-            Ok(incoming) => incoming,
-            Err(MlsError::State(error)) => return Err(Error::Mls(MlsError::State(error))),
-            Err(error) => {
-                let hash: [u8; 32] = Sha256::digest(&entry.payload).into();
-                let marked = db.execute(
+            Ok(Incoming::Own) => {
+                // One of our messages, echoed after a reconnect: it reached the server.
+                db.execute(
                     "UPDATE messages SET state = 'sent', seq = ?1 WHERE ciphertext_hash = ?2 AND state = 'pending'",
                     params![entry.seq, hash.as_slice()],
                 )?;
-                if marked == 0 {
-                    tracing::debug!("dropped a group entry that did not decrypt: {error}");
-                }
+                return Ok(None);
+            }
+            Ok(incoming) => incoming,
+            Err(MlsError::State(error)) => return Err(Error::Mls(MlsError::State(error))),
+            Err(error) => {
+                tracing::debug!("dropped a group entry that did not decrypt: {error}");
                 return Ok(None);
             }
         };
         let Incoming::Application { plaintext, sender } = incoming else {
+            tracing::debug!(
+                "processed a commit or proposal; now at epoch {}",
+                group.epoch().as_u64()
+            );
             return Ok(None);
         };
         if sender.account_id().to_string() != contact_account {
@@ -882,8 +933,8 @@ impl Client {
                     .collect(),
             };
             db.execute(
-                "INSERT INTO conversations (group_id, contact, announce) VALUES (?1, ?2, ?3)",
-                params![group_id.as_slice(), account, announce.encode_to_vec()],
+                "INSERT INTO conversations (group_id, contact, announce, last_update_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![group_id.as_slice(), account, announce.encode_to_vec(), now_ms()],
             )?;
             Ok(Contact {
                 name: contact_name,
@@ -989,7 +1040,7 @@ impl Client {
             };
             let result = self
                 .call(Request::Post(wire::Post {
-                    group_id,
+                    group_id: group_id.clone(),
                     epoch,
                     kind: wire::EntryKind::Application as i32,
                     payload: ciphertext,
@@ -1009,9 +1060,176 @@ impl Client {
                     })?;
                 }
                 Ok(other) => return Err(Error::Protocol(format!("unexpected answer: {other:?}"))),
+                Err(Error::Server(error)) if error.code == wire::ErrorCode::EpochMismatch => {
+                    // Someone committed first: process their commit, then encrypt again for
+                    // the new epoch. Receivers drop repeats by message id.
+                    self.wait_for_epoch(&group_id, error.current_epoch).await?;
+                    self.reencrypt_outbox_row(id)?;
+                }
                 Err(error) => return Err(error),
             }
         }
+    }
+
+    fn reencrypt_outbox_row(&self, id: i64) -> Result<(), Error> {
+        db::in_transaction(&self.db, |db| {
+            let (group_id, plaintext, message_row): (Vec<u8>, Vec<u8>, Option<i64>) = db
+                .query_row(
+                    "SELECT group_id, plaintext, message_row FROM outbox WHERE id = ?1",
+                    params![id],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                )?;
+            let provider = Provider::new(db);
+            let mut group = mls::load_group(&provider, &group_id)?
+                .ok_or_else(|| Error::Usage("conversation state is missing".into()))?;
+            let ciphertext = mls::encrypt(&provider, &self.keys, &mut group, &plaintext)?;
+            let hash: [u8; 32] = Sha256::digest(&ciphertext).into();
+            db.execute(
+                "UPDATE outbox SET epoch = ?1, ciphertext = ?2 WHERE id = ?3",
+                params![group.epoch().as_u64(), ciphertext, id],
+            )?;
+            if let Some(row) = message_row {
+                db.execute(
+                    "UPDATE messages SET ciphertext_hash = ?1 WHERE id = ?2",
+                    params![hash.as_slice(), row],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn local_epoch(&self, group_id: &[u8]) -> Result<u64, Error> {
+        let provider = Provider::new(&self.db);
+        let group = mls::load_group(&provider, group_id)?
+            .ok_or_else(|| Error::Usage("conversation state is missing".into()))?;
+        Ok(group.epoch().as_u64())
+    }
+
+    /// Processes pushed entries until the conversation has reached `epoch` locally.
+    async fn wait_for_epoch(&mut self, group_id: &[u8], epoch: u64) -> Result<(), Error> {
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        while self.local_epoch(group_id)? < epoch {
+            let frame = tokio::time::timeout_at(deadline, self.receive())
+                .await
+                .map_err(|_| {
+                    Error::Protocol(
+                        "the conversation moved to a new epoch this device cannot follow".into(),
+                    )
+                })??;
+            self.handle_frame(frame).await?;
+        }
+        Ok(())
+    }
+
+    /// Processes the backlog the server pushes after connecting.
+    async fn catch_up(&mut self) -> Result<(), Error> {
+        while !self.session()?.caught_up {
+            let frame = self.receive().await?;
+            self.handle_frame(frame).await?;
+        }
+        Ok(())
+    }
+
+    /// Once caught up, a commit of ours that is still pending was never accepted: whatever the
+    /// server took for that epoch has been processed already.
+    fn discard_unaccepted_commits(&self) -> Result<(), Error> {
+        let pending: Vec<Vec<u8>> = {
+            let mut statement = self.db.prepare(
+                "SELECT group_id FROM conversations WHERE pending_commit_hash IS NOT NULL",
+            )?;
+            statement
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        for group_id in pending {
+            db::in_transaction(&self.db, |db| {
+                let provider = Provider::new(db);
+                if let Some(mut group) = mls::load_group(&provider, &group_id)? {
+                    if mls::has_pending_commit(&group) {
+                        mls::discard_own_commit(&provider, &mut group)?;
+                    }
+                }
+                db.execute(
+                    "UPDATE conversations SET pending_commit_hash = NULL WHERE group_id = ?1",
+                    params![group_id],
+                )?;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Replaces this device's keys in the conversation with `contact` (an MLS self-update),
+    /// so that whoever might have stolen the old ones can no longer read what follows. Runs
+    /// by itself every week before sending.
+    pub async fn update_keys(&mut self, contact: &str) -> Result<(), Error> {
+        let (_, group_id) = self.conversation_of(contact)?;
+        self.connect().await?;
+        self.catch_up().await?;
+        for _ in 0..COMMIT_ATTEMPTS {
+            let (commit, epoch) = db::in_transaction(&self.db, |db| {
+                let provider = Provider::new(db);
+                let mut group = mls::load_group(&provider, &group_id)?
+                    .ok_or_else(|| Error::Usage("conversation state is missing".into()))?;
+                if mls::has_pending_commit(&group) {
+                    mls::discard_own_commit(&provider, &mut group)?;
+                }
+                let epoch = group.epoch().as_u64();
+                let commit = mls::self_update(&provider, &self.keys, &mut group)?;
+                let hash: [u8; 32] = Sha256::digest(&commit).into();
+                db.execute(
+                    "UPDATE conversations SET pending_commit_hash = ?1 WHERE group_id = ?2",
+                    params![hash.as_slice(), group_id],
+                )?;
+                Ok((commit, epoch))
+            })?;
+            let result = self
+                .call(Request::Post(wire::Post {
+                    group_id: group_id.clone(),
+                    epoch,
+                    kind: wire::EntryKind::Commit as i32,
+                    payload: commit,
+                }))
+                .await;
+            match result {
+                Ok(Reply::Posted(_)) => {
+                    tracing::debug!("our commit at epoch {epoch} was accepted");
+                    db::in_transaction(&self.db, |db| {
+                        merge_own_commit(db, &group_id)?;
+                        db.execute(
+                            "UPDATE conversations SET last_update_ms = ?1 WHERE group_id = ?2",
+                            params![now_ms(), group_id],
+                        )?;
+                        Ok(())
+                    })?;
+                    return Ok(());
+                }
+                Ok(other) => return Err(Error::Protocol(format!("unexpected answer: {other:?}"))),
+                Err(Error::Server(error)) if error.code == wire::ErrorCode::EpochMismatch => {
+                    tracing::debug!(
+                        "our commit at epoch {epoch} lost to epoch {}",
+                        error.current_epoch
+                    );
+                    // Another member won this epoch: drop our commit, follow theirs, retry.
+                    db::in_transaction(&self.db, |db| {
+                        let provider = Provider::new(db);
+                        if let Some(mut group) = mls::load_group(&provider, &group_id)? {
+                            mls::discard_own_commit(&provider, &mut group)?;
+                        }
+                        db.execute(
+                            "UPDATE conversations SET pending_commit_hash = NULL WHERE group_id = ?1",
+                            params![group_id],
+                        )?;
+                        Ok(())
+                    })?;
+                    self.wait_for_epoch(&group_id, error.current_epoch).await?;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(Error::Network(
+            "the conversation kept changing while updating keys; try again".into(),
+        ))
     }
 
     /// Sends a text message to a contact; returns once the server has durably stored it.
@@ -1019,8 +1237,20 @@ impl Client {
         if text.is_empty() {
             return Err(Error::Usage("the message is empty".into()));
         }
-        let (account, group_id) = self.conversation_of(contact)?;
-        let _ = account;
+        let (_, group_id) = self.conversation_of(contact)?;
+        let (last_update_ms, pending_commit): (u64, bool) = self.db.query_row(
+            "SELECT last_update_ms, pending_commit_hash IS NOT NULL FROM conversations WHERE group_id = ?1",
+            params![group_id],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        if pending_commit {
+            // A key update was interrupted; its fate is known once caught up.
+            self.connect().await?;
+            self.catch_up().await?;
+        }
+        if now_ms().saturating_sub(last_update_ms) > KEY_UPDATE_INTERVAL.as_millis() as u64 {
+            self.update_keys(contact).await?;
+        }
         self.queue_app_message(
             &group_id,
             wire::app_message::Body::Text(wire::Text {

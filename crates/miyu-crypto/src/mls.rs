@@ -285,6 +285,37 @@ pub fn encrypt(
         .map_err(state_error)
 }
 
+/// Starts a commit that replaces this device's leaf keys (post-compromise security). The
+/// group holds it as pending until [`merge_own_commit`] (the server accepted it) or
+/// [`discard_own_commit`] (it lost the race for the epoch).
+pub fn self_update(
+    provider: &Provider<'_>,
+    keys: &AccountKeys,
+    group: &mut MlsGroup,
+) -> Result<Vec<u8>, MlsError> {
+    group
+        .self_update(provider, &DeviceSigner(keys), LeafNodeParameters::default())
+        .map_err(state_error)?
+        .into_commit()
+        .tls_serialize_detached()
+        .map_err(state_error)
+}
+
+/// True when the group has a commit of ours waiting for the server's verdict.
+pub fn has_pending_commit(group: &MlsGroup) -> bool {
+    group.pending_commit().is_some()
+}
+
+pub fn merge_own_commit(provider: &Provider<'_>, group: &mut MlsGroup) -> Result<(), MlsError> {
+    group.merge_pending_commit(provider).map_err(state_error)
+}
+
+pub fn discard_own_commit(provider: &Provider<'_>, group: &mut MlsGroup) -> Result<(), MlsError> {
+    group
+        .clear_pending_commit(provider.storage())
+        .map_err(state_error)
+}
+
 /// What an incoming group message turned out to be.
 pub enum Incoming {
     Application {
@@ -295,6 +326,8 @@ pub enum Incoming {
     Commit,
     /// A proposal, stored until a commit covers it.
     Proposal,
+    /// A message this device sent itself, echoed back; it cannot be decrypted by its sender.
+    Own,
 }
 
 /// Decrypts and verifies one message of the group's log.
@@ -347,6 +380,7 @@ pub fn process(
                 .map_err(state_error)?;
             Ok(Incoming::Proposal)
         }
+        ProcessedMessageContent::OwnPrivateMessage => Ok(Incoming::Own),
         _ => Err(MlsError::Rejected("unsupported message type".into())),
     }
 }
@@ -396,6 +430,38 @@ mod tests {
         assert!(matches!(
             process(&alice_mls, &mut alice_group, b"garbage"),
             Err(MlsError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_self_update_moves_both_sides_to_the_next_epoch() {
+        let (alice_db, bob_db) = (database(), database());
+        let (alice, bob) = (keys(), keys());
+        let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
+        let package = new_key_package(&alice_mls, &alice, false).unwrap();
+        let package = check_key_package(&bob_mls, &package, alice.certificate()).unwrap();
+        let created = create_group(&bob_mls, &bob, &[3; 16], &[package]).unwrap();
+        let mut bob_group = created.group;
+        join_group(&alice_mls, &created.welcome).unwrap();
+        let mut alice_group = load_group(&alice_mls, &[3; 16]).unwrap().unwrap();
+
+        let commit = self_update(&bob_mls, &bob, &mut bob_group).unwrap();
+        assert!(has_pending_commit(&bob_group));
+        // A lost race: the commit is dropped and the group is usable at its old epoch.
+        discard_own_commit(&bob_mls, &mut bob_group).unwrap();
+        assert!(!has_pending_commit(&bob_group));
+        let commit_again = self_update(&bob_mls, &bob, &mut bob_group).unwrap();
+        assert_ne!(commit, commit_again);
+        merge_own_commit(&bob_mls, &mut bob_group).unwrap();
+        assert!(matches!(
+            process(&alice_mls, &mut alice_group, &commit_again).unwrap(),
+            Incoming::Commit
+        ));
+        assert_eq!(alice_group.epoch(), bob_group.epoch());
+        let ciphertext = encrypt(&alice_mls, &alice, &mut alice_group, b"after").unwrap();
+        assert!(matches!(
+            process(&bob_mls, &mut bob_group, &ciphertext).unwrap(),
+            Incoming::Application { .. }
         ));
     }
 

@@ -151,7 +151,11 @@ pub fn connect_pair(root: &Path, server: &str) -> Pair {
 pub fn conversation(profile: &Path, contact: &str) -> Vec<String> {
     miyu_ok(profile, &["messages", contact])
         .lines()
-        .map(|line| line.split_once("  ").map_or(line, |(_, rest)| rest).to_string())
+        .map(|line| {
+            line.split_once("  ")
+                .map_or(line, |(_, rest)| rest)
+                .to_string()
+        })
         .collect()
 }
 

@@ -78,6 +78,8 @@ enum Command {
     SafetyNumber { contact: String },
     /// Mark a contact as verified after comparing safety numbers.
     Verify { contact: String },
+    /// Replace this device's keys in the conversation (done by itself weekly before sending).
+    UpdateKeys { contact: String },
     /// Run a server and two clients locally and show an encrypted conversation.
     Demo,
 }
@@ -279,6 +281,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Chat { contact } => chat(&profile, &contact).await,
+        Command::UpdateKeys { contact } => {
+            let mut client = Client::open(&profile)?;
+            client.update_keys(&contact).await?;
+            client.disconnect().await;
+            Ok(())
+        }
     }
 }
 
