@@ -136,10 +136,10 @@ pub enum Event {
 /// Merges our pending commit, if the group still has one, and forgets its hash.
 fn merge_own_commit(db: &Connection, group_id: &[u8]) -> Result<(), Error> {
     let provider = Provider::new(db);
-    if let Some(mut group) = mls::load_group(&provider, group_id)? {
-        if mls::has_pending_commit(&group) {
-            mls::merge_own_commit(&provider, &mut group)?;
-        }
+    if let Some(mut group) = mls::load_group(&provider, group_id)?
+        && mls::has_pending_commit(&group)
+    {
+        mls::merge_own_commit(&provider, &mut group)?;
     }
     db.execute(
         "UPDATE conversations SET pending_commit_hash = NULL WHERE group_id = ?1",
@@ -1144,10 +1144,10 @@ impl Client {
         for group_id in pending {
             db::in_transaction(&self.db, |db| {
                 let provider = Provider::new(db);
-                if let Some(mut group) = mls::load_group(&provider, &group_id)? {
-                    if mls::has_pending_commit(&group) {
-                        mls::discard_own_commit(&provider, &mut group)?;
-                    }
+                if let Some(mut group) = mls::load_group(&provider, &group_id)?
+                    && mls::has_pending_commit(&group)
+                {
+                    mls::discard_own_commit(&provider, &mut group)?;
                 }
                 db.execute(
                     "UPDATE conversations SET pending_commit_hash = NULL WHERE group_id = ?1",
