@@ -618,6 +618,79 @@ fn init_against_a_wrong_fingerprint_fails_with_a_security_hint() {
 }
 
 #[test]
+fn chat_reconnects_after_the_server_restarts_and_health_check_answers() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let address: ServerAddress = server.address.parse().unwrap();
+    assert!(
+        runtime()
+            .block_on(miyu_client::net::check_health(&address))
+            .unwrap()
+    );
+    let pair = connect_pair(root.path(), &server.address);
+    let mut bob = Chat::start(&pair.bob, "alice");
+    let (data, listen) = server.kill9();
+    // Bob's chat notices the loss and retries with growing pauses until the server is back.
+    let _server = Server::start(&data, &listen.to_string(), &[]);
+    let text = unique("after-restart");
+    miyu_ok(&pair.alice, &["send", "bob", &text]);
+    bob.wait_for_line(|line| line.contains(&text));
+    assert!(
+        runtime()
+            .block_on(miyu_client::net::check_health(&address))
+            .unwrap()
+    );
+}
+
+#[test]
+fn configuration_file_and_environment_are_honoured() {
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("miyu.toml");
+    std::fs::write(
+        &config,
+        "registration_token = \"from-file\"\nretention_days = 7\n",
+    )
+    .unwrap();
+    let config_flag = config.to_str().unwrap().to_string();
+    let server = Server::start(
+        &root.path().join("server"),
+        "127.0.0.1:0",
+        &["--config", &config_flag],
+    );
+    let refused = miyu(
+        &root.path().join("a"),
+        &["init", "--server", &server.address],
+    );
+    assert_eq!(refused.status.code(), Some(4));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_miyu"))
+        .arg("--profile")
+        .arg(root.path().join("b"))
+        .args(["init", "--server", &server.address])
+        .env("MIYU_REGISTRATION_TOKEN", "from-file")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // A bad file is refused with a message naming the problem.
+    std::fs::write(&config, "colour = \"blue\"\n").unwrap();
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_miyu-server"))
+        .args([
+            "--data",
+            root.path().join("other").to_str().unwrap(),
+            "--config",
+            &config_flag,
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("colour"));
+}
+
+#[test]
 fn registration_token_is_enforced() {
     let root = tempfile::tempdir().unwrap();
     let server = Server::start(

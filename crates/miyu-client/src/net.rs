@@ -99,6 +99,42 @@ fn tls_connector(server: &ServerAddress) -> Result<TlsConnector, Error> {
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
+async fn open_tls(server: &ServerAddress) -> Result<TlsStream<TcpStream>, Error> {
+    let tcp = TcpStream::connect((server.connect_host(), server.port()))
+        .await
+        .map_err(|error| Error::Network(format!("cannot reach {}: {error}", server.authority())))?;
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from(server.connect_host().to_string())
+        .map_err(|error| Error::Network(error.to_string()))?;
+    tls_connector(server)?
+        .connect(name, tcp)
+        .await
+        .map_err(|error| {
+            Error::Network(format!(
+                "TLS with {} failed (is the fingerprint in the server address right?): {error}",
+                server.authority()
+            ))
+        })
+}
+
+/// Asks the server's `GET /healthz` whether it can serve, over the same pinned TLS.
+pub async fn check_health(server: &ServerAddress) -> Result<bool, Error> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = open_tls(server).await?;
+    let request = format!(
+        "GET /healthz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        server.authority()
+    );
+    let io = |error: std::io::Error| Error::Network(format!("health check failed: {error}"));
+    tls.write_all(request.as_bytes()).await.map_err(io)?;
+    let mut response = Vec::new();
+    tls.take(4096)
+        .read_to_end(&mut response)
+        .await
+        .map_err(io)?;
+    Ok(response.starts_with(b"HTTP/1.1 200"))
+}
+
 /// One open connection, after the version handshake.
 pub struct Connection {
     socket: WebSocketStream<TlsStream<TcpStream>>,
