@@ -691,6 +691,25 @@ fn configuration_file_and_environment_are_honoured() {
 }
 
 #[test]
+fn a_client_that_lost_the_answer_to_its_registration_still_gets_in() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let alice = root.path().join("alice");
+    miyu_ok(
+        &alice,
+        &["init", "--server", &server.address, "--name", "alice"],
+    );
+    // As if the client crashed after the server stored the registration but before the
+    // client recorded it: the next connection registers again and must not be locked out.
+    rusqlite::Connection::open(alice.join("miyu.db"))
+        .unwrap()
+        .execute("UPDATE account SET registered = 0", [])
+        .unwrap();
+    let link = miyu_ok(&alice, &["invite"]);
+    assert!(link.starts_with("miyu://invite?"));
+}
+
+#[test]
 fn registration_token_is_enforced() {
     let root = tempfile::tempdir().unwrap();
     let server = Server::start(

@@ -45,6 +45,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// A device replaces its keys in a conversation (an MLS self-update, for post-compromise
 /// security) before sending, once its last update is older than this.
 const KEY_UPDATE_INTERVAL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// A live connection that has been quiet this long is probed with a Ping; if the next quiet
+/// spell ends without an answer either, it is considered dead.
+const KEEPALIVE: Duration = Duration::from_secs(60);
 /// Attempts at winning an epoch for a commit before giving up.
 const COMMIT_ATTEMPTS: usize = 5;
 
@@ -183,6 +186,8 @@ pub struct Client {
 struct Session {
     connection: net::Connection,
     caught_up: bool,
+    /// A keep-alive Ping went out and nothing has arrived since.
+    ping_outstanding: bool,
 }
 
 fn lock_profile(profile: &Path) -> Result<File, Error> {
@@ -361,10 +366,19 @@ impl Client {
                     key_packages,
                     last_resort_key_package: last_resort.unwrap_or_default(),
                 }))
-                .await?;
+                .await;
             match reply {
-                Reply::Registered(_) => {}
-                other => return Err(Error::Protocol(format!("unexpected answer: {other:?}"))),
+                Ok(Reply::Registered(_)) => {}
+                Err(Error::Server(error)) if error.code == wire::ErrorCode::AlreadyExists => {
+                    // Registered before a crash took the answer away. The device id is derived
+                    // from our own key, and the server checked our signature: it is ours.
+                    self.db
+                        .execute("UPDATE account SET registered = 1 WHERE id = 1", [])?;
+                    connection.close().await;
+                    return Box::pin(self.connect()).await;
+                }
+                Ok(other) => return Err(Error::Protocol(format!("unexpected answer: {other:?}"))),
+                Err(error) => return Err(error),
             }
             self.db
                 .execute("UPDATE account SET registered = 1 WHERE id = 1", [])?;
@@ -373,6 +387,7 @@ impl Client {
         self.session = Some(Session {
             connection,
             caught_up: false,
+            ping_outstanding: false,
         });
         if remaining < KEY_PACKAGE_TARGET / 2 {
             let (key_packages, _) = self.new_key_packages(KEY_PACKAGE_TARGET - remaining, false)?;
@@ -483,14 +498,40 @@ impl Client {
         Ok(events)
     }
 
-    /// The next event, connecting if needed. For live front ends such as `miyu chat`.
+    /// The next event, connecting if needed. For live front ends such as `miyu chat`: a quiet
+    /// connection is kept alive with pings rather than timed out.
     pub async fn next_event(&mut self) -> Result<Event, Error> {
         loop {
             if let Some(event) = self.events.pop_front() {
                 return Ok(event);
             }
             self.connect().await?;
-            self.pump().await?;
+            let session = self.session()?;
+            let frame = match tokio::time::timeout(KEEPALIVE, session.connection.receive()).await {
+                Ok(Ok(frame)) => frame,
+                Ok(Err(error)) => {
+                    self.session = None;
+                    return Err(error);
+                }
+                Err(_) if session.ping_outstanding => {
+                    self.session = None;
+                    return Err(Error::Network("the server stopped answering".into()));
+                }
+                Err(_) => {
+                    session.ping_outstanding = true;
+                    session
+                        .connection
+                        .send(Request::Ping(wire::Ping {}))
+                        .await?;
+                    continue;
+                }
+            };
+            self.session()?.ping_outstanding = false;
+            self.handle_frame(frame).await?;
+            if self.outbox_waiting {
+                self.outbox_waiting = false;
+                self.flush_outbox().await?;
+            }
         }
     }
 
@@ -541,7 +582,14 @@ impl Client {
                 })?;
         if entry.seq > cursor {
             let joined = db::in_transaction(&self.db, |db| {
+                // A Welcome that fails its checks must leave no trace, not even the one-time
+                // key package it consumed, while the inbox cursor still moves past it.
+                db.execute_batch("SAVEPOINT welcome")?;
                 let joined = self.join_from_welcome(db, &entry.payload);
+                if joined.is_err() {
+                    db.execute_batch("ROLLBACK TO welcome")?;
+                }
+                db.execute_batch("RELEASE welcome")?;
                 db.execute(
                     "UPDATE account SET inbox_cursor = ?1 WHERE id = 1",
                     params![entry.seq],

@@ -138,6 +138,8 @@ pub async fn check_health(server: &ServerAddress) -> Result<bool, Error> {
 /// One open connection, after the version handshake.
 pub struct Connection {
     socket: WebSocketStream<TlsStream<TcpStream>>,
+    /// Frames that arrived while `call` waited for another one; `receive` returns them first.
+    early: std::collections::VecDeque<wire::ServerFrame>,
     next_request_id: u64,
     nonce: Vec<u8>,
     server_certificate_sha256: [u8; 32],
@@ -173,6 +175,7 @@ impl Connection {
                 .map_err(|error| Error::Network(format!("WebSocket handshake failed: {error}")))?;
         let mut connection = Self {
             socket,
+            early: std::collections::VecDeque::new(),
             next_request_id: 1,
             nonce: Vec::new(),
             server_certificate_sha256: *server.certificate_sha256(),
@@ -229,6 +232,9 @@ impl Connection {
 
     /// The next frame from the server.
     pub async fn receive(&mut self) -> Result<wire::ServerFrame, Error> {
+        if let Some(frame) = self.early.pop_front() {
+            return Ok(frame);
+        }
         loop {
             match self.socket.next().await {
                 Some(Ok(Message::Binary(bytes))) => {
@@ -247,16 +253,26 @@ impl Connection {
         }
     }
 
-    /// Sends a request and waits for its answer, failing on any push in between. Only for the
-    /// handshake, before the server pushes anything.
+    /// Sends a request and waits for its answer. Frames that arrive in between are kept for
+    /// `receive`, so nothing pushed meanwhile is lost.
     pub async fn call(&mut self, body: Request) -> Result<Reply, Error> {
         let id = self.send(body).await?;
-        loop {
-            let frame = self.receive().await?;
+        let mut others = Vec::new();
+        let answer = loop {
+            let frame = match self.early.pop_front() {
+                Some(frame) => frame,
+                None => match self.receive().await {
+                    Ok(frame) => frame,
+                    Err(error) => break Err(error),
+                },
+            };
             if frame.request_id == id {
-                return into_result(frame);
+                break into_result(frame);
             }
-        }
+            others.push(frame);
+        };
+        self.early.extend(others);
+        answer
     }
 
     pub async fn close(mut self) {

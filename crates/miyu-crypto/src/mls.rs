@@ -330,6 +330,25 @@ pub enum Incoming {
     Own,
 }
 
+/// Checks a leaf that replaces the one at `index`: valid certificate, same account.
+fn check_replacement(
+    group: &MlsGroup,
+    index: LeafNodeIndex,
+    leaf: &LeafNode,
+) -> Result<(), MlsError> {
+    let new = member_certificate(leaf.credential(), leaf.signature_key().as_slice())?;
+    let old_member = group.member_at(index).ok_or(MlsError::BadMember(
+        "an update names a leaf that is not in the group",
+    ))?;
+    let old = member_certificate(&old_member.credential, &old_member.signature_key)?;
+    if old.account_id() != new.account_id() {
+        return Err(MlsError::BadMember(
+            "an update may not move a leaf to another account",
+        ));
+    }
+    Ok(())
+}
+
 /// Decrypts and verifies one message of the group's log.
 pub fn process(
     provider: &Provider<'_>,
@@ -365,9 +384,21 @@ pub fn process(
             })
         }
         ProcessedMessageContent::StagedCommitMessage(staged) => {
+            // Every leaf the commit adds or replaces must carry a valid device certificate,
+            // and a replaced leaf must stay with the same account.
             for member in staged.add_proposals() {
                 let leaf = member.add_proposal().key_package().leaf_node();
                 member_certificate(leaf.credential(), leaf.signature_key().as_slice())?;
+            }
+            if let (Some(leaf), Sender::Member(index)) =
+                (staged.update_path_leaf_node(), &sender_leaf)
+            {
+                check_replacement(group, *index, leaf)?;
+            }
+            for update in staged.update_proposals() {
+                if let Sender::Member(index) = update.sender() {
+                    check_replacement(group, *index, update.update_proposal().leaf_node())?;
+                }
             }
             group
                 .merge_staged_commit(provider, *staged)
@@ -463,6 +494,45 @@ mod tests {
             process(&bob_mls, &mut bob_group, &ciphertext).unwrap(),
             Incoming::Application { .. }
         ));
+    }
+
+    #[test]
+    fn an_update_that_moves_a_leaf_to_another_account_is_refused() {
+        let (alice_db, bob_db) = (database(), database());
+        let (alice, bob, mallory) = (keys(), keys(), keys());
+        let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
+        let package = new_key_package(&alice_mls, &alice, false).unwrap();
+        let package = check_key_package(&bob_mls, &package, alice.certificate()).unwrap();
+        let created = create_group(&bob_mls, &bob, &[4; 16], &[package]).unwrap();
+        let mut bob_group = created.group;
+        join_group(&alice_mls, &created.welcome).unwrap();
+        let mut alice_group = load_group(&alice_mls, &[4; 16]).unwrap().unwrap();
+
+        // Bob's device swaps its leaf for a device certified by another account's identity.
+        let commit = bob_group
+            .self_update_with_new_signer(
+                &bob_mls,
+                &DeviceSigner(&bob),
+                NewSignerBundle {
+                    signer: &DeviceSigner(&mallory),
+                    credential_with_key: credential_with_key(&mallory),
+                },
+                LeafNodeParameters::default(),
+            )
+            .unwrap()
+            .into_commit()
+            .tls_serialize_detached()
+            .unwrap();
+        let epoch = alice_group.epoch();
+        assert!(matches!(
+            process(&alice_mls, &mut alice_group, &commit),
+            Err(MlsError::BadMember(_))
+        ));
+        assert_eq!(
+            alice_group.epoch(),
+            epoch,
+            "the refused commit was not merged"
+        );
     }
 
     #[test]

@@ -42,6 +42,10 @@ fn valid_host(host: &str) -> bool {
 /// Splits `host:port`, where host may be a bracketed IPv6 address.
 pub(crate) fn parse_host_port(text: &str) -> Result<(String, u16), AddressError> {
     let (host, port) = text.rsplit_once(':').ok_or(AddressError::HostPort)?;
+    // Digits only: the integer parser would also take a sign.
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(AddressError::HostPort);
+    }
     let port: u16 = port.parse().map_err(|_| AddressError::HostPort)?;
     if port == 0 || !valid_host(host) {
         return Err(AddressError::HostPort);
@@ -154,6 +158,7 @@ mod tests {
             format!("wss://h/#{fp}"),
             format!("wss://h:0/#{fp}"),
             format!("wss://h:99999/#{fp}"),
+            format!("wss://h:+80/#{fp}"),
             format!("wss://h_x:1/#{fp}"),
             format!("wss://[zz]:1/#{fp}"),
             "wss://h:1/#tooshort".to_string(),

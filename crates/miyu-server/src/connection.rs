@@ -163,6 +163,8 @@ struct Session {
     requests: TokenBucket,
     claims: TokenBucket,
     bad_frames: u32,
+    /// Told by the delivery task when it stops for a reason other than the peer leaving.
+    delivery_failed: Arc<tokio::sync::Notify>,
 }
 
 /// Serves one WebSocket until the peer leaves, misbehaves too often, or the server stops.
@@ -198,10 +200,17 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         requests: TokenBucket::new(rate, rate * 2.0, now),
         claims: TokenBucket::new(CLAIMS_PER_MINUTE / 60.0, CLAIMS_PER_MINUTE, now),
         bad_frames: 0,
+        delivery_failed: Arc::new(tokio::sync::Notify::new()),
     };
     let mut shutdown = shared.shutdown.clone();
+    let delivery_failed = Arc::clone(&session.delivery_failed);
     loop {
         let message = tokio::select! {
+            () = delivery_failed.notified() => {
+                // Without deliveries the connection is useless; the client reconnects.
+                session.send(error_frame(0, ErrorCode::Internal, "delivery interrupted; reconnect")).await;
+                break;
+            }
             message = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => match message {
                 Ok(message) => message,
                 Err(_) => break,
@@ -262,6 +271,15 @@ impl Session {
             }
         };
         let id = frame.request_id;
+        if id == 0 {
+            return self
+                .bad_frame(error_frame(
+                    0,
+                    ErrorCode::InvalidArgument,
+                    "request id 0 is reserved for pushes",
+                ))
+                .await;
+        }
         let Some(body) = frame.body else {
             return self
                 .bad_frame(error_frame(id, ErrorCode::UnknownRequest, "empty frame"))
@@ -377,21 +395,6 @@ impl Session {
                 ))
                 .await;
         }
-        let allowed = self
-            .shared
-            .registrations
-            .lock()
-            .map(|mut bucket| bucket.try_take(Instant::now()))
-            .unwrap_or(false);
-        if !allowed {
-            return self
-                .send(error_frame(
-                    id,
-                    ErrorCode::RateLimited,
-                    "too many registrations; try again in a minute",
-                ))
-                .await;
-        }
         let certificate = match register
             .certificate
             .as_ref()
@@ -441,6 +444,23 @@ impl Session {
                 ))
                 .await;
         }
+        // Only a well-formed, signed registration spends from the server-wide budget, so
+        // garbage cannot lock everyone else out.
+        let allowed = self
+            .shared
+            .registrations
+            .lock()
+            .map(|mut bucket| bucket.try_take(Instant::now()))
+            .unwrap_or(false);
+        if !allowed {
+            return self
+                .send(error_frame(
+                    id,
+                    ErrorCode::RateLimited,
+                    "too many registrations; try again in a minute",
+                ))
+                .await;
+        }
         let device = certificate.device_id();
         let account = certificate.account_id();
         let new_device = NewDevice {
@@ -459,7 +479,8 @@ impl Session {
             .await
         {
             Ok(()) => {
-                self.become_authenticated(device, account);
+                // The answer is queued before the delivery task starts, so it precedes every
+                // push on this connection.
                 self.send(encode(
                     id,
                     Reply::Registered(wire::Registered {
@@ -468,6 +489,7 @@ impl Session {
                     }),
                 ))
                 .await;
+                self.become_authenticated(device, account);
             }
             Err(StoreError::AlreadyExists) => {
                 self.send(error_frame(
@@ -519,7 +541,6 @@ impl Session {
             .await;
         match remaining {
             Ok(remaining) => {
-                self.become_authenticated(device, record.account_id);
                 self.send(encode(
                     id,
                     Reply::Authenticated(wire::Authenticated {
@@ -527,6 +548,7 @@ impl Session {
                     }),
                 ))
                 .await;
+                self.become_authenticated(device, record.account_id);
             }
             Err(error) => self.send(store_error_frame(id, &error)).await,
         }
@@ -540,6 +562,7 @@ impl Session {
             device,
             Arc::clone(&mailbox),
             self.outbound.clone(),
+            Arc::clone(&self.delivery_failed),
         ));
         self.phase = Phase::Authenticated(Authenticated {
             device,
@@ -815,6 +838,7 @@ async fn deliver(
     device: DeviceId,
     mailbox: Arc<Mailbox>,
     outbound: mpsc::Sender<Vec<u8>>,
+    failed: Arc<tokio::sync::Notify>,
 ) {
     let mut delivery = Delivery {
         shared,
@@ -826,7 +850,10 @@ async fn deliver(
     };
     match delivery.run(&mailbox).await {
         Ok(()) | Err(Stop::Disconnected) => {}
-        Err(Stop::Store(error)) => tracing::warn!("delivery stopped: {error}"),
+        Err(Stop::Store(error)) => {
+            tracing::warn!("delivery stopped: {error}");
+            failed.notify_one();
+        }
     }
 }
 
