@@ -710,6 +710,82 @@ fn a_client_that_lost_the_answer_to_its_registration_still_gets_in() {
 }
 
 #[test]
+fn key_packages_are_replenished_after_invites_use_them_up() {
+    let root = tempfile::tempdir().unwrap();
+    let server_data = root.path().join("server");
+    let server = Server::start(&server_data, "127.0.0.1:0", &[]);
+    let address: ServerAddress = server.address.parse().unwrap();
+    let alice = root.path().join("alice");
+    miyu_ok(
+        &alice,
+        &["init", "--server", &server.address, "--name", "alice"],
+    );
+    let database = rusqlite::Connection::open(server_data.join("miyu.sqlite3")).unwrap();
+    // Alice's is the only device yet; the claimers registered below have their own.
+    let alice_device: Vec<u8> = database
+        .query_row("SELECT device_id FROM devices", [], |row| row.get(0))
+        .unwrap();
+    let one_time_left = || -> i64 {
+        database
+            .query_row(
+                "SELECT COUNT(*) FROM key_packages WHERE last_resort = 0 AND device_id = ?1",
+                [&alice_device],
+                |row| row.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(one_time_left(), 20);
+    let links: Vec<String> = (0..12)
+        .map(|_| miyu_ok(&alice, &["invite"]).trim().to_string())
+        .collect();
+    runtime().block_on(async {
+        for link in &links {
+            let link: miyu_proto::InviteLink = link.parse().unwrap();
+            let (mut claimer, _) = register(&address).await;
+            let id = claimer
+                .send(Request::ClaimInvite(wire::ClaimInvite {
+                    token: link.token.to_vec(),
+                }))
+                .await
+                .unwrap();
+            assert!(matches!(
+                answer(&mut claimer, id).await,
+                Ok(Reply::InviteClaimed(_))
+            ));
+        }
+    });
+    assert_eq!(one_time_left(), 8);
+    // Alice's next connection notices fewer than half are left and tops them up.
+    miyu_ok(&alice, &["sync"]);
+    assert_eq!(one_time_left(), 20);
+}
+
+#[test]
+fn an_operator_certificate_given_with_cert_and_key_is_used() {
+    let root = tempfile::tempdir().unwrap();
+    let first = Server::start(&root.path().join("first"), "127.0.0.1:0", &[]);
+    let cert = root.path().join("first/tls-cert.pem");
+    let key = root.path().join("first/tls-key.pem");
+    let second = Server::start(
+        &root.path().join("second"),
+        "127.0.0.1:0",
+        &[
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let fingerprint = |address: &str| address.rsplit_once('#').unwrap().1.to_string();
+    assert_eq!(fingerprint(&first.address), fingerprint(&second.address));
+    assert!(!root.path().join("second/tls-cert.pem").exists());
+    miyu_ok(
+        &root.path().join("a"),
+        &["init", "--server", &second.address],
+    );
+}
+
+#[test]
 fn registration_token_is_enforced() {
     let root = tempfile::tempdir().unwrap();
     let server = Server::start(
