@@ -167,6 +167,21 @@ fn format_time(unix_ms: u64) -> String {
     )
 }
 
+/// Text from other people, made safe for a terminal: control characters (escape sequences,
+/// carriage returns, newlines) are shown escaped, so a message cannot rewrite the screen or
+/// pass itself off as several lines.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn message_line(message: &MessageView) -> String {
     let state = match message.state {
         miyu_client::MessageState::Pending => " (not sent yet)",
@@ -175,8 +190,8 @@ fn message_line(message: &MessageView) -> String {
     format!(
         "{}  {}: {}{}",
         format_time(message.sent_at_ms),
-        message.from,
-        message.body,
+        printable(&message.from),
+        printable(&message.body),
         state
     )
 }
@@ -241,7 +256,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     "not verified"
                 };
-                println!("{}\t{}\t{}", contact.name, contact.account_id, verified);
+                println!(
+                    "{}\t{}\t{}",
+                    printable(&contact.name),
+                    contact.account_id,
+                    verified
+                );
             }
             Ok(())
         }
@@ -301,10 +321,18 @@ fn print_events(events: &[Event], json: bool) -> anyhow::Result<()> {
                 }
             }
             Event::ContactAdded(contact) if !json => {
-                println!("new contact: {} ({})", contact.name, contact.account_id);
+                println!(
+                    "new contact: {} ({})",
+                    printable(&contact.name),
+                    contact.account_id
+                );
             }
             Event::ContactNamed { old, new } if !json => {
-                println!("contact {old} is now called {new}");
+                println!(
+                    "contact {} is now called {}",
+                    printable(old),
+                    printable(new)
+                );
             }
             _ => {}
         }
@@ -347,7 +375,9 @@ async fn chat(profile: &std::path::Path, contact: &str) -> anyhow::Result<()> {
                     println!("{}", message_line(&message));
                     std::io::stdout().flush()?;
                 }
-                Ok(Event::ContactNamed { old, new }) => println!("-- {old} is now called {new} --"),
+                Ok(Event::ContactNamed { old, new }) => {
+                    println!("-- {} is now called {} --", printable(&old), printable(&new));
+                }
                 Ok(_) => {}
                 Err(error) if error.is_transient() => {
                     eprintln!("connection lost ({error}); retrying in {} ms", backoff.as_millis());
@@ -360,4 +390,22 @@ async fn chat(profile: &std::path::Path, contact: &str) -> anyhow::Result<()> {
     }
     client.disconnect().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_escapes_and_newlines_from_peers_are_shown_escaped() {
+        assert_eq!(printable("hi\u{1b}[2J\nthere"), "hi\\u{1b}[2J\\nthere");
+        assert_eq!(printable("密语 ok"), "密语 ok");
+    }
+
+    #[test]
+    fn times_are_printed_in_utc() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00");
+        assert_eq!(format_time(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(format_time(1_796_000_000_000), "2026-11-30 00:53:20");
+    }
 }
