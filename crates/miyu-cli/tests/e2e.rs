@@ -599,6 +599,78 @@ fn a_message_replayed_or_redelivered_by_the_server_is_shown_once() {
 }
 
 #[test]
+fn a_server_that_makes_up_an_invite_cannot_make_up_a_contact() {
+    let root = tempfile::tempdir().unwrap();
+    let server_data = root.path().join("server");
+    let server = Server::start(&server_data, "127.0.0.1:0", &[]);
+    let listen = server.listen.to_string();
+    let address: ServerAddress = server.address.parse().unwrap();
+    let alice = root.path().join("alice");
+    let mallory = root.path().join("mallory");
+    miyu_ok(
+        &alice,
+        &["init", "--server", &server.address, "--name", "alice"],
+    );
+    miyu_ok(
+        &mallory,
+        &["init", "--server", &server.address, "--name", "mallory"],
+    );
+    server.terminate();
+
+    // The server's operator plants an invite for Alice's account that Alice never made,
+    // and hands the link to Mallory. Everything in it is public except the token.
+    let token = [0x5a_u8; 32];
+    let link = {
+        use sha2::Digest;
+        let database = rusqlite::Connection::open(server_data.join("miyu.sqlite3")).unwrap();
+        let (account, certificate): (Vec<u8>, Vec<u8>) = database
+            .query_row(
+                "SELECT account_id, certificate FROM devices ORDER BY created_hour LIMIT 1",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap();
+        let account = miyu_proto::AccountId::from_bytes(&account).unwrap();
+        let certificate = miyu_proto::VerifiedCertificate::from_compact(&certificate).unwrap();
+        database
+            .execute(
+                "INSERT INTO invites (token_hash, account_id, expires_at) VALUES (?1, ?2, ?3)",
+                rusqlite::params![
+                    sha2::Sha256::digest(token).to_vec(),
+                    account.as_bytes().to_vec(),
+                    i64::MAX
+                ],
+            )
+            .unwrap();
+        miyu_proto::InviteLink {
+            server: address.clone(),
+            account,
+            identity: certificate.identity_fingerprint(),
+            token,
+        }
+    };
+    let _server = Server::start(&server_data, &listen, &[]);
+    miyu_ok(&mallory, &["accept", &link.to_string()]);
+    miyu_ok(
+        &mallory,
+        &[
+            "send",
+            &link.account.to_string()[..8],
+            "hi alice, it's your bank",
+        ],
+    );
+
+    // Alice's client sees an introduction without one of her tokens: no contact, no message,
+    // and she does not tell the stranger her name.
+    let printed = miyu_ok(&alice, &["sync"]);
+    assert!(printed.is_empty(), "{printed}");
+    assert_eq!(miyu_ok(&alice, &["contacts"]), "");
+    miyu_ok(&mallory, &["sync"]);
+    let mallorys_view = miyu_ok(&mallory, &["contacts"]);
+    assert!(!mallorys_view.contains("alice"), "{mallorys_view}");
+}
+
+#[test]
 fn init_against_a_wrong_fingerprint_fails_with_a_security_hint() {
     let root = tempfile::tempdir().unwrap();
     let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);

@@ -26,7 +26,11 @@ CREATE TABLE contacts (
     named_locally INTEGER NOT NULL DEFAULT 0,
     certificate BLOB NOT NULL,
     verified INTEGER NOT NULL DEFAULT 0,
-    added_at_ms INTEGER NOT NULL
+    added_at_ms INTEGER NOT NULL,
+    -- 'accepted': we accepted their invite, or they proved they used one of ours;
+    -- 'pending': joined from a Welcome, their introduction has not arrived yet;
+    -- 'unsolicited': their introduction did not carry a token of ours. Hidden.
+    state TEXT NOT NULL DEFAULT 'accepted'
 );
 CREATE TABLE conversations (
     group_id BLOB PRIMARY KEY,

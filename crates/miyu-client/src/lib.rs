@@ -136,6 +136,18 @@ pub enum Event {
     CaughtUp,
 }
 
+/// The name a contact chose, made safe to store: printable, trimmed, at most 64 characters.
+fn profile_name(profile: &wire::Profile) -> String {
+    profile
+        .name
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(64)
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
 /// Merges our pending commit, if the group still has one, and forgets its hash.
 fn merge_own_commit(db: &Connection, group_id: &[u8]) -> Result<(), Error> {
     let provider = Provider::new(db);
@@ -596,20 +608,10 @@ impl Client {
                 )?;
                 Ok(joined)
             })?;
-            match joined {
-                Ok(Some((group_id, contact))) => {
-                    self.events.push_back(Event::ContactAdded(contact));
-                    // Tell the inviter who we are, end to end encrypted.
-                    let profile = wire::app_message::Body::Profile(wire::Profile {
-                        name: self.name.clone(),
-                        invite_token: Vec::new(),
-                    });
-                    // Posted by the next flush: this runs inside `call`, which must not recurse.
-                    self.queue_app_message(&group_id, profile, None)?;
-                    self.outbox_waiting = true;
-                }
-                Ok(None) => {}
-                Err(error) => tracing::warn!("ignored an invitation that failed checks: {error}"),
+            // The newcomer stays hidden until their introduction proves they hold one of our
+            // invite tokens; only then do we tell them who we are (see `process_entry`).
+            if let Err(error) = joined {
+                tracing::warn!("ignored an invitation that failed checks: {error}");
             }
         }
         self.send_and_forget(Request::AckInbox(wire::AckInbox { seq: entry.seq }))
@@ -618,11 +620,7 @@ impl Client {
 
     /// Joins a conversation from a Welcome. The outer result is a database failure (retry);
     /// the inner one a Welcome that fails checks (drop it).
-    fn join_from_welcome(
-        &self,
-        db: &Connection,
-        welcome: &[u8],
-    ) -> Result<Option<(Vec<u8>, Contact)>, Error> {
+    fn join_from_welcome(&self, db: &Connection, welcome: &[u8]) -> Result<(), Error> {
         let provider = Provider::new(db);
         let joined = mls::join_group(&provider, welcome)?;
         let me = self.account_id();
@@ -645,29 +643,18 @@ impl Client {
                 |row| row.get(0),
             )
             .optional()?;
-        let name = match existing {
-            Some(name) => name,
-            None => {
-                let placeholder = db::free_contact_name(db, &account[..8], &account)?;
-                db.execute(
-                    "INSERT INTO contacts (account_id, name, certificate, added_at_ms) VALUES (?1, ?2, ?3, ?4)",
-                    params![account, placeholder, other.to_compact(), now_ms()],
-                )?;
-                placeholder
-            }
-        };
+        if existing.is_none() {
+            let placeholder = db::free_contact_name(db, &account[..8], &account)?;
+            db.execute(
+                "INSERT INTO contacts (account_id, name, certificate, added_at_ms, state) VALUES (?1, ?2, ?3, ?4, 'pending')",
+                params![account, placeholder, other.to_compact(), now_ms()],
+            )?;
+        }
         db.execute(
             "INSERT OR REPLACE INTO conversations (group_id, contact, cursor, last_update_ms) VALUES (?1, ?2, 0, ?3)",
             params![group_id, account, now_ms()],
         )?;
-        Ok(Some((
-            group_id,
-            Contact {
-                name,
-                account_id: account,
-                verified: false,
-            },
-        )))
+        Ok(())
     }
 
     async fn on_group_entry(&mut self, entry: wire::GroupEntry) -> Result<(), Error> {
@@ -707,6 +694,16 @@ impl Client {
             Ok(event)
         })?;
         if let Some(event) = event {
+            if matches!(event, Event::ContactAdded(_)) {
+                // They proved they hold one of our invites: now tell them who we are. Posted
+                // by the next flush, since this runs inside `call`, which must not recurse.
+                let profile = wire::app_message::Body::Profile(wire::Profile {
+                    name: self.name.clone(),
+                    invite_token: Vec::new(),
+                });
+                self.queue_app_message(&entry.group_id, profile, None)?;
+                self.outbox_waiting = true;
+            }
             self.events.push_back(event);
         }
         self.ack_group(entry.group_id, entry.seq).await
@@ -785,19 +782,24 @@ impl Client {
             tracing::debug!("dropped a message that is not a Miyu message");
             return Ok(None);
         };
-        let contact_name: String = db.query_row(
-            "SELECT name FROM contacts WHERE account_id = ?1",
+        let (contact_name, state): (String, String) = db.query_row(
+            "SELECT name, state FROM contacts WHERE account_id = ?1",
             params![contact_account],
-            |row| row.get(0),
+            |row| Ok((row.get(0)?, row.get(1)?)),
         )?;
+        let accepted = state == "accepted";
         match message.body {
+            Some(wire::app_message::Body::Profile(profile)) if state == "pending" => {
+                self.introduce(db, contact_account, &profile)
+            }
             Some(wire::app_message::Body::Text(text)) => {
                 let inserted = db.execute(
                     "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq)
                      VALUES (?1, ?2, 0, ?3, ?4, ?5, 'received', ?6)",
                     params![entry.group_id, message.message_id, text.body, message.sent_at_ms, now_ms(), entry.seq],
                 )?;
-                if inserted == 0 {
+                if inserted == 0 || !accepted {
+                    // Kept, but not shown: the sender is not an accepted contact.
                     return Ok(None);
                 }
                 Ok(Some(Event::Message(MessageView {
@@ -810,26 +812,13 @@ impl Client {
                 })))
             }
             Some(wire::app_message::Body::Profile(profile)) => {
-                if !profile.invite_token.is_empty() {
-                    db.execute(
-                        "UPDATE invites SET used = 1 WHERE token = ?1",
-                        params![profile.invite_token],
-                    )?;
-                }
-                let wanted: String = profile
-                    .name
-                    .chars()
-                    .filter(|c| !c.is_control())
-                    .take(64)
-                    .collect::<String>()
-                    .trim()
-                    .to_string();
+                let wanted = profile_name(&profile);
                 let named_locally: bool = db.query_row(
                     "SELECT named_locally FROM contacts WHERE account_id = ?1",
                     params![contact_account],
                     |row| row.get(0),
                 )?;
-                if named_locally || wanted.is_empty() || wanted == contact_name {
+                if !accepted || named_locally || wanted.is_empty() || wanted == contact_name {
                     return Ok(None);
                 }
                 let new = db::free_contact_name(db, &wanted, contact_account)?;
@@ -844,6 +833,46 @@ impl Client {
             }
             None => Ok(None),
         }
+    }
+
+    /// The first message of someone who joined us through a Welcome: accepted as a contact
+    /// only if it carries the token of an invite we made and have not seen used. A server
+    /// that skips its own checks cannot make up contacts this way.
+    fn introduce(
+        &self,
+        db: &Connection,
+        contact_account: &str,
+        profile: &wire::Profile,
+    ) -> Result<Option<Event>, Error> {
+        let redeemed = !profile.invite_token.is_empty()
+            && db.execute(
+                "UPDATE invites SET used = 1 WHERE token = ?1 AND used = 0",
+                params![profile.invite_token],
+            )? == 1;
+        if !redeemed {
+            tracing::warn!("hid a newcomer whose introduction carried no invite token of ours");
+            db.execute(
+                "UPDATE contacts SET state = 'unsolicited' WHERE account_id = ?1",
+                params![contact_account],
+            )?;
+            return Ok(None);
+        }
+        let wanted = profile_name(profile);
+        let fallback = contact_account.get(..8).unwrap_or(contact_account);
+        let name = db::free_contact_name(
+            db,
+            if wanted.is_empty() { fallback } else { &wanted },
+            contact_account,
+        )?;
+        db.execute(
+            "UPDATE contacts SET state = 'accepted', name = ?1 WHERE account_id = ?2",
+            params![name, contact_account],
+        )?;
+        Ok(Some(Event::ContactAdded(Contact {
+            name,
+            account_id: contact_account.to_string(),
+            verified: false,
+        })))
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1321,7 +1350,7 @@ impl Client {
     fn conversation_of(&self, contact: &str) -> Result<(String, Vec<u8>), Error> {
         self.db
             .query_row(
-                "SELECT c.account_id, v.group_id FROM contacts c JOIN conversations v ON v.contact = c.account_id WHERE c.name = ?1",
+                "SELECT c.account_id, v.group_id FROM contacts c JOIN conversations v ON v.contact = c.account_id WHERE c.name = ?1 AND c.state = 'accepted'",
                 params![contact],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
@@ -1340,7 +1369,7 @@ impl Client {
     pub fn contacts(&self) -> Result<Vec<Contact>, Error> {
         let mut statement = self
             .db
-            .prepare("SELECT name, account_id, verified FROM contacts ORDER BY name")?;
+            .prepare("SELECT name, account_id, verified FROM contacts WHERE state = 'accepted' ORDER BY name")?;
         let contacts = statement
             .query_map([], |row| {
                 Ok(Contact {
@@ -1375,7 +1404,7 @@ impl Client {
             )));
         }
         let changed = self.db.execute(
-            "UPDATE contacts SET name = ?1, named_locally = 1 WHERE name = ?2",
+            "UPDATE contacts SET name = ?1, named_locally = 1 WHERE name = ?2 AND state = 'accepted'",
             params![new, old],
         )?;
         if changed == 0 {
@@ -1387,7 +1416,7 @@ impl Client {
     /// Marks a contact as verified, after the safety numbers were compared out of band.
     pub fn verify(&self, contact: &str) -> Result<(), Error> {
         let changed = self.db.execute(
-            "UPDATE contacts SET verified = 1 WHERE name = ?1",
+            "UPDATE contacts SET verified = 1 WHERE name = ?1 AND state = 'accepted'",
             params![contact],
         )?;
         if changed == 0 {
@@ -1433,7 +1462,7 @@ impl Client {
         let compact: Vec<u8> = self
             .db
             .query_row(
-                "SELECT certificate FROM contacts WHERE name = ?1",
+                "SELECT certificate FROM contacts WHERE name = ?1 AND state = 'accepted'",
                 params![contact],
                 |row| row.get(0),
             )
