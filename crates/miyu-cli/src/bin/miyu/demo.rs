@@ -22,7 +22,10 @@ fn show(who: &str, events: &[Event]) {
                 println!("  {who} received from {}: {}", message.from, message.body);
             }
             Event::ContactAdded(contact) => {
-                println!("  {who} got a new contact ({})", contact.account_id);
+                println!(
+                    "  {who} added {} ({}), who proved they used {who}'s invite",
+                    contact.name, contact.account_id
+                );
             }
             Event::ContactNamed { new, .. } => {
                 println!("  {who} learned the contact's name end-to-end encrypted: {new}");
