@@ -1,1 +1,380 @@
-fn main(){}
+//! `miyu-bench`: measures a Miyu delivery server through its real network protocol (TLS,
+//! WebSocket, protobuf frames), against a server started in-process on 127.0.0.1 or one named
+//! with `--server`.
+//!
+//! - `relay`: raw protocol connections post opaque payloads as fast as a bounded window allows;
+//!   how many messages a second the server durably stores and delivers.
+//! - `latency`: real clients (MLS, local SQLite) send at a fixed rate; how long from the start
+//!   of sending until the receiver has decrypted the message.
+//!
+//! Every run is bounded in messages and time and stops by itself. Timing uses the monotonic
+//! clock only and is reported, never relied on for correctness.
+
+mod embedded;
+mod latency;
+mod machine;
+mod relay;
+mod stats;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use miyu_proto::ServerAddress;
+use miyu_proto::frame::MAX_FRAME_BYTES;
+use miyu_server::StoreBackend;
+use serde::Serialize;
+
+use crate::embedded::EmbeddedServer;
+use crate::latency::{LatencyOutcome, LatencyPlan};
+use crate::machine::Machine;
+use crate::relay::{RelayOutcome, RelayPlan};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "miyu-bench",
+    version,
+    about = "Load generator and benchmarks for the Miyu delivery server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// Print one JSON object instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Server-only throughput: pipelined posts of opaque payloads between raw connections.
+    Relay(RelayArgs),
+    /// End-to-end latency with real clients sending at a fixed rate.
+    Latency(LatencyArgs),
+}
+
+#[derive(Debug, Args)]
+struct RelayArgs {
+    /// Sender/receiver pairs; a comma-separated list runs once per value, each on a fresh server.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pairs: Vec<usize>,
+    /// Messages each sender posts.
+    #[arg(long, default_value_t = 20_000)]
+    messages: u64,
+    /// Bytes per message payload (the first 8 carry a timestamp, the rest are random).
+    #[arg(long, default_value_t = 256)]
+    payload: usize,
+    /// Posts a sender may have unanswered at once.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// A receiver acknowledges after this many deliveries.
+    #[arg(long, default_value_t = 64)]
+    ack_every: u64,
+    /// Storage of the embedded server.
+    #[arg(long, value_enum, default_value_t = StoreChoice::Sqlite, conflicts_with = "server")]
+    store: StoreChoice,
+    /// Measure this server (wss://HOST:PORT/#FINGERPRINT) instead of an embedded one.
+    #[arg(long)]
+    server: Option<ServerAddress>,
+    /// Registration token, for a server that requires one.
+    #[arg(
+        long,
+        env = "MIYU_REGISTRATION_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    registration_token: String,
+}
+
+#[derive(Debug, Args)]
+struct LatencyArgs {
+    /// Messages per second each sender aims for.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// How long each sender sends.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Sender/receiver pairs, each its own conversation.
+    #[arg(long, default_value_t = 1)]
+    pairs: usize,
+    /// Measure this server (wss://HOST:PORT/#FINGERPRINT) instead of an embedded one.
+    #[arg(long)]
+    server: Option<ServerAddress>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StoreChoice {
+    /// SQLite with full sync: durable, what the server runs with.
+    Sqlite,
+    /// In memory: nothing survives a restart. For comparison only.
+    Memory,
+}
+
+impl StoreChoice {
+    fn backend(self) -> StoreBackend {
+        match self {
+            StoreChoice::Sqlite => StoreBackend::Sqlite,
+            StoreChoice::Memory => StoreBackend::DangerMemory,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            StoreChoice::Sqlite => "embedded server, SQLite store (durable)",
+            StoreChoice::Memory => "embedded server, in-memory store (not durable)",
+        }
+    }
+}
+
+/// Limits that keep a run bounded in count and size.
+const MAX_PAIRS: usize = 256;
+const MAX_MESSAGES_PER_PAIR: u64 = 10_000_000;
+const MAX_WINDOW: usize = 8192;
+const MAX_RATE: u32 = 100_000;
+const MAX_SECONDS: u64 = 3600;
+/// Room for the frame's other fields around the payload.
+const FRAME_OVERHEAD: usize = 256;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("miyu-bench: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("miyu-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    // The one origin every timestamp in a payload or message counts from.
+    let epoch = Instant::now();
+    let machine = Machine::this();
+    match cli.scenario {
+        Scenario::Relay(args) => relay(args, machine, epoch, cli.json).await,
+        Scenario::Latency(args) => latency(args, machine, epoch, cli.json).await,
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct RelayReport {
+    scenario: &'static str,
+    target: String,
+    machine: Machine,
+    runs: Vec<RelayOutcome>,
+}
+
+async fn relay(args: RelayArgs, machine: Machine, epoch: Instant, json: bool) -> Result<()> {
+    ensure!(!args.pairs.is_empty(), "give at least one --pairs value");
+    for &pairs in &args.pairs {
+        ensure!(
+            (1..=MAX_PAIRS).contains(&pairs),
+            "--pairs must be between 1 and {MAX_PAIRS}"
+        );
+    }
+    ensure!(
+        (1..=MAX_MESSAGES_PER_PAIR).contains(&args.messages),
+        "--messages must be between 1 and {MAX_MESSAGES_PER_PAIR}"
+    );
+    let max_payload = MAX_FRAME_BYTES - FRAME_OVERHEAD;
+    ensure!(
+        (relay::STAMP_BYTES..=max_payload).contains(&args.payload),
+        "--payload must be between {} and {max_payload} bytes",
+        relay::STAMP_BYTES
+    );
+    ensure!(
+        (1..=MAX_WINDOW).contains(&args.window),
+        "--window must be between 1 and {MAX_WINDOW}"
+    );
+    ensure!(args.ack_every >= 1, "--ack-every must be at least 1");
+
+    let target = match &args.server {
+        Some(server) => format!("server at {}", server.authority()),
+        None => args.store.describe().to_string(),
+    };
+    let mut runs = Vec::with_capacity(args.pairs.len());
+    for &pairs in &args.pairs {
+        let plan = RelayPlan {
+            pairs,
+            messages: args.messages,
+            payload_bytes: args.payload,
+            window: args.window,
+            ack_every: args.ack_every,
+            registration_token: args.registration_token.clone(),
+        };
+        let outcome = match &args.server {
+            Some(server) => relay::run(&plan, server, epoch).await?,
+            None => {
+                let embedded = EmbeddedServer::start(args.store.backend()).await?;
+                let measured = relay::run(&plan, embedded.address(), epoch).await;
+                embedded.stop().await;
+                measured?
+            }
+        };
+        if !json {
+            print_relay(&target, &outcome);
+        }
+        runs.push(outcome);
+    }
+    if json {
+        let report = RelayReport {
+            scenario: "relay",
+            target,
+            machine,
+            runs,
+        };
+        println!(
+            "{}",
+            serde_json::to_string(&report).context("writing JSON")?
+        );
+    } else {
+        println!(
+            "machine: {} ({} logical cores), shared by the clients and the server",
+            machine.cpu_model, machine.logical_cores
+        );
+    }
+    Ok(())
+}
+
+fn print_relay(target: &str, outcome: &RelayOutcome) {
+    println!(
+        "relay: {} pair(s) x {} messages of {} bytes, window {}, ack every {} ({target})",
+        outcome.pairs,
+        outcome.messages_per_pair,
+        outcome.payload_bytes,
+        outcome.window,
+        outcome.ack_every
+    );
+    println!(
+        "  delivered     {:>9} messages in {:.3} s = {:>9.0} msg/s (first post to last delivery)",
+        outcome.delivered, outcome.delivery_seconds, outcome.delivered_per_second
+    );
+    println!(
+        "  acknowledged  {:>9} posts    in {:.3} s = {:>9.0} posts/s (first post to last Posted)",
+        outcome.posted, outcome.posted_seconds, outcome.posted_per_second
+    );
+    if let Some(latency) = &outcome.post_to_posted {
+        println!("  post -> Posted     {latency}");
+    }
+    if let Some(latency) = &outcome.post_to_delivered {
+        println!("  post -> delivered  {latency}");
+    }
+    if outcome.own_posts_echoed_in_full > 0 {
+        println!(
+            "  {} own posts came back to their senders in full (own flag unset)",
+            outcome.own_posts_echoed_in_full
+        );
+    }
+    println!("  {}", outcome.cpu);
+    println!("  setup {:.2} s", outcome.setup_seconds);
+}
+
+#[derive(Debug, Serialize)]
+struct LatencyReport {
+    scenario: &'static str,
+    target: String,
+    machine: Machine,
+    #[serde(flatten)]
+    outcome: LatencyOutcome,
+}
+
+async fn latency(args: LatencyArgs, machine: Machine, epoch: Instant, json: bool) -> Result<()> {
+    ensure!(
+        (1..=MAX_PAIRS).contains(&args.pairs),
+        "--pairs must be between 1 and {MAX_PAIRS}"
+    );
+    ensure!(
+        (1..=MAX_RATE).contains(&args.rate),
+        "--rate must be between 1 and {MAX_RATE}"
+    );
+    ensure!(
+        (1..=MAX_SECONDS).contains(&args.seconds),
+        "--seconds must be between 1 and {MAX_SECONDS}"
+    );
+    let plan = LatencyPlan {
+        pairs: args.pairs,
+        rate: args.rate,
+        seconds: args.seconds,
+    };
+    let profiles = tempfile::Builder::new()
+        .prefix("miyu-bench-clients-")
+        .tempdir()
+        .context("creating a temporary folder for the client profiles")?;
+    let (target, outcome) = match &args.server {
+        Some(server) => (
+            format!("server at {}", server.authority()),
+            latency::run(&plan, server, profiles.path(), epoch).await?,
+        ),
+        None => {
+            let embedded = EmbeddedServer::start(StoreBackend::Sqlite).await?;
+            let measured = latency::run(&plan, embedded.address(), profiles.path(), epoch).await;
+            embedded.stop().await;
+            (StoreChoice::Sqlite.describe().to_string(), measured?)
+        }
+    };
+    let report = LatencyReport {
+        scenario: "latency",
+        target,
+        machine,
+        outcome,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).context("writing JSON")?
+        );
+    } else {
+        print_latency(&report);
+    }
+    Ok(())
+}
+
+fn print_latency(report: &LatencyReport) {
+    let outcome = &report.outcome;
+    println!(
+        "latency: {} pair(s), each sending {} msg/s for {} s with real clients ({})",
+        outcome.pairs, outcome.rate_per_pair, outcome.seconds, report.target
+    );
+    println!(
+        "  sent {} of {} planned, {:.0} msg/s achieved; received {} ({:.0} msg/s), missing {}",
+        outcome.sent,
+        outcome.planned,
+        outcome.achieved_send_rate,
+        outcome.received,
+        outcome.received_per_second,
+        outcome.missing
+    );
+    if outcome.kept_up {
+        println!("  the senders kept up with the requested rate");
+    } else {
+        println!(
+            "  the senders could NOT keep up with the requested rate (one client sends one message at a time and waits for the server's acknowledgement); lag behind schedule at the end: {:.0} ms",
+            outcome.final_lag_ms
+        );
+    }
+    if let Some(latency) = &outcome.send_to_decrypted {
+        println!("  send start -> decrypted   {latency}");
+    }
+    if let Some(latency) = &outcome.scheduled_to_decrypted {
+        println!("  scheduled  -> decrypted   {latency}");
+    }
+    if let Some(latency) = &outcome.send_call {
+        println!("  Client::send call         {latency}");
+    }
+    println!("  {}", outcome.cpu);
+    println!("  setup {:.2} s", outcome.setup_seconds);
+    println!(
+        "machine: {} ({} logical cores), shared by the clients and the server",
+        report.machine.cpu_model, report.machine.logical_cores
+    );
+}
