@@ -148,14 +148,29 @@ fn profile_name(profile: &wire::Profile) -> String {
         .to_string()
 }
 
-/// Merges our pending commit, if the group still has one, and forgets its hash.
-fn merge_own_commit(db: &Connection, group_id: &[u8]) -> Result<(), Error> {
+/// What the server decided about a commit of ours.
+#[derive(Clone, Copy)]
+enum Verdict {
+    Accepted,
+    Lost,
+}
+
+/// Applies the server's verdict to our pending commit, if the group still has one: merged when
+/// accepted, dropped when another commit took the epoch. Either way its hash is forgotten.
+fn settle_own_commit(db: &Connection, group_id: &[u8], verdict: Verdict) -> Result<(), Error> {
     let provider = Provider::new(db);
     if let Some(mut group) = mls::load_group(&provider, group_id)?
         && mls::has_pending_commit(&group)
     {
-        mls::merge_own_commit(&provider, &mut group)?;
+        match verdict {
+            Verdict::Accepted => mls::merge_own_commit(&provider, &mut group)?,
+            Verdict::Lost => mls::discard_own_commit(&provider, &mut group)?,
+        }
     }
+    forget_commit_hash(db, group_id)
+}
+
+fn forget_commit_hash(db: &Connection, group_id: &[u8]) -> Result<(), Error> {
     db.execute(
         "UPDATE conversations SET pending_commit_hash = NULL WHERE group_id = ?1",
         params![group_id],
@@ -681,7 +696,7 @@ impl Client {
             let event = if entry.own {
                 if is_commit {
                     // The server accepted our commit (the answer may still be on its way).
-                    merge_own_commit(db, &entry.group_id)?;
+                    settle_own_commit(db, &entry.group_id, Verdict::Accepted)?;
                 }
                 None
             } else {
@@ -735,7 +750,7 @@ impl Client {
         let is_commit = entry.kind == wire::EntryKind::Commit as i32;
         if is_commit && pending_commit_hash.as_deref() == Some(hash.as_slice()) {
             // Our own commit, echoed after a reconnect: the server accepted it.
-            merge_own_commit(db, &entry.group_id)?;
+            settle_own_commit(db, &entry.group_id, Verdict::Accepted)?;
             return Ok(None);
         }
         let provider = Provider::new(db);
@@ -746,10 +761,7 @@ impl Client {
             // The log's order is the truth: another member's commit took the epoch ours was
             // built on, so ours can never be accepted. Drop it and follow theirs.
             mls::discard_own_commit(&provider, &mut group)?;
-            db.execute(
-                "UPDATE conversations SET pending_commit_hash = NULL WHERE group_id = ?1",
-                params![entry.group_id],
-            )?;
+            forget_commit_hash(db, &entry.group_id)?;
         }
         let incoming = match mls::process(&provider, &mut group, &entry.payload) {
             Ok(Incoming::Own) => {
@@ -1116,12 +1128,7 @@ impl Client {
                 return Ok(());
             };
             let result = self
-                .call(Request::Post(wire::Post {
-                    group_id: group_id.clone(),
-                    epoch,
-                    kind: wire::EntryKind::Application as i32,
-                    payload: ciphertext,
-                }))
+                .post(&group_id, epoch, wire::EntryKind::Application, ciphertext)
                 .await;
             match result {
                 Ok(Reply::Posted(posted)) => {
@@ -1146,6 +1153,22 @@ impl Client {
                 Err(error) => return Err(error),
             }
         }
+    }
+
+    async fn post(
+        &mut self,
+        group_id: &[u8],
+        epoch: u64,
+        kind: wire::EntryKind,
+        payload: Vec<u8>,
+    ) -> Result<Reply, Error> {
+        self.call(Request::Post(wire::Post {
+            group_id: group_id.to_vec(),
+            epoch,
+            kind: kind as i32,
+            payload,
+        }))
+        .await
     }
 
     fn reencrypt_outbox_row(&self, id: i64) -> Result<(), Error> {
@@ -1220,17 +1243,7 @@ impl Client {
         };
         for group_id in pending {
             db::in_transaction(&self.db, |db| {
-                let provider = Provider::new(db);
-                if let Some(mut group) = mls::load_group(&provider, &group_id)?
-                    && mls::has_pending_commit(&group)
-                {
-                    mls::discard_own_commit(&provider, &mut group)?;
-                }
-                db.execute(
-                    "UPDATE conversations SET pending_commit_hash = NULL WHERE group_id = ?1",
-                    params![group_id],
-                )?;
-                Ok(())
+                settle_own_commit(db, &group_id, Verdict::Lost)
             })?;
         }
         Ok(())
@@ -1261,18 +1274,13 @@ impl Client {
                 Ok((commit, epoch))
             })?;
             let result = self
-                .call(Request::Post(wire::Post {
-                    group_id: group_id.clone(),
-                    epoch,
-                    kind: wire::EntryKind::Commit as i32,
-                    payload: commit,
-                }))
+                .post(&group_id, epoch, wire::EntryKind::Commit, commit)
                 .await;
             match result {
                 Ok(Reply::Posted(_)) => {
                     tracing::debug!("our commit at epoch {epoch} was accepted");
                     db::in_transaction(&self.db, |db| {
-                        merge_own_commit(db, &group_id)?;
+                        settle_own_commit(db, &group_id, Verdict::Accepted)?;
                         db.execute(
                             "UPDATE conversations SET last_update_ms = ?1 WHERE group_id = ?2",
                             params![now_ms(), group_id],
@@ -1289,15 +1297,7 @@ impl Client {
                     );
                     // Another member won this epoch: drop our commit, follow theirs, retry.
                     db::in_transaction(&self.db, |db| {
-                        let provider = Provider::new(db);
-                        if let Some(mut group) = mls::load_group(&provider, &group_id)? {
-                            mls::discard_own_commit(&provider, &mut group)?;
-                        }
-                        db.execute(
-                            "UPDATE conversations SET pending_commit_hash = NULL WHERE group_id = ?1",
-                            params![group_id],
-                        )?;
-                        Ok(())
+                        settle_own_commit(db, &group_id, Verdict::Lost)
                     })?;
                     self.wait_for_epoch(&group_id, error.current_epoch).await?;
                 }

@@ -257,6 +257,22 @@ impl Session {
         let _ = self.outbound.send(bytes).await;
     }
 
+    /// Parses a group id from a request, answering a malformed one with an error.
+    async fn group_id(&mut self, id: u64, bytes: &[u8]) -> Option<GroupId> {
+        match GroupId::from_bytes(bytes) {
+            Ok(group_id) => Some(group_id),
+            Err(_) => {
+                self.bad_frame(error_frame(
+                    id,
+                    ErrorCode::InvalidArgument,
+                    "malformed group id",
+                ))
+                .await;
+                None
+            }
+        }
+    }
+
     async fn bad_frame(&mut self, bytes: Vec<u8>) {
         self.bad_frames += 1;
         self.send(bytes).await;
@@ -679,14 +695,8 @@ impl Session {
                             .await;
                     }
                 };
-                let Ok(group_id) = GroupId::from_bytes(&post.group_id) else {
-                    return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "malformed group id",
-                        ))
-                        .await;
+                let Some(group_id) = self.group_id(id, &post.group_id).await else {
+                    return;
                 };
                 if post.payload.is_empty() {
                     return self
@@ -723,14 +733,8 @@ impl Session {
                 );
             }
             Request::AckGroup(ack) => {
-                let Ok(group_id) = GroupId::from_bytes(&ack.group_id) else {
-                    return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "malformed group id",
-                        ))
-                        .await;
+                let Some(group_id) = self.group_id(id, &ack.group_id).await else {
+                    return;
                 };
                 let pending =
                     store.submit(move |store| store.ack_group(&device, &group_id, ack.seq));
@@ -741,14 +745,8 @@ impl Session {
                 self.answer(context, pending.await, |(), _| Reply::Done(wire::Done {}));
             }
             Request::FetchGroup(fetch) => {
-                let Ok(group_id) = GroupId::from_bytes(&fetch.group_id) else {
-                    return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "malformed group id",
-                        ))
-                        .await;
+                let Some(group_id) = self.group_id(id, &fetch.group_id).await else {
+                    return;
                 };
                 let group = group_id.clone();
                 // Reading one entry checks membership without sending anything yet.
