@@ -691,8 +691,14 @@ impl Client {
             // Delivered again (after a reconnect, say): already processed.
             return self.ack_group(entry.group_id, entry.seq).await;
         }
+        let is_commit = entry.kind == wire::EntryKind::Commit as i32;
+        if entry.own && !is_commit {
+            // The echo of a message we posted on this connection: nothing to store. The local
+            // cursor only filters repeats, so leaving it behind costs nothing, and saves the
+            // sender a disk flush per message.
+            return self.ack_group(entry.group_id, entry.seq).await;
+        }
         let event = db::in_transaction(&self.db, |db| {
-            let is_commit = entry.kind == wire::EntryKind::Commit as i32;
             let event = if entry.own {
                 if is_commit {
                     // The server accepted our commit (the answer may still be on its way).

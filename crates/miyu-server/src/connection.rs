@@ -908,8 +908,13 @@ impl Delivery {
                     read_store = true;
                 }
                 self.groups.insert(group.clone(), sent);
+                // Entries are dropped into the mailbox by the tasks that answered their posts,
+                // which may finish out of order: sort, so that a batch in the mailbox can be
+                // sent straight from memory instead of falling back to a store read.
+                let mut entries = group_pending.entries;
+                entries.sort_unstable_by_key(|pushed| pushed.entry.seq);
                 if !read_store {
-                    for pushed in &group_pending.entries {
+                    for pushed in &entries {
                         let seq = pushed.entry.seq;
                         if seq <= sent {
                             continue;
