@@ -396,10 +396,14 @@ async fn send(
                     } else {
                         "an acknowledgement"
                     };
-                    bail!(
-                        "the server refused {what}: {} (if it is rate limiting, raise its requests_per_second or lower --window)",
-                        net::ServerError::from(error)
-                    );
+                    let error = net::ServerError::from(error);
+                    let hint = if error.code == wire::ErrorCode::RateLimited {
+                        "; the server limits requests per connection: give it a higher \
+                         requests_per_second in its configuration file"
+                    } else {
+                        ""
+                    };
+                    bail!("the server refused {what}: {error}{hint}");
                 }
                 (_, _) => {} // Done, for an acknowledgement.
             }
