@@ -611,7 +611,7 @@ impl Session {
                 let pending = store.submit(move |store| {
                     store.add_key_packages(&device, upload.key_packages, last_resort)
                 });
-                self.answer(context, pending.await, |remaining, _| {
+                self.answer(context, pending.await, |remaining| {
                     Reply::KeyPackageCount(wire::KeyPackageCount { remaining })
                 });
             }
@@ -630,7 +630,7 @@ impl Session {
                 let expires = crate::store::coarse_hour(now) + 3600 + INVITE_LIFETIME.as_secs();
                 let pending =
                     store.submit(move |store| store.create_invite(&account, token_hash, expires));
-                self.answer(context, pending.await, |(), _| Reply::Done(wire::Done {}));
+                self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
             }
             Request::ClaimInvite(claim) => {
                 if !self.claims.try_take(Instant::now()) {
@@ -645,7 +645,7 @@ impl Session {
                 let token_hash: [u8; 32] = Sha256::digest(&claim.token).into();
                 let pending =
                     store.submit(move |store| store.claim_invite(&token_hash, &device, now));
-                self.answer(context, pending.await, |claimed, _| {
+                self.answer(context, pending.await, |claimed| {
                     let devices = claimed
                         .into_iter()
                         .filter_map(|claimed| {
@@ -674,12 +674,15 @@ impl Session {
                         .await;
                 };
                 let group_id = new_group.group_id.clone();
-                let pending = store.submit(move |store| store.create_group(new_group));
-                self.answer(context, pending.await, move |created, shared| {
-                    shared.hub.notify_inbox(&created.welcomed);
-                    shared.hub.notify_group(&group_id, &created.members, None);
-                    Reply::Done(wire::Done {})
-                });
+                let shared = Arc::clone(&self.shared);
+                let pending = store.submit_then(
+                    move |store| store.create_group(new_group),
+                    move |created| {
+                        shared.hub.notify_inbox(&created.welcomed);
+                        shared.hub.notify_group(&group_id, &created.members, None);
+                    },
+                );
+                self.answer(context, pending.await, |_| Reply::Done(wire::Done {}));
             }
             Request::Post(post) => {
                 let kind = match wire::EntryKind::try_from(post.kind) {
@@ -707,15 +710,13 @@ impl Session {
                 let payload = post.payload;
                 let connection = context.connection;
                 let group = group_id.clone();
-                let pending = store.submit(move |store| {
-                    let appended =
-                        store.append(&group, &device, epoch, kind, payload.clone(), now)?;
-                    Ok((appended, payload))
-                });
-                self.answer(
-                    context,
-                    pending.await,
-                    move |(appended, payload), shared| {
+                // Pushed from the store thread right after the commit, in commit order, so
+                // delivery tasks see entries in sequence and can send them from memory.
+                let shared = Arc::clone(&self.shared);
+                let pending = store.submit_then(
+                    move |store| {
+                        let appended =
+                            store.append(&group, &device, epoch, kind, payload.clone(), now)?;
                         let pushed = Arc::new(PushedEntry {
                             entry: crate::store::LogEntry {
                                 seq: appended.seq,
@@ -725,12 +726,17 @@ impl Session {
                             },
                             poster_connection: connection,
                         });
+                        Ok((appended, pushed))
+                    },
+                    move |(appended, pushed)| {
                         shared
                             .hub
-                            .notify_group(&group_id, &appended.members, Some(&pushed));
-                        Reply::Posted(wire::Posted { seq: appended.seq })
+                            .notify_group(&group_id, &appended.members, Some(pushed));
                     },
                 );
+                self.answer(context, pending.await, |(appended, _)| {
+                    Reply::Posted(wire::Posted { seq: appended.seq })
+                });
             }
             Request::AckGroup(ack) => {
                 let Some(group_id) = self.group_id(id, &ack.group_id).await else {
@@ -738,11 +744,11 @@ impl Session {
                 };
                 let pending =
                     store.submit(move |store| store.ack_group(&device, &group_id, ack.seq));
-                self.answer(context, pending.await, |(), _| Reply::Done(wire::Done {}));
+                self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
             }
             Request::AckInbox(ack) => {
                 let pending = store.submit(move |store| store.ack_inbox(&device, ack.seq));
-                self.answer(context, pending.await, |(), _| Reply::Done(wire::Done {}));
+                self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
             }
             Request::FetchGroup(fetch) => {
                 let Some(group_id) = self.group_id(id, &fetch.group_id).await else {
@@ -753,7 +759,7 @@ impl Session {
                 let pending = store.submit(move |store| store.group_entries(&group, &device, 0, 0));
                 let after = fetch.after_seq;
                 let mailbox = Arc::clone(&context.mailbox);
-                self.answer(context, pending.await, move |_, _| {
+                self.answer(context, pending.await, move |_| {
                     mailbox.refetch(group_id, after);
                     Reply::Done(wire::Done {})
                 });
@@ -776,10 +782,9 @@ impl Session {
         reply: F,
     ) where
         R: Send + 'static,
-        F: FnOnce(R, &Shared) -> Reply + Send + 'static,
+        F: FnOnce(R) -> Reply + Send + 'static,
     {
         let outbound = self.outbound.clone();
-        let shared = Arc::clone(&self.shared);
         let id = context.id;
         tokio::spawn(async move {
             let result = match pending {
@@ -787,7 +792,7 @@ impl Session {
                 Err(error) => Err(error),
             };
             let bytes = match result {
-                Ok(value) => encode(id, reply(value, &shared)),
+                Ok(value) => encode(id, reply(value)),
                 Err(error) => store_error_frame(id, &error),
             };
             let _ = outbound.send(bytes).await;

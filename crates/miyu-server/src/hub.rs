@@ -15,8 +15,9 @@ use tokio::sync::Notify;
 
 use crate::store::LogEntry;
 
-/// Entries kept per group in a mailbox before it gives up and reads the store instead.
-const MAX_PENDING_PER_GROUP: usize = 256;
+/// Entries kept per group in a mailbox before it gives up and reads the store instead: one
+/// full store batch, so a burst the store committed at once still fits.
+const MAX_PENDING_PER_GROUP: usize = 1024;
 
 /// A log entry as it was just appended, shared by every mailbox it goes to.
 #[derive(Debug)]

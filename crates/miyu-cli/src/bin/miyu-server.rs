@@ -44,6 +44,9 @@ struct Args {
     /// Delete log entries older than this many days even if undelivered [default: 30].
     #[arg(long, env = "MIYU_RETENTION_DAYS")]
     retention_days: Option<u32>,
+    /// Sustained requests per second one connection may make [default: 2000].
+    #[arg(long, env = "MIYU_REQUESTS_PER_SECOND")]
+    requests_per_second: Option<u32>,
     /// Keep everything in memory and lose it on exit. Benchmarks only.
     #[arg(long, hide = true)]
     danger_memory_store: bool,
@@ -89,6 +92,9 @@ fn config_from(args: Args) -> anyhow::Result<ServerConfig> {
     }
     if let Some(days) = args.retention_days {
         config.retention_days = days;
+    }
+    if let Some(rate) = args.requests_per_second {
+        config.requests_per_second = rate;
     }
     if args.danger_memory_store {
         config.store = StoreBackend::DangerMemory;

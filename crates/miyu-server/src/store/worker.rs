@@ -70,12 +70,31 @@ impl StoreHandle {
         R: Send + 'static,
         F: FnOnce(&mut dyn Store) -> Result<R, StoreError> + Send + 'static,
     {
+        self.submit_then(operation, |_| {}).await
+    }
+
+    /// Like [`submit`](Self::submit), and once the result is durable, runs `on_durable` with it
+    /// on the store thread. Hooks run in commit order, before any caller hears of the result:
+    /// the place to publish effects whose order matters (such as pushing new log entries).
+    pub async fn submit_then<R, F, H>(
+        &self,
+        operation: F,
+        on_durable: H,
+    ) -> Result<impl Future<Output = Result<R, StoreError>> + Send + 'static, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut dyn Store) -> Result<R, StoreError> + Send + 'static,
+        H: FnOnce(&R) + Send + 'static,
+    {
         let (answer, answered) = oneshot::channel();
         let job: Job = Box::new(move |store| {
             let result = operation(store);
             Box::new(move |committed: Result<(), &StoreError>| {
                 let result = match (result, committed) {
-                    (Ok(value), Ok(())) => Ok(value),
+                    (Ok(value), Ok(())) => {
+                        on_durable(&value);
+                        Ok(value)
+                    }
                     (Ok(_), Err(error)) => Err(StoreError::CommitFailed(error.to_string())),
                     (Err(error), _) => Err(error),
                 };
