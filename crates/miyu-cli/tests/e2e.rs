@@ -293,6 +293,12 @@ async fn answer(connection: &mut Connection, id: u64) -> Result<Reply, wire::Err
     }
 }
 
+/// Sends a request that must be refused, and returns the error code it was refused with.
+async fn refused(connection: &mut Connection, body: Request) -> ErrorCode {
+    let id = connection.send(body).await.unwrap();
+    code(&answer(connection, id).await.unwrap_err())
+}
+
 /// The next error frame, whatever request it answers.
 async fn next_error(connection: &mut Connection) -> wire::Error {
     loop {
@@ -438,41 +444,41 @@ fn a_device_can_neither_impersonate_nor_touch_a_group_it_is_not_in() {
         // Mallory has a real account, and (worst case) knows the group's id.
         let (mut mallory, mallory_keys) = register(&address).await;
 
-        let id = mallory
-            .send(Request::Post(wire::Post {
-                group_id: group.clone(),
-                epoch: 1,
-                kind: wire::EntryKind::Application as i32,
-                payload: b"forged".to_vec(),
-            }))
-            .await
-            .unwrap();
         assert_eq!(
-            code(&answer(&mut mallory, id).await.unwrap_err()),
+            refused(
+                &mut mallory,
+                Request::Post(wire::Post {
+                    group_id: group.clone(),
+                    epoch: 1,
+                    kind: wire::EntryKind::Application as i32,
+                    payload: b"forged".to_vec(),
+                })
+            )
+            .await,
             ErrorCode::Forbidden
         );
 
-        let id = mallory
-            .send(Request::FetchGroup(wire::FetchGroup {
-                group_id: group.clone(),
-                after_seq: 0,
-            }))
-            .await
-            .unwrap();
         assert_eq!(
-            code(&answer(&mut mallory, id).await.unwrap_err()),
+            refused(
+                &mut mallory,
+                Request::FetchGroup(wire::FetchGroup {
+                    group_id: group.clone(),
+                    after_seq: 0,
+                })
+            )
+            .await,
             ErrorCode::Forbidden
         );
 
-        let id = mallory
-            .send(Request::AckGroup(wire::AckGroup {
-                group_id: group.clone(),
-                seq: 1000,
-            }))
-            .await
-            .unwrap();
         assert_eq!(
-            code(&answer(&mut mallory, id).await.unwrap_err()),
+            refused(
+                &mut mallory,
+                Request::AckGroup(wire::AckGroup {
+                    group_id: group.clone(),
+                    seq: 1000,
+                })
+            )
+            .await,
             ErrorCode::Forbidden
         );
 
@@ -512,23 +518,19 @@ fn a_device_can_neither_impersonate_nor_touch_a_group_it_is_not_in() {
         let mut impostor = Connection::open(&address).await.unwrap();
         let (sha, nonce) = impostor.challenge();
         let signature = mallory_keys.sign_auth(sha, nonce);
-        let id = impostor
-            .send(Request::Authenticate(wire::Authenticate {
-                device_id: bob_device,
-                signature,
-            }))
-            .await
-            .unwrap();
         assert_eq!(
-            code(&answer(&mut impostor, id).await.unwrap_err()),
+            refused(
+                &mut impostor,
+                Request::Authenticate(wire::Authenticate {
+                    device_id: bob_device,
+                    signature,
+                })
+            )
+            .await,
             ErrorCode::AuthenticationFailed
         );
-        let id = impostor
-            .send(Request::AckInbox(wire::AckInbox { seq: 1 }))
-            .await
-            .unwrap();
         assert_eq!(
-            code(&answer(&mut impostor, id).await.unwrap_err()),
+            refused(&mut impostor, Request::AckInbox(wire::AckInbox { seq: 1 })).await,
             ErrorCode::NotAuthenticated
         );
 
