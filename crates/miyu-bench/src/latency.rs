@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use miyu_client::{Client, Event};
+use miyu_client::{Client, Event, Protection};
 use miyu_proto::ServerAddress;
 use serde::Serialize;
 use tokio::sync::{oneshot, watch};
@@ -196,6 +196,9 @@ async fn connect_pair(
             &profiles.join(format!("receiver-{index}")),
             server.clone(),
             &format!("receiver {index}"),
+            // Encrypted at rest like any profile; the key file skips a deliberately slow
+            // passphrase derivation that would only add to the setup time.
+            &Protection::DangerKeyFile,
         ),
     )
     .await
@@ -207,6 +210,9 @@ async fn connect_pair(
             &profiles.join(format!("sender-{index}")),
             server.clone(),
             &format!("sender {index}"),
+            // Encrypted at rest like any profile; the key file skips a deliberately slow
+            // passphrase derivation that would only add to the setup time.
+            &Protection::DangerKeyFile,
         ),
     )
     .await

@@ -179,7 +179,7 @@ fn simultaneous_key_updates_never_fork_the_conversation() {
     let pair = connect_pair(root.path(), &server.address);
     for round in 0..3 {
         let spawn = |profile: &Path, contact: &str| {
-            std::process::Command::new(env!("CARGO_BIN_EXE_miyu"))
+            common::miyu_command()
                 .arg("--profile")
                 .arg(profile)
                 .args(["update-keys", contact])
@@ -736,7 +736,7 @@ fn configuration_file_and_environment_are_honoured() {
         &["init", "--server", &server.address],
     );
     assert_eq!(refused.status.code(), Some(4));
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_miyu"))
+    let output = common::miyu_command()
         .arg("--profile")
         .arg(root.path().join("b"))
         .args(["init", "--server", &server.address])
@@ -769,18 +769,93 @@ fn a_client_that_lost_the_answer_to_its_registration_still_gets_in() {
     let root = tempfile::tempdir().unwrap();
     let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
     let alice = root.path().join("alice");
-    miyu_ok(
+    // Without a passphrase the key sits in the profile, so the test can open the database.
+    let init = miyu(
         &alice,
-        &["init", "--server", &server.address, "--name", "alice"],
+        &["init", "--server", &server.address, "--no-passphrase"],
     );
+    assert!(init.status.success());
+    assert!(String::from_utf8_lossy(&init.stderr).contains("warning: --no-passphrase"));
+    let key = std::fs::read_to_string(alice.join("key")).unwrap();
     // As if the client crashed after the server stored the registration but before the
     // client recorded it: the next connection registers again and must not be locked out.
-    rusqlite::Connection::open(alice.join("miyu.db"))
-        .unwrap()
+    let database = rusqlite::Connection::open(alice.join("miyu.db")).unwrap();
+    database
+        .execute_batch(&format!("PRAGMA key = \"x'{}'\";", key.trim()))
+        .unwrap();
+    database
         .execute("UPDATE account SET registered = 0", [])
         .unwrap();
-    let link = miyu_ok(&alice, &["invite"]);
-    assert!(link.starts_with("miyu://invite?"));
+    drop(database);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_miyu"))
+        .arg("--profile")
+        .arg(&alice)
+        .arg("invite")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("miyu://invite?"));
+}
+
+#[test]
+fn profiles_are_encrypted_at_rest_and_open_only_with_their_passphrase() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+    let marker = unique("at-rest-marker");
+    miyu_ok(&pair.alice, &["send", "bob", &marker]);
+    miyu_ok(&pair.bob, &["sync"]);
+    assert_eq!(
+        conversation(&pair.bob, "alice"),
+        [format!("alice: {marker}")]
+    );
+    for profile in [&pair.alice, &pair.bob] {
+        let files: Vec<_> = std::fs::read_dir(profile)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        assert!(files.iter().any(|f| f.ends_with("miyu.db")));
+        for needle in [marker.as_str(), "alice", "bob", "SQLite format"] {
+            assert_eq!(
+                count_in_files(&files, needle.as_bytes()),
+                0,
+                "{needle} readable"
+            );
+        }
+    }
+
+    let run = |profile: &Path, passphrase: Option<&str>, args: &[&str]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_miyu"));
+        command.arg("--profile").arg(profile).args(args);
+        command.env("MIYU_DANGER_KDF_MEMORY_KIB", "8192");
+        if let Some(passphrase) = passphrase {
+            command.env("MIYU_PASSPHRASE", passphrase);
+        }
+        command.output().unwrap()
+    };
+    let wrong = run(
+        &pair.alice,
+        Some("not the passphrase"),
+        &["messages", "bob"],
+    );
+    assert_eq!(wrong.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong passphrase"));
+    let missing = run(&pair.alice, None, &["contacts"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("MIYU_PASSPHRASE"));
+    let no_choice = run(
+        &root.path().join("carol"),
+        None,
+        &["init", "--server", &server.address],
+    );
+    assert_eq!(no_choice.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&no_choice.stderr).contains("--no-passphrase"));
+    // The right passphrase still opens everything.
+    assert_eq!(conversation(&pair.alice, "bob"), [format!("me: {marker}")]);
 }
 
 #[test]
@@ -873,7 +948,7 @@ fn registration_token_is_enforced() {
     );
     assert_eq!(refused.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("registration token"));
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_miyu"))
+    let output = common::miyu_command()
         .args(["--profile"])
         .arg(root.path().join("b"))
         .args(["init", "--server", &server.address])

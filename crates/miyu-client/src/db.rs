@@ -7,6 +7,7 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::Error;
+use crate::vault::DatabaseKey;
 
 const SCHEMA_VERSION: i64 = 1;
 
@@ -72,8 +73,23 @@ CREATE TABLE outbox (
 );
 ";
 
-pub(crate) fn open(path: &Path) -> Result<Connection, Error> {
+/// Opens (or creates) the profile database, encrypted with `key`. A wrong key is reported as
+/// [`Error::Locked`].
+pub(crate) fn open(path: &Path, key: &DatabaseKey) -> Result<Connection, Error> {
     let mut connection = Connection::open(path)?;
+    // The key must be the first thing SQLCipher hears on a connection.
+    connection.execute_batch(&key.pragma())?;
+    let readable = connection.query_row("SELECT count(*) FROM sqlite_master", [], |row| {
+        row.get::<_, i64>(0)
+    });
+    if let Err(rusqlite::Error::SqliteFailure(failure, _)) = &readable
+        && failure.code == rusqlite::ErrorCode::NotADatabase
+    {
+        return Err(Error::Locked(
+            "wrong passphrase (or this is not a miyu profile database)".into(),
+        ));
+    }
+    readable?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "FULL")?;
     connection.pragma_update(None, "foreign_keys", true)?;

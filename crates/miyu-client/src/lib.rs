@@ -4,9 +4,10 @@
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), miyu_client::Error> {
-//! use miyu_client::Client;
+//! use miyu_client::{Client, Protection};
 //! let server = "wss://127.0.0.1:7443/#...".parse().map_err(|_| miyu_client::Error::Usage("bad".into()))?;
-//! let mut alice = Client::init("alice-profile".as_ref(), server, "alice").await?;
+//! let passphrase = Protection::Passphrase("correct horse battery".to_string().into());
+//! let mut alice = Client::init("alice-profile".as_ref(), server, "alice", &passphrase).await?;
 //! let link = alice.invite().await?;
 //! println!("send this link to a friend: {link}");
 //! # Ok(()) }
@@ -20,6 +21,7 @@
 
 mod db;
 pub mod net;
+pub mod vault;
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -37,6 +39,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
 pub use net::ServerError;
+pub use vault::Protection;
 
 /// One-time key packages kept on the server; topped up when fewer than half remain.
 const KEY_PACKAGE_TARGET: u32 = 20;
@@ -58,6 +61,9 @@ pub enum Error {
     /// The user asked for something that cannot be done; the message says what to do instead.
     #[error("{0}")]
     Usage(String),
+    /// The profile's database is encrypted and the passphrase is missing or wrong.
+    #[error("{0}")]
+    Locked(String),
     /// The server refused a request.
     #[error("the server refused: {0}")]
     Server(ServerError),
@@ -246,10 +252,23 @@ fn database_path(profile: &Path) -> PathBuf {
     profile.join("miyu.db")
 }
 
+impl Drop for Client {
+    fn drop(&mut self) {
+        // Fold the write-ahead log back into the encrypted database and truncate it, so that
+        // overwritten and deleted pages do not linger in a second file.
+        let _ = self.db.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+    }
+}
+
 impl Client {
     /// Creates an account on `server`: new identity and device keys, registration with a batch
     /// of key packages. No phone number, no e-mail. Fails if the profile already holds one.
-    pub async fn init(profile: &Path, server: ServerAddress, name: &str) -> Result<Self, Error> {
+    pub async fn init(
+        profile: &Path,
+        server: ServerAddress,
+        name: &str,
+        protection: &Protection,
+    ) -> Result<Self, Error> {
         let name = name.trim();
         if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
             return Err(Error::Usage(
@@ -264,23 +283,28 @@ impl Client {
                 profile.display()
             )));
         }
-        let result = Self::create_account(&path, lock, server, name).await;
+        let result = match vault::create(profile, protection) {
+            Ok(key) => Self::create_account(&path, &key, lock, server, name).await,
+            Err(error) => Err(error),
+        };
         if result.is_err() {
             // Leave no half-made account behind, so `init` can simply be run again.
             for suffix in ["", "-wal", "-shm"] {
                 let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
             }
+            vault::remove(profile);
         }
         result
     }
 
     async fn create_account(
         path: &Path,
+        key: &vault::DatabaseKey,
         lock: File,
         server: ServerAddress,
         name: &str,
     ) -> Result<Self, Error> {
-        let db = db::open(path)?;
+        let db = db::open(path, key)?;
         let keys = AccountKeys::generate(&mut rand::rngs::OsRng);
         db.execute(
             "INSERT INTO account (id, server, name, identity_secret, device_secret) VALUES (1, ?1, ?2, ?3, ?4)",
@@ -305,8 +329,9 @@ impl Client {
         Ok(client)
     }
 
-    /// Opens an existing profile. Does not connect yet.
-    pub fn open(profile: &Path) -> Result<Self, Error> {
+    /// Opens an existing profile, unlocking its database with `passphrase` if it has one. Does
+    /// not connect yet.
+    pub fn open(profile: &Path, passphrase: Option<&str>) -> Result<Self, Error> {
         let lock = lock_profile(profile)?;
         let path = database_path(profile);
         if !path.exists() {
@@ -316,7 +341,8 @@ impl Client {
                 profile.display()
             )));
         }
-        let db = db::open(&path)?;
+        let key = vault::unlock(profile, passphrase)?;
+        let db = db::open(&path, &key)?;
         let (server, name, identity, device): (String, String, Vec<u8>, Vec<u8>) = db.query_row(
             "SELECT server, name, identity_secret, device_secret FROM account WHERE id = 1",
             [],
@@ -500,6 +526,10 @@ impl Client {
     /// Processes everything pending on the server. With a `wait`, then keeps listening until
     /// at least one new message arrives or `wait` has passed.
     pub async fn sync(&mut self, wait: Duration) -> Result<Vec<Event>, Error> {
+        // A fresh connection makes the server send everything this device has not
+        // acknowledged, then `CaughtUp`: the one point at which "nothing is pending" is known.
+        // On a connection that is already up, pushes may still be on their way.
+        self.disconnect().await;
         self.connect().await?;
         let mut events = Vec::new();
         while !self.session()?.caught_up {

@@ -106,9 +106,22 @@ pub fn count_in_files(files: &[PathBuf], needle: &[u8]) -> usize {
         .sum()
 }
 
+/// The passphrase every test profile is encrypted with.
+pub const PASSPHRASE: &str = "a test passphrase";
+
+/// A `miyu` command that unlocks test profiles. Test profiles use a cheaper (8 MiB) key
+/// derivation than real ones, so hundreds of them do not slow the suite down.
+pub fn miyu_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_miyu"));
+    command
+        .env("MIYU_PASSPHRASE", PASSPHRASE)
+        .env("MIYU_DANGER_KDF_MEMORY_KIB", "8192");
+    command
+}
+
 /// Runs `miyu --profile PROFILE ARGS...`.
 pub fn miyu(profile: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_miyu"))
+    miyu_command()
         .arg("--profile")
         .arg(profile)
         .args(args)
@@ -168,7 +181,7 @@ pub struct Chat {
 
 impl Chat {
     pub fn start(profile: &Path, contact: &str) -> Chat {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_miyu"))
+        let mut child = miyu_command()
             .arg("--profile")
             .arg(profile)
             .args(["chat", contact])

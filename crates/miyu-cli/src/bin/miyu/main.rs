@@ -13,8 +13,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use miyu_client::{Client, Event, MessageView};
+use std::io::IsTerminal;
+
+use miyu_client::{Client, Event, MessageView, Protection};
 use miyu_proto::{InviteLink, ServerAddress};
+use zeroize::Zeroizing;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,6 +51,10 @@ enum Command {
         /// The name your contacts will see (sent to them end-to-end encrypted).
         #[arg(long)]
         name: Option<String>,
+        /// Keep the database key in a file in the profile instead of deriving it from a
+        /// passphrase. Anyone who can read the profile folder can then read your messages.
+        #[arg(long)]
+        no_passphrase: bool,
     },
     /// Print a one-time invite link.
     Invite,
@@ -111,7 +118,7 @@ fn main() -> ExitCode {
 
 fn exit_code(error: &anyhow::Error) -> u8 {
     match error.downcast_ref::<miyu_client::Error>() {
-        Some(miyu_client::Error::Usage(_)) => 2,
+        Some(miyu_client::Error::Usage(_) | miyu_client::Error::Locked(_)) => 2,
         Some(miyu_client::Error::Network(_)) => 3,
         Some(miyu_client::Error::Server(_)) => 4,
         Some(miyu_client::Error::Security(_)) => 5,
@@ -131,6 +138,41 @@ impl std::fmt::Display for Usage {
 }
 
 impl std::error::Error for Usage {}
+
+/// The passphrase from `MIYU_PASSPHRASE`, else typed on the terminal (twice when `confirm`),
+/// else none.
+fn passphrase(prompt: &str, confirm: bool) -> anyhow::Result<Option<Zeroizing<String>>> {
+    if let Ok(passphrase) = std::env::var("MIYU_PASSPHRASE") {
+        return Ok(Some(Zeroizing::new(passphrase)));
+    }
+    if !std::io::stdin().is_terminal() {
+        return Ok(None);
+    }
+    let first =
+        Zeroizing::new(rpassword::prompt_password(prompt).context("reading the passphrase")?);
+    if confirm {
+        let second = Zeroizing::new(
+            rpassword::prompt_password("Again: ").context("reading the passphrase")?,
+        );
+        if first != second {
+            return Err(Usage("the two passphrases differ".into()).into());
+        }
+    }
+    Ok(Some(first))
+}
+
+/// Opens a profile, asking for its passphrase if it has one.
+fn open(profile: &std::path::Path) -> anyhow::Result<Client> {
+    let passphrase = if miyu_client::vault::needs_passphrase(profile) {
+        passphrase("Passphrase: ", false)?
+    } else {
+        None
+    };
+    Ok(Client::open(
+        profile,
+        passphrase.as_ref().map(|p| p.as_str()),
+    )?)
+}
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
@@ -200,14 +242,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let profile = cli.profile;
     match cli.command {
         Command::Demo => demo::run().await,
-        Command::Init { server, name } => {
+        Command::Init {
+            server,
+            name,
+            no_passphrase,
+        } => {
             let server: ServerAddress = server.parse().map_err(|error| {
                 Usage(format!(
                     "{error}; pass the `address:` line miyu-server printed, e.g. wss://127.0.0.1:7443/#<fingerprint>"
                 ))
             })?;
             let name = name.unwrap_or_else(|| "me".to_string());
-            let mut client = Client::init(&profile, server, &name).await?;
+            let protection = if no_passphrase {
+                eprintln!(
+                    "warning: --no-passphrase keeps the database key in {}; anyone who can read \
+                     that folder (a thief of this device, a backup) can read your messages",
+                    profile.join("key").display()
+                );
+                Protection::DangerKeyFile
+            } else {
+                match passphrase("Choose a passphrase for this profile: ", true)? {
+                    Some(passphrase) => Protection::Passphrase(passphrase),
+                    None => {
+                        return Err(Usage(
+                            "choose a passphrase to encrypt this profile: run init on a terminal, \
+                             set MIYU_PASSPHRASE, or pass --no-passphrase"
+                                .into(),
+                        )
+                        .into());
+                    }
+                }
+            };
+            let mut client = Client::init(&profile, server, &name, &protection).await?;
             client.disconnect().await;
             if cli.json {
                 print_json(&serde_json::json!({ "account_id": client.account_id().to_string() }))
@@ -217,7 +283,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Invite => {
-            let mut client = Client::open(&profile)?;
+            let mut client = open(&profile)?;
             let link = client.invite().await?;
             client.disconnect().await;
             if cli.json {
@@ -231,7 +297,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let link: InviteLink = link
                 .parse()
                 .map_err(|error| Usage(format!("not an invite link: {error}")))?;
-            let mut client = Client::open(&profile)?;
+            let mut client = open(&profile)?;
             let contact = client.accept(&link, name.as_deref()).await?;
             client.disconnect().await;
             if cli.json {
@@ -245,7 +311,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Contacts => {
-            let client = Client::open(&profile)?;
+            let client = open(&profile)?;
             let contacts = client.contacts()?;
             if cli.json {
                 return print_json(&contacts);
@@ -265,22 +331,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Rename { old, new } => Ok(Client::open(&profile)?.rename(&old, &new)?),
-        Command::Verify { contact } => Ok(Client::open(&profile)?.verify(&contact)?),
+        Command::Rename { old, new } => Ok(open(&profile)?.rename(&old, &new)?),
+        Command::Verify { contact } => Ok(open(&profile)?.verify(&contact)?),
         Command::Send { contact, text } => {
-            let mut client = Client::open(&profile)?;
+            let mut client = open(&profile)?;
             client.send(&contact, &text).await?;
             client.disconnect().await;
             Ok(())
         }
         Command::Sync { wait } => {
-            let mut client = Client::open(&profile)?;
+            let mut client = open(&profile)?;
             let events = client.sync(Duration::from_secs(wait)).await?;
             client.disconnect().await;
             print_events(&events, cli.json)
         }
         Command::Messages { contact } => {
-            let client = Client::open(&profile)?;
+            let client = open(&profile)?;
             let messages = client.messages(&contact)?;
             if cli.json {
                 return print_json(&messages);
@@ -291,7 +357,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::SafetyNumber { contact } => {
-            let client = Client::open(&profile)?;
+            let client = open(&profile)?;
             let number = client.safety_number(&contact)?;
             if cli.json {
                 print_json(&serde_json::json!({ "contact": contact, "safety_number": number }))
@@ -302,7 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Chat { contact } => chat(&profile, &contact).await,
         Command::UpdateKeys { contact } => {
-            let mut client = Client::open(&profile)?;
+            let mut client = open(&profile)?;
             client.update_keys(&contact).await?;
             client.disconnect().await;
             Ok(())
@@ -344,7 +410,7 @@ fn print_events(events: &[Event], json: bool) -> anyhow::Result<()> {
 /// Reconnects with growing pauses when the connection drops.
 async fn chat(profile: &std::path::Path, contact: &str) -> anyhow::Result<()> {
     use tokio::io::AsyncBufReadExt;
-    let mut client = Client::open(profile)?;
+    let mut client = open(profile)?;
     for message in client.messages(contact)? {
         println!("{}", message_line(&message));
     }

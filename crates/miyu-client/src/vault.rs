@@ -1,0 +1,263 @@
+//! The key that encrypts a profile's database at rest (SQLCipher: every page, the WAL and the
+//! OpenMLS tables included). It is derived from the user's passphrase with Argon2id, or, for
+//! those who choose convenience, kept in a key file next to the database.
+//!
+//! The `vault` file in the profile says which, and holds the Argon2id salt and parameters; it
+//! holds nothing secret. A `key` file exists only for profiles created without a passphrase.
+
+use std::path::Path;
+
+use zeroize::Zeroizing;
+
+use crate::Error;
+
+/// How a new profile's database key is protected.
+pub enum Protection {
+    /// Derived from this passphrase with Argon2id; nothing on disk reveals it.
+    Passphrase(Zeroizing<String>),
+    /// A random key stored in the profile folder: anyone who can read the folder can read the
+    /// database. For people who choose convenience over protection against device theft.
+    DangerKeyFile,
+}
+
+const VAULT_FILE: &str = "vault";
+const KEY_FILE: &str = "key";
+const HEADER: &str = "miyu vault v1";
+/// Argon2id memory cost in KiB (64 MiB), with 3 passes and 1 lane: above the common
+/// recommendations for interactive logins, and about a quarter of a second here.
+const MEMORY_KIB: u32 = 64 * 1024;
+const PASSES: u32 = 3;
+/// Passphrases shorter than this are refused.
+pub const MIN_PASSPHRASE_CHARS: usize = 8;
+
+/// A 256-bit database key, wiped from memory when dropped.
+pub(crate) struct DatabaseKey(Zeroizing<[u8; 32]>);
+
+impl DatabaseKey {
+    /// The statement that hands the key to SQLCipher; it must run before anything else.
+    pub(crate) fn pragma(&self) -> Zeroizing<String> {
+        let mut hex = Zeroizing::new(String::with_capacity(64));
+        for byte in self.0.iter() {
+            hex.push(char::from_digit(u32::from(byte >> 4), 16).unwrap_or('0'));
+            hex.push(char::from_digit(u32::from(byte & 0xf), 16).unwrap_or('0'));
+        }
+        Zeroizing::new(format!("PRAGMA key = \"x'{}'\";", hex.as_str()))
+    }
+}
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { context, source }
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    use rand::RngCore;
+    let mut bytes = [0u8; N];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(format!("creating {}", path.display())))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(io(format!("writing {}", path.display())))
+}
+
+fn memory_kib() -> u32 {
+    // Tests create hundreds of profiles; they may ask for a cheaper (weaker) derivation.
+    std::env::var("MIYU_DANGER_KDF_MEMORY_KIB")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .filter(|&kib| kib >= 8 * 1024)
+        .unwrap_or(MEMORY_KIB)
+}
+
+fn derive(
+    passphrase: &str,
+    salt: &[u8],
+    memory_kib: u32,
+    passes: u32,
+) -> Result<DatabaseKey, Error> {
+    let params = argon2::Params::new(memory_kib, passes, 1, Some(32))
+        .map_err(|error| Error::Usage(format!("bad key derivation parameters: {error}")))?;
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut key = Zeroizing::new([0u8; 32]);
+    argon
+        .hash_password_into(passphrase.as_bytes(), salt, key.as_mut())
+        .map_err(|error| Error::Usage(format!("key derivation failed: {error}")))?;
+    Ok(DatabaseKey(key))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Sets up a new profile's key and returns it.
+pub(crate) fn create(profile: &Path, protection: &Protection) -> Result<DatabaseKey, Error> {
+    match protection {
+        Protection::Passphrase(passphrase) => {
+            if passphrase.chars().count() < MIN_PASSPHRASE_CHARS {
+                return Err(Error::Usage(format!(
+                    "a passphrase has at least {MIN_PASSPHRASE_CHARS} characters"
+                )));
+            }
+            let salt: [u8; 16] = random();
+            let memory = memory_kib();
+            let key = derive(passphrase, &salt, memory, PASSES)?;
+            let vault = format!(
+                "{HEADER}\nargon2id m={memory} t={PASSES} p=1 salt={}\n",
+                hex(&salt)
+            );
+            write_private(&profile.join(VAULT_FILE), vault.as_bytes())?;
+            Ok(key)
+        }
+        Protection::DangerKeyFile => {
+            let key = Zeroizing::new(random::<32>());
+            write_private(&profile.join(KEY_FILE), hex(key.as_ref()).as_bytes())?;
+            write_private(
+                &profile.join(VAULT_FILE),
+                format!("{HEADER}\nkeyfile\n").as_bytes(),
+            )?;
+            Ok(DatabaseKey(key))
+        }
+    }
+}
+
+/// Deletes the key material of a profile whose creation failed.
+pub(crate) fn remove(profile: &Path) {
+    let _ = std::fs::remove_file(profile.join(VAULT_FILE));
+    let _ = std::fs::remove_file(profile.join(KEY_FILE));
+}
+
+/// Whether opening this profile needs a passphrase.
+pub fn needs_passphrase(profile: &Path) -> bool {
+    std::fs::read_to_string(profile.join(VAULT_FILE))
+        .map(|text| {
+            text.lines()
+                .nth(1)
+                .is_some_and(|line| line.starts_with("argon2id"))
+        })
+        .unwrap_or(false)
+}
+
+/// Recovers the key of an existing profile.
+pub(crate) fn unlock(profile: &Path, passphrase: Option<&str>) -> Result<DatabaseKey, Error> {
+    let path = profile.join(VAULT_FILE);
+    let text = std::fs::read_to_string(&path).map_err(io(format!("reading {}", path.display())))?;
+    let damaged = || Error::Usage(format!("{} is damaged", path.display()));
+    let mut lines = text.lines();
+    if lines.next() != Some(HEADER) {
+        return Err(damaged());
+    }
+    let method = lines.next().ok_or_else(damaged)?;
+    if method == "keyfile" {
+        let key_path = profile.join(KEY_FILE);
+        let text = Zeroizing::new(
+            std::fs::read_to_string(&key_path)
+                .map_err(io(format!("reading {}", key_path.display())))?,
+        );
+        let bytes = Zeroizing::new(unhex(text.trim()).ok_or_else(damaged)?);
+        let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| damaged())?;
+        return Ok(DatabaseKey(Zeroizing::new(key)));
+    }
+    let mut fields = method.split(' ');
+    if fields.next() != Some("argon2id") {
+        return Err(damaged());
+    }
+    let (mut memory, mut passes, mut salt) = (None, None, None);
+    for field in fields {
+        match field.split_once('=') {
+            Some(("m", value)) => memory = value.parse::<u32>().ok(),
+            Some(("t", value)) => passes = value.parse::<u32>().ok(),
+            Some(("p", "1")) => {}
+            Some(("salt", value)) => salt = unhex(value),
+            _ => return Err(damaged()),
+        }
+    }
+    let (Some(memory), Some(passes), Some(salt)) = (memory, passes, salt) else {
+        return Err(damaged());
+    };
+    let passphrase = passphrase.ok_or_else(|| {
+        Error::Locked(
+            "this profile is protected by a passphrase: type it on a terminal or set MIYU_PASSPHRASE"
+                .into(),
+        )
+    })?;
+    derive(passphrase, &salt, memory, passes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_passphrase_profile_unlocks_only_with_its_passphrase() {
+        let profile = tempfile::tempdir().unwrap();
+        let created = create(
+            profile.path(),
+            &Protection::Passphrase(Zeroizing::new("correct horse".into())),
+        )
+        .unwrap();
+        assert!(needs_passphrase(profile.path()));
+        let again = unlock(profile.path(), Some("correct horse")).unwrap();
+        assert_eq!(*created.pragma(), *again.pragma());
+        let wrong = unlock(profile.path(), Some("wrong horse")).unwrap();
+        assert_ne!(*created.pragma(), *wrong.pragma());
+        assert!(matches!(
+            unlock(profile.path(), None),
+            Err(Error::Locked(_))
+        ));
+        let vault = std::fs::read_to_string(profile.path().join(VAULT_FILE)).unwrap();
+        assert!(!vault.contains("correct"));
+    }
+
+    #[test]
+    fn short_passphrases_are_refused_and_key_files_work() {
+        let profile = tempfile::tempdir().unwrap();
+        let short = Protection::Passphrase(Zeroizing::new("short".into()));
+        assert!(matches!(
+            create(profile.path(), &short),
+            Err(Error::Usage(_))
+        ));
+        let created = create(profile.path(), &Protection::DangerKeyFile).unwrap();
+        assert!(!needs_passphrase(profile.path()));
+        assert_eq!(
+            *created.pragma(),
+            *unlock(profile.path(), None).unwrap().pragma()
+        );
+    }
+
+    #[test]
+    fn damaged_vault_files_give_an_error_not_a_panic() {
+        let profile = tempfile::tempdir().unwrap();
+        for text in [
+            "",
+            "miyu vault v1\n",
+            "miyu vault v1\nargon2id m=x salt=zz\n",
+            "miyu vault v1\nargon2id m=8192 t=1 p=2 salt=00\n",
+        ] {
+            std::fs::write(profile.path().join(VAULT_FILE), text).unwrap();
+            assert!(
+                unlock(profile.path(), Some("passphrase")).is_err(),
+                "{text:?}"
+            );
+        }
+    }
+}
