@@ -132,6 +132,20 @@ pub(crate) fn in_transaction<T>(
     }
 }
 
+/// Like [`in_transaction`], but without waiting for the disk: for bookkeeping whose loss in a
+/// power cut is harmless because it is redone (the write still survives a crash of the
+/// process, and the next ordinary commit flushes it). SQLite allows the durability level to
+/// change between transactions on one connection.
+pub(crate) fn in_relaxed_transaction<T>(
+    connection: &Connection,
+    body: impl FnOnce(&Connection) -> Result<T, Error>,
+) -> Result<T, Error> {
+    connection.pragma_update(None, "synchronous", "NORMAL")?;
+    let result = in_transaction(connection, body);
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    result
+}
+
 /// A name no contact has yet: `wanted`, else `wanted-2`, `wanted-3`, ...
 pub(crate) fn free_contact_name(
     connection: &Connection,

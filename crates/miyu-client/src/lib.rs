@@ -1168,7 +1168,10 @@ impl Client {
                 .await;
             match result {
                 Ok(Reply::Posted(posted)) => {
-                    db::in_transaction(&self.db, |db| {
+                    // If a power cut undid this, the outbox would post the same ciphertext
+                    // again, which receivers drop (MLS refuses a used generation): no need to
+                    // wait for the disk here.
+                    db::in_relaxed_transaction(&self.db, |db| {
                         db.execute("DELETE FROM outbox WHERE id = ?1", params![id])?;
                         if let Some(row) = message_row {
                             db.execute(
