@@ -199,6 +199,7 @@ async fn connect_pair(
             // Encrypted at rest like any profile; the key file skips a deliberately slow
             // passphrase derivation that would only add to the setup time.
             &Protection::DangerKeyFile,
+            None,
         ),
     )
     .await
@@ -213,6 +214,7 @@ async fn connect_pair(
             // Encrypted at rest like any profile; the key file skips a deliberately slow
             // passphrase derivation that would only add to the setup time.
             &Protection::DangerKeyFile,
+            None,
         ),
     )
     .await

@@ -208,7 +208,7 @@ impl Device {
     /// with dummy key packages.
     async fn register(server: &ServerAddress, registration_token: &str) -> Result<Self> {
         let keys = AccountKeys::generate(&mut rand::rngs::OsRng);
-        let mut connection = within(STALL_TIMEOUT, Connection::open(server))
+        let mut connection = within(STALL_TIMEOUT, Connection::open(server, None))
             .await?
             .context("connecting")?;
         let (server_sha256, nonce) = connection.challenge();

@@ -315,7 +315,7 @@ fn code(error: &wire::Error) -> ErrorCode {
 /// Registers a fresh device over a raw connection.
 async fn register(address: &ServerAddress) -> (Connection, AccountKeys) {
     let keys = AccountKeys::generate(&mut rand::rngs::OsRng);
-    let mut connection = Connection::open(address).await.unwrap();
+    let mut connection = Connection::open(address, None).await.unwrap();
     let (sha, nonce) = connection.challenge();
     let signature = keys.sign_auth(sha, nonce);
     let id = connection
@@ -353,7 +353,7 @@ fn malformed_oversized_and_unauthenticated_frames_get_errors_while_others_chat()
     let address: ServerAddress = server.address.parse().unwrap();
     let runtime = runtime();
     runtime.block_on(async {
-        let mut hostile = Connection::open(&address).await.unwrap();
+        let mut hostile = Connection::open(&address, None).await.unwrap();
 
         hostile
             .send_raw(vec![0xff, 0x00, 0x13, 0x37])
@@ -415,7 +415,7 @@ fn malformed_oversized_and_unauthenticated_frames_get_errors_while_others_chat()
 
     // A connection that keeps sending garbage is eventually closed.
     runtime.block_on(async {
-        let mut hostile = Connection::open(&address).await.unwrap();
+        let mut hostile = Connection::open(&address, None).await.unwrap();
         let mut closed = false;
         for _ in 0..100 {
             if hostile.send_raw(vec![0xff]).await.is_err() {
@@ -515,7 +515,7 @@ fn a_device_can_neither_impersonate_nor_touch_a_group_it_is_not_in() {
         );
 
         // And Mallory cannot log in as someone else's device to read their inbox.
-        let mut impostor = Connection::open(&address).await.unwrap();
+        let mut impostor = Connection::open(&address, None).await.unwrap();
         let (sha, nonce) = impostor.challenge();
         let signature = mallory_keys.sign_auth(sha, nonce);
         assert_eq!(
@@ -698,7 +698,7 @@ fn chat_reconnects_after_the_server_restarts_and_health_check_answers() {
     let address: ServerAddress = server.address.parse().unwrap();
     assert!(
         runtime()
-            .block_on(miyu_client::net::check_health(&address))
+            .block_on(miyu_client::net::check_health(&address, None))
             .unwrap()
     );
     let pair = connect_pair(root.path(), &server.address);
@@ -711,7 +711,7 @@ fn chat_reconnects_after_the_server_restarts_and_health_check_answers() {
     bob.wait_for_line(|line| line.contains(&text));
     assert!(
         runtime()
-            .block_on(miyu_client::net::check_health(&address))
+            .block_on(miyu_client::net::check_health(&address, None))
             .unwrap()
     );
 }
@@ -960,4 +960,128 @@ fn registration_token_is_enforced() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Connects and opens recorded by `strace` while a command ran: (inet ports connected to,
+/// files opened).
+fn traced(profile: &Path, args: &[&str], trace: &Path) -> (Vec<u16>, Vec<String>) {
+    let output = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=connect,openat", "-o"])
+        .arg(trace)
+        .arg(env!("CARGO_BIN_EXE_miyu"))
+        .arg("--profile")
+        .arg(profile)
+        .args(args)
+        .env("MIYU_PASSPHRASE", common::PASSPHRASE)
+        .output()
+        .expect("strace runs (the CI script installs it)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = std::fs::read_to_string(trace).unwrap();
+    let ports = text
+        .lines()
+        .filter(|line| line.contains("connect(") && line.contains("sin"))
+        .filter_map(|line| {
+            let rest = line.split("htons(").nth(1)?;
+            rest.split(')').next()?.parse().ok()
+        })
+        .collect();
+    let files = text
+        .lines()
+        .filter(|line| line.contains("openat("))
+        .filter_map(|line| Some(line.split('"').nth(1)?.to_string()))
+        .collect();
+    (ports, files)
+}
+
+/// Files a program reads when it resolves a host name itself.
+const RESOLVER_FILES: [&str; 4] = [
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/nsswitch.conf",
+    "/etc/host.conf",
+];
+
+#[test]
+fn a_proxied_client_connects_only_to_its_proxy_and_resolves_no_names() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    // Name the server by host name, so that a client that resolved names itself would show it.
+    let by_name = server.address.replace("127.0.0.1", "localhost");
+    let socks_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let _socks = common::Reaped(
+        std::process::Command::new("microsocks")
+            .args(["-i", "127.0.0.1", "-p", &socks_port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("microsocks runs (the CI script installs it)"),
+    );
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while std::net::TcpStream::connect(("127.0.0.1", socks_port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the proxy never listened"
+        );
+        std::thread::yield_now();
+    }
+    let proxy = format!("socks5h://127.0.0.1:{socks_port}");
+
+    let alice = root.path().join("alice");
+    let bob = root.path().join("bob");
+    miyu_ok(
+        &alice,
+        &[
+            "--proxy", &proxy, "init", "--server", &by_name, "--name", "alice",
+        ],
+    );
+    miyu_ok(&bob, &["init", "--server", &by_name, "--name", "bob"]);
+    let link = miyu_ok(&alice, &["invite"]);
+    miyu_ok(&bob, &["accept", link.trim(), "--name", "alice"]);
+    miyu_ok(&alice, &["sync"]);
+
+    // The profile remembers its proxy: no flag needed from now on.
+    let (ports, files) = traced(
+        &alice,
+        &["send", "bob", "through the proxy"],
+        &root.path().join("alice.trace"),
+    );
+    assert!(!ports.is_empty(), "the trace saw no connection at all");
+    assert!(
+        ports.iter().all(|&port| port == socks_port),
+        "direct connection: {ports:?}"
+    );
+    for file in RESOLVER_FILES {
+        assert!(
+            !files.iter().any(|f| f == file),
+            "alice's client resolved a name ({file})"
+        );
+    }
+    miyu_ok(&bob, &["sync"]);
+    assert_eq!(conversation(&bob, "alice"), ["alice: through the proxy"]);
+
+    // The same trace of a direct client shows what a leak looks like, so the checks above
+    // could fail.
+    let (ports, files) = traced(
+        &bob,
+        &["send", "alice", "direct"],
+        &root.path().join("bob.trace"),
+    );
+    assert!(ports.contains(&server.listen.port()));
+    assert!(
+        RESOLVER_FILES
+            .iter()
+            .any(|file| files.iter().any(|f| f == file))
+    );
+
+    // --no-proxy goes back to direct connections.
+    miyu_ok(&alice, &["--no-proxy", "sync"]);
+    let (ports, _) = traced(&alice, &["sync"], &root.path().join("alice2.trace"));
+    assert!(ports.contains(&server.listen.port()));
 }

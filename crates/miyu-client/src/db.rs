@@ -19,7 +19,9 @@ CREATE TABLE account (
     identity_secret BLOB NOT NULL,
     device_secret BLOB NOT NULL,
     registered INTEGER NOT NULL DEFAULT 0,
-    inbox_cursor INTEGER NOT NULL DEFAULT 0
+    inbox_cursor INTEGER NOT NULL DEFAULT 0,
+    -- socks5h://IP:PORT that every connection goes through, or NULL.
+    proxy TEXT
 );
 CREATE TABLE contacts (
     account_id TEXT PRIMARY KEY,

@@ -7,7 +7,7 @@
 //! use miyu_client::{Client, Protection};
 //! let server = "wss://127.0.0.1:7443/#...".parse().map_err(|_| miyu_client::Error::Usage("bad".into()))?;
 //! let passphrase = Protection::Passphrase("correct horse battery".to_string().into());
-//! let mut alice = Client::init("alice-profile".as_ref(), server, "alice", &passphrase).await?;
+//! let mut alice = Client::init("alice-profile".as_ref(), server, "alice", &passphrase, None).await?;
 //! let link = alice.invite().await?;
 //! println!("send this link to a friend: {link}");
 //! # Ok(()) }
@@ -38,7 +38,7 @@ use rand::RngCore;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
-pub use net::ServerError;
+pub use net::{Proxy, ServerError};
 pub use vault::Protection;
 
 /// One-time key packages kept on the server; topped up when fewer than half remain.
@@ -208,6 +208,8 @@ pub struct Client {
     keys: AccountKeys,
     server: ServerAddress,
     name: String,
+    /// Every connection goes through this SOCKS5 proxy when set.
+    proxy: Option<Proxy>,
     session: Option<Session>,
     events: VecDeque<Event>,
     /// The outbox got entries while a request was in flight; flush at the next chance.
@@ -268,6 +270,7 @@ impl Client {
         server: ServerAddress,
         name: &str,
         protection: &Protection,
+        proxy: Option<Proxy>,
     ) -> Result<Self, Error> {
         let name = name.trim();
         if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
@@ -284,7 +287,7 @@ impl Client {
             )));
         }
         let result = match vault::create(profile, protection) {
-            Ok(key) => Self::create_account(&path, &key, lock, server, name).await,
+            Ok(key) => Self::create_account(&path, &key, lock, server, name, proxy).await,
             Err(error) => Err(error),
         };
         if result.is_err() {
@@ -303,22 +306,25 @@ impl Client {
         lock: File,
         server: ServerAddress,
         name: &str,
+        proxy: Option<Proxy>,
     ) -> Result<Self, Error> {
         let db = db::open(path, key)?;
         let keys = AccountKeys::generate(&mut rand::rngs::OsRng);
         db.execute(
-            "INSERT INTO account (id, server, name, identity_secret, device_secret) VALUES (1, ?1, ?2, ?3, ?4)",
+            "INSERT INTO account (id, server, name, identity_secret, device_secret, proxy) VALUES (1, ?1, ?2, ?3, ?4, ?5)",
             params![
                 server.to_string(),
                 name,
                 keys.identity_secret().as_slice(),
-                keys.device_secret().as_slice()
+                keys.device_secret().as_slice(),
+                proxy.map(|p| p.to_string())
             ],
         )?;
         let mut client = Self {
             db,
             keys,
             server,
+            proxy,
             name: name.to_string(),
             session: None,
             events: VecDeque::new(),
@@ -343,11 +349,26 @@ impl Client {
         }
         let key = vault::unlock(profile, passphrase)?;
         let db = db::open(&path, &key)?;
-        let (server, name, identity, device): (String, String, Vec<u8>, Vec<u8>) = db.query_row(
-            "SELECT server, name, identity_secret, device_secret FROM account WHERE id = 1",
+        let (server, name, identity, device, proxy): (
+            String,
+            String,
+            Vec<u8>,
+            Vec<u8>,
+            Option<String>,
+        ) = db.query_row(
+            "SELECT server, name, identity_secret, device_secret, proxy FROM account WHERE id = 1",
             [],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+            |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
+            },
         )?;
+        let proxy = proxy.map(|text| text.parse::<Proxy>()).transpose()?;
         let identity = zeroize::Zeroizing::new(identity);
         let device = zeroize::Zeroizing::new(device);
         let keys = AccountKeys::from_secrets(&identity, &device)
@@ -359,6 +380,7 @@ impl Client {
             db,
             keys,
             server,
+            proxy,
             name,
             session: None,
             events: VecDeque::new(),
@@ -379,6 +401,22 @@ impl Client {
         &self.server
     }
 
+    pub fn proxy(&self) -> Option<Proxy> {
+        self.proxy
+    }
+
+    /// Sends every later connection through `proxy` (or directly, with `None`), and remembers
+    /// that for this profile.
+    pub async fn set_proxy(&mut self, proxy: Option<Proxy>) -> Result<(), Error> {
+        self.db.execute(
+            "UPDATE account SET proxy = ?1 WHERE id = 1",
+            params![proxy.map(|p| p.to_string())],
+        )?;
+        self.proxy = proxy;
+        self.disconnect().await;
+        Ok(())
+    }
+
     // -----------------------------------------------------------------------------------------
     // Connection and sync
     // -----------------------------------------------------------------------------------------
@@ -389,7 +427,7 @@ impl Client {
         if self.session.is_some() {
             return Ok(());
         }
-        let mut connection = net::Connection::open(&self.server).await?;
+        let mut connection = net::Connection::open(&self.server, self.proxy.as_ref()).await?;
         let (server_sha256, nonce) = connection.challenge();
         let signature = self.keys.sign_auth(server_sha256, nonce);
         let registered: bool =

@@ -2,6 +2,7 @@
 //! server address, a WebSocket, and protobuf frames. No certificate authority is consulted and
 //! host names are not checked: the fingerprint is the server's identity.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
@@ -99,10 +100,61 @@ fn tls_connector(server: &ServerAddress) -> Result<TlsConnector, Error> {
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
-async fn open_tls(server: &ServerAddress) -> Result<TlsStream<TcpStream>, Error> {
-    let tcp = TcpStream::connect((server.connect_host(), server.port()))
-        .await
-        .map_err(|error| Error::Network(format!("cannot reach {}: {error}", server.authority())))?;
+/// A SOCKS5 proxy (such as Tor's) that every connection goes through, asking the proxy to
+/// resolve the server's name: `socks5h://IP:PORT`. The proxy itself is named by IP address, so
+/// that no name is ever looked up outside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Proxy(SocketAddr);
+
+impl std::str::FromStr for Proxy {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self, Error> {
+        let address = text.trim().strip_prefix("socks5h://").ok_or_else(|| {
+            Error::Usage(
+                "a proxy is written socks5h://IP:PORT (the h: the proxy resolves names, so no DNS query leaves this device)"
+                    .into(),
+            )
+        })?;
+        let address = address.strip_suffix('/').unwrap_or(address);
+        address.parse().map(Proxy).map_err(|_| {
+            Error::Usage(format!(
+                "the proxy {address:?} is not IP:PORT; name it by address so that no name lookup happens outside it"
+            ))
+        })
+    }
+}
+
+impl std::fmt::Display for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "socks5h://{}", self.0)
+    }
+}
+
+/// Opens TCP to the server (through the proxy when there is one; the proxy then resolves the
+/// host name) and TLS pinned to the server's certificate.
+async fn open_tls(
+    server: &ServerAddress,
+    proxy: Option<&Proxy>,
+) -> Result<TlsStream<TcpStream>, Error> {
+    let tcp = match proxy {
+        None => TcpStream::connect((server.connect_host(), server.port()))
+            .await
+            .map_err(|error| {
+                Error::Network(format!("cannot reach {}: {error}", server.authority()))
+            })?,
+        Some(proxy) => {
+            tokio_socks::tcp::Socks5Stream::connect(proxy.0, (server.connect_host(), server.port()))
+                .await
+                .map_err(|error| {
+                    Error::Network(format!(
+                        "cannot reach {} through the proxy {proxy}: {error}",
+                        server.authority()
+                    ))
+                })?
+                .into_inner()
+        }
+    };
     let _ = tcp.set_nodelay(true);
     let name = ServerName::try_from(server.connect_host().to_string())
         .map_err(|error| Error::Network(error.to_string()))?;
@@ -118,9 +170,9 @@ async fn open_tls(server: &ServerAddress) -> Result<TlsStream<TcpStream>, Error>
 }
 
 /// Asks the server's `GET /healthz` whether it can serve, over the same pinned TLS.
-pub async fn check_health(server: &ServerAddress) -> Result<bool, Error> {
+pub async fn check_health(server: &ServerAddress, proxy: Option<&Proxy>) -> Result<bool, Error> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tls = open_tls(server).await?;
+    let mut tls = open_tls(server, proxy).await?;
     let request = format!(
         "GET /healthz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
         server.authority()
@@ -147,24 +199,8 @@ pub struct Connection {
 
 impl Connection {
     /// Connects, checks the server's certificate against the pinned fingerprint and says Hello.
-    pub async fn open(server: &ServerAddress) -> Result<Self, Error> {
-        let tcp = TcpStream::connect((server.connect_host(), server.port()))
-            .await
-            .map_err(|error| {
-                Error::Network(format!("cannot reach {}: {error}", server.authority()))
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from(server.connect_host().to_string())
-            .map_err(|error| Error::Network(error.to_string()))?;
-        let tls = tls_connector(server)?
-            .connect(name, tcp)
-            .await
-            .map_err(|error| {
-                Error::Network(format!(
-                    "TLS with {} failed (is the fingerprint in the server address right?): {error}",
-                    server.authority()
-                ))
-            })?;
+    pub async fn open(server: &ServerAddress, proxy: Option<&Proxy>) -> Result<Self, Error> {
+        let tls = open_tls(server, proxy).await?;
         let config = WebSocketConfig::default()
             .max_message_size(Some(2 * MAX_FRAME_BYTES))
             .max_frame_size(Some(2 * MAX_FRAME_BYTES));

@@ -235,3 +235,13 @@ impl Drop for Chat {
         let _ = self.child.wait();
     }
 }
+
+/// A helper process that is killed when the test ends, however it ends.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

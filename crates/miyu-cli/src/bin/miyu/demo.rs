@@ -112,6 +112,7 @@ pub(crate) async fn run() -> anyhow::Result<()> {
         server.address().clone(),
         "Alice",
         &passphrase("alice's demo passphrase"),
+        None,
     )
     .await?;
     let mut bob = Client::init(
@@ -119,6 +120,7 @@ pub(crate) async fn run() -> anyhow::Result<()> {
         server.address().clone(),
         "Bob",
         &passphrase("bob's demo passphrase"),
+        None,
     )
     .await?;
     println!("   alice: {}", alice.account_id());

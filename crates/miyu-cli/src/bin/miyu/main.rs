@@ -15,7 +15,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
 
-use miyu_client::{Client, Event, MessageView, Protection};
+use miyu_client::{Client, Event, MessageView, Protection, Proxy};
 use miyu_proto::{InviteLink, ServerAddress};
 use zeroize::Zeroizing;
 
@@ -37,6 +37,13 @@ struct Cli {
     /// Print data as JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// Send every connection of this profile through a SOCKS5 proxy such as Tor, which also
+    /// resolves names: socks5h://IP:PORT. Remembered for the profile.
+    #[arg(long, global = true, env = "MIYU_PROXY", conflicts_with = "no_proxy")]
+    proxy: Option<String>,
+    /// Connect directly again, forgetting the profile's proxy.
+    #[arg(long, global = true)]
+    no_proxy: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -161,17 +168,19 @@ fn passphrase(prompt: &str, confirm: bool) -> anyhow::Result<Option<Zeroizing<St
     Ok(Some(first))
 }
 
-/// Opens a profile, asking for its passphrase if it has one.
-fn open(profile: &std::path::Path) -> anyhow::Result<Client> {
+/// Opens a profile, asking for its passphrase if it has one, and applies a proxy choice made
+/// on the command line (`Some(None)`: connect directly).
+async fn open(profile: &std::path::Path, proxy: Option<Option<Proxy>>) -> anyhow::Result<Client> {
     let passphrase = if miyu_client::vault::needs_passphrase(profile) {
         passphrase("Passphrase: ", false)?
     } else {
         None
     };
-    Ok(Client::open(
-        profile,
-        passphrase.as_ref().map(|p| p.as_str()),
-    )?)
+    let mut client = Client::open(profile, passphrase.as_ref().map(|p| p.as_str()))?;
+    if let Some(proxy) = proxy {
+        client.set_proxy(proxy).await?;
+    }
+    Ok(client)
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -240,6 +249,11 @@ fn message_line(message: &MessageView) -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let profile = cli.profile;
+    let proxy: Option<Option<Proxy>> = match (&cli.proxy, cli.no_proxy) {
+        (Some(text), _) => Some(Some(text.parse()?)),
+        (None, true) => Some(None),
+        (None, false) => None,
+    };
     match cli.command {
         Command::Demo => demo::run().await,
         Command::Init {
@@ -273,7 +287,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
             };
-            let mut client = Client::init(&profile, server, &name, &protection).await?;
+            let mut client =
+                Client::init(&profile, server, &name, &protection, proxy.flatten()).await?;
             client.disconnect().await;
             if cli.json {
                 print_json(&serde_json::json!({ "account_id": client.account_id().to_string() }))
@@ -283,7 +298,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Invite => {
-            let mut client = open(&profile)?;
+            let mut client = open(&profile, proxy).await?;
             let link = client.invite().await?;
             client.disconnect().await;
             if cli.json {
@@ -297,7 +312,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let link: InviteLink = link
                 .parse()
                 .map_err(|error| Usage(format!("not an invite link: {error}")))?;
-            let mut client = open(&profile)?;
+            let mut client = open(&profile, proxy).await?;
             let contact = client.accept(&link, name.as_deref()).await?;
             client.disconnect().await;
             if cli.json {
@@ -311,7 +326,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Contacts => {
-            let client = open(&profile)?;
+            let client = open(&profile, proxy).await?;
             let contacts = client.contacts()?;
             if cli.json {
                 return print_json(&contacts);
@@ -331,22 +346,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Rename { old, new } => Ok(open(&profile)?.rename(&old, &new)?),
-        Command::Verify { contact } => Ok(open(&profile)?.verify(&contact)?),
+        Command::Rename { old, new } => Ok(open(&profile, proxy).await?.rename(&old, &new)?),
+        Command::Verify { contact } => Ok(open(&profile, proxy).await?.verify(&contact)?),
         Command::Send { contact, text } => {
-            let mut client = open(&profile)?;
+            let mut client = open(&profile, proxy).await?;
             client.send(&contact, &text).await?;
             client.disconnect().await;
             Ok(())
         }
         Command::Sync { wait } => {
-            let mut client = open(&profile)?;
+            let mut client = open(&profile, proxy).await?;
             let events = client.sync(Duration::from_secs(wait)).await?;
             client.disconnect().await;
             print_events(&events, cli.json)
         }
         Command::Messages { contact } => {
-            let client = open(&profile)?;
+            let client = open(&profile, proxy).await?;
             let messages = client.messages(&contact)?;
             if cli.json {
                 return print_json(&messages);
@@ -357,7 +372,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::SafetyNumber { contact } => {
-            let client = open(&profile)?;
+            let client = open(&profile, proxy).await?;
             let number = client.safety_number(&contact)?;
             if cli.json {
                 print_json(&serde_json::json!({ "contact": contact, "safety_number": number }))
@@ -366,9 +381,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         }
-        Command::Chat { contact } => chat(&profile, &contact).await,
+        Command::Chat { contact } => chat(&profile, &contact, proxy).await,
         Command::UpdateKeys { contact } => {
-            let mut client = open(&profile)?;
+            let mut client = open(&profile, proxy).await?;
             client.update_keys(&contact).await?;
             client.disconnect().await;
             Ok(())
@@ -408,9 +423,13 @@ fn print_events(events: &[Event], json: bool) -> anyhow::Result<()> {
 
 /// Interactive chat: stdin lines are sent, incoming messages are printed as they arrive.
 /// Reconnects with growing pauses when the connection drops.
-async fn chat(profile: &std::path::Path, contact: &str) -> anyhow::Result<()> {
+async fn chat(
+    profile: &std::path::Path,
+    contact: &str,
+    proxy: Option<Option<Proxy>>,
+) -> anyhow::Result<()> {
     use tokio::io::AsyncBufReadExt;
-    let mut client = open(profile)?;
+    let mut client = open(profile, proxy).await?;
     for message in client.messages(contact)? {
         println!("{}", message_line(&message));
     }
