@@ -623,7 +623,6 @@ fn a_server_that_makes_up_an_invite_cannot_make_up_a_contact() {
     // and hands the link to Mallory. Everything in it is public except the token.
     let token = [0x5a_u8; 32];
     let link = {
-        use sha2::Digest;
         let database = rusqlite::Connection::open(server_data.join("miyu.sqlite3")).unwrap();
         let (account, certificate): (Vec<u8>, Vec<u8>) = database
             .query_row(
@@ -638,7 +637,7 @@ fn a_server_that_makes_up_an_invite_cannot_make_up_a_contact() {
             .execute(
                 "INSERT INTO invites (token_hash, account_id, expires_at) VALUES (?1, ?2, ?3)",
                 rusqlite::params![
-                    sha2::Sha256::digest(token).to_vec(),
+                    miyu_crypto::invite::claim_hash(&token).to_vec(),
                     account.as_bytes().to_vec(),
                     i64::MAX
                 ],
@@ -893,7 +892,7 @@ fn key_packages_are_replenished_after_invites_use_them_up() {
             let (mut claimer, _) = register(&address).await;
             let id = claimer
                 .send(Request::ClaimInvite(wire::ClaimInvite {
-                    token: link.token.to_vec(),
+                    token: miyu_crypto::invite::claim_secret(&link.token).to_vec(),
                 }))
                 .await
                 .unwrap();

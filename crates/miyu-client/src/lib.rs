@@ -788,7 +788,7 @@ impl Client {
                 // by the next flush, since this runs inside `call`, which must not recurse.
                 let profile = wire::app_message::Body::Profile(wire::Profile {
                     name: self.name.clone(),
-                    invite_token: Vec::new(),
+                    invite_proof: Vec::new(),
                 });
                 self.queue_app_message(&entry.group_id, profile, None)?;
                 self.outbox_waiting = true;
@@ -875,9 +875,14 @@ impl Client {
         )?;
         let accepted = state == "accepted";
         match message.body {
-            Some(wire::app_message::Body::Profile(profile)) if state == "pending" => {
-                self.introduce(db, contact_account, &profile)
-            }
+            Some(wire::app_message::Body::Profile(profile)) if state == "pending" => self
+                .introduce(
+                    db,
+                    &entry.group_id,
+                    contact_account,
+                    &sender.to_compact(),
+                    &profile,
+                ),
             Some(wire::app_message::Body::Text(text)) => {
                 let inserted = db.execute(
                     "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq)
@@ -927,14 +932,37 @@ impl Client {
     fn introduce(
         &self,
         db: &Connection,
+        group_id: &[u8],
         contact_account: &str,
+        certificate: &[u8],
         profile: &wire::Profile,
     ) -> Result<Option<Event>, Error> {
-        let redeemed = !profile.invite_token.is_empty()
-            && db.execute(
-                "UPDATE invites SET used = 1 WHERE token = ?1 AND used = 0",
-                params![profile.invite_token],
-            )? == 1;
+        let unused: Vec<Vec<u8>> = {
+            let mut statement = db.prepare("SELECT token FROM invites WHERE used = 0")?;
+            statement
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        let answered = unused.into_iter().find(|token| {
+            <[u8; 32]>::try_from(token.as_slice()).is_ok_and(|token| {
+                miyu_crypto::invite::verify_introduction(
+                    &token,
+                    group_id,
+                    certificate,
+                    &profile.invite_proof,
+                )
+            })
+        });
+        let redeemed = match answered {
+            Some(token) => {
+                db.execute(
+                    "UPDATE invites SET used = 1 WHERE token = ?1",
+                    params![token],
+                )?;
+                true
+            }
+            None => false,
+        };
         if !redeemed {
             tracing::warn!("hid a newcomer whose introduction carried no invite token of ours");
             db.execute(
@@ -970,7 +998,7 @@ impl Client {
         self.connect().await?;
         let token: [u8; 32] = random();
         self.call(Request::CreateInvite(wire::CreateInvite {
-            token_hash: Sha256::digest(token).to_vec(),
+            token_hash: miyu_crypto::invite::claim_hash(&token).to_vec(),
         }))
         .await?;
         self.db.execute(
@@ -1018,7 +1046,7 @@ impl Client {
         self.connect().await?;
         let claimed = match self
             .call(Request::ClaimInvite(wire::ClaimInvite {
-                token: link.token.to_vec(),
+                token: miyu_crypto::invite::claim_secret(&link.token).to_vec(),
             }))
             .await
         {
@@ -1107,7 +1135,12 @@ impl Client {
         })?;
         let profile = wire::app_message::Body::Profile(wire::Profile {
             name: self.name.clone(),
-            invite_token: link.token.to_vec(),
+            invite_proof: miyu_crypto::invite::introduction_proof(
+                &link.token,
+                &group_id,
+                &self.keys.certificate().to_compact(),
+            )
+            .to_vec(),
         });
         self.queue_app_message(&group_id, profile, None)?;
         self.announce_pending_groups().await?;

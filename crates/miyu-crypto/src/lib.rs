@@ -17,5 +17,6 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod identity;
+pub mod invite;
 pub mod mls;
 pub mod safety;
