@@ -29,7 +29,14 @@ use crate::store::worker::StoreHandle;
 use crate::store::{EntryKind, NewDevice, NewGroup, StoreError};
 
 /// Frames waiting to be written to one connection.
-const OUTBOUND_DEPTH: usize = 1024;
+const OUTBOUND_DEPTH: usize = 256;
+/// A peer that has not taken a queued frame, or let one be written, for this long is not
+/// reading: the connection is closed rather than holding memory and tasks for it.
+const STALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// A connection must authenticate this soon after it opens.
+const AUTHENTICATION_DEADLINE: Duration = Duration::from_secs(30);
+/// One-time key packages one device may keep on the server.
+const MAX_STORED_KEY_PACKAGES: u32 = 1000;
 /// Entries read from the store at a time when a device catches up.
 const PAGE: usize = 256;
 /// A connection that keeps sending frames the server cannot use is closed after this many.
@@ -165,6 +172,8 @@ struct Session {
     bad_frames: u32,
     /// Told by the delivery task when it stops for a reason other than the peer leaving.
     delivery_failed: Arc<tokio::sync::Notify>,
+    /// The peer stopped reading what we send.
+    stalled: bool,
 }
 
 /// Serves one WebSocket until the peer leaves, misbehaves too often, or the server stops.
@@ -174,20 +183,22 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     let writer = tokio::spawn(async move {
         // Write everything that is queued, then flush once: one TLS record burst per wake-up
         // rather than one per frame.
-        while let Some(first) = queue.recv().await {
-            if sink.feed(Message::Binary(first.into())).await.is_err() {
-                return;
-            }
-            while let Ok(more) = queue.try_recv() {
-                if sink.feed(Message::Binary(more.into())).await.is_err() {
-                    return;
+        // A peer that stops reading stalls these writes; give up on it after a while.
+        let written = async {
+            while let Some(first) = queue.recv().await {
+                sink.feed(Message::Binary(first.into())).await?;
+                while let Ok(more) = queue.try_recv() {
+                    sink.feed(Message::Binary(more.into())).await?;
                 }
+                tokio::time::timeout(STALL_TIMEOUT, sink.flush())
+                    .await
+                    .map_err(|_| axum::Error::new("peer stopped reading"))??;
             }
-            if sink.flush().await.is_err() {
-                return;
-            }
+            Ok::<_, axum::Error>(())
+        };
+        if written.await.is_ok() {
+            let _ = tokio::time::timeout(STALL_TIMEOUT, sink.close()).await;
         }
-        let _ = sink.close().await;
     });
 
     let now = Instant::now();
@@ -201,11 +212,18 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         claims: TokenBucket::new(CLAIMS_PER_MINUTE / 60.0, CLAIMS_PER_MINUTE, now),
         bad_frames: 0,
         delivery_failed: Arc::new(tokio::sync::Notify::new()),
+        stalled: false,
     };
+    let authentication_deadline = tokio::time::Instant::now() + AUTHENTICATION_DEADLINE;
     let mut shutdown = shared.shutdown.clone();
     let delivery_failed = Arc::clone(&session.delivery_failed);
     loop {
+        let authenticated = matches!(session.phase, Phase::Authenticated(_));
         let message = tokio::select! {
+            () = tokio::time::sleep_until(authentication_deadline), if !authenticated => {
+                tracing::debug!("closing a connection that did not authenticate in time");
+                break;
+            }
             () = delivery_failed.notified() => {
                 // Without deliveries the connection is useless; the client reconnects.
                 session.send(error_frame(0, ErrorCode::Internal, "delivery interrupted; reconnect")).await;
@@ -242,6 +260,11 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
             tracing::debug!("closing a connection that sent too many bad frames");
             break;
         }
+        if session.stalled {
+            tracing::debug!("closing a connection whose peer stopped reading");
+            break;
+        }
+
     }
     if let Phase::Authenticated(auth) = &session.phase {
         shared.hub.unregister(&auth.device, &auth.mailbox);
@@ -252,9 +275,13 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
 }
 
 impl Session {
-    async fn send(&self, bytes: Vec<u8>) {
-        // The writer only goes away when the socket is gone; then there is nobody to tell.
-        let _ = self.outbound.send(bytes).await;
+    async fn send(&mut self, bytes: Vec<u8>) {
+        // The writer only goes away when the socket is gone; then there is nobody to tell. A
+        // queue that stays full means the peer stopped reading: close the connection.
+        if let Err(_timeout) = tokio::time::timeout(STALL_TIMEOUT, self.outbound.send(bytes)).await
+        {
+            self.stalled = true;
+        }
     }
 
     /// Parses a group id from a request, answering a malformed one with an error.
@@ -609,6 +636,11 @@ impl Session {
                 let last_resort =
                     Some(upload.last_resort_key_package).filter(|bytes| !bytes.is_empty());
                 let pending = store.submit(move |store| {
+                    let stored = store.key_package_count(&device)?;
+                    let adding = u32::try_from(upload.key_packages.len()).unwrap_or(u32::MAX);
+                    if stored.saturating_add(adding) > MAX_STORED_KEY_PACKAGES {
+                        return Err(StoreError::Invalid("too many key packages stored already"));
+                    }
                     store.add_key_packages(&device, upload.key_packages, last_resort)
                 });
                 self.answer(context, pending.await, |remaining| {
@@ -795,7 +827,8 @@ impl Session {
                 Ok(value) => encode(id, reply(value)),
                 Err(error) => store_error_frame(id, &error),
             };
-            let _ = outbound.send(bytes).await;
+            // A peer that stopped reading is dropped by the session; do not wait for it here.
+            let _ = tokio::time::timeout(STALL_TIMEOUT, outbound.send(bytes)).await;
         });
     }
 }
@@ -857,12 +890,18 @@ async fn deliver(
             tracing::warn!("delivery stopped: {error}");
             failed.notify_one();
         }
+        Err(Stop::Stalled) => {
+            tracing::debug!("delivery stopped: the peer stopped reading");
+            failed.notify_one();
+        }
     }
 }
 
 #[derive(Debug)]
 enum Stop {
     Disconnected,
+    /// The peer stopped reading.
+    Stalled,
     Store(StoreError),
 }
 
@@ -942,10 +981,11 @@ impl Delivery {
     }
 
     async fn send(&self, bytes: Vec<u8>) -> Result<(), Stop> {
-        self.outbound
-            .send(bytes)
-            .await
-            .map_err(|_| Stop::Disconnected)
+        match tokio::time::timeout(STALL_TIMEOUT, self.outbound.send(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Stop::Disconnected),
+            Err(_) => Err(Stop::Stalled),
+        }
     }
 
     async fn refresh_memberships(&mut self) -> Result<(), Stop> {

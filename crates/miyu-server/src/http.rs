@@ -28,7 +28,7 @@ use crate::{ServerConfig, ServerError, StoreBackend, TlsIdentity};
 
 /// TLS handshakes that may be in progress at once; more wait in the kernel's backlog.
 const MAX_HANDSHAKES: usize = 256;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for connections to say goodbye.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often old entries, invites and grants are swept.
@@ -60,9 +60,14 @@ impl RunningServer {
         let _ = self.stop.send(true);
         let _ = self.serving.await;
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.connections_done.recv()).await;
-        // The store thread ends once the last handle (held by the tasks above) is gone.
+        // The store thread ends once the last handle (held by the tasks above) is gone. A
+        // connection stuck on a peer could hold one: every acknowledged write is already
+        // committed, so after a grace period shutdown goes on without it.
         let store_thread = self.store_thread;
-        let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
+        let joined = tokio::task::spawn_blocking(move || store_thread.join());
+        if tokio::time::timeout(SHUTDOWN_GRACE, joined).await.is_err() {
+            tracing::warn!("shutting down without waiting any longer for the store thread");
+        }
     }
 }
 
