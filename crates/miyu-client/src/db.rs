@@ -44,7 +44,9 @@ CREATE TABLE conversations (
     -- When this device last replaced its keys in the conversation (an MLS self-update).
     last_update_ms INTEGER NOT NULL DEFAULT 0,
     -- SHA-256 of our commit while the server has not yet said whether it won the epoch.
-    pending_commit_hash BLOB
+    pending_commit_hash BLOB,
+    -- Why this conversation cannot be used any more (it fell out of sync), or NULL.
+    broken TEXT
 );
 CREATE TABLE invites (
     token BLOB PRIMARY KEY,
@@ -123,10 +125,14 @@ pub(crate) fn in_transaction<T>(
 ) -> Result<T, Error> {
     connection.execute_batch("BEGIN IMMEDIATE")?;
     match body(connection) {
-        Ok(value) => {
-            connection.execute_batch("COMMIT")?;
-            Ok(value)
-        }
+        Ok(value) => match connection.execute_batch("COMMIT") {
+            Ok(()) => Ok(value),
+            Err(error) => {
+                // Never leave the connection inside a transaction.
+                let _ = connection.execute_batch("ROLLBACK");
+                Err(error.into())
+            }
+        },
         Err(error) => {
             let _ = connection.execute_batch("ROLLBACK");
             Err(error)

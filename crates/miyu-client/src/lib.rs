@@ -75,6 +75,9 @@ pub enum Error {
     Security(String),
     #[error("network: {0}")]
     Network(String),
+    /// The message is stored and goes out when the server can be reached.
+    #[error("not sent yet, kept in the outbox: {0}")]
+    Queued(String),
     #[error("local database: {0}")]
     Database(#[from] rusqlite::Error),
     #[error("encryption: {0}")]
@@ -90,7 +93,7 @@ pub enum Error {
 impl Error {
     /// True when retrying after reconnecting may help.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Network(_))
+        matches!(self, Error::Network(_) | Error::Queued(_))
             || matches!(self, Error::Server(e) if e.code == wire::ErrorCode::ShuttingDown || e.code == wire::ErrorCode::RateLimited)
     }
 }
@@ -220,6 +223,8 @@ pub struct Client {
 /// An authenticated connection and what it has told us.
 struct Session {
     connection: net::Connection,
+    /// Every step of `connect` after authenticating has completed on this connection.
+    ready: bool,
     caught_up: bool,
     /// A keep-alive Ping went out and nothing has arrived since.
     ping_outstanding: bool,
@@ -424,8 +429,13 @@ impl Client {
     /// Connects and authenticates (registering on first use), then re-sends what the outbox
     /// holds. Incoming entries are processed as they arrive, inside any later call.
     pub async fn connect(&mut self) -> Result<(), Error> {
-        if self.session.is_some() {
-            return Ok(());
+        if let Some(session) = &self.session {
+            if session.ready {
+                return Ok(());
+            }
+            // An earlier connect stopped half-way (an error, or a cancelled future): finish
+            // its remaining steps on this connection.
+            return self.finish_connect(None).await;
         }
         let mut connection = net::Connection::open(&self.server, self.proxy.as_ref()).await?;
         let (server_sha256, nonce) = connection.challenge();
@@ -477,10 +487,19 @@ impl Client {
         };
         self.session = Some(Session {
             connection,
+            ready: false,
             caught_up: false,
             ping_outstanding: false,
         });
-        if remaining < KEY_PACKAGE_TARGET / 2 {
+        self.finish_connect(Some(remaining)).await
+    }
+
+    /// The steps after authenticating: top up key packages (when the count is known), send
+    /// pending group announcements and flush the outbox. The session is ready once all ran.
+    async fn finish_connect(&mut self, key_packages_remaining: Option<u32>) -> Result<(), Error> {
+        if let Some(remaining) = key_packages_remaining
+            && remaining < KEY_PACKAGE_TARGET / 2
+        {
             let (key_packages, _) = self.new_key_packages(KEY_PACKAGE_TARGET - remaining, false)?;
             self.call(Request::UploadKeyPackages(wire::UploadKeyPackages {
                 key_packages,
@@ -490,6 +509,7 @@ impl Client {
         }
         self.announce_pending_groups().await?;
         self.flush_outbox().await?;
+        self.session()?.ready = true;
         Ok(())
     }
 
@@ -582,7 +602,7 @@ impl Client {
         if !wait.is_zero() && !received(&events) {
             let deadline = tokio::time::Instant::now() + wait;
             while !received(&events) {
-                match tokio::time::timeout_at(deadline, self.pump()).await {
+                match tokio::time::timeout_at(deadline, self.pump_live()).await {
                     Ok(result) => result?,
                     Err(_) => break,
                 }
@@ -601,33 +621,40 @@ impl Client {
                 return Ok(event);
             }
             self.connect().await?;
-            let session = self.session()?;
-            let frame = match tokio::time::timeout(KEEPALIVE, session.connection.receive()).await {
-                Ok(Ok(frame)) => frame,
-                Ok(Err(error)) => {
-                    self.session = None;
-                    return Err(error);
-                }
-                Err(_) if session.ping_outstanding => {
-                    self.session = None;
-                    return Err(Error::Network("the server stopped answering".into()));
-                }
-                Err(_) => {
-                    session.ping_outstanding = true;
-                    session
-                        .connection
-                        .send(Request::Ping(wire::Ping {}))
-                        .await?;
-                    continue;
-                }
-            };
-            self.session()?.ping_outstanding = false;
-            self.handle_frame(frame).await?;
-            if self.outbox_waiting {
-                self.outbox_waiting = false;
-                self.flush_outbox().await?;
-            }
+            self.pump_live().await?;
         }
+    }
+
+    /// Like `pump`, for a connection that may stay quiet for long: after `KEEPALIVE` without
+    /// a frame it sends a Ping, and only a second quiet spell counts as a dead connection.
+    async fn pump_live(&mut self) -> Result<(), Error> {
+        let session = self.session()?;
+        let frame = match tokio::time::timeout(KEEPALIVE, session.connection.receive()).await {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(error)) => {
+                self.session = None;
+                return Err(error);
+            }
+            Err(_) if session.ping_outstanding => {
+                self.session = None;
+                return Err(Error::Network("the server stopped answering".into()));
+            }
+            Err(_) => {
+                session
+                    .connection
+                    .send(Request::Ping(wire::Ping {}))
+                    .await?;
+                session.ping_outstanding = true;
+                return Ok(());
+            }
+        };
+        self.session()?.ping_outstanding = false;
+        self.handle_frame(frame).await?;
+        if self.outbox_waiting {
+            self.outbox_waiting = false;
+            self.flush_outbox().await?;
+        }
+        Ok(())
     }
 
     async fn handle_frame(&mut self, frame: wire::ServerFrame) -> Result<(), Error> {
@@ -685,6 +712,11 @@ impl Client {
                     db.execute_batch("ROLLBACK TO welcome")?;
                 }
                 db.execute_batch("RELEASE welcome")?;
+                if let Err(error @ (Error::Database(_) | Error::Mls(MlsError::State(_)))) = joined {
+                    // Our own storage failed, not the Welcome: keep it for another try rather
+                    // than acknowledging (and so deleting) the only copy.
+                    return Err(error);
+                }
                 db.execute(
                     "UPDATE account SET inbox_cursor = ?1 WHERE id = 1",
                     params![entry.seq],
@@ -701,8 +733,8 @@ impl Client {
             .await
     }
 
-    /// Joins a conversation from a Welcome. The outer result is a database failure (retry);
-    /// the inner one a Welcome that fails checks (drop it).
+    /// Joins a conversation from a Welcome. Local failures (database, MLS state) are retried;
+    /// any other error means the Welcome failed its checks and is dropped.
     fn join_from_welcome(&self, db: &Connection, welcome: &[u8]) -> Result<(), Error> {
         let provider = Provider::new(db);
         let joined = mls::join_group(&provider, welcome)?;
@@ -784,13 +816,8 @@ impl Client {
         })?;
         if let Some(event) = event {
             if matches!(event, Event::ContactAdded(_)) {
-                // They proved they hold one of our invites: now tell them who we are. Posted
-                // by the next flush, since this runs inside `call`, which must not recurse.
-                let profile = wire::app_message::Body::Profile(wire::Profile {
-                    name: self.name.clone(),
-                    invite_proof: Vec::new(),
-                });
-                self.queue_app_message(&entry.group_id, profile, None)?;
+                // Our introduction was queued with the acceptance; it is posted by the next
+                // flush, since this runs inside `call`, which must not recurse.
                 self.outbox_waiting = true;
             }
             self.events.push_back(event);
@@ -982,6 +1009,13 @@ impl Client {
             "UPDATE contacts SET state = 'accepted', name = ?1 WHERE account_id = ?2",
             params![name, contact_account],
         )?;
+        // They proved they hold one of our invites: now tell them who we are, in the same
+        // transaction, so a crash cannot accept them without introducing us.
+        let profile = wire::app_message::Body::Profile(wire::Profile {
+            name: self.name.clone(),
+            invite_proof: Vec::new(),
+        });
+        self.queue_app_message_in(db, group_id, profile, None)?;
         Ok(Some(Event::ContactAdded(Contact {
             name,
             account_id: contact_account.to_string(),
@@ -1165,7 +1199,11 @@ impl Client {
                 Ok(_) => {}
                 // Announced before a crash took the answer away.
                 Err(Error::Server(error)) if error.code == wire::ErrorCode::AlreadyExists => {}
-                Err(error) => return Err(error),
+                Err(error) if error.is_transient() => return Err(error),
+                Err(error) => {
+                    self.mark_broken(&group_id, &error)?;
+                    continue;
+                }
             }
             self.db.execute(
                 "UPDATE conversations SET announce = NULL WHERE group_id = ?1",
@@ -1186,37 +1224,48 @@ impl Client {
         group_id: &[u8],
         body: wire::app_message::Body,
         shown: Option<&str>,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<i64>, Error> {
+        db::in_transaction(&self.db, |db| {
+            self.queue_app_message_in(db, group_id, body, shown)
+        })
+    }
+
+    /// [`queue_app_message`](Self::queue_app_message) inside the caller's transaction.
+    fn queue_app_message_in(
+        &self,
+        db: &Connection,
+        group_id: &[u8],
+        body: wire::app_message::Body,
+        shown: Option<&str>,
+    ) -> Result<Option<i64>, Error> {
         let message = wire::AppMessage {
             message_id: random::<16>().to_vec(),
             sent_at_ms: now_ms(),
             body: Some(body),
         };
         let plaintext = message.encode_to_vec();
-        db::in_transaction(&self.db, |db| {
-            let provider = Provider::new(db);
-            let mut group = mls::load_group(&provider, group_id)?
-                .ok_or_else(|| Error::Usage("conversation state is missing".into()))?;
-            let ciphertext = mls::encrypt(&provider, &self.keys, &mut group, &plaintext)?;
-            let epoch = group.epoch().as_u64();
-            let row = match shown {
-                Some(text) => {
-                    let hash: [u8; 32] = Sha256::digest(&ciphertext).into();
-                    db.execute(
-                        "INSERT INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, ciphertext_hash)
-                         VALUES (?1, ?2, 1, ?3, ?4, ?4, 'pending', ?5)",
-                        params![group_id, message.message_id, text, message.sent_at_ms, hash.as_slice()],
-                    )?;
-                    Some(db.last_insert_rowid())
-                }
-                None => None,
-            };
-            db.execute(
-                "INSERT INTO outbox (group_id, epoch, ciphertext, plaintext, message_row) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![group_id, epoch, ciphertext, plaintext, row],
-            )?;
-            Ok(())
-        })
+        let provider = Provider::new(db);
+        let mut group = mls::load_group(&provider, group_id)?
+            .ok_or_else(|| Error::Usage("conversation state is missing".into()))?;
+        let ciphertext = mls::encrypt(&provider, &self.keys, &mut group, &plaintext)?;
+        let epoch = group.epoch().as_u64();
+        let row = match shown {
+            Some(text) => {
+                let hash: [u8; 32] = Sha256::digest(&ciphertext).into();
+                db.execute(
+                    "INSERT INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, ciphertext_hash)
+                     VALUES (?1, ?2, 1, ?3, ?4, ?4, 'pending', ?5)",
+                    params![group_id, message.message_id, text, message.sent_at_ms, hash.as_slice()],
+                )?;
+                Some(db.last_insert_rowid())
+            }
+            None => None,
+        };
+        db.execute(
+            "INSERT INTO outbox (group_id, epoch, ciphertext, plaintext, message_row) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![group_id, epoch, ciphertext, plaintext, row],
+        )?;
+        Ok(row)
     }
 
     /// Posts what the outbox holds, oldest first; each entry leaves the outbox only once the
@@ -1226,9 +1275,19 @@ impl Client {
             let next: Option<OutboxRow> = self
                 .db
                 .query_row(
-                    "SELECT id, group_id, epoch, ciphertext, message_row FROM outbox ORDER BY id LIMIT 1",
+                    "SELECT o.id, o.group_id, o.epoch, o.ciphertext, o.message_row FROM outbox o
+                     JOIN conversations c ON c.group_id = o.group_id
+                     WHERE c.broken IS NULL ORDER BY o.id LIMIT 1",
                     [],
-                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
+                    |row| {
+                        Ok((
+                            row.get(0)?,
+                            row.get(1)?,
+                            row.get(2)?,
+                            row.get(3)?,
+                            row.get(4)?,
+                        ))
+                    },
                 )
                 .optional()?;
             let Some((id, group_id, epoch, ciphertext, message_row)) = next else {
@@ -1257,12 +1316,27 @@ impl Client {
                 Err(Error::Server(error)) if error.code == wire::ErrorCode::EpochMismatch => {
                     // Someone committed first: process their commit, then encrypt again for
                     // the new epoch. Receivers drop repeats by message id.
-                    self.wait_for_epoch(&group_id, error.current_epoch).await?;
-                    self.reencrypt_outbox_row(id)?;
+                    match self.wait_for_epoch(&group_id, error.current_epoch).await {
+                        Ok(()) => self.reencrypt_outbox_row(id)?,
+                        Err(error) if error.is_transient() => return Err(error),
+                        Err(error) => self.mark_broken(&group_id, &error)?,
+                    }
                 }
-                Err(error) => return Err(error),
+                Err(error) if error.is_transient() => return Err(error),
+                // One conversation that cannot be posted to must not hold up the others.
+                Err(error) => self.mark_broken(&group_id, &error)?,
             }
         }
+    }
+
+    /// Takes a conversation out of service: its outbox waits, and sending to it says why.
+    fn mark_broken(&self, group_id: &[u8], error: &Error) -> Result<(), Error> {
+        tracing::warn!("a conversation is out of service: {error}");
+        self.db.execute(
+            "UPDATE conversations SET broken = ?1 WHERE group_id = ?2",
+            params![error.to_string(), group_id],
+        )?;
+        Ok(())
     }
 
     async fn post(
@@ -1425,28 +1499,62 @@ impl Client {
             return Err(Error::Usage("the message is empty".into()));
         }
         let (_, group_id) = self.conversation_of(contact)?;
-        let (last_update_ms, pending_commit): (u64, bool) = self.db.query_row(
-            "SELECT last_update_ms, pending_commit_hash IS NOT NULL FROM conversations WHERE group_id = ?1",
+        let (last_update_ms, pending_commit, broken): (u64, bool, Option<String>) = self.db.query_row(
+            "SELECT last_update_ms, pending_commit_hash IS NOT NULL, broken FROM conversations WHERE group_id = ?1",
             params![group_id],
-            |row| Ok((row.get(0)?, row.get(1)?)),
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
         )?;
+        if let Some(reason) = broken {
+            return Err(Error::Protocol(format!(
+                "the conversation with {contact} fell out of sync and cannot be used: {reason}"
+            )));
+        }
         if pending_commit {
-            // A key update was interrupted; its fate is known once caught up.
+            // A key update was interrupted; its fate is known once caught up. Until then
+            // nothing can be encrypted, so a failure here means the message was not queued.
             self.connect().await?;
             self.catch_up().await?;
         }
         if now_ms().saturating_sub(last_update_ms) > KEY_UPDATE_INTERVAL.as_millis() as u64 {
-            self.update_keys(contact).await?;
+            // Best effort: offline, the message still goes into the outbox, and the keys are
+            // updated next time.
+            match self.update_keys(contact).await {
+                Err(error) if !error.is_transient() => return Err(error),
+                _ => {}
+            }
         }
-        self.queue_app_message(
+        let row = self.queue_app_message(
             &group_id,
             wire::app_message::Body::Text(wire::Text {
                 body: text.to_string(),
             }),
             Some(text),
         )?;
-        self.connect().await?;
-        self.flush_outbox().await?;
+        let queued = |error: Error| {
+            if error.is_transient() {
+                Error::Queued(error.to_string())
+            } else {
+                error
+            }
+        };
+        self.connect().await.map_err(queued)?;
+        self.flush_outbox().await.map_err(queued)?;
+        let state: String = self.db.query_row(
+            "SELECT state FROM messages WHERE id = ?1",
+            params![row],
+            |row| row.get(0),
+        )?;
+        if state == "pending" {
+            let reason: Option<String> = self.db.query_row(
+                "SELECT broken FROM conversations WHERE group_id = ?1",
+                params![group_id],
+                |row| row.get(0),
+            )?;
+            return Err(Error::Protocol(format!(
+                "the conversation with {contact} fell out of sync; the message was not sent: {}",
+                reason.unwrap_or_default()
+            )));
+        }
         Ok(MessageView {
             contact: contact.to_string(),
             from: "me".into(),

@@ -194,6 +194,11 @@ pub(crate) fn unlock(profile: &Path, passphrase: Option<&str>) -> Result<Databas
     let (Some(memory), Some(passes), Some(salt)) = (memory, passes, salt) else {
         return Err(damaged());
     };
+    // The file is not authenticated: refuse parameters that would exhaust memory or time.
+    if !(8 * 1024..=1024 * 1024).contains(&memory) || !(1..=64).contains(&passes) || salt.len() < 16
+    {
+        return Err(damaged());
+    }
     let passphrase = passphrase.ok_or_else(|| {
         Error::Locked(
             "this profile is protected by a passphrase: type it on a terminal or set MIYU_PASSPHRASE"

@@ -324,8 +324,6 @@ pub enum Incoming {
     },
     /// A commit from another member, merged: the group moved to a new epoch.
     Commit,
-    /// A proposal, stored until a commit covers it.
-    Proposal,
     /// A message this device sent itself, echoed back; it cannot be decrypted by its sender.
     Own,
 }
@@ -384,6 +382,16 @@ pub fn process(
             })
         }
         ProcessedMessageContent::StagedCommitMessage(staged) => {
+            // Conversations have a fixed membership today: a commit may only replace its
+            // sender's own keys. Adds, removals, and joins from outside are refused (and so
+            // never merged) until group membership changes exist.
+            if !matches!(sender_leaf, Sender::Member(_)) {
+                return Err(MlsError::BadMember("commit from outside the group"));
+            }
+            if staged.add_proposals().next().is_some() || staged.remove_proposals().next().is_some()
+            {
+                return Err(MlsError::BadMember("commit changes the group's members"));
+            }
             // Every leaf the commit adds or replaces must carry a valid device certificate,
             // and a replaced leaf must stay with the same account.
             for member in staged.add_proposals() {
@@ -405,12 +413,13 @@ pub fn process(
                 .map_err(state_error)?;
             Ok(Incoming::Commit)
         }
-        ProcessedMessageContent::ProposalMessage(proposal) => {
-            group
-                .store_pending_proposal(provider.storage(), *proposal)
-                .map_err(state_error)?;
-            Ok(Incoming::Proposal)
-        }
+        // A stored proposal would ride along in this device's next commit (openmls commits
+        // every stored proposal), so a peer could use it to make us add someone. Miyu sends
+        // no stand-alone proposals; refuse them.
+        ProcessedMessageContent::ProposalMessage(_)
+        | ProcessedMessageContent::ExternalJoinProposalMessage(_) => Err(MlsError::Rejected(
+            "stand-alone proposals are not accepted".into(),
+        )),
         ProcessedMessageContent::OwnPrivateMessage => Ok(Incoming::Own),
         _ => Err(MlsError::Rejected("unsupported message type".into())),
     }
@@ -533,6 +542,29 @@ mod tests {
             epoch,
             "the refused commit was not merged"
         );
+    }
+
+    #[test]
+    fn stand_alone_proposals_are_refused_and_never_stored() {
+        let (alice_db, bob_db) = (database(), database());
+        let (alice, bob) = (keys(), keys());
+        let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
+        let package = new_key_package(&alice_mls, &alice, false).unwrap();
+        let package = check_key_package(&bob_mls, &package, alice.certificate()).unwrap();
+        let created = create_group(&bob_mls, &bob, &[5; 16], &[package]).unwrap();
+        let mut bob_group = created.group;
+        join_group(&alice_mls, &created.welcome).unwrap();
+        let mut alice_group = load_group(&alice_mls, &[5; 16]).unwrap().unwrap();
+
+        let (proposal, _) = bob_group
+            .propose_self_update(&bob_mls, &DeviceSigner(&bob), LeafNodeParameters::default())
+            .unwrap();
+        let proposal = proposal.tls_serialize_detached().unwrap();
+        assert!(matches!(
+            process(&alice_mls, &mut alice_group, &proposal),
+            Err(MlsError::Rejected(_))
+        ));
+        assert_eq!(alice_group.pending_proposals().count(), 0);
     }
 
     #[test]

@@ -264,7 +264,6 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
             tracing::debug!("closing a connection whose peer stopped reading");
             break;
         }
-
     }
     if let Phase::Authenticated(auth) = &session.phase {
         shared.hub.unregister(&auth.device, &auth.mailbox);

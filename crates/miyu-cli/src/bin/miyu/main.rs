@@ -126,7 +126,7 @@ fn main() -> ExitCode {
 fn exit_code(error: &anyhow::Error) -> u8 {
     match error.downcast_ref::<miyu_client::Error>() {
         Some(miyu_client::Error::Usage(_) | miyu_client::Error::Locked(_)) => 2,
-        Some(miyu_client::Error::Network(_)) => 3,
+        Some(miyu_client::Error::Network(_) | miyu_client::Error::Queued(_)) => 3,
         Some(miyu_client::Error::Server(_)) => 4,
         Some(miyu_client::Error::Security(_)) => 5,
         _ if error.downcast_ref::<Usage>().is_some() => 2,
@@ -448,9 +448,10 @@ async fn chat(
                 }
                 match client.send(contact, &line).await {
                     Ok(_) => {}
-                    Err(error) if error.is_transient() => {
-                        eprintln!("not sent yet ({error}); it stays in the outbox and goes out on reconnect");
+                    Err(error @ miyu_client::Error::Queued(_)) => {
+                        eprintln!("{error}; it goes out when the server can be reached");
                     }
+                    Err(error) if error.is_transient() => eprintln!("not sent: {error}"),
                     Err(error) => return Err(error.into()),
                 }
             }
