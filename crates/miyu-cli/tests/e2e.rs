@@ -1084,3 +1084,35 @@ fn a_proxied_client_connects_only_to_its_proxy_and_resolves_no_names() {
     let (ports, _) = traced(&alice, &["sync"], &root.path().join("alice2.trace"));
     assert!(ports.contains(&server.listen.port()));
 }
+
+#[test]
+fn a_client_that_stops_reading_is_disconnected_and_cannot_hold_the_server_up() {
+    let root = tempfile::tempdir().unwrap();
+    // No rate limit in the way: the flood must be answered until the peer's buffers are full.
+    let server = Server::start(
+        &root.path().join("server"),
+        "127.0.0.1:0",
+        &["--requests-per-second", "10000000"],
+    );
+    let address: ServerAddress = server.address.parse().unwrap();
+    let (ended, flood_ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        runtime().block_on(async {
+            let mut flood = Connection::open(&address, None).await.unwrap();
+            // Ask forever, never read an answer. Sending fails once the server gives up on us.
+            loop {
+                if flood.send(Request::Ping(wire::Ping {})).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let _ = ended.send(());
+    });
+    flood_ended
+        .recv_timeout(common::PATIENCE)
+        .expect("the server kept a connection open for a peer that never reads");
+    // And it still serves others, then shuts down cleanly.
+    let pair = connect_pair(root.path(), &server.address);
+    miyu_ok(&pair.alice, &["send", "bob", "still serving"]);
+    server.terminate();
+}

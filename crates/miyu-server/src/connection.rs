@@ -180,7 +180,7 @@ struct Session {
 pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     let (mut sink, mut stream) = socket.split();
     let (outbound, mut queue) = mpsc::channel::<Vec<u8>>(OUTBOUND_DEPTH);
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         // Write everything that is queued, then flush once: one TLS record burst per wake-up
         // rather than one per frame.
         // A peer that stops reading stalls these writes; give up on it after a while.
@@ -220,6 +220,11 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     loop {
         let authenticated = matches!(session.phase, Phase::Authenticated(_));
         let message = tokio::select! {
+            // The writer gave up on the peer (it stopped reading): nothing more can reach it.
+            _ = &mut writer => {
+                tracing::debug!("closing a connection whose peer stopped reading");
+                break;
+            }
             () = tokio::time::sleep_until(authentication_deadline), if !authenticated => {
                 tracing::debug!("closing a connection that did not authenticate in time");
                 break;
@@ -270,7 +275,9 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         auth.delivery.abort();
     }
     drop(session);
-    let _ = writer.await;
+    if !writer.is_finished() {
+        let _ = writer.await;
+    }
 }
 
 impl Session {
