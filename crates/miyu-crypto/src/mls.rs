@@ -439,6 +439,22 @@ mod tests {
         AccountKeys::generate(&mut rand::rngs::OsRng)
     }
 
+    /// Bob creates group `[id; 16]` with Alice; Alice has not joined yet. Returns both
+    /// databases, both keys and the Welcome for Alice.
+    fn bob_invites_alice(id: u8) -> (Connection, Connection, AccountKeys, AccountKeys, Vec<u8>) {
+        let (alice_db, bob_db) = (database(), database());
+        let (alice, bob) = (keys(), keys());
+        let welcome = {
+            let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
+            let package = new_key_package(&alice_mls, &alice, false).unwrap();
+            let package = check_key_package(&bob_mls, &package, alice.certificate()).unwrap();
+            create_group(&bob_mls, &bob, &[id; 16], &[package])
+                .unwrap()
+                .welcome
+        };
+        (alice_db, bob_db, alice, bob, welcome)
+    }
+
     #[test]
     fn two_devices_talk_and_a_replay_is_rejected() {
         let (alice_db, bob_db) = (database(), database());
@@ -475,15 +491,11 @@ mod tests {
 
     #[test]
     fn a_self_update_moves_both_sides_to_the_next_epoch() {
-        let (alice_db, bob_db) = (database(), database());
-        let (alice, bob) = (keys(), keys());
+        let (alice_db, bob_db, alice, bob, welcome) = bob_invites_alice(3);
         let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
-        let package = new_key_package(&alice_mls, &alice, false).unwrap();
-        let package = check_key_package(&bob_mls, &package, alice.certificate()).unwrap();
-        let created = create_group(&bob_mls, &bob, &[3; 16], &[package]).unwrap();
-        let mut bob_group = created.group;
-        join_group(&alice_mls, &created.welcome).unwrap();
+        join_group(&alice_mls, &welcome).unwrap();
         let mut alice_group = load_group(&alice_mls, &[3; 16]).unwrap().unwrap();
+        let mut bob_group = load_group(&bob_mls, &[3; 16]).unwrap().unwrap();
 
         let commit = self_update(&bob_mls, &bob, &mut bob_group).unwrap();
         assert!(has_pending_commit(&bob_group));
@@ -507,15 +519,12 @@ mod tests {
 
     #[test]
     fn an_update_that_moves_a_leaf_to_another_account_is_refused() {
-        let (alice_db, bob_db) = (database(), database());
-        let (alice, bob, mallory) = (keys(), keys(), keys());
+        let (alice_db, bob_db, _alice, bob, welcome) = bob_invites_alice(4);
+        let mallory = keys();
         let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
-        let package = new_key_package(&alice_mls, &alice, false).unwrap();
-        let package = check_key_package(&bob_mls, &package, alice.certificate()).unwrap();
-        let created = create_group(&bob_mls, &bob, &[4; 16], &[package]).unwrap();
-        let mut bob_group = created.group;
-        join_group(&alice_mls, &created.welcome).unwrap();
+        join_group(&alice_mls, &welcome).unwrap();
         let mut alice_group = load_group(&alice_mls, &[4; 16]).unwrap().unwrap();
+        let mut bob_group = load_group(&bob_mls, &[4; 16]).unwrap().unwrap();
 
         // Bob's device swaps its leaf for a device certified by another account's identity.
         let commit = bob_group
@@ -546,15 +555,11 @@ mod tests {
 
     #[test]
     fn stand_alone_proposals_are_refused_and_never_stored() {
-        let (alice_db, bob_db) = (database(), database());
-        let (alice, bob) = (keys(), keys());
+        let (alice_db, bob_db, _alice, bob, welcome) = bob_invites_alice(5);
         let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
-        let package = new_key_package(&alice_mls, &alice, false).unwrap();
-        let package = check_key_package(&bob_mls, &package, alice.certificate()).unwrap();
-        let created = create_group(&bob_mls, &bob, &[5; 16], &[package]).unwrap();
-        let mut bob_group = created.group;
-        join_group(&alice_mls, &created.welcome).unwrap();
+        join_group(&alice_mls, &welcome).unwrap();
         let mut alice_group = load_group(&alice_mls, &[5; 16]).unwrap().unwrap();
+        let mut bob_group = load_group(&bob_mls, &[5; 16]).unwrap().unwrap();
 
         let (proposal, _) = bob_group
             .propose_self_update(&bob_mls, &DeviceSigner(&bob), LeafNodeParameters::default())
