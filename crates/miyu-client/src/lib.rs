@@ -910,14 +910,18 @@ impl Client {
                     &sender.to_compact(),
                     &profile,
                 ),
+            Some(wire::app_message::Body::Text(_)) if !accepted => {
+                // Not stored: a newcomer who never proved an invite could otherwise fill the
+                // database with messages nobody sees.
+                Ok(None)
+            }
             Some(wire::app_message::Body::Text(text)) => {
                 let inserted = db.execute(
                     "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq)
                      VALUES (?1, ?2, 0, ?3, ?4, ?5, 'received', ?6)",
                     params![entry.group_id, message.message_id, text.body, message.sent_at_ms, now_ms(), entry.seq],
                 )?;
-                if inserted == 0 || !accepted {
-                    // Kept, but not shown: the sender is not an accepted contact.
+                if inserted == 0 {
                     return Ok(None);
                 }
                 Ok(Some(Event::Message(MessageView {
@@ -1568,7 +1572,8 @@ impl Client {
     fn conversation_of(&self, contact: &str) -> Result<(String, Vec<u8>), Error> {
         self.db
             .query_row(
-                "SELECT c.account_id, v.group_id FROM contacts c JOIN conversations v ON v.contact = c.account_id WHERE c.name = ?1 AND c.state = 'accepted'",
+                "SELECT c.account_id, v.group_id FROM contacts c JOIN conversations v ON v.contact = c.account_id
+                 WHERE c.name = ?1 AND c.state = 'accepted' ORDER BY v.rowid DESC LIMIT 1",
                 params![contact],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
@@ -1645,12 +1650,15 @@ impl Client {
 
     /// The conversation with a contact, oldest first.
     pub fn messages(&self, contact: &str) -> Result<Vec<MessageView>, Error> {
-        let (_, group_id) = self.conversation_of(contact)?;
+        // All conversations with the contact: a contact who started over (a new group, after
+        // losing their state) keeps the history of the old one.
+        let (account, _) = self.conversation_of(contact)?;
         let mut statement = self.db.prepare(
-            "SELECT outgoing, body, sent_at_ms, state FROM messages WHERE group_id = ?1 ORDER BY id",
+            "SELECT outgoing, body, sent_at_ms, state FROM messages
+             WHERE group_id IN (SELECT group_id FROM conversations WHERE contact = ?1) ORDER BY id",
         )?;
         let messages = statement
-            .query_map(params![group_id], |row| {
+            .query_map(params![account], |row| {
                 let outgoing: bool = row.get(0)?;
                 let state: String = row.get(3)?;
                 Ok(MessageView {
