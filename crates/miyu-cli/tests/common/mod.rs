@@ -25,13 +25,20 @@ impl Server {
     /// Starts `miyu-server` with its data in `data`, logging at debug level into a file next to
     /// it, and waits for its address line.
     pub fn start(data: &Path, listen: &str, extra: &[&str]) -> Server {
+        Server::start_via(&[], data, listen, extra)
+    }
+
+    /// Like [`Server::start`], with the server run by a program that then runs it, such as
+    /// `ip netns exec NAMESPACE`. The wrapper must exec the server, so that its pid is the
+    /// server's.
+    pub fn start_via(wrapper: &[&str], data: &Path, listen: &str, extra: &[&str]) -> Server {
         let log = data.with_extension("log");
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_miyu-server"))
+        let mut child = command_via(wrapper, env!("CARGO_BIN_EXE_miyu-server"))
             .args(["--data", data.to_str().unwrap(), "--listen", listen])
             .args(extra)
             .env("MIYU_LOG", "debug")
@@ -112,11 +119,28 @@ pub const PASSPHRASE: &str = "a test passphrase";
 /// A `miyu` command that unlocks test profiles. Test profiles use a cheaper (8 MiB) key
 /// derivation than real ones, so hundreds of them do not slow the suite down.
 pub fn miyu_command() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_miyu"));
+    miyu_command_via(&[])
+}
+
+/// [`miyu_command`] run by a wrapper program such as `ip netns exec NAMESPACE`.
+pub fn miyu_command_via(wrapper: &[&str]) -> Command {
+    let mut command = command_via(wrapper, env!("CARGO_BIN_EXE_miyu"));
     command
         .env("MIYU_PASSPHRASE", PASSPHRASE)
         .env("MIYU_DANGER_KDF_MEMORY_KIB", "8192");
     command
+}
+
+/// `program`, or `wrapper... program` when there is a wrapper.
+fn command_via(wrapper: &[&str], program: &str) -> Command {
+    match wrapper.split_first() {
+        None => Command::new(program),
+        Some((first, rest)) => {
+            let mut command = Command::new(first);
+            command.args(rest).arg(program);
+            command
+        }
+    }
 }
 
 /// Runs `miyu --profile PROFILE ARGS...`.
