@@ -1,5 +1,5 @@
 //! Miyu's wire types and their codecs: frames, identifiers, device certificates, server
-//! addresses and invite links.
+//! addresses, invite links and usernames.
 //!
 //! Everything here is pure: no network, no files, no clock, no randomness. Every decoder of
 //! untrusted bytes returns a typed error and never panics; each has a fuzz target in `fuzz/`.
@@ -26,6 +26,7 @@ pub mod frame;
 pub mod ids;
 pub mod invite;
 mod text;
+pub mod username;
 
 /// Types generated from `proto/miyu.proto`, the single source of truth for the wire format.
 #[allow(unreachable_pub, clippy::all)]
@@ -37,3 +38,4 @@ pub use address::ServerAddress;
 pub use cert::{CertificateError, VerifiedCertificate};
 pub use ids::{AccountId, DeviceId, Epoch, GroupId, IdError, IdentityFingerprint};
 pub use invite::InviteLink;
+pub use username::Username;

@@ -48,6 +48,17 @@ const INVITE_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Invite claims one connection may make per minute: tokens are unguessable, this only keeps
 /// a hostile client from turning the server into a key-package pump.
 const CLAIMS_PER_MINUTE: f64 = 20.0;
+/// Username lookups one device may make: a burst of this many, then one every
+/// `LOOKUP_REFILL`. Registering is free, so the server-wide budget below is what really bounds
+/// how many names anyone can test.
+const LOOKUP_BURST: f64 = 5.0;
+const LOOKUP_REFILL: Duration = Duration::from_secs(360);
+/// Username lookups the whole server answers per minute.
+pub(crate) const LOOKUPS_PER_MINUTE: f64 = 60.0;
+/// Per-device lookup budgets kept before idle ones are forgotten.
+const MAX_LOOKUP_BUCKETS: usize = 10_000;
+/// Disappearing messages last at most this long on the server (the longest timer is 4 weeks).
+const MAX_EXPIRY: u64 = 5 * 7 * 24 * 3600;
 /// A connection that sends nothing for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -58,8 +69,38 @@ pub(crate) struct Shared {
     pub(crate) certificate_sha256: [u8; 32],
     pub(crate) registration_token: Option<String>,
     pub(crate) registrations: Mutex<TokenBucket>,
+    pub(crate) lookups: Mutex<Lookups>,
     pub(crate) requests_per_second: u32,
     pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// Username lookup budgets: one per device, and one for the whole server.
+pub(crate) struct Lookups {
+    pub(crate) server: TokenBucket,
+    pub(crate) devices: HashMap<DeviceId, TokenBucket>,
+}
+
+impl Lookups {
+    pub(crate) fn new(now: Instant) -> Self {
+        Self {
+            server: TokenBucket::new(LOOKUPS_PER_MINUTE / 60.0, LOOKUPS_PER_MINUTE, now),
+            devices: HashMap::new(),
+        }
+    }
+
+    /// Takes one lookup from the device's budget and the server's.
+    fn try_take(&mut self, device: DeviceId, now: Instant) -> bool {
+        if self.devices.len() >= MAX_LOOKUP_BUCKETS {
+            self.devices.retain(|_, bucket| !bucket.is_full(now));
+        }
+        let bucket = self.devices.entry(device).or_insert_with(|| {
+            TokenBucket::new(1.0 / LOOKUP_REFILL.as_secs_f64(), LOOKUP_BURST, now)
+        });
+        if !bucket.try_take(now) {
+            return false;
+        }
+        self.server.try_take(now)
+    }
 }
 
 /// Resolves once the server is stopping (or its stop signal is gone).
@@ -683,23 +724,56 @@ impl Session {
                 let token_hash: [u8; 32] = Sha256::digest(&claim.token).into();
                 let pending =
                     store.submit(move |store| store.claim_invite(&token_hash, &device, now));
-                self.answer(context, pending.await, |claimed| {
-                    let devices = claimed
-                        .into_iter()
-                        .filter_map(|claimed| {
-                            // Certificates were verified when stored; one that no longer parses
-                            // is left out rather than handed to a client.
-                            let certificate =
-                                VerifiedCertificate::from_compact(&claimed.certificate).ok()?;
-                            Some(wire::DeviceKeyPackage {
-                                device_id: claimed.device_id.as_bytes().to_vec(),
-                                certificate: Some(certificate.to_wire()),
-                                key_package: claimed.key_package,
-                            })
-                        })
-                        .collect();
-                    Reply::InviteClaimed(wire::InviteClaimed { devices })
-                });
+                self.answer(context, pending.await, claimed_reply);
+            }
+            Request::SetUsername(set) => {
+                let name_hash = match set.name_hash.len() {
+                    0 => None,
+                    _ => match <[u8; 32]>::try_from(set.name_hash.as_slice()) {
+                        Ok(hash) => Some(hash),
+                        Err(_) => {
+                            return self
+                                .bad_frame(error_frame(
+                                    id,
+                                    ErrorCode::InvalidArgument,
+                                    "a username hash is 32 bytes",
+                                ))
+                                .await;
+                        }
+                    },
+                };
+                let account = context.account;
+                let pending = store.submit(move |store| store.set_username(&account, name_hash));
+                self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
+            }
+            Request::LookupUsername(lookup) => {
+                let Ok(name_hash) = <[u8; 32]>::try_from(lookup.name_hash.as_slice()) else {
+                    return self
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "a username hash is 32 bytes",
+                        ))
+                        .await;
+                };
+                let allowed = self
+                    .shared
+                    .lookups
+                    .lock()
+                    .map(|mut lookups| lookups.try_take(device, Instant::now()))
+                    .unwrap_or(false);
+                if !allowed {
+                    return self
+                        .send(error_frame(
+                            id,
+                            ErrorCode::RateLimited,
+                            "too many username lookups; try again later",
+                        ))
+                        .await;
+                }
+                let pending =
+                    store.submit(move |store| store.claim_username(&name_hash, &device, now));
+                self.answer(context, pending.await, claimed_reply);
             }
             Request::CreateGroup(create) => {
                 let Some(new_group) = parse_new_group(create, device, now) else {
@@ -745,6 +819,11 @@ impl Session {
                         .await;
                 }
                 let epoch = Epoch(post.epoch);
+                // Rounded up to the minute: the stored time then says less about when the
+                // message was sent. Never later than the longest timer allows.
+                let expires_at = (post.expires_at != 0)
+                    .then(|| post.expires_at.min(now.saturating_add(MAX_EXPIRY)))
+                    .map(|at| at.div_ceil(60).saturating_mul(60));
                 let payload = post.payload;
                 let connection = context.connection;
                 let group = group_id.clone();
@@ -753,8 +832,15 @@ impl Session {
                 let shared = Arc::clone(&self.shared);
                 let pending = store.submit_then(
                     move |store| {
-                        let appended =
-                            store.append(&group, &device, epoch, kind, payload.clone(), now)?;
+                        let appended = store.append(
+                            &group,
+                            &device,
+                            epoch,
+                            kind,
+                            payload.clone(),
+                            expires_at,
+                            now,
+                        )?;
                         let pushed = Arc::new(PushedEntry {
                             entry: crate::store::LogEntry {
                                 seq: appended.seq,
@@ -794,7 +880,8 @@ impl Session {
                 };
                 let group = group_id.clone();
                 // Reading one entry checks membership without sending anything yet.
-                let pending = store.submit(move |store| store.group_entries(&group, &device, 0, 0));
+                let pending =
+                    store.submit(move |store| store.group_entries(&group, &device, 0, 0, now));
                 let after = fetch.after_seq;
                 let mailbox = Arc::clone(&context.mailbox);
                 self.answer(context, pending.await, move |_| {
@@ -845,6 +932,24 @@ struct RequestContext {
     account: AccountId,
     mailbox: Arc<Mailbox>,
     connection: u64,
+}
+
+/// The answer to an invite claim or a username lookup.
+fn claimed_reply(claimed: Vec<crate::store::ClaimedKeyPackage>) -> Reply {
+    let devices = claimed
+        .into_iter()
+        .filter_map(|claimed| {
+            // Certificates were verified when stored; one that no longer parses
+            // is left out rather than handed to a client.
+            let certificate = VerifiedCertificate::from_compact(&claimed.certificate).ok()?;
+            Some(wire::DeviceKeyPackage {
+                device_id: claimed.device_id.as_bytes().to_vec(),
+                certificate: Some(certificate.to_wire()),
+                key_package: claimed.key_package,
+            })
+        })
+        .collect();
+    Reply::InviteClaimed(wire::InviteClaimed { devices })
 }
 
 fn parse_new_group(create: wire::CreateGroup, creator: DeviceId, now: u64) -> Option<NewGroup> {
@@ -1046,7 +1151,7 @@ impl Delivery {
             let entries = match self
                 .shared
                 .store
-                .run(move |store| store.group_entries(&group_id, &device, after, PAGE))
+                .run(move |store| store.group_entries(&group_id, &device, after, PAGE, unix_now()))
                 .await
             {
                 Ok(entries) => entries,

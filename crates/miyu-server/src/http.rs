@@ -32,7 +32,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for connections to say goodbye.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often old entries, invites and grants are swept.
-const EXPIRY_INTERVAL: Duration = Duration::from_secs(600);
+const EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A server that is accepting connections.
 pub struct RunningServer {
@@ -128,6 +128,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             per_minute,
             Instant::now(),
         )),
+        lookups: Mutex::new(crate::connection::Lookups::new(Instant::now())),
         requests_per_second: config.requests_per_second,
         shutdown: stop_signal.clone(),
     });

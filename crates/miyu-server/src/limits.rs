@@ -21,6 +21,12 @@ impl TokenBucket {
         }
     }
 
+    /// True when the bucket would be full at `now`: forgetting it changes nothing.
+    pub(crate) fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.capacity
+    }
+
     /// Takes one token if there is one.
     pub(crate) fn try_take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();

@@ -69,6 +69,10 @@ conformance_suite! {
     inbox_entries_come_oldest_first_and_go_when_acknowledged
     expire_deletes_old_entries_and_expired_invites_and_grants
     expire_keeps_entries_of_the_cutoff_hour
+    a_disappearing_entry_is_not_handed_out_after_it_expires_and_expire_deletes_it
+    a_username_lookup_claims_key_packages_and_grants_like_an_invite
+    a_username_belongs_to_one_account_at_a_time
+    withdrawing_a_username_makes_it_unknown_and_free
     a_failed_operation_leaves_no_trace_while_the_rest_of_the_batch_commits
 }
 
@@ -158,6 +162,7 @@ fn append_message(store: &mut dyn Store, group_id: &GroupId, payload: &[u8]) -> 
         Epoch(0),
         EntryKind::Application,
         payload.to_vec(),
+        None,
         NOW,
     )?;
     Ok(())
@@ -480,6 +485,7 @@ fn creating_an_existing_group_fails(store: &mut dyn Store) -> Outcome {
         Epoch(0),
         EntryKind::Application,
         b"hello".to_vec(),
+        None,
         NOW,
     )?;
     assert_eq!(
@@ -500,6 +506,7 @@ fn appending_to_an_unknown_group_is_not_found(store: &mut dyn Store) -> Outcome 
             Epoch(0),
             EntryKind::Application,
             b"hello".to_vec(),
+            None,
             NOW
         ),
         Err(StoreError::NotFound)
@@ -517,13 +524,14 @@ fn appending_as_a_non_member_is_forbidden(store: &mut dyn Store) -> Outcome {
             Epoch(0),
             EntryKind::Application,
             b"hello".to_vec(),
+            None,
             NOW
         ),
         Err(StoreError::Forbidden)
     ));
     assert!(
         store
-            .group_entries(&group_id, &device(1), 0, 10)?
+            .group_entries(&group_id, &device(1), 0, 10, NOW)?
             .is_empty()
     );
     Ok(())
@@ -544,6 +552,7 @@ fn an_application_message_at_another_epoch_is_refused_with_the_current_one(
                 Epoch(wrong),
                 EntryKind::Application,
                 b"hello".to_vec(),
+                None,
                 NOW
             ),
             Err(StoreError::EpochMismatch { current: Epoch(5) })
@@ -555,6 +564,7 @@ fn an_application_message_at_another_epoch_is_refused_with_the_current_one(
         Epoch(5),
         EntryKind::Application,
         b"hello".to_vec(),
+        None,
         NOW,
     )?;
     assert_eq!(appended.seq, 1);
@@ -569,6 +579,7 @@ fn commits_are_compare_and_swap(store: &mut dyn Store) -> Outcome {
         Epoch(0),
         EntryKind::Commit,
         b"commit by 1".to_vec(),
+        None,
         NOW,
     )?;
     assert!(matches!(
@@ -578,6 +589,7 @@ fn commits_are_compare_and_swap(store: &mut dyn Store) -> Outcome {
             Epoch(0),
             EntryKind::Commit,
             b"commit by 2".to_vec(),
+            None,
             NOW
         ),
         Err(StoreError::EpochMismatch { current: Epoch(1) })
@@ -588,11 +600,12 @@ fn commits_are_compare_and_swap(store: &mut dyn Store) -> Outcome {
         Epoch(1),
         EntryKind::Application,
         b"after".to_vec(),
+        None,
         NOW,
     )?;
     store.commit()?;
     assert_eq!(
-        store.group_entries(&group_id, &device(3), 0, 10)?,
+        store.group_entries(&group_id, &device(3), 0, 10, NOW)?,
         [
             LogEntry {
                 seq: 1,
@@ -622,6 +635,7 @@ fn the_epoch_cannot_advance_past_the_largest(store: &mut dyn Store) -> Outcome {
         Epoch(u64::MAX),
         EntryKind::Application,
         b"hello".to_vec(),
+        None,
         NOW,
     )?;
     assert!(matches!(
@@ -631,11 +645,12 @@ fn the_epoch_cannot_advance_past_the_largest(store: &mut dyn Store) -> Outcome {
             Epoch(u64::MAX),
             EntryKind::Commit,
             b"commit".to_vec(),
+            None,
             NOW
         ),
         Err(StoreError::Invalid(_))
     ));
-    let entries = store.group_entries(&group(1), &device(1), 0, 10)?;
+    let entries = store.group_entries(&group(1), &device(1), 0, 10, NOW)?;
     assert_eq!(seqs(&entries), [1]);
     assert_eq!(entries[0].epoch, Epoch(u64::MAX));
     Ok(())
@@ -650,6 +665,7 @@ fn sequence_numbers_start_at_one_and_never_repeat(store: &mut dyn Store) -> Outc
             Epoch(0),
             EntryKind::Application,
             b"hello".to_vec(),
+            None,
             NOW,
         )?;
         assert_eq!(appended.seq, expected);
@@ -660,7 +676,7 @@ fn sequence_numbers_start_at_one_and_never_repeat(store: &mut dyn Store) -> Outc
     store.commit()?;
     assert!(
         store
-            .group_entries(&group_id, &device(1), 0, 10)?
+            .group_entries(&group_id, &device(1), 0, 10, NOW)?
             .is_empty()
     );
     let appended = store.append(
@@ -669,6 +685,7 @@ fn sequence_numbers_start_at_one_and_never_repeat(store: &mut dyn Store) -> Outc
         Epoch(0),
         EntryKind::Application,
         b"hello".to_vec(),
+        None,
         NOW,
     )?;
     assert_eq!(appended.seq, 4);
@@ -683,6 +700,7 @@ fn an_append_reports_every_member(store: &mut dyn Store) -> Outcome {
         Epoch(0),
         EntryKind::Application,
         b"hello".to_vec(),
+        None,
         NOW,
     )?;
     assert_eq!(
@@ -700,24 +718,28 @@ fn group_entries_come_after_the_cursor_oldest_first_up_to_the_limit(
         append_message(store, &group_id, &[number])?;
     }
     store.commit()?;
-    let entries = store.group_entries(&group_id, &device(2), 1, 2)?;
+    let entries = store.group_entries(&group_id, &device(2), 1, 2, NOW)?;
     assert_eq!(seqs(&entries), [2, 3]);
     assert_eq!(entries[0].payload, [2]);
     assert_eq!(entries[0].kind, EntryKind::Application);
     assert_eq!(entries[0].epoch, Epoch(0));
     assert_eq!(
-        seqs(&store.group_entries(&group_id, &device(2), 3, 10)?),
+        seqs(&store.group_entries(&group_id, &device(2), 3, 10, NOW)?),
         [4, 5]
     );
     assert!(
         store
-            .group_entries(&group_id, &device(2), 5, 10)?
+            .group_entries(&group_id, &device(2), 5, 10, NOW)?
             .is_empty()
     );
-    assert!(store.group_entries(&group_id, &device(2), 0, 0)?.is_empty());
     assert!(
         store
-            .group_entries(&group_id, &device(2), u64::MAX, 10)?
+            .group_entries(&group_id, &device(2), 0, 0, NOW)?
+            .is_empty()
+    );
+    assert!(
+        store
+            .group_entries(&group_id, &device(2), u64::MAX, 10, NOW)?
             .is_empty()
     );
     Ok(())
@@ -728,11 +750,11 @@ fn group_entries_are_forbidden_to_non_members(store: &mut dyn Store) -> Outcome 
     append_message(store, &group_id, b"secret")?;
     register(store, &[4])?;
     assert!(matches!(
-        store.group_entries(&group_id, &device(4), 0, 10),
+        store.group_entries(&group_id, &device(4), 0, 10, NOW),
         Err(StoreError::Forbidden)
     ));
     assert!(matches!(
-        store.group_entries(&group(9), &device(1), 0, 10),
+        store.group_entries(&group(9), &device(1), 0, 10, NOW),
         Err(StoreError::Forbidden)
     ));
     Ok(())
@@ -771,18 +793,18 @@ fn an_entry_is_deleted_once_every_member_acknowledged_it(store: &mut dyn Store) 
     store.ack_group(&device(2), &group_id, 2)?;
     store.commit()?;
     assert_eq!(
-        seqs(&store.group_entries(&group_id, &device(3), 0, 10)?),
+        seqs(&store.group_entries(&group_id, &device(3), 0, 10, NOW)?),
         [1, 2, 3]
     );
     store.ack_group(&device(3), &group_id, 1)?;
     assert_eq!(
-        seqs(&store.group_entries(&group_id, &device(3), 0, 10)?),
+        seqs(&store.group_entries(&group_id, &device(3), 0, 10, NOW)?),
         [2, 3]
     );
     store.ack_group(&device(3), &group_id, 3)?;
     store.commit()?;
     assert_eq!(
-        seqs(&store.group_entries(&group_id, &device(2), 0, 10)?),
+        seqs(&store.group_entries(&group_id, &device(2), 0, 10, NOW)?),
         [3]
     );
     Ok(())
@@ -798,14 +820,14 @@ fn an_acknowledgement_is_clamped_to_the_last_entry(store: &mut dyn Store) -> Out
     store.commit()?;
     // Had the cursor gone past the last entry, this one would count as read already.
     assert_eq!(
-        seqs(&store.group_entries(&group_id, &device(1), 2, 10)?),
+        seqs(&store.group_entries(&group_id, &device(1), 2, 10, NOW)?),
         [3]
     );
     for number in [2, 3] {
         store.ack_group(&device(number), &group_id, 3)?;
     }
     assert_eq!(
-        seqs(&store.group_entries(&group_id, &device(1), 0, 10)?),
+        seqs(&store.group_entries(&group_id, &device(1), 0, 10, NOW)?),
         [3]
     );
     Ok(())
@@ -894,6 +916,7 @@ fn expire_deletes_old_entries_and_expired_invites_and_grants(store: &mut dyn Sto
         Epoch(0),
         EntryKind::Application,
         b"new".to_vec(),
+        None,
         NOW + 2 * HOUR,
     )?;
     store.create_invite(&account(2), [10; 32], NOW + HOUR)?;
@@ -906,7 +929,7 @@ fn expire_deletes_old_entries_and_expired_invites_and_grants(store: &mut dyn Sto
     assert_eq!(store.expire(NOW + 2 * DAY, NOW + HOUR)?, 0);
     store.commit()?;
     assert_eq!(
-        seqs(&store.group_entries(&group(1), &device(2), 0, 10)?),
+        seqs(&store.group_entries(&group(1), &device(2), 0, 10, NOW)?),
         [2]
     );
     assert!(store.inbox_entries(&device(2), 0, 10)?.is_empty());
@@ -928,10 +951,107 @@ fn expire_keeps_entries_of_the_cutoff_hour(store: &mut dyn Store) -> Outcome {
         Epoch(0),
         EntryKind::Application,
         b"early in the hour".to_vec(),
+        None,
         NOW + 60,
     )?;
     assert_eq!(store.expire(NOW, NOW + HOUR - 1)?, 0);
     assert_eq!(store.expire(NOW, NOW + HOUR)?, 1);
+    Ok(())
+}
+
+fn a_disappearing_entry_is_not_handed_out_after_it_expires_and_expire_deletes_it(
+    store: &mut dyn Store,
+) -> Outcome {
+    let group_id = group_of_three(store)?;
+    store.append(
+        &group_id,
+        &device(1),
+        Epoch(0),
+        EntryKind::Application,
+        b"disappears".to_vec(),
+        Some(NOW + 30),
+        NOW,
+    )?;
+    append_message(store, &group_id, b"stays")?;
+    store.commit()?;
+    assert_eq!(
+        seqs(&store.group_entries(&group_id, &device(2), 0, 10, NOW + 29)?),
+        [1, 2]
+    );
+    assert_eq!(
+        seqs(&store.group_entries(&group_id, &device(2), 0, 10, NOW + 30)?),
+        [2]
+    );
+    // Undelivered, and long before the retention cutoff: gone all the same.
+    assert_eq!(store.expire(NOW + 29, 0)?, 0);
+    assert_eq!(store.expire(NOW + 30, 0)?, 1);
+    store.commit()?;
+    assert_eq!(
+        seqs(&store.group_entries(&group_id, &device(3), 0, 10, NOW)?),
+        [2]
+    );
+    Ok(())
+}
+
+fn a_username_lookup_claims_key_packages_and_grants_like_an_invite(
+    store: &mut dyn Store,
+) -> Outcome {
+    register(store, &[1, 2])?;
+    store.set_username(&account(2), Some([7; 32]))?;
+    store.commit()?;
+    let claimed = store.claim_username(&[7; 32], &device(1), NOW)?;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].device_id, device(2));
+    assert_eq!(claimed[0].key_package, key_package(2, 1));
+    // The name stays published; the next lookup takes the next key package.
+    let again = store.claim_username(&[7; 32], &device(1), NOW)?;
+    assert_eq!(again[0].key_package, key_package(2, 2));
+    store.create_group(new_group(1, device(1), &[device(2)]))?;
+    assert!(matches!(
+        store.claim_username(&[8; 32], &device(1), NOW),
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.claim_username(&[7; 32], &device(9), NOW),
+        Err(StoreError::Forbidden)
+    ));
+    Ok(())
+}
+
+fn a_username_belongs_to_one_account_at_a_time(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2, 3])?;
+    store.set_username(&account(2), Some([7; 32]))?;
+    assert!(matches!(
+        store.set_username(&account(3), Some([7; 32])),
+        Err(StoreError::AlreadyExists)
+    ));
+    // Choosing another name frees the first.
+    store.set_username(&account(2), Some([8; 32]))?;
+    store.set_username(&account(3), Some([7; 32]))?;
+    store.commit()?;
+    assert_eq!(
+        store.claim_username(&[7; 32], &device(1), NOW)?[0].device_id,
+        device(3)
+    );
+    assert_eq!(
+        store.claim_username(&[8; 32], &device(1), NOW)?[0].device_id,
+        device(2)
+    );
+    // Setting the name one already has is fine.
+    store.set_username(&account(2), Some([8; 32]))?;
+    Ok(())
+}
+
+fn withdrawing_a_username_makes_it_unknown_and_free(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2, 3])?;
+    store.set_username(&account(2), Some([7; 32]))?;
+    store.set_username(&account(2), None)?;
+    store.commit()?;
+    assert!(matches!(
+        store.claim_username(&[7; 32], &device(1), NOW),
+        Err(StoreError::NotFound)
+    ));
+    store.set_username(&account(3), Some([7; 32]))?;
     Ok(())
 }
 
@@ -970,6 +1090,7 @@ fn a_failed_operation_leaves_no_trace_while_the_rest_of_the_batch_commits(
             Epoch(7),
             EntryKind::Commit,
             b"stale".to_vec(),
+            None,
             NOW
         ),
         Err(StoreError::EpochMismatch { current: Epoch(0) })
@@ -994,7 +1115,7 @@ fn a_failed_operation_leaves_no_trace_while_the_rest_of_the_batch_commits(
         [group(2)]
     );
     assert_eq!(
-        seqs(&store.group_entries(&group(2), &device(2), 0, 10)?),
+        seqs(&store.group_entries(&group(2), &device(2), 0, 10, NOW)?),
         [1]
     );
     assert!(matches!(
@@ -1004,6 +1125,7 @@ fn a_failed_operation_leaves_no_trace_while_the_rest_of_the_batch_commits(
             Epoch(0),
             EntryKind::Application,
             b"hello".to_vec(),
+            None,
             NOW
         ),
         Err(StoreError::NotFound)

@@ -21,6 +21,7 @@ pub struct MemoryStore {
     /// Expiry of the right of `.0` to add `.1` to a group.
     grants: BTreeMap<(DeviceId, DeviceId), u64>,
     groups: BTreeMap<GroupId, Group>,
+    usernames: HashMap<[u8; 32], AccountId>,
 }
 
 impl Store for MemoryStore {
@@ -115,28 +116,40 @@ impl Store for MemoryStore {
         }
         let account_id = invite.account_id;
         self.invites.remove(token_hash);
-        let grant_expires_at = coarse_hour(now).saturating_add(GRANT_LIFETIME);
-        let mut claimed = Vec::new();
-        for device in self.devices.values_mut() {
-            if device.record.account_id != account_id {
-                continue;
-            }
-            let Some(key_package) = device
-                .key_packages
-                .pop_front()
-                .or_else(|| device.last_resort.clone())
-            else {
-                continue;
-            };
-            let device_id = device.record.device_id;
-            self.grants.insert((*claimer, device_id), grant_expires_at);
-            claimed.push(ClaimedKeyPackage {
-                device_id,
-                certificate: device.record.certificate.clone(),
-                key_package,
-            });
+        Ok(self.claim_account(account_id, claimer, now))
+    }
+
+    fn set_username(
+        &mut self,
+        account_id: &AccountId,
+        name_hash: Option<[u8; 32]>,
+    ) -> Result<(), StoreError> {
+        if let Some(name_hash) = name_hash
+            && self
+                .usernames
+                .get(&name_hash)
+                .is_some_and(|holder| holder != account_id)
+        {
+            return Err(StoreError::AlreadyExists);
         }
-        Ok(claimed)
+        self.usernames.retain(|_, holder| holder != account_id);
+        if let Some(name_hash) = name_hash {
+            self.usernames.insert(name_hash, *account_id);
+        }
+        Ok(())
+    }
+
+    fn claim_username(
+        &mut self,
+        name_hash: &[u8; 32],
+        claimer: &DeviceId,
+        now: u64,
+    ) -> Result<Vec<ClaimedKeyPackage>, StoreError> {
+        let account_id = *self.usernames.get(name_hash).ok_or(StoreError::NotFound)?;
+        if !self.devices.contains_key(claimer) {
+            return Err(StoreError::Forbidden);
+        }
+        Ok(self.claim_account(account_id, claimer, now))
     }
 
     fn create_group(&mut self, group: NewGroup) -> Result<GroupCreated, StoreError> {
@@ -191,6 +204,7 @@ impl Store for MemoryStore {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn append(
         &mut self,
         group_id: &GroupId,
@@ -198,6 +212,7 @@ impl Store for MemoryStore {
         epoch: Epoch,
         kind: EntryKind,
         payload: Vec<u8>,
+        expires_at: Option<u64>,
         now: u64,
     ) -> Result<Appended, StoreError> {
         let group = self.groups.get_mut(group_id).ok_or(StoreError::NotFound)?;
@@ -230,6 +245,7 @@ impl Store for MemoryStore {
                     payload,
                 },
                 created_hour: coarse_hour(now),
+                expires_at,
             },
         );
         group.next_seq += 1;
@@ -246,6 +262,7 @@ impl Store for MemoryStore {
         device_id: &DeviceId,
         after_seq: u64,
         limit: usize,
+        now: u64,
     ) -> Result<Vec<LogEntry>, StoreError> {
         let group = self
             .groups
@@ -255,6 +272,7 @@ impl Store for MemoryStore {
         Ok(group
             .log
             .range((Bound::Excluded(after_seq), Bound::Unbounded))
+            .filter(|(_, stored)| stored.expires_at.is_none_or(|at| at > now))
             .take(limit)
             .map(|(_, stored)| stored.value.clone())
             .collect())
@@ -328,9 +346,9 @@ impl Store for MemoryStore {
         let mut removed = 0;
         for group in self.groups.values_mut() {
             let before = group.log.len();
-            group
-                .log
-                .retain(|_, entry| entry.created_hour >= cutoff_hour);
+            group.log.retain(|_, entry| {
+                entry.created_hour >= cutoff_hour && entry.expires_at.is_none_or(|at| at > now)
+            });
             removed += before - group.log.len();
         }
         for device in self.devices.values_mut() {
@@ -345,6 +363,40 @@ impl Store for MemoryStore {
         self.grants.retain(|_, expires_at| *expires_at > now);
         removed += before - (self.invites.len() + self.grants.len());
         Ok(u64::try_from(removed).unwrap_or(u64::MAX))
+    }
+}
+
+impl MemoryStore {
+    /// Takes one key package of every device of `account_id` for `claimer`, and grants
+    /// `claimer` the right to add each of those devices to one group.
+    fn claim_account(
+        &mut self,
+        account_id: AccountId,
+        claimer: &DeviceId,
+        now: u64,
+    ) -> Vec<ClaimedKeyPackage> {
+        let grant_expires_at = coarse_hour(now).saturating_add(GRANT_LIFETIME);
+        let mut claimed = Vec::new();
+        for device in self.devices.values_mut() {
+            if device.record.account_id != account_id {
+                continue;
+            }
+            let Some(key_package) = device
+                .key_packages
+                .pop_front()
+                .or_else(|| device.last_resort.clone())
+            else {
+                continue;
+            };
+            let device_id = device.record.device_id;
+            self.grants.insert((*claimer, device_id), grant_expires_at);
+            claimed.push(ClaimedKeyPackage {
+                device_id,
+                certificate: device.record.certificate.clone(),
+                key_package,
+            });
+        }
+        claimed
     }
 }
 
@@ -375,6 +427,8 @@ struct Group {
 struct Stored<T> {
     value: T,
     created_hour: u64,
+    /// When the entry disappears, for disappearing messages.
+    expires_at: Option<u64>,
 }
 
 impl Device {
@@ -390,6 +444,7 @@ impl Device {
             Stored {
                 value: payload,
                 created_hour: coarse_hour(now),
+                expires_at: None,
             },
         );
     }

@@ -176,6 +176,24 @@ pub trait Store: Send + 'static {
         now: u64,
     ) -> Result<Vec<ClaimedKeyPackage>, StoreError>;
 
+    /// Publishes `name_hash` as the account's username, replacing the one it had, or removes
+    /// it (`None`). `AlreadyExists` if another account holds that name.
+    fn set_username(
+        &mut self,
+        account_id: &AccountId,
+        name_hash: Option<[u8; 32]>,
+    ) -> Result<(), StoreError>;
+
+    /// Looks a published username up and, like `claim_invite`, takes one key package of every
+    /// device of its account and grants them to `claimer`. Nothing else is consumed. `NotFound`
+    /// if no account publishes the name.
+    fn claim_username(
+        &mut self,
+        name_hash: &[u8; 32],
+        claimer: &DeviceId,
+        now: u64,
+    ) -> Result<Vec<ClaimedKeyPackage>, StoreError>;
+
     /// Creates a group log at `epoch` with its members and puts the Welcomes in their inboxes.
     /// `AlreadyExists` if the group exists; `Forbidden` if a member other than the creator has
     /// no grant to the creator (grants are consumed) or a Welcome goes to a non-member.
@@ -183,7 +201,10 @@ pub trait Store: Send + 'static {
 
     /// Appends to a group log. `NotFound` if there is no such group, `Forbidden` if the poster
     /// is not a member, `EpochMismatch` if `epoch` is not the group's current one. A commit
-    /// moves the group to `epoch + 1`. Sequence numbers start at 1 and never repeat.
+    /// moves the group to `epoch + 1`. Sequence numbers start at 1 and never repeat. An entry
+    /// with `expires_at` (Unix seconds) is no longer handed out from then on, and `expire`
+    /// deletes it.
+    #[allow(clippy::too_many_arguments)] // One per column of the entry.
     fn append(
         &mut self,
         group_id: &GroupId,
@@ -191,16 +212,19 @@ pub trait Store: Send + 'static {
         epoch: Epoch,
         kind: EntryKind,
         payload: Vec<u8>,
+        expires_at: Option<u64>,
         now: u64,
     ) -> Result<Appended, StoreError>;
 
-    /// Up to `limit` entries after `after_seq`, oldest first. `Forbidden` for non-members.
+    /// Up to `limit` entries after `after_seq` that have not expired at `now`, oldest first.
+    /// `Forbidden` for non-members.
     fn group_entries(
         &mut self,
         group_id: &GroupId,
         device_id: &DeviceId,
         after_seq: u64,
         limit: usize,
+        now: u64,
     ) -> Result<Vec<LogEntry>, StoreError>;
 
     /// The groups a device is a member of, with its cursor in each.
@@ -226,8 +250,8 @@ pub trait Store: Send + 'static {
     /// Deletes a device's inbox entries up to and including `seq`.
     fn ack_inbox(&mut self, device_id: &DeviceId, seq: u64) -> Result<(), StoreError>;
 
-    /// Deletes log and inbox entries stored before `cutoff`, and invites and grants that
-    /// expired before `now`. Returns how many rows went.
+    /// Deletes log and inbox entries stored before `cutoff`, and log entries, invites and
+    /// grants that expired before `now`. Returns how many rows went.
     fn expire(&mut self, now: u64, cutoff: u64) -> Result<u64, StoreError>;
 }
 

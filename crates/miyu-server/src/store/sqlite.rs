@@ -180,40 +180,48 @@ impl Store for SqliteStore {
             if expires_at <= clamp_to_sql(now) {
                 return Err(StoreError::NotFound);
             }
-            if !device_exists(db, claimer)? {
-                return Err(StoreError::Forbidden);
-            }
-            let devices = db
+            claim_account(db, &account_id, claimer, now)
+        })
+    }
+
+    fn set_username(
+        &mut self,
+        account_id: &AccountId,
+        name_hash: Option<[u8; 32]>,
+    ) -> Result<(), StoreError> {
+        self.write(|db| {
+            let account = account_id.as_bytes().as_slice();
+            db.prepare_cached("DELETE FROM usernames WHERE account_id = ?1")?
+                .execute([account])?;
+            let Some(name_hash) = name_hash else {
+                return Ok(());
+            };
+            let inserted = db
                 .prepare_cached(
-                    "SELECT device_id, certificate FROM devices WHERE account_id = ?1 \
-                     ORDER BY device_id",
+                    "INSERT INTO usernames (name_hash, account_id) VALUES (?1, ?2) \
+                     ON CONFLICT (name_hash) DO NOTHING",
                 )?
-                .query_map([&account_id], |row| {
-                    Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            let grant_expires_at = clamp_to_sql(coarse_hour(now).saturating_add(GRANT_LIFETIME));
-            let mut claimed = Vec::with_capacity(devices.len());
-            for (device_id, certificate) in devices {
-                let Some(key_package) = take_key_package(db, &device_id)? else {
-                    continue;
-                };
-                db.prepare_cached(
-                    "INSERT INTO add_grants (claimer, target, expires_at) VALUES (?1, ?2, ?3) \
-                     ON CONFLICT (claimer, target) DO UPDATE SET expires_at = excluded.expires_at",
-                )?
-                .execute(params![
-                    claimer.as_bytes().as_slice(),
-                    device_id,
-                    grant_expires_at
-                ])?;
-                claimed.push(ClaimedKeyPackage {
-                    device_id: decode_device_id(&device_id)?,
-                    certificate,
-                    key_package,
-                });
+                .execute(params![name_hash.as_slice(), account])?;
+            if inserted == 0 {
+                return Err(StoreError::AlreadyExists);
             }
-            Ok(claimed)
+            Ok(())
+        })
+    }
+
+    fn claim_username(
+        &mut self,
+        name_hash: &[u8; 32],
+        claimer: &DeviceId,
+        now: u64,
+    ) -> Result<Vec<ClaimedKeyPackage>, StoreError> {
+        self.write(|db| {
+            let account_id = db
+                .prepare_cached("SELECT account_id FROM usernames WHERE name_hash = ?1")?
+                .query_row([name_hash.as_slice()], |row| row.get::<_, Vec<u8>>(0))
+                .optional()?
+                .ok_or(StoreError::NotFound)?;
+            claim_account(db, &account_id, claimer, now)
         })
     }
 
@@ -271,6 +279,7 @@ impl Store for SqliteStore {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn append(
         &mut self,
         group_id: &GroupId,
@@ -278,6 +287,7 @@ impl Store for SqliteStore {
         epoch: Epoch,
         kind: EntryKind,
         payload: Vec<u8>,
+        expires_at: Option<u64>,
         now: u64,
     ) -> Result<Appended, StoreError> {
         self.write(|db| {
@@ -309,8 +319,8 @@ impl Store for SqliteStore {
                 ),
             };
             db.prepare_cached(
-                "INSERT INTO group_log (group_id, seq, epoch, kind, payload, created_hour) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO group_log (group_id, seq, epoch, kind, payload, created_hour, \
+                 expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![
                 group_key,
@@ -319,6 +329,7 @@ impl Store for SqliteStore {
                 kind_to_sql(kind),
                 payload,
                 clamp_to_sql(coarse_hour(now)),
+                expires_at.map(clamp_to_sql),
             ])?;
             db.prepare_cached("UPDATE groups SET epoch = ?2, next_seq = ?3 WHERE group_id = ?1")?
                 .execute(params![group_key, epoch_to_sql(next_epoch), next_seq])?;
@@ -342,6 +353,7 @@ impl Store for SqliteStore {
         device_id: &DeviceId,
         after_seq: u64,
         limit: usize,
+        now: u64,
     ) -> Result<Vec<LogEntry>, StoreError> {
         self.read(|db| {
             let group_key = group_id.as_bytes();
@@ -350,13 +362,15 @@ impl Store for SqliteStore {
             }
             db.prepare_cached(
                 "SELECT seq, epoch, kind, payload FROM group_log \
-                 WHERE group_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                 WHERE group_id = ?1 AND seq > ?2 AND (expires_at IS NULL OR expires_at > ?4) \
+                 ORDER BY seq LIMIT ?3",
             )?
             .query_map(
                 params![
                     group_key,
                     clamp_to_sql(after_seq),
-                    i64::try_from(limit).unwrap_or(i64::MAX)
+                    i64::try_from(limit).unwrap_or(i64::MAX),
+                    clamp_to_sql(now),
                 ],
                 |row| {
                     Ok((
@@ -485,6 +499,7 @@ impl Store for SqliteStore {
             let mut removed = 0;
             for (sql, bound) in [
                 ("DELETE FROM group_log WHERE created_hour < ?1", cutoff_hour),
+                ("DELETE FROM group_log WHERE expires_at <= ?1", now),
                 ("DELETE FROM inbox WHERE created_hour < ?1", cutoff_hour),
                 ("DELETE FROM invites WHERE expires_at <= ?1", now),
                 ("DELETE FROM add_grants WHERE expires_at <= ?1", now),
@@ -583,7 +598,7 @@ impl SqliteStore {
 /// How long the right to add a device, won by claiming an invite, lasts.
 const GRANT_LIFETIME: u64 = 24 * 3600;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE devices (
@@ -652,6 +667,19 @@ CREATE TABLE inbox (
 CREATE INDEX inbox_by_hour ON inbox (created_hour);
 ";
 
+/// Version 2: disappearing messages and usernames.
+const MIGRATION_2: &str = "
+-- When a disappearing message's ciphertext is dropped, Unix seconds (rounded up to the minute).
+ALTER TABLE group_log ADD COLUMN expires_at INTEGER;
+CREATE INDEX group_log_by_expiry ON group_log (expires_at) WHERE expires_at IS NOT NULL;
+
+-- Published usernames, known only by a hash the clients compute; see docs/PROTOCOL.md.
+CREATE TABLE usernames (
+    name_hash BLOB PRIMARY KEY NOT NULL,
+    account_id BLOB NOT NULL UNIQUE
+) WITHOUT ROWID;
+";
+
 fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     // Immediate, so that two processes opening a new file do not both create the schema.
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -659,6 +687,11 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     match version {
         0 => {
             transaction.execute_batch(SCHEMA)?;
+            transaction.execute_batch(MIGRATION_2)?;
+            transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        1 => {
+            transaction.execute_batch(MIGRATION_2)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         SCHEMA_VERSION => {}
@@ -675,6 +708,50 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     }
     transaction.commit()?;
     Ok(())
+}
+
+/// Takes one key package of every device of `account_id` for `claimer`, and grants `claimer`
+/// the right to add each of those devices to one group.
+fn claim_account(
+    db: &Connection,
+    account_id: &[u8],
+    claimer: &DeviceId,
+    now: u64,
+) -> Result<Vec<ClaimedKeyPackage>, StoreError> {
+    if !device_exists(db, claimer)? {
+        return Err(StoreError::Forbidden);
+    }
+    let devices = db
+        .prepare_cached(
+            "SELECT device_id, certificate FROM devices WHERE account_id = ?1 \
+             ORDER BY device_id",
+        )?
+        .query_map([account_id], |row| {
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let grant_expires_at = clamp_to_sql(coarse_hour(now).saturating_add(GRANT_LIFETIME));
+    let mut claimed = Vec::with_capacity(devices.len());
+    for (device_id, certificate) in devices {
+        let Some(key_package) = take_key_package(db, &device_id)? else {
+            continue;
+        };
+        db.prepare_cached(
+            "INSERT INTO add_grants (claimer, target, expires_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (claimer, target) DO UPDATE SET expires_at = excluded.expires_at",
+        )?
+        .execute(params![
+            claimer.as_bytes().as_slice(),
+            device_id,
+            grant_expires_at
+        ])?;
+        claimed.push(ClaimedKeyPackage {
+            device_id: decode_device_id(&device_id)?,
+            certificate,
+            key_package,
+        });
+    }
+    Ok(claimed)
 }
 
 fn device_exists(db: &Connection, device_id: &DeviceId) -> Result<bool, StoreError> {
@@ -878,6 +955,7 @@ mod tests {
             Epoch(0),
             EntryKind::Commit,
             b"c".to_vec(),
+            None,
             NOW,
         )?;
         assert!(matches!(
@@ -893,7 +971,7 @@ mod tests {
             Some([1; 32])
         );
         assert_eq!(store.key_package_count(&device_id)?, 1);
-        let entries = store.group_entries(&group_id, &device_id, 0, 10)?;
+        let entries = store.group_entries(&group_id, &device_id, 0, 10, NOW)?;
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].kind, EntryKind::Commit);
         let next = store.append(
@@ -902,6 +980,7 @@ mod tests {
             Epoch(1),
             EntryKind::Application,
             Vec::new(),
+            None,
             NOW,
         )?;
         assert_eq!(next.seq, 2);
@@ -958,6 +1037,7 @@ mod tests {
             Epoch(0),
             EntryKind::Application,
             marker.to_vec(),
+            None,
             NOW,
         )?;
         store.commit()?;
@@ -1007,6 +1087,35 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_database_is_upgraded_in_place_and_keeps_its_data() -> Result<(), StoreError> {
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let path = folder.path().join("miyu.sqlite");
+        {
+            let connection = Connection::open(&path)?;
+            connection.execute_batch(SCHEMA)?;
+            connection.pragma_update(None, "user_version", 1)?;
+            connection.execute(
+                "INSERT INTO devices (device_id, account_id, device_key, certificate, created_hour) \
+                 VALUES (?1, ?2, ?3, ?4, 0)",
+                params![
+                    new_device(1).device_id.as_bytes().as_slice(),
+                    new_device(1).account_id.as_bytes().as_slice(),
+                    [1u8; 32].as_slice(),
+                    b"certificate".as_slice()
+                ],
+            )?;
+        }
+        let mut store = SqliteStore::open(&path)?;
+        assert!(store.device(&new_device(1).device_id)?.is_some());
+        store.set_username(&new_device(1).account_id, Some([7; 32]))?;
+        store.commit()?;
+        let version: i64 =
+            Connection::open(&path)?.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        assert_eq!(version, SCHEMA_VERSION);
+        Ok(())
+    }
+
+    #[test]
     fn corrupt_rows_are_reported_not_panicked_on() -> Result<(), StoreError> {
         let mut store = SqliteStore::open_in_memory()?;
         let (device_id, group_id) = group_alone(&mut store)?;
@@ -1016,6 +1125,7 @@ mod tests {
             Epoch(0),
             EntryKind::Application,
             Vec::new(),
+            None,
             NOW,
         )?;
         store.commit()?;
@@ -1027,7 +1137,7 @@ mod tests {
             Err(StoreError::Corrupt(_))
         ));
         assert!(matches!(
-            store.group_entries(&group_id, &device_id, 0, 10),
+            store.group_entries(&group_id, &device_id, 0, 10, NOW),
             Err(StoreError::Corrupt(_))
         ));
         store
@@ -1040,6 +1150,7 @@ mod tests {
                 Epoch(0),
                 EntryKind::Application,
                 Vec::new(),
+                None,
                 NOW
             ),
             Err(StoreError::Corrupt(_))
