@@ -354,6 +354,7 @@ async fn send(
                     epoch: 1,
                     kind: wire::EntryKind::Application as i32,
                     payload,
+                    expires_at: 0,
                 }))
                 .await
                 .context("posting")?;

@@ -395,6 +395,7 @@ fn malformed_oversized_and_unauthenticated_frames_get_errors_while_others_chat()
                 epoch: 1,
                 kind: wire::EntryKind::Application as i32,
                 payload: vec![1],
+                expires_at: 0,
             }))
             .await
             .unwrap();
@@ -452,6 +453,7 @@ fn a_device_can_neither_impersonate_nor_touch_a_group_it_is_not_in() {
                     epoch: 1,
                     kind: wire::EntryKind::Application as i32,
                     payload: b"forged".to_vec(),
+                    expires_at: 0,
                 })
             )
             .await,
@@ -661,11 +663,16 @@ fn a_server_that_makes_up_an_invite_cannot_make_up_a_contact() {
         ],
     );
 
-    // Alice's client sees an introduction without one of her tokens: no contact, no message,
-    // and she does not tell the stranger her name.
+    // Alice's client sees an introduction without one of her tokens: a stranger, so a
+    // message request, not a contact; she does not tell the stranger her name.
     let printed = miyu_ok(&alice, &["sync"]);
-    assert!(printed.is_empty(), "{printed}");
+    assert!(
+        printed.contains("message request from mallory"),
+        "{printed}"
+    );
     assert_eq!(miyu_ok(&alice, &["contacts"]), "");
+    let requests = miyu_ok(&alice, &["requests"]);
+    assert!(requests.contains("it's your bank"), "{requests}");
     miyu_ok(&mallory, &["sync"]);
     let mallorys_view = miyu_ok(&mallory, &["contacts"]);
     assert!(!mallorys_view.contains("alice"), "{mallorys_view}");

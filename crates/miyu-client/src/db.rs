@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::Error;
 use crate::vault::DatabaseKey;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE account (
@@ -32,7 +32,7 @@ CREATE TABLE contacts (
     added_at_ms INTEGER NOT NULL,
     -- 'accepted': we accepted their invite, or they proved they used one of ours;
     -- 'pending': joined from a Welcome, their introduction has not arrived yet;
-    -- 'unsolicited': their introduction did not carry a token of ours. Hidden.
+    -- 'unsolicited': their introduction did not carry a token of ours: a message request.
     state TEXT NOT NULL DEFAULT 'accepted'
 );
 CREATE TABLE conversations (
@@ -77,6 +77,37 @@ CREATE TABLE outbox (
 );
 ";
 
+/// Version 2: settings, message requests, disappearing messages, receipts and presence.
+const MIGRATION_2: &str = "
+CREATE TABLE settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+-- Accounts whose invitations and messages are dropped unseen.
+CREATE TABLE blocked (
+    account_id TEXT PRIMARY KEY,
+    blocked_at_ms INTEGER NOT NULL
+);
+-- This account's username, published only while discoverable.
+ALTER TABLE account ADD COLUMN username TEXT;
+-- When presence was last sent to contacts.
+ALTER TABLE account ADD COLUMN presence_sent_ms INTEGER NOT NULL DEFAULT 0;
+-- What the contact last said about being online (shown only while our presence is shared).
+ALTER TABLE contacts ADD COLUMN online INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE contacts ADD COLUMN last_seen_ms INTEGER;
+ALTER TABLE contacts ADD COLUMN presence_at_ms INTEGER;
+-- Disappearing-message timer of the conversation, seconds; 0 for none.
+ALTER TABLE conversations ADD COLUMN timer_s INTEGER NOT NULL DEFAULT 0;
+-- 'text', or 'timer' for a notice that the timer changed.
+ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT 'text';
+-- When the message is deleted, Unix milliseconds; NULL: kept.
+ALTER TABLE messages ADD COLUMN expires_at_ms INTEGER;
+-- Incoming: when we read it. Outgoing: when the contact said they read it.
+ALTER TABLE messages ADD COLUMN read_at_ms INTEGER;
+CREATE INDEX messages_by_expiry ON messages (expires_at_ms) WHERE expires_at_ms IS NOT NULL;
+ALTER TABLE outbox ADD COLUMN expires_at_ms INTEGER;
+";
+
 /// Opens (or creates) the profile database, encrypted with `key`. A wrong key is reported as
 /// [`Error::Locked`].
 pub(crate) fn open(path: &Path, key: &DatabaseKey) -> Result<Connection, Error> {
@@ -94,6 +125,12 @@ pub(crate) fn open(path: &Path, key: &DatabaseKey) -> Result<Connection, Error> 
         ));
     }
     readable?;
+    configure(&mut connection)?;
+    Ok(connection)
+}
+
+/// Settings and schema of a profile database whose key (if any) is already set.
+pub(crate) fn configure(connection: &mut Connection) -> Result<(), Error> {
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "FULL")?;
     connection.pragma_update(None, "foreign_keys", true)?;
@@ -101,9 +138,12 @@ pub(crate) fn open(path: &Path, key: &DatabaseKey) -> Result<Connection, Error> 
     connection.busy_timeout(std::time::Duration::from_secs(5))?;
     let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     match version {
-        0 => {
+        0 | 1 => {
             let transaction = connection.transaction()?;
-            transaction.execute_batch(SCHEMA)?;
+            if version == 0 {
+                transaction.execute_batch(SCHEMA)?;
+            }
+            transaction.execute_batch(MIGRATION_2)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             transaction.commit()?;
         }
@@ -114,8 +154,8 @@ pub(crate) fn open(path: &Path, key: &DatabaseKey) -> Result<Connection, Error> 
             )));
         }
     }
-    miyu_crypto::mls::migrate(&mut connection)?;
-    Ok(connection)
+    miyu_crypto::mls::migrate(connection)?;
+    Ok(())
 }
 
 /// Runs `body` in one write transaction: all of it is stored, or none.

@@ -21,6 +21,8 @@
 
 mod db;
 pub mod net;
+mod privacy;
+pub mod settings;
 pub mod vault;
 
 use std::collections::VecDeque;
@@ -38,7 +40,11 @@ use rand::RngCore;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
+use privacy::Received;
+
 pub use net::{Proxy, ServerError};
+pub use privacy::{MessageRequest, parse_timer, timer_text};
+pub use settings::Settings;
 pub use vault::Protection;
 
 /// One-time key packages kept on the server; topped up when fewer than half remain.
@@ -104,6 +110,10 @@ pub struct Contact {
     pub name: String,
     pub account_id: String,
     pub verified: bool,
+    /// Online now, as far as the contact shares it with us (and we share ours).
+    pub online: bool,
+    /// When the contact was last online, Unix milliseconds to the minute, if shared.
+    pub last_seen_ms: Option<u64>,
 }
 
 /// Where a message stands.
@@ -116,6 +126,17 @@ pub enum MessageState {
     Sent,
     /// Received from the contact.
     Received,
+    /// Read by the contact (only known while both sides have read receipts on).
+    Read,
+}
+
+/// What a message row is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageKind {
+    Text,
+    /// A notice that the disappearing-message timer changed; `body` says how.
+    Timer,
 }
 
 /// A message as front ends show it.
@@ -128,6 +149,9 @@ pub struct MessageView {
     pub body: String,
     pub sent_at_ms: u64,
     pub state: MessageState,
+    pub kind: MessageKind,
+    /// When the message disappears from this device, Unix milliseconds.
+    pub expires_at_ms: Option<u64>,
 }
 
 /// Something front ends may want to show.
@@ -140,6 +164,19 @@ pub enum Event {
     ContactNamed {
         old: String,
         new: String,
+    },
+    /// Someone who is not a contact wrote: see `requests`.
+    Request {
+        name: String,
+    },
+    /// The contact started or stopped typing (only while both sides share typing).
+    Typing {
+        contact: String,
+        active: bool,
+    },
+    /// The contact read our messages (only while both sides have read receipts on).
+    Read {
+        contact: String,
     },
     /// Everything the server held for this device has been processed.
     CaughtUp,
@@ -202,8 +239,9 @@ fn random<const N: usize>() -> [u8; N] {
 /// Serialised one-time key packages, and a last-resort one when asked for.
 type KeyPackages = (Vec<Vec<u8>>, Option<Vec<u8>>);
 
-/// An outbox row: id, group, epoch, ciphertext, and the message row it delivers, if shown.
-type OutboxRow = (i64, Vec<u8>, u64, Vec<u8>, Option<i64>);
+/// An outbox row: id, group, epoch, ciphertext, the message row it delivers (if shown) and
+/// when it disappears.
+type OutboxRow = (i64, Vec<u8>, u64, Vec<u8>, Option<i64>, Option<u64>);
 
 /// A profile: one device of one account, with its local state.
 pub struct Client {
@@ -381,7 +419,7 @@ impl Client {
         let server = server
             .parse()
             .map_err(|_| Error::Usage("profile's server address is damaged".into()))?;
-        Ok(Self {
+        let client = Self {
             db,
             keys,
             server,
@@ -391,7 +429,9 @@ impl Client {
             events: VecDeque::new(),
             outbox_waiting: false,
             _lock: lock,
-        })
+        };
+        client.delete_expired()?;
+        Ok(client)
     }
 
     pub fn account_id(&self) -> AccountId {
@@ -593,6 +633,8 @@ impl Client {
         while !self.session()?.caught_up {
             self.pump().await?;
         }
+        self.refresh_presence().await?;
+        self.delete_expired()?;
         events.extend(self.events.drain(..));
         let received = |events: &[Event]| {
             events
@@ -620,6 +662,7 @@ impl Client {
             if let Some(event) = self.events.pop_front() {
                 return Ok(event);
             }
+            self.delete_expired()?;
             self.connect().await?;
             self.pump_live().await?;
         }
@@ -751,6 +794,21 @@ impl Client {
         };
         let group_id = joined.group.group_id().as_slice().to_vec();
         let account = other.account_id().to_string();
+        if privacy::is_blocked(db, &account)? {
+            return Err(Error::Security(
+                "an invitation from a blocked account".into(),
+            ));
+        }
+        let waiting: i64 = db.query_row(
+            "SELECT count(*) FROM contacts WHERE state IN ('pending', 'unsolicited')",
+            [],
+            |row| row.get(0),
+        )?;
+        if waiting >= privacy::MAX_WAITING {
+            return Err(Error::Security(
+                "too many strangers are waiting for an answer already".into(),
+            ));
+        }
         let existing: Option<String> = db
             .query_row(
                 "SELECT name FROM contacts WHERE account_id = ?1",
@@ -901,6 +959,15 @@ impl Client {
             |row| Ok((row.get(0)?, row.get(1)?)),
         )?;
         let accepted = state == "accepted";
+        let received = Received {
+            group_id: &entry.group_id,
+            seq: entry.seq,
+            contact_account,
+            contact_name: &contact_name,
+            message_id: &message.message_id,
+            sent_at_ms: message.sent_at_ms,
+            expires_in_s: message.expires_in_s,
+        };
         match message.body {
             Some(wire::app_message::Body::Profile(profile)) if state == "pending" => self
                 .introduce(
@@ -910,28 +977,15 @@ impl Client {
                     &sender.to_compact(),
                     &profile,
                 ),
+            Some(wire::app_message::Body::Text(text)) if state == "unsolicited" => {
+                privacy::store_request_message(db, &received, &text.body)
+            }
             Some(wire::app_message::Body::Text(_)) if !accepted => {
-                // Not stored: a newcomer who never proved an invite could otherwise fill the
-                // database with messages nobody sees.
+                // Not stored: someone who has not introduced themselves yet.
                 Ok(None)
             }
             Some(wire::app_message::Body::Text(text)) => {
-                let inserted = db.execute(
-                    "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq)
-                     VALUES (?1, ?2, 0, ?3, ?4, ?5, 'received', ?6)",
-                    params![entry.group_id, message.message_id, text.body, message.sent_at_ms, now_ms(), entry.seq],
-                )?;
-                if inserted == 0 {
-                    return Ok(None);
-                }
-                Ok(Some(Event::Message(MessageView {
-                    contact: contact_name.clone(),
-                    from: contact_name,
-                    outgoing: false,
-                    body: text.body,
-                    sent_at_ms: message.sent_at_ms,
-                    state: MessageState::Received,
-                })))
+                privacy::store_text(db, &received, &text.body)
             }
             Some(wire::app_message::Body::Profile(profile)) => {
                 let wanted = profile_name(&profile);
@@ -952,6 +1006,20 @@ impl Client {
                     old: contact_name,
                     new,
                 }))
+            }
+            // Nobody outside the contacts learns anything from these, nor tells us anything.
+            Some(_) if !accepted => Ok(None),
+            Some(wire::app_message::Body::Receipt(receipt)) => {
+                privacy::on_receipt(db, &received, &receipt)
+            }
+            Some(wire::app_message::Body::Typing(typing)) => {
+                privacy::on_typing(db, &received, typing.active)
+            }
+            Some(wire::app_message::Body::Presence(presence)) => {
+                privacy::on_presence(db, &received, &presence)
+            }
+            Some(wire::app_message::Body::Timer(timer)) => {
+                privacy::on_timer(db, &received, timer.seconds)
             }
             None => Ok(None),
         }
@@ -994,14 +1062,6 @@ impl Client {
             }
             None => false,
         };
-        if !redeemed {
-            tracing::warn!("hid a newcomer whose introduction carried no invite token of ours");
-            db.execute(
-                "UPDATE contacts SET state = 'unsolicited' WHERE account_id = ?1",
-                params![contact_account],
-            )?;
-            return Ok(None);
-        }
         let wanted = profile_name(profile);
         let fallback = contact_account.get(..8).unwrap_or(contact_account);
         let name = db::free_contact_name(
@@ -1009,6 +1069,11 @@ impl Client {
             if wanted.is_empty() { fallback } else { &wanted },
             contact_account,
         )?;
+        if !redeemed {
+            // A stranger (they found our username, or replayed an old invite): a message
+            // request, or nothing at all if requests are off.
+            return privacy::on_stranger(db, group_id, contact_account, &name);
+        }
         db.execute(
             "UPDATE contacts SET state = 'accepted', name = ?1 WHERE account_id = ?2",
             params![name, contact_account],
@@ -1024,6 +1089,8 @@ impl Client {
             name,
             account_id: contact_account.to_string(),
             verified: false,
+            online: false,
+            last_seen_ms: None,
         })))
     }
 
@@ -1070,17 +1137,7 @@ impl Client {
             return Err(Error::Usage("this is your own invite link".into()));
         }
         let account = link.account.to_string();
-        let known: Option<String> = self
-            .db
-            .query_row(
-                "SELECT name FROM contacts WHERE account_id = ?1",
-                params![account],
-                |row| row.get(0),
-            )
-            .optional()?;
-        if let Some(known) = known {
-            return Err(Error::Usage(format!("{known} is already a contact")));
-        }
+        self.ensure_unknown(&account)?;
         self.connect().await?;
         let claimed = match self
             .call(Request::ClaimInvite(wire::ClaimInvite {
@@ -1097,9 +1154,45 @@ impl Client {
             }
             Err(error) => return Err(error),
         };
+        self.start_conversation(claimed, Some(link), name).await
+    }
+
+    /// Refuses to start a second conversation with a contact, a message request or a blocked
+    /// account.
+    fn ensure_unknown(&self, account: &str) -> Result<(), Error> {
+        let known: Option<(String, String)> = self
+            .db
+            .query_row(
+                "SELECT name, state FROM contacts WHERE account_id = ?1",
+                params![account],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        match known {
+            Some((name, state)) if state == "unsolicited" => Err(Error::Usage(format!(
+                "{name} already wrote to you: `miyu requests accept {name}`"
+            ))),
+            Some((name, _)) => Err(Error::Usage(format!("{name} is already a contact"))),
+            None if privacy::is_blocked(&self.db, account)? => {
+                Err(Error::Usage("you blocked this account".into()))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Creates the conversation with the account whose key packages the server handed out
+    /// (for an invite link, or a username lookup), and introduces us. With a `link`, the keys
+    /// must match its fingerprint, and the introduction proves we hold its token; without one,
+    /// we are a stranger to them and land in their message requests.
+    async fn start_conversation(
+        &mut self,
+        claimed: wire::InviteClaimed,
+        link: Option<&InviteLink>,
+        name: Option<&str>,
+    ) -> Result<Contact, Error> {
         if claimed.devices.is_empty() {
             return Err(Error::Protocol(
-                "the server returned no devices for this invite".into(),
+                "the server returned no devices for this account".into(),
             ));
         }
         let mut key_packages = Vec::new();
@@ -1116,11 +1209,22 @@ impl Client {
                         VerifiedCertificate::verify(c)
                             .map_err(|e| Error::Security(format!("device certificate: {e}")))
                     })?;
-                if certificate.identity_fingerprint() != link.identity
-                    || certificate.account_id() != link.account
+                if let Some(link) = link
+                    && (certificate.identity_fingerprint() != link.identity
+                        || certificate.account_id() != link.account)
                 {
                     return Err(Error::Security(
                         "the server returned keys that do not match the invite link's fingerprint; not connecting".into(),
+                    ));
+                }
+                if inviter_certificate
+                    .as_ref()
+                    .is_some_and(|first: &VerifiedCertificate| {
+                        first.account_id() != certificate.account_id()
+                    })
+                {
+                    return Err(Error::Security(
+                        "the server returned devices of more than one account".into(),
                     ));
                 }
                 key_packages.push(mls::check_key_package(
@@ -1134,6 +1238,11 @@ impl Client {
         }
         let certificate =
             inviter_certificate.ok_or_else(|| Error::Protocol("no devices".into()))?;
+        let account = certificate.account_id().to_string();
+        if certificate.account_id() == self.account_id() {
+            return Err(Error::Usage("that is your own account".into()));
+        }
+        self.ensure_unknown(&account)?;
         let group_id: [u8; 16] = random();
         let wanted = name
             .map(str::trim)
@@ -1169,16 +1278,21 @@ impl Client {
                 name: contact_name,
                 account_id: account.clone(),
                 verified: false,
+                online: false,
+                last_seen_ms: None,
             })
         })?;
-        let profile = wire::app_message::Body::Profile(wire::Profile {
-            name: self.name.clone(),
-            invite_proof: miyu_crypto::invite::introduction_proof(
+        let invite_proof = link.map_or_else(Vec::new, |link| {
+            miyu_crypto::invite::introduction_proof(
                 &link.token,
                 &group_id,
                 &self.keys.certificate().to_compact(),
             )
-            .to_vec(),
+            .to_vec()
+        });
+        let profile = wire::app_message::Body::Profile(wire::Profile {
+            name: self.name.clone(),
+            invite_proof,
         });
         self.queue_app_message(&group_id, profile, None)?;
         self.announce_pending_groups().await?;
@@ -1242,11 +1356,29 @@ impl Client {
         body: wire::app_message::Body,
         shown: Option<&str>,
     ) -> Result<Option<i64>, Error> {
+        // Texts disappear under the conversation's timer; the notices that set it up do not,
+        // or a peer offline for longer would never learn of the timer.
+        let timer_s: u32 = db.query_row(
+            "SELECT timer_s FROM conversations WHERE group_id = ?1",
+            params![group_id],
+            |row| row.get(0),
+        )?;
+        let expires_in_s = match body {
+            wire::app_message::Body::Text(_) => timer_s,
+            _ => 0,
+        };
+        let kind = match body {
+            wire::app_message::Body::Timer(_) => "timer",
+            _ => "text",
+        };
         let message = wire::AppMessage {
             message_id: random::<16>().to_vec(),
             sent_at_ms: now_ms(),
+            expires_in_s,
             body: Some(body),
         };
+        let expires_at_ms =
+            (expires_in_s > 0).then(|| message.sent_at_ms + u64::from(expires_in_s) * 1000);
         let plaintext = message.encode_to_vec();
         let provider = Provider::new(db);
         let mut group = mls::load_group(&provider, group_id)?
@@ -1257,17 +1389,17 @@ impl Client {
             Some(text) => {
                 let hash: [u8; 32] = Sha256::digest(&ciphertext).into();
                 db.execute(
-                    "INSERT INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, ciphertext_hash)
-                     VALUES (?1, ?2, 1, ?3, ?4, ?4, 'pending', ?5)",
-                    params![group_id, message.message_id, text, message.sent_at_ms, hash.as_slice()],
+                    "INSERT INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, ciphertext_hash, kind, expires_at_ms)
+                     VALUES (?1, ?2, 1, ?3, ?4, ?4, 'pending', ?5, ?6, ?7)",
+                    params![group_id, message.message_id, text, message.sent_at_ms, hash.as_slice(), kind, expires_at_ms],
                 )?;
                 Some(db.last_insert_rowid())
             }
             None => None,
         };
         db.execute(
-            "INSERT INTO outbox (group_id, epoch, ciphertext, plaintext, message_row) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![group_id, epoch, ciphertext, plaintext, row],
+            "INSERT INTO outbox (group_id, epoch, ciphertext, plaintext, message_row, expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![group_id, epoch, ciphertext, plaintext, row, expires_at_ms],
         )?;
         Ok(row)
     }
@@ -1279,7 +1411,7 @@ impl Client {
             let next: Option<OutboxRow> = self
                 .db
                 .query_row(
-                    "SELECT o.id, o.group_id, o.epoch, o.ciphertext, o.message_row FROM outbox o
+                    "SELECT o.id, o.group_id, o.epoch, o.ciphertext, o.message_row, o.expires_at_ms FROM outbox o
                      JOIN conversations c ON c.group_id = o.group_id
                      WHERE c.broken IS NULL ORDER BY o.id LIMIT 1",
                     [],
@@ -1290,15 +1422,28 @@ impl Client {
                             row.get(2)?,
                             row.get(3)?,
                             row.get(4)?,
+                            row.get(5)?,
                         ))
                     },
                 )
                 .optional()?;
-            let Some((id, group_id, epoch, ciphertext, message_row)) = next else {
+            let Some((id, group_id, epoch, ciphertext, message_row, expires_at_ms)) = next else {
                 return Ok(());
             };
+            if expires_at_ms.is_some_and(|at| at <= now_ms()) {
+                // It disappeared before it could be sent.
+                self.db
+                    .execute("DELETE FROM outbox WHERE id = ?1", params![id])?;
+                continue;
+            }
             let result = self
-                .post(&group_id, epoch, wire::EntryKind::Application, ciphertext)
+                .post(
+                    &group_id,
+                    epoch,
+                    wire::EntryKind::Application,
+                    ciphertext,
+                    expires_at_ms.map_or(0, |at| at.div_ceil(1000)),
+                )
                 .await;
             match result {
                 Ok(Reply::Posted(posted)) => {
@@ -1349,12 +1494,14 @@ impl Client {
         epoch: u64,
         kind: wire::EntryKind,
         payload: Vec<u8>,
+        expires_at: u64,
     ) -> Result<Reply, Error> {
         self.call(Request::Post(wire::Post {
             group_id: group_id.to_vec(),
             epoch,
             kind: kind as i32,
             payload,
+            expires_at,
         }))
         .await
     }
@@ -1462,7 +1609,7 @@ impl Client {
                 Ok((commit, epoch))
             })?;
             let result = self
-                .post(&group_id, epoch, wire::EntryKind::Commit, commit)
+                .post(&group_id, epoch, wire::EntryKind::Commit, commit, 0)
                 .await;
             match result {
                 Ok(Reply::Posted(_)) => {
@@ -1559,13 +1706,20 @@ impl Client {
                 reason.unwrap_or_default()
             )));
         }
+        let (sent_at_ms, expires_at_ms): (u64, Option<u64>) = self.db.query_row(
+            "SELECT sent_at_ms, expires_at_ms FROM messages WHERE id = ?1",
+            params![row],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
         Ok(MessageView {
             contact: contact.to_string(),
             from: "me".into(),
             outgoing: true,
             body: text.to_string(),
-            sent_at_ms: now_ms(),
+            sent_at_ms,
             state: MessageState::Sent,
+            kind: MessageKind::Text,
+            expires_at_ms,
         })
     }
 
@@ -1590,18 +1744,25 @@ impl Client {
     // -----------------------------------------------------------------------------------------
 
     pub fn contacts(&self) -> Result<Vec<Contact>, Error> {
+        let settings = self.settings()?;
         let mut statement = self
             .db
             .prepare("SELECT name, account_id, verified FROM contacts WHERE state = 'accepted' ORDER BY name")?;
-        let contacts = statement
+        let mut contacts: Vec<Contact> = statement
             .query_map([], |row| {
                 Ok(Contact {
                     name: row.get(0)?,
                     account_id: row.get(1)?,
                     verified: row.get(2)?,
+                    online: false,
+                    last_seen_ms: None,
                 })
             })?
             .collect::<Result<_, _>>()?;
+        for contact in &mut contacts {
+            (contact.online, contact.last_seen_ms) =
+                self.contact_presence(&contact.account_id, &settings)?;
+        }
         Ok(contacts)
     }
 
@@ -1648,38 +1809,12 @@ impl Client {
         Ok(())
     }
 
-    /// The conversation with a contact, oldest first.
+    /// The conversation with a contact, oldest first, without messages whose time is up.
     pub fn messages(&self, contact: &str) -> Result<Vec<MessageView>, Error> {
         // All conversations with the contact: a contact who started over (a new group, after
         // losing their state) keeps the history of the old one.
         let (account, _) = self.conversation_of(contact)?;
-        let mut statement = self.db.prepare(
-            "SELECT outgoing, body, sent_at_ms, state FROM messages
-             WHERE group_id IN (SELECT group_id FROM conversations WHERE contact = ?1) ORDER BY id",
-        )?;
-        let messages = statement
-            .query_map(params![account], |row| {
-                let outgoing: bool = row.get(0)?;
-                let state: String = row.get(3)?;
-                Ok(MessageView {
-                    contact: contact.to_string(),
-                    from: if outgoing {
-                        "me".into()
-                    } else {
-                        contact.to_string()
-                    },
-                    outgoing,
-                    body: row.get(1)?,
-                    sent_at_ms: row.get(2)?,
-                    state: match state.as_str() {
-                        "pending" => MessageState::Pending,
-                        "sent" => MessageState::Sent,
-                        _ => MessageState::Received,
-                    },
-                })
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(messages)
+        privacy::history(&self.db, &account, contact)
     }
 
     /// The safety number shared with a contact: compare it in person to rule out a server that

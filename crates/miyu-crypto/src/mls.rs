@@ -271,6 +271,15 @@ pub fn load_group(provider: &Provider<'_>, group_id: &[u8]) -> Result<Option<Mls
     MlsGroup::load(provider.storage(), &GroupId::from_slice(group_id)).map_err(state_error)
 }
 
+/// Deletes a group's state (its keys included) from storage: nothing sent to the group can be
+/// read by this device afterwards.
+pub fn delete_group(provider: &Provider<'_>, group_id: &[u8]) -> Result<(), MlsError> {
+    if let Some(mut group) = load_group(provider, group_id)? {
+        group.delete(provider.storage()).map_err(state_error)?;
+    }
+    Ok(())
+}
+
 /// Encrypts an application message for the group's current epoch.
 pub fn encrypt(
     provider: &Provider<'_>,

@@ -5,6 +5,7 @@
 //! 5 a security check failed.
 
 mod demo;
+mod privacy;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -94,6 +95,41 @@ enum Command {
     Verify { contact: String },
     /// Replace this device's keys in the conversation (done by itself weekly before sending).
     UpdateKeys { contact: String },
+    /// Show the privacy settings, or change one with `settings set KEY VALUE`.
+    Settings {
+        #[command(subcommand)]
+        action: Option<privacy::SettingsAction>,
+    },
+    /// List message requests from people who are not contacts, or answer one.
+    Requests {
+        #[command(subcommand)]
+        action: Option<privacy::RequestsAction>,
+    },
+    /// Show your username, or choose one with `username set NAME` (found only while the
+    /// `discoverable` setting is on).
+    Username {
+        #[command(subcommand)]
+        action: Option<privacy::UsernameAction>,
+    },
+    /// Start a chat with someone by their exact username; they see it as a message request.
+    Add {
+        username: String,
+        /// What to call them locally (default: the username).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Show or set a conversation's disappearing-message timer: 30s to 4w, or off.
+    Timer {
+        contact: String,
+        duration: Option<String>,
+    },
+    /// Tell a contact you are typing (or stopped, with --stop); only when the `typing`
+    /// setting is on.
+    Typing {
+        contact: String,
+        #[arg(long)]
+        stop: bool,
+    },
     /// Run a server and two clients locally and show an encrypted conversation.
     Demo,
 }
@@ -234,10 +270,22 @@ fn printable(text: &str) -> String {
 }
 
 fn message_line(message: &MessageView) -> String {
-    let state = match message.state {
+    let mut state = match message.state {
         miyu_client::MessageState::Pending => " (not sent yet)",
+        miyu_client::MessageState::Read => " (read)",
         _ => "",
-    };
+    }
+    .to_string();
+    if let Some(expires_at_ms) = message.expires_at_ms {
+        state.push_str(&format!(" (disappears {})", format_time(expires_at_ms)));
+    }
+    if message.kind == miyu_client::MessageKind::Timer {
+        return format!(
+            "{}  -- {} --",
+            format_time(message.sent_at_ms),
+            printable(&message.body)
+        );
+    }
     format!(
         "{}  {}: {}{}",
         format_time(message.sent_at_ms),
@@ -337,11 +385,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     "not verified"
                 };
+                let presence = match (contact.online, contact.last_seen_ms) {
+                    (true, _) => "\tonline".to_string(),
+                    (false, Some(at)) => format!("\tlast seen {}", format_time(at)),
+                    (false, None) => String::new(),
+                };
                 println!(
-                    "{}\t{}\t{}",
+                    "{}\t{}\t{}{}",
                     printable(&contact.name),
                     contact.account_id,
-                    verified
+                    verified,
+                    presence
                 );
             }
             Ok(())
@@ -361,13 +415,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_events(&events, cli.json)
         }
         Command::Messages { contact } => {
-            let client = open(&profile, proxy).await?;
+            let mut client = open(&profile, proxy).await?;
             let messages = client.messages(&contact)?;
             if cli.json {
-                return print_json(&messages);
+                print_json(&messages)?;
+            } else {
+                for message in &messages {
+                    println!("{}", message_line(message));
+                }
             }
-            for message in &messages {
-                println!("{}", message_line(message));
+            privacy::read(&mut client, &contact).await
+        }
+        Command::Settings { action } => {
+            privacy::settings(open(&profile, proxy).await?, action, cli.json).await
+        }
+        Command::Requests { action } => {
+            privacy::requests(open(&profile, proxy).await?, action, cli.json).await
+        }
+        Command::Username { action } => {
+            privacy::username(open(&profile, proxy).await?, action, cli.json).await
+        }
+        Command::Add { username, name } => {
+            let mut client = open(&profile, proxy).await?;
+            let contact = client.add_by_username(&username, name.as_deref()).await?;
+            client.disconnect().await;
+            if cli.json {
+                print_json(&contact)
+            } else {
+                println!(
+                    "started an encrypted chat with {} ({}); they see it as a message request",
+                    printable(&contact.name),
+                    contact.account_id
+                );
+                Ok(())
+            }
+        }
+        Command::Timer { contact, duration } => {
+            privacy::timer(open(&profile, proxy).await?, &contact, duration, cli.json).await
+        }
+        Command::Typing { contact, stop } => {
+            let mut client = open(&profile, proxy).await?;
+            let sent = client.typing(&contact, !stop).await?;
+            client.disconnect().await;
+            if !sent {
+                eprintln!("typing indicators are off: `miyu settings set typing on`");
             }
             Ok(())
         }
@@ -415,6 +506,15 @@ fn print_events(events: &[Event], json: bool) -> anyhow::Result<()> {
                     printable(new)
                 );
             }
+            Event::Request { name } if !json => {
+                println!(
+                    "message request from {} (not a contact): see `miyu requests`",
+                    printable(name)
+                );
+            }
+            Event::Read { contact } if !json => {
+                println!("{} read your messages", printable(contact));
+            }
             _ => {}
         }
     }
@@ -432,6 +532,10 @@ async fn chat(
     let mut client = open(profile, proxy).await?;
     for message in client.messages(contact)? {
         println!("{}", message_line(&message));
+    }
+    privacy::read(&mut client, contact).await?;
+    if let Err(error) = client.set_online(true).await {
+        eprintln!("could not tell contacts you are online: {error}");
     }
     println!("-- chatting with {contact}; type a line and press Enter to send, Ctrl-D to quit --");
     std::io::stdout().flush()?;
@@ -460,6 +564,19 @@ async fn chat(
                     backoff = Duration::from_millis(250);
                     println!("{}", message_line(&message));
                     std::io::stdout().flush()?;
+                    privacy::read(&mut client, contact).await?;
+                }
+                Ok(Event::Typing { contact: who, active }) if who == contact => {
+                    if active {
+                        println!("-- {} is typing --", printable(&who));
+                        std::io::stdout().flush()?;
+                    }
+                }
+                Ok(Event::Read { contact: who }) if who == contact => {
+                    println!("-- {} read your messages --", printable(&who));
+                }
+                Ok(Event::Request { name }) => {
+                    println!("-- message request from {} (not a contact): see `miyu requests` --", printable(&name));
                 }
                 Ok(Event::ContactNamed { old, new }) => {
                     println!("-- {} is now called {} --", printable(&old), printable(&new));
@@ -473,6 +590,9 @@ async fn chat(
                 Err(error) => return Err(error.into()),
             }
         }
+    }
+    if let Err(error) = client.set_online(false).await {
+        eprintln!("could not tell contacts you left: {error}");
     }
     client.disconnect().await;
     Ok(())
