@@ -112,19 +112,7 @@ ALTER TABLE outbox ADD COLUMN expires_at_ms INTEGER;
 /// [`Error::Locked`].
 pub(crate) fn open(path: &Path, key: &DatabaseKey) -> Result<Connection, Error> {
     let mut connection = Connection::open(path)?;
-    // The key must be the first thing SQLCipher hears on a connection.
-    connection.execute_batch(&key.pragma())?;
-    let readable = connection.query_row("SELECT count(*) FROM sqlite_master", [], |row| {
-        row.get::<_, i64>(0)
-    });
-    if let Err(rusqlite::Error::SqliteFailure(failure, _)) = &readable
-        && failure.code == rusqlite::ErrorCode::NotADatabase
-    {
-        return Err(Error::Locked(
-            "wrong passphrase (or this is not a miyu profile database)".into(),
-        ));
-    }
-    readable?;
+    apply_key(&connection, key)?;
     configure(&mut connection)?;
     Ok(connection)
 }
@@ -155,6 +143,35 @@ pub(crate) fn configure(connection: &mut Connection) -> Result<(), Error> {
         }
     }
     miyu_crypto::mls::migrate(connection)?;
+    Ok(())
+}
+
+/// Checks that `key` opens the existing database at `path`, changing nothing; a wrong key is
+/// reported as [`Error::Locked`].
+pub(crate) fn check_key(path: &Path, key: &DatabaseKey) -> Result<(), Error> {
+    use rusqlite::OpenFlags;
+    // Read-write without create: a reader of a WAL database may need to set up its index.
+    let connection = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    apply_key(&connection, key)
+}
+
+fn apply_key(connection: &Connection, key: &DatabaseKey) -> Result<(), Error> {
+    // The key must be the first thing SQLCipher hears on a connection.
+    connection.execute_batch(&key.pragma())?;
+    let readable = connection.query_row("SELECT count(*) FROM sqlite_master", [], |row| {
+        row.get::<_, i64>(0)
+    });
+    if let Err(rusqlite::Error::SqliteFailure(failure, _)) = &readable
+        && failure.code == rusqlite::ErrorCode::NotADatabase
+    {
+        return Err(Error::Locked(
+            "wrong passphrase (or this is not a miyu profile database)".into(),
+        ));
+    }
+    readable?;
     Ok(())
 }
 

@@ -20,6 +20,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod db;
+mod keyring;
 pub mod net;
 mod privacy;
 pub mod settings;
@@ -297,6 +298,19 @@ fn database_path(profile: &Path) -> PathBuf {
     profile.join("miyu.db")
 }
 
+/// The profile's database, which must exist: commands other than `init` never create one.
+fn existing_database(profile: &Path) -> Result<PathBuf, Error> {
+    let path = database_path(profile);
+    if !path.exists() {
+        return Err(Error::Usage(format!(
+            "no account in {}; create one with `miyu --profile {} init --server URL`",
+            profile.display(),
+            profile.display()
+        )));
+    }
+    Ok(path)
+}
+
 impl Drop for Client {
     fn drop(&mut self) {
         // Fold the write-ahead log back into the encrypted database and truncate it, so that
@@ -378,20 +392,28 @@ impl Client {
         Ok(client)
     }
 
-    /// Opens an existing profile, unlocking its database with `passphrase` if it has one. Does
-    /// not connect yet.
+    /// Opens an existing profile. Does not connect yet. A profile with a passphrase opens with
+    /// the key [`vault::unlock`] kept, if it is still kept, else with `passphrase`; without
+    /// either it fails with [`Error::Locked`]. A kept key that no longer opens the profile is
+    /// removed.
     pub fn open(profile: &Path, passphrase: Option<&str>) -> Result<Self, Error> {
         let lock = lock_profile(profile)?;
-        let path = database_path(profile);
-        if !path.exists() {
-            return Err(Error::Usage(format!(
-                "no account in {}; create one with `miyu --profile {} init --server URL`",
-                profile.display(),
-                profile.display()
-            )));
-        }
-        let key = vault::unlock(profile, passphrase)?;
-        let db = db::open(&path, &key)?;
+        let path = existing_database(profile)?;
+        let kept = match vault::kept(profile) {
+            Some(key) => match db::open(&path, &key) {
+                Ok(db) => Some(db),
+                Err(Error::Locked(_)) => {
+                    vault::forget(profile);
+                    None
+                }
+                Err(error) => return Err(error),
+            },
+            None => None,
+        };
+        let db = match kept {
+            Some(db) => db,
+            None => db::open(&path, &vault::recover(profile, passphrase)?)?,
+        };
         let (server, name, identity, device, proxy): (
             String,
             String,

@@ -4,12 +4,18 @@
 //!
 //! The `vault` file in the profile says which, and holds the Argon2id salt and parameters; it
 //! holds nothing secret. A `key` file exists only for profiles created without a passphrase.
+//!
+//! The app lock: [`unlock`] keeps a passphrase profile's derived key (never the passphrase) in
+//! the kernel's keyring for a while, so commands need no passphrase until it expires or [`lock`]
+//! removes it. The kernel forgets it at reboot, which is why `--no-passphrase` profiles still
+//! need their key file.
 
 use std::path::Path;
+use std::time::Duration;
 
 use zeroize::Zeroizing;
 
-use crate::Error;
+use crate::{Error, db, keyring};
 
 /// How a new profile's database key is protected.
 pub enum Protection {
@@ -29,6 +35,26 @@ const MEMORY_KIB: u32 = 64 * 1024;
 const PASSES: u32 = 3;
 /// Passphrases shorter than this are refused.
 pub const MIN_PASSPHRASE_CHARS: usize = 8;
+
+/// How long [`unlock`] keeps the key unless told otherwise.
+pub const DEFAULT_UNLOCK: Duration = Duration::from_secs(15 * 60);
+/// The longest [`unlock`] keeps the key.
+pub const MAX_UNLOCK: Duration = Duration::from_secs(24 * 3600);
+
+/// What [`unlock`] or [`lock`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AppLock {
+    /// The database key is kept for this long: commands on the profile do not ask for the
+    /// passphrase meanwhile.
+    Unlocked(Duration),
+    /// The kept key was removed.
+    Locked,
+    /// No key was kept, so nothing changed.
+    AlreadyLocked,
+    /// The profile has no passphrase (its key is in a file): there is nothing to lock or unlock.
+    NoPassphrase,
+}
 
 /// A 256-bit database key, wiped from memory when dropped.
 pub(crate) struct DatabaseKey(Zeroizing<[u8; 32]>);
@@ -157,8 +183,100 @@ pub fn needs_passphrase(profile: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Checks `passphrase` by opening the profile's database with it, then keeps the derived database
+/// key (not the passphrase) in the kernel's keyring for `duration` (whole seconds, at most
+/// [`MAX_UNLOCK`]), replacing a key kept earlier. Fails, changing nothing, where the keyring
+/// cannot be used.
+pub fn unlock(
+    profile: &Path,
+    passphrase: Option<&str>,
+    duration: Duration,
+) -> Result<AppLock, Error> {
+    let path = crate::existing_database(profile)?;
+    if !needs_passphrase(profile) {
+        return Ok(AppLock::NoPassphrase);
+    }
+    let duration = Duration::from_secs(duration.as_secs());
+    if duration.is_zero() || duration > MAX_UNLOCK {
+        return Err(Error::Usage(format!(
+            "unlock for 1 second to {} hours",
+            MAX_UNLOCK.as_secs() / 3600
+        )));
+    }
+    let key = recover(profile, passphrase)?;
+    db::check_key(&path, &key)?;
+    keyring::store(&keyring_description(profile)?, key.0.as_ref(), duration).map_err(|source| {
+        Error::Io {
+            context:
+                "cannot keep the key in the kernel keyring (commands still take the passphrase)"
+                    .into(),
+            source,
+        }
+    })?;
+    Ok(AppLock::Unlocked(duration))
+}
+
+/// Removes the key [`unlock`] kept for this profile, at once. Locking a locked profile is
+/// harmless.
+pub fn lock(profile: &Path) -> Result<AppLock, Error> {
+    crate::existing_database(profile)?;
+    if !needs_passphrase(profile) {
+        return Ok(AppLock::NoPassphrase);
+    }
+    let removed = keyring::remove(&keyring_description(profile)?).map_err(|source| Error::Io {
+        context: "cannot reach the kernel keyring".into(),
+        source,
+    })?;
+    Ok(if removed {
+        AppLock::Locked
+    } else {
+        AppLock::AlreadyLocked
+    })
+}
+
+/// The key [`unlock`] kept for this passphrase profile, if it is still there. The keyring
+/// failing counts as no key: the passphrase still works.
+pub(crate) fn kept(profile: &Path) -> Option<DatabaseKey> {
+    if !needs_passphrase(profile) {
+        return None;
+    }
+    let description = keyring_description(profile).ok()?;
+    let bytes = match keyring::read(&description) {
+        Ok(bytes) => bytes?,
+        Err(error) => {
+            tracing::debug!("kernel keyring unavailable: {error}");
+            return None;
+        }
+    };
+    match <[u8; 32]>::try_from(bytes.as_slice()) {
+        Ok(key) => Some(DatabaseKey(Zeroizing::new(key))),
+        Err(_) => {
+            forget(profile);
+            None
+        }
+    }
+}
+
+/// Removes a kept key that turned out not to open the profile (it was recreated, say).
+pub(crate) fn forget(profile: &Path) {
+    if let Ok(description) = keyring_description(profile) {
+        let _ = keyring::remove(&description);
+    }
+}
+
+/// Names the profile's key in the keyring: by a hash of the profile folder's canonical path,
+/// so that no path shows in `/proc/keys`.
+fn keyring_description(profile: &Path) -> Result<String, Error> {
+    use sha2::Digest;
+    use std::os::unix::ffi::OsStrExt;
+    let canonical =
+        std::fs::canonicalize(profile).map_err(io(format!("finding {}", profile.display())))?;
+    let digest = sha2::Sha256::digest(canonical.as_os_str().as_bytes());
+    Ok(format!("miyu:profile:{}", hex(&digest)))
+}
+
 /// Recovers the key of an existing profile.
-pub(crate) fn unlock(profile: &Path, passphrase: Option<&str>) -> Result<DatabaseKey, Error> {
+pub(crate) fn recover(profile: &Path, passphrase: Option<&str>) -> Result<DatabaseKey, Error> {
     let path = profile.join(VAULT_FILE);
     let text = std::fs::read_to_string(&path).map_err(io(format!("reading {}", path.display())))?;
     let damaged = || Error::Usage(format!("{} is damaged", path.display()));
@@ -221,12 +339,12 @@ mod tests {
         )
         .unwrap();
         assert!(needs_passphrase(profile.path()));
-        let again = unlock(profile.path(), Some("correct horse")).unwrap();
+        let again = recover(profile.path(), Some("correct horse")).unwrap();
         assert_eq!(*created.pragma(), *again.pragma());
-        let wrong = unlock(profile.path(), Some("wrong horse")).unwrap();
+        let wrong = recover(profile.path(), Some("wrong horse")).unwrap();
         assert_ne!(*created.pragma(), *wrong.pragma());
         assert!(matches!(
-            unlock(profile.path(), None),
+            recover(profile.path(), None),
             Err(Error::Locked(_))
         ));
         let vault = std::fs::read_to_string(profile.path().join(VAULT_FILE)).unwrap();
@@ -245,8 +363,69 @@ mod tests {
         assert!(!needs_passphrase(profile.path()));
         assert_eq!(
             *created.pragma(),
-            *unlock(profile.path(), None).unwrap().pragma()
+            *recover(profile.path(), None).unwrap().pragma()
         );
+    }
+
+    /// A passphrase profile with an empty database, as `Client::init` would leave it.
+    fn profile_with_database(passphrase: &str) -> (tempfile::TempDir, DatabaseKey) {
+        let profile = tempfile::tempdir().unwrap();
+        let protection = Protection::Passphrase(Zeroizing::new(passphrase.into()));
+        let key = create(profile.path(), &protection).unwrap();
+        db::open(&crate::database_path(profile.path()), &key).unwrap();
+        (profile, key)
+    }
+
+    #[test]
+    fn an_unlocked_profile_keeps_its_key_until_it_is_locked() {
+        if !keyring::usable_in_tests() {
+            return;
+        }
+        let (profile, key) = profile_with_database("correct horse");
+        let profile = profile.path();
+        assert!(kept(profile).is_none());
+        assert_eq!(
+            unlock(profile, Some("correct horse"), Duration::from_secs(60)).unwrap(),
+            AppLock::Unlocked(Duration::from_secs(60))
+        );
+        assert_eq!(*kept(profile).unwrap().pragma(), *key.pragma());
+        assert_eq!(lock(profile).unwrap(), AppLock::Locked);
+        assert!(kept(profile).is_none());
+        assert_eq!(lock(profile).unwrap(), AppLock::AlreadyLocked);
+    }
+
+    #[test]
+    fn unlock_keeps_nothing_for_a_wrong_passphrase_or_a_duration_out_of_range() {
+        let (profile, _key) = profile_with_database("correct horse");
+        let profile = profile.path();
+        assert!(matches!(
+            unlock(profile, Some("wrong horse"), DEFAULT_UNLOCK),
+            Err(Error::Locked(_))
+        ));
+        assert!(matches!(
+            unlock(profile, None, DEFAULT_UNLOCK),
+            Err(Error::Locked(_))
+        ));
+        for duration in [Duration::ZERO, Duration::from_millis(999), MAX_UNLOCK * 2] {
+            assert!(matches!(
+                unlock(profile, Some("correct horse"), duration),
+                Err(Error::Usage(_))
+            ));
+        }
+        assert!(kept(profile).is_none());
+    }
+
+    #[test]
+    fn key_file_profiles_have_nothing_to_lock() {
+        let profile = tempfile::tempdir().unwrap();
+        let key = create(profile.path(), &Protection::DangerKeyFile).unwrap();
+        db::open(&crate::database_path(profile.path()), &key).unwrap();
+        assert_eq!(
+            unlock(profile.path(), None, DEFAULT_UNLOCK).unwrap(),
+            AppLock::NoPassphrase
+        );
+        assert_eq!(lock(profile.path()).unwrap(), AppLock::NoPassphrase);
+        assert!(kept(profile.path()).is_none());
     }
 
     #[test]
@@ -260,7 +439,7 @@ mod tests {
         ] {
             std::fs::write(profile.path().join(VAULT_FILE), text).unwrap();
             assert!(
-                unlock(profile.path(), Some("passphrase")).is_err(),
+                recover(profile.path(), Some("passphrase")).is_err(),
                 "{text:?}"
             );
         }

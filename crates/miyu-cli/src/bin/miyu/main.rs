@@ -16,6 +16,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
 
+use miyu_client::vault::{self, AppLock};
 use miyu_client::{Client, Event, MessageView, Protection, Proxy};
 use miyu_proto::{InviteLink, ServerAddress};
 use zeroize::Zeroizing;
@@ -130,8 +131,43 @@ enum Command {
         #[arg(long)]
         stop: bool,
     },
+    /// Ask for the passphrase once, then let commands on this profile run without it for a
+    /// while. The key stays in the kernel's keyring, where any process of yours can read it.
+    Unlock {
+        /// How long: seconds, minutes or hours, e.g. 30s, 15m, 2h; at most 24h, 15m if not
+        /// given.
+        #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
+        duration: Option<Duration>,
+    },
+    /// Forget the key `unlock` kept, at once: commands ask for the passphrase again.
+    Lock,
     /// Run a server and two clients locally and show an encrypted conversation.
     Demo,
+}
+
+/// `30s`, `15m`, `2h`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let wrong = || format!("{text:?} is not a duration such as 30s, 15m or 2h");
+    let unit = match text.chars().last() {
+        Some('s') => 1,
+        Some('m') => 60,
+        Some('h') => 3600,
+        _ => return Err(wrong()),
+    };
+    let number: u64 = text[..text.len() - 1].parse().map_err(|_| wrong())?;
+    number
+        .checked_mul(unit)
+        .map(Duration::from_secs)
+        .ok_or_else(wrong)
+}
+
+/// `15m` for 900 seconds: the largest unit that divides the duration.
+fn format_duration(duration: Duration) -> String {
+    match duration.as_secs() {
+        seconds if seconds > 0 && seconds % 3600 == 0 => format!("{}h", seconds / 3600),
+        seconds if seconds > 0 && seconds % 60 == 0 => format!("{}m", seconds / 60),
+        seconds => format!("{seconds}s"),
+    }
 }
 
 fn main() -> ExitCode {
@@ -204,15 +240,18 @@ fn passphrase(prompt: &str, confirm: bool) -> anyhow::Result<Option<Zeroizing<St
     Ok(Some(first))
 }
 
-/// Opens a profile, asking for its passphrase if it has one, and applies a proxy choice made
-/// on the command line (`Some(None)`: connect directly).
+/// Opens a profile, asking for its passphrase if it has one and is not unlocked, and applies a
+/// proxy choice made on the command line (`Some(None)`: connect directly).
 async fn open(profile: &std::path::Path, proxy: Option<Option<Proxy>>) -> anyhow::Result<Client> {
-    let passphrase = if miyu_client::vault::needs_passphrase(profile) {
-        passphrase("Passphrase: ", false)?
-    } else {
-        None
+    let mut client = match Client::open(profile, None) {
+        Err(miyu_client::Error::Locked(reason)) if vault::needs_passphrase(profile) => {
+            match passphrase("Passphrase: ", false)? {
+                Some(passphrase) => Client::open(profile, Some(&passphrase))?,
+                None => return Err(miyu_client::Error::Locked(reason).into()),
+            }
+        }
+        opened => opened?,
     };
-    let mut client = Client::open(profile, passphrase.as_ref().map(|p| p.as_str()))?;
     if let Some(proxy) = proxy {
         client.set_proxy(proxy).await?;
     }
@@ -473,12 +512,59 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Chat { contact } => chat(&profile, &contact, proxy).await,
+        Command::Unlock { duration } => {
+            let passphrase = if vault::needs_passphrase(&profile) {
+                passphrase("Passphrase: ", false)?
+            } else {
+                None
+            };
+            let outcome = vault::unlock(
+                &profile,
+                passphrase.as_ref().map(|p| p.as_str()),
+                duration.unwrap_or(vault::DEFAULT_UNLOCK),
+            )?;
+            print_app_lock(outcome, cli.json)
+        }
+        Command::Lock => print_app_lock(vault::lock(&profile)?, cli.json),
         Command::UpdateKeys { contact } => {
             let mut client = open(&profile, proxy).await?;
             client.update_keys(&contact).await?;
             client.disconnect().await;
             Ok(())
         }
+    }
+}
+
+fn print_app_lock(outcome: AppLock, json: bool) -> anyhow::Result<()> {
+    let (state, line) = match outcome {
+        AppLock::Unlocked(duration) => (
+            "unlocked",
+            format!(
+                "unlocked for {}; `miyu lock` locks it sooner",
+                format_duration(duration)
+            ),
+        ),
+        AppLock::Locked => ("locked", "locked".to_string()),
+        AppLock::AlreadyLocked => ("locked", "locked (it was not unlocked)".to_string()),
+        AppLock::NoPassphrase => (
+            "no-passphrase",
+            "this profile has no passphrase (its key is in a file): nothing to lock or unlock"
+                .to_string(),
+        ),
+        _ => ("unknown", "done".to_string()),
+    };
+    if json {
+        let mut value = serde_json::json!({ "state": state });
+        match outcome {
+            AppLock::Unlocked(duration) => value["seconds"] = duration.as_secs().into(),
+            AppLock::Locked => value["was_unlocked"] = true.into(),
+            AppLock::AlreadyLocked => value["was_unlocked"] = false.into(),
+            _ => {}
+        }
+        print_json(&value)
+    } else {
+        println!("{line}");
+        Ok(())
     }
 }
 
@@ -606,6 +692,28 @@ mod tests {
     fn terminal_escapes_and_newlines_from_peers_are_shown_escaped() {
         assert_eq!(printable("hi\u{1b}[2J\nthere"), "hi\\u{1b}[2J\\nthere");
         assert_eq!(printable("密语 ok"), "密语 ok");
+    }
+
+    #[test]
+    fn durations_parse_in_seconds_minutes_and_hours() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for wrong in [
+            "",
+            "15",
+            "m",
+            "1.5h",
+            "-1m",
+            "15 m",
+            "1d",
+            "99999999999999999999h",
+        ] {
+            assert!(parse_duration(wrong).is_err(), "{wrong:?}");
+        }
+        assert_eq!(format_duration(Duration::from_secs(900)), "15m");
+        assert_eq!(format_duration(Duration::from_secs(7200)), "2h");
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
     }
 
     #[test]
