@@ -1176,7 +1176,8 @@ impl Client {
             }
             Err(error) => return Err(error),
         };
-        self.start_conversation(claimed, Some(link), name).await
+        self.start_conversation(claimed, Some(link), name, None)
+            .await
     }
 
     /// Refuses to start a second conversation with a contact, a message request or a blocked
@@ -1211,6 +1212,7 @@ impl Client {
         claimed: wire::InviteClaimed,
         link: Option<&InviteLink>,
         name: Option<&str>,
+        placeholder: Option<&str>,
     ) -> Result<Contact, Error> {
         if claimed.devices.is_empty() {
             return Err(Error::Protocol(
@@ -1266,9 +1268,11 @@ impl Client {
         }
         self.ensure_unknown(&account)?;
         let group_id: [u8; 16] = random();
+        // Until they tell us their name: the placeholder (a username), else the id's start.
         let wanted = name
             .map(str::trim)
             .filter(|n| !n.is_empty())
+            .or(placeholder)
             .unwrap_or(&account[..8])
             .to_string();
         let named_locally = name.is_some();

@@ -474,7 +474,7 @@ impl Client {
 
     /// Starts a conversation with whoever published `username`. We are strangers to them:
     /// they see a message request, and learn our name only when they accept it. `name` is
-    /// what we call them locally.
+    /// what we call them locally; without it, the username until they tell us their name.
     pub async fn add_by_username(
         &mut self,
         username: &str,
@@ -502,8 +502,8 @@ impl Client {
             }
             Err(error) => return Err(error),
         };
-        let name = name.unwrap_or(username.as_str());
-        self.start_conversation(claimed, None, Some(name)).await
+        self.start_conversation(claimed, None, name, Some(username.as_str()))
+            .await
     }
 
     // -----------------------------------------------------------------------------------------
