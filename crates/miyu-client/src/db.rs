@@ -96,6 +96,8 @@ ALTER TABLE account ADD COLUMN presence_sent_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE contacts ADD COLUMN online INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE contacts ADD COLUMN last_seen_ms INTEGER;
 ALTER TABLE contacts ADD COLUMN presence_at_ms INTEGER;
+-- Texts received from a stranger before their request was answered.
+ALTER TABLE contacts ADD COLUMN request_messages INTEGER NOT NULL DEFAULT 0;
 -- Disappearing-message timer of the conversation, seconds; 0 for none.
 ALTER TABLE conversations ADD COLUMN timer_s INTEGER NOT NULL DEFAULT 0;
 -- 'text', or 'timer' for a notice that the timer changed.
@@ -239,4 +241,42 @@ pub(crate) fn free_contact_name(
     Err(Error::Usage(format!(
         "too many contacts are called {wanted}"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_profile_is_upgraded_in_place_and_keeps_its_contacts() {
+        let folder = tempfile::tempdir().unwrap();
+        let mut connection = Connection::open(folder.path().join("miyu.db")).unwrap();
+        connection.execute_batch(SCHEMA).unwrap();
+        connection.pragma_update(None, "user_version", 1).unwrap();
+        connection
+            .execute(
+                "INSERT INTO contacts (account_id, name, certificate, added_at_ms) VALUES ('a', 'bob', x'00', 0)",
+                [],
+            )
+            .unwrap();
+        configure(&mut connection).unwrap();
+        let version: i64 = connection
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let (name, requests): (String, i64) = connection
+            .query_row(
+                "SELECT name, request_messages FROM contacts WHERE account_id = 'a'",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((name.as_str(), requests), ("bob", 0));
+        connection
+            .execute(
+                "INSERT INTO settings (key, value) VALUES ('typing', 'on')",
+                [],
+            )
+            .unwrap();
+    }
 }

@@ -821,16 +821,6 @@ impl Client {
                 "an invitation from a blocked account".into(),
             ));
         }
-        let waiting: i64 = db.query_row(
-            "SELECT count(*) FROM contacts WHERE state IN ('pending', 'unsolicited')",
-            [],
-            |row| row.get(0),
-        )?;
-        if waiting >= privacy::MAX_WAITING {
-            return Err(Error::Security(
-                "too many strangers are waiting for an answer already".into(),
-            ));
-        }
         let existing: Option<String> = db
             .query_row(
                 "SELECT name FROM contacts WHERE account_id = ?1",
@@ -839,6 +829,7 @@ impl Client {
             )
             .optional()?;
         if existing.is_none() {
+            privacy::make_room_for_newcomer(db)?;
             let placeholder = db::free_contact_name(db, &account[..8], &account)?;
             db.execute(
                 "INSERT INTO contacts (account_id, name, certificate, added_at_ms, state) VALUES (?1, ?2, ?3, ?4, 'pending')",
@@ -975,6 +966,11 @@ impl Client {
             tracing::debug!("dropped a message that is not a Miyu message");
             return Ok(None);
         };
+        if i64::try_from(message.sent_at_ms).is_err() {
+            // Not a time; storing it would fail, and the entry would be retried forever.
+            tracing::debug!("dropped a message with an impossible time");
+            return Ok(None);
+        }
         let (contact_name, state): (String, String) = db.query_row(
             "SELECT name, state FROM contacts WHERE account_id = ?1",
             params![contact_account],

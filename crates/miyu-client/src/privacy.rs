@@ -18,7 +18,11 @@ pub(crate) const MAX_TIMER_S: u32 = 28 * 24 * 3600;
 /// Messages kept from one stranger until the request is accepted.
 const MAX_REQUEST_MESSAGES: i64 = 20;
 /// Strangers' conversations kept waiting at once; more are refused.
-pub(crate) const MAX_WAITING: i64 = 200;
+const MAX_WAITING: i64 = 200;
+/// A newcomer who never introduced themselves is forgotten after this long.
+const PENDING_LIFETIME_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Longest text kept from a stranger, in bytes.
+const MAX_REQUEST_TEXT: usize = 4096;
 /// A typing indicator older than this is stale and not shown.
 const TYPING_FRESH_MS: u64 = 30_000;
 /// "Online" is believed for this long after the contact said so.
@@ -98,6 +102,37 @@ pub fn parse_timer(text: &str) -> Result<u32, Error> {
     Ok(seconds)
 }
 
+/// Before a new account joins us: forgets newcomers who never introduced themselves within a
+/// week, then refuses if too many strangers are still waiting (existing contacts are never
+/// counted, so they can always start over with us).
+pub(crate) fn make_room_for_newcomer(db: &Connection) -> Result<(), Error> {
+    let stale: Vec<String> = {
+        let mut statement = db.prepare(
+            "SELECT account_id FROM contacts WHERE state = 'pending' AND added_at_ms < ?1",
+        )?;
+        statement
+            .query_map(
+                params![now_ms().saturating_sub(PENDING_LIFETIME_MS)],
+                |row| row.get(0),
+            )?
+            .collect::<Result<_, _>>()?
+    };
+    for account in stale {
+        forget_contact(db, &account)?;
+    }
+    let waiting: i64 = db.query_row(
+        "SELECT count(*) FROM contacts WHERE state IN ('pending', 'unsolicited')",
+        [],
+        |row| row.get(0),
+    )?;
+    if waiting >= MAX_WAITING {
+        return Err(Error::Security(
+            "too many strangers are waiting for an answer already".into(),
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn is_blocked(db: &Connection, account: &str) -> Result<bool, Error> {
     Ok(db
         .query_row(
@@ -155,15 +190,19 @@ pub(crate) fn store_request_message(
     received: &Received<'_>,
     body: &str,
 ) -> Result<Option<Event>, Error> {
-    let kept: i64 = db.query_row(
-        "SELECT count(*) FROM messages WHERE group_id IN
-         (SELECT group_id FROM conversations WHERE contact = ?1)",
+    // Counted as received, not as stored: short timers must not make room for more.
+    let received_so_far: i64 = db.query_row(
+        "SELECT request_messages FROM contacts WHERE account_id = ?1",
         params![received.contact_account],
         |row| row.get(0),
     )?;
-    if kept >= MAX_REQUEST_MESSAGES {
+    if received_so_far >= MAX_REQUEST_MESSAGES || body.len() > MAX_REQUEST_TEXT {
         return Ok(None);
     }
+    db.execute(
+        "UPDATE contacts SET request_messages = request_messages + 1 WHERE account_id = ?1",
+        params![received.contact_account],
+    )?;
     Ok(store_text(db, received, body)?.map(|_| Event::Request {
         name: received.contact_name.to_string(),
     }))
@@ -269,14 +308,18 @@ pub(crate) fn on_presence(
     if Settings::load(db)?.presence == Presence::Nobody {
         return Ok(None);
     }
-    // Last seen 0: the contact stopped sharing; forget what they shared before.
-    let last_seen = (presence.last_seen_ms != 0).then_some(presence.last_seen_ms);
+    // Last seen 0: the contact stopped sharing; forget what they shared before. A time in
+    // the future is not believed.
+    let now = now_ms();
+    let last_seen = (presence.last_seen_ms != 0).then_some(presence.last_seen_ms.min(now));
+    // "Online" counts from when it was said, not from when it reached us.
+    let said_at = received.sent_at_ms.min(now);
     db.execute(
         "UPDATE contacts SET online = ?1, last_seen_ms = ?2, presence_at_ms = ?3 WHERE account_id = ?4",
         params![
             presence.online && last_seen.is_some(),
             last_seen,
-            now_ms(),
+            said_at,
             received.contact_account
         ],
     )?;
@@ -292,9 +335,10 @@ pub(crate) fn on_timer(
         tracing::debug!("ignored a timer out of range");
         return Ok(None);
     }
+    // Every conversation with the contact, as when we set it ourselves.
     db.execute(
-        "UPDATE conversations SET timer_s = ?1 WHERE group_id = ?2",
-        params![seconds, received.group_id],
+        "UPDATE conversations SET timer_s = ?1 WHERE contact = ?2",
+        params![seconds, received.contact_account],
     )?;
     let body = timer_notice(received.contact_name, seconds);
     let inserted = db.execute(
@@ -414,6 +458,11 @@ impl Client {
             }
         }
         settings.store(&self.db, key)?;
+        if (key == "read_receipts" && !settings.read_receipts)
+            || (key == "typing" && !settings.typing)
+        {
+            self.drop_queued_signals(!settings.read_receipts, !settings.typing)?;
+        }
         if key == "presence" && settings.presence != before.presence {
             if settings.presence == Presence::Nobody {
                 self.db.execute(
@@ -473,8 +522,9 @@ impl Client {
     }
 
     /// Starts a conversation with whoever published `username`. We are strangers to them:
-    /// they see a message request, and learn our name only when they accept it. `name` is
-    /// what we call them locally; without it, the username until they tell us their name.
+    /// they see a message request (with our name and first messages), and we learn their name
+    /// and hear back only when they accept it. `name` is what we call them locally; without
+    /// it, the username until they tell us their name.
     pub async fn add_by_username(
         &mut self,
         username: &str,
@@ -678,6 +728,35 @@ impl Client {
             self.send_presence(online, false).await?;
         }
         Ok(())
+    }
+
+    /// Deletes receipts or typing notices still waiting in the outbox, so that turning them
+    /// off also stops what was queued while offline.
+    fn drop_queued_signals(&self, receipts: bool, typing: bool) -> Result<(), Error> {
+        use prost::Message as _;
+        db::in_transaction(&self.db, |db| {
+            let queued: Vec<(i64, Vec<u8>)> = {
+                let mut statement =
+                    db.prepare("SELECT id, plaintext FROM outbox WHERE message_row IS NULL")?;
+                statement
+                    .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect::<Result<_, _>>()?
+            };
+            for (id, plaintext) in queued {
+                let body = wire::AppMessage::decode(plaintext.as_slice())
+                    .ok()
+                    .and_then(|message| message.body);
+                let drop = match body {
+                    Some(wire::app_message::Body::Receipt(_)) => receipts,
+                    Some(wire::app_message::Body::Typing(_)) => typing,
+                    _ => false,
+                };
+                if drop {
+                    db.execute("DELETE FROM outbox WHERE id = ?1", params![id])?;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Sends last seen to contacts when presence is shared and the last one is old.

@@ -96,10 +96,9 @@ impl Lookups {
         let bucket = self.devices.entry(device).or_insert_with(|| {
             TokenBucket::new(1.0 / LOOKUP_REFILL.as_secs_f64(), LOOKUP_BURST, now)
         });
-        if !bucket.try_take(now) {
-            return false;
-        }
-        self.server.try_take(now)
+        // The device's budget is spent even when the server's is empty: otherwise a device
+        // could keep trying for free while others use the server's budget up.
+        bucket.try_take(now) && self.server.try_take(now)
     }
 }
 
@@ -742,6 +741,17 @@ impl Session {
                         }
                     },
                 };
+                // "Taken" answers whether a name exists: publishing draws on the lookup
+                // budget too, or it would be a free way to test names.
+                if name_hash.is_some() && !self.take_lookup(device) {
+                    return self
+                        .send(error_frame(
+                            id,
+                            ErrorCode::RateLimited,
+                            "too many username lookups; try again later",
+                        ))
+                        .await;
+                }
                 let account = context.account;
                 let pending = store.submit(move |store| store.set_username(&account, name_hash));
                 self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
@@ -756,13 +766,7 @@ impl Session {
                         ))
                         .await;
                 };
-                let allowed = self
-                    .shared
-                    .lookups
-                    .lock()
-                    .map(|mut lookups| lookups.try_take(device, Instant::now()))
-                    .unwrap_or(false);
-                if !allowed {
+                if !self.take_lookup(device) {
                     return self
                         .send(error_frame(
                             id,
@@ -821,8 +825,15 @@ impl Session {
                 let epoch = Epoch(post.epoch);
                 // Rounded up to the minute: the stored time then says less about when the
                 // message was sent. Never later than the longest timer allows.
-                let expires_at = (post.expires_at != 0)
-                    .then(|| post.expires_at.min(now.saturating_add(MAX_EXPIRY)))
+                // Commits never expire: a member offline past the expiry would fall out of
+                // the group.
+                // An expiry already past (the sender's clock is behind) is moved to the next
+                // minute, so that members online now and members fetching now agree.
+                let expires_at = (post.expires_at != 0 && kind == EntryKind::Application)
+                    .then(|| {
+                        post.expires_at
+                            .clamp(now.saturating_add(1), now.saturating_add(MAX_EXPIRY))
+                    })
                     .map(|at| at.div_ceil(60).saturating_mul(60));
                 let payload = post.payload;
                 let connection = context.connection;
@@ -896,6 +907,15 @@ impl Session {
                 // Routed elsewhere by `handle`.
             }
         }
+    }
+
+    /// Takes one username lookup from the device's budget and the server's.
+    fn take_lookup(&self, device: DeviceId) -> bool {
+        self.shared
+            .lookups
+            .lock()
+            .map(|mut lookups| lookups.try_take(device, Instant::now()))
+            .unwrap_or(false)
     }
 
     /// Sends the answer to a queued store operation once it is durable, without holding up

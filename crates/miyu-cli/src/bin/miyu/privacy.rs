@@ -51,7 +51,11 @@ fn print_settings(settings: &Settings, json: bool) -> anyhow::Result<()> {
         }
     };
     for key in miyu_client::settings::KEYS {
-        println!("{key}\t{}", value(key));
+        let note = match *key {
+            "group_invites" => "\t(applies once groups exist)",
+            _ => "",
+        };
+        println!("{key}\t{}{note}", value(key));
     }
     Ok(())
 }
