@@ -387,3 +387,58 @@ fn typing_shows_live_only_when_both_sides_turned_it_on() {
     miyu_ok(&pair.alice, &["typing", "bob"]);
     chat.wait_for_line(|line| line.contains("alice is typing"));
 }
+
+#[test]
+fn deleting_an_account_erases_it_on_the_server_and_on_disk() {
+    let root = tempfile::tempdir().unwrap();
+    let server_data = root.path().join("server");
+    let server = Server::start(&server_data, "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+    miyu_ok(&pair.bob, &["username", "set", "bob_leaving"]);
+    miyu_ok(&pair.bob, &["settings", "set", "discoverable", "on"]);
+    miyu_ok(&pair.alice, &["account", "lifetime", "3"]);
+    assert_eq!(
+        miyu(&pair.alice, &["account", "lifetime", "2"])
+            .status
+            .code(),
+        Some(2)
+    );
+
+    let count = |sql: &str| -> i64 {
+        let database = rusqlite::Connection::open(server_data.join("miyu.sqlite3")).unwrap();
+        database.query_row(sql, [], |row| row.get(0)).unwrap()
+    };
+    assert_eq!(count("SELECT count(*) FROM devices"), 2);
+    assert_eq!(count("SELECT count(*) FROM usernames"), 1);
+
+    // Not without a confirmation.
+    assert_eq!(
+        miyu(&pair.bob, &["account", "delete"]).status.code(),
+        Some(2)
+    );
+    miyu_ok(&pair.bob, &["account", "delete", "--yes"]);
+    assert!(!pair.bob.exists(), "the profile folder is gone");
+    for (table, left) in [
+        ("devices", 1),
+        ("accounts", 1),
+        ("usernames", 0),
+        ("group_members", 1),
+        ("inbox", 0),
+    ] {
+        assert_eq!(
+            count(&format!("SELECT count(*) FROM {table}")),
+            left,
+            "{table}"
+        );
+    }
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM key_packages WHERE device_id NOT IN (SELECT device_id FROM devices)"
+        ),
+        0
+    );
+    // Alice carries on; her lifetime choice was kept.
+    assert_eq!(count("SELECT lifetime_days FROM accounts"), 91);
+    miyu_ok(&pair.alice, &["send", "bob", "are you still there?"]);
+    miyu_ok(&pair.alice, &["sync"]);
+}

@@ -557,6 +557,66 @@ impl Client {
     }
 
     // -----------------------------------------------------------------------------------------
+    // Account lifetime
+    // -----------------------------------------------------------------------------------------
+
+    /// Tells the server to delete the account if no device of it connects for `months` (1, 3,
+    /// 6 or 12; 12 unless changed).
+    pub async fn set_account_lifetime(&mut self, months: u32) -> Result<(), Error> {
+        let days = match months {
+            1 => 30,
+            3 => 91,
+            6 => 182,
+            12 => 365,
+            _ => {
+                return Err(Error::Usage(
+                    "an account lifetime is 1, 3, 6 or 12 months".into(),
+                ));
+            }
+        };
+        self.connect().await?;
+        self.call(Request::SetAccountLifetime(wire::SetAccountLifetime {
+            days,
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes the account on the server (devices, key packages, inboxes, memberships,
+    /// invites, username), then this profile's files. Contacts are not told; their
+    /// conversations with us simply go quiet.
+    pub async fn delete_account(mut self, profile: &std::path::Path) -> Result<(), Error> {
+        self.connect().await?;
+        self.call(Request::DeleteAccount(wire::DeleteAccount {}))
+            .await?;
+        self.disconnect().await;
+        drop(self);
+        for name in [
+            "miyu.db",
+            "miyu.db-wal",
+            "miyu.db-shm",
+            "vault",
+            "key",
+            "lock",
+        ] {
+            let path = profile.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(Error::Io {
+                        context: format!("deleting {}", path.display()),
+                        source,
+                    });
+                }
+            }
+        }
+        // Only if nothing else was put there.
+        let _ = std::fs::remove_dir(profile);
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
     // Message requests
     // -----------------------------------------------------------------------------------------
 

@@ -59,6 +59,8 @@ pub(crate) const LOOKUPS_PER_MINUTE: f64 = 60.0;
 const MAX_LOOKUP_BUCKETS: usize = 10_000;
 /// Disappearing messages last at most this long on the server (the longest timer is 4 weeks).
 const MAX_EXPIRY: u64 = 5 * 7 * 24 * 3600;
+/// How long an account may stay inactive before the server deletes it: 1, 3, 6 or 12 months.
+const ACCOUNT_LIFETIMES_DAYS: [u32; 4] = [30, 91, 182, 365];
 /// A connection that sends nothing for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -564,7 +566,11 @@ impl Session {
         match self
             .shared
             .store
-            .run(move |store| store.register_device(new_device))
+            .run(move |store| {
+                let now = new_device.now;
+                store.register_device(new_device)?;
+                store.touch_account(&account, None, now)
+            })
             .await
         {
             Ok(()) => {
@@ -626,7 +632,10 @@ impl Session {
         let remaining = self
             .shared
             .store
-            .run(move |store| store.key_package_count(&device))
+            .run(move |store| {
+                store.touch_account(&record.account_id, None, unix_now())?;
+                store.key_package_count(&device)
+            })
             .await;
         match remaining {
             Ok(remaining) => {
@@ -754,6 +763,26 @@ impl Session {
                 }
                 let account = context.account;
                 let pending = store.submit(move |store| store.set_username(&account, name_hash));
+                self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
+            }
+            Request::SetAccountLifetime(set) => {
+                if !ACCOUNT_LIFETIMES_DAYS.contains(&set.days) {
+                    return self
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "an account lifetime is 30, 91, 182 or 365 days",
+                        ))
+                        .await;
+                }
+                let account = context.account;
+                let pending =
+                    store.submit(move |store| store.touch_account(&account, Some(set.days), now));
+                self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
+            }
+            Request::DeleteAccount(_) => {
+                let account = context.account;
+                let pending = store.submit(move |store| store.delete_account(&account));
                 self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
             }
             Request::LookupUsername(lookup) => {

@@ -73,6 +73,8 @@ conformance_suite! {
     a_username_lookup_claims_key_packages_and_grants_like_an_invite
     a_username_belongs_to_one_account_at_a_time
     withdrawing_a_username_makes_it_unknown_and_free
+    deleting_an_account_leaves_nothing_of_it_and_the_others_carry_on
+    an_account_inactive_past_its_lifetime_is_deleted_by_expire
     a_failed_operation_leaves_no_trace_while_the_rest_of_the_batch_commits
 }
 
@@ -1052,6 +1054,74 @@ fn withdrawing_a_username_makes_it_unknown_and_free(store: &mut dyn Store) -> Ou
         Err(StoreError::NotFound)
     ));
     store.set_username(&account(3), Some([7; 32]))?;
+    Ok(())
+}
+
+fn deleting_an_account_leaves_nothing_of_it_and_the_others_carry_on(
+    store: &mut dyn Store,
+) -> Outcome {
+    let group_id = group_of_three(store)?;
+    store.set_username(&account(2), Some([7; 32]))?;
+    store.create_invite(&account(2), [20; 32], NOW + DAY)?;
+    claim(store, device(2), 3, 30)?;
+    append_message(store, &group_id, b"before")?;
+    store.commit()?;
+
+    store.delete_account(&account(2))?;
+    store.commit()?;
+    assert_eq!(store.device(&device(2))?, None);
+    assert!(store.memberships(&device(2))?.is_empty());
+    assert!(store.inbox_entries(&device(2), 0, 10)?.is_empty());
+    assert!(matches!(
+        store.group_entries(&group_id, &device(2), 0, 10, NOW),
+        Err(StoreError::Forbidden)
+    ));
+    assert!(matches!(
+        store.claim_username(&[7; 32], &device(1), NOW),
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.claim_invite(&[20; 32], &device(1), NOW),
+        Err(StoreError::NotFound)
+    ));
+    // The others keep their group; the entry goes once they both have it.
+    let appended = store.append(
+        &group_id,
+        &device(1),
+        Epoch(0),
+        EntryKind::Application,
+        b"after".to_vec(),
+        None,
+        NOW,
+    )?;
+    assert_eq!(sorted(appended.members), [device(1), device(3)]);
+    store.ack_group(&device(1), &group_id, 2)?;
+    store.ack_group(&device(3), &group_id, 2)?;
+    assert!(
+        store
+            .group_entries(&group_id, &device(1), 0, 10, NOW)?
+            .is_empty()
+    );
+    Ok(())
+}
+
+fn an_account_inactive_past_its_lifetime_is_deleted_by_expire(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2])?;
+    store.touch_account(&account(1), Some(30), NOW)?;
+    store.touch_account(&account(2), None, NOW)?;
+    store.commit()?;
+    store.expire(NOW + 29 * DAY, 0)?;
+    assert!(store.device(&device(1))?.is_some());
+    // Activity moves the deadline.
+    store.touch_account(&account(1), None, NOW + 20 * DAY)?;
+    store.expire(NOW + 49 * DAY, 0)?;
+    assert!(store.device(&device(1))?.is_some());
+    store.expire(NOW + 50 * DAY, 0)?;
+    assert_eq!(store.device(&device(1))?, None);
+    // The default lifetime is a year.
+    assert!(store.device(&device(2))?.is_some());
+    store.expire(NOW + 365 * DAY, 0)?;
+    assert_eq!(store.device(&device(2))?, None);
     Ok(())
 }
 

@@ -22,6 +22,8 @@ pub struct MemoryStore {
     grants: BTreeMap<(DeviceId, DeviceId), u64>,
     groups: BTreeMap<GroupId, Group>,
     usernames: HashMap<[u8; 32], AccountId>,
+    /// Each account's lifetime in days and the day it was last active.
+    accounts: HashMap<AccountId, (u32, u64)>,
 }
 
 impl Store for MemoryStore {
@@ -136,6 +138,43 @@ impl Store for MemoryStore {
         if let Some(name_hash) = name_hash {
             self.usernames.insert(name_hash, *account_id);
         }
+        Ok(())
+    }
+
+    fn touch_account(
+        &mut self,
+        account_id: &AccountId,
+        lifetime_days: Option<u32>,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let entry = self
+            .accounts
+            .entry(*account_id)
+            .or_insert((super::DEFAULT_LIFETIME_DAYS, 0));
+        entry.1 = super::coarse_day(now);
+        if let Some(days) = lifetime_days {
+            entry.0 = days;
+        }
+        Ok(())
+    }
+
+    fn delete_account(&mut self, account_id: &AccountId) -> Result<(), StoreError> {
+        let devices: BTreeSet<DeviceId> = self
+            .devices
+            .values()
+            .filter(|device| device.record.account_id == *account_id)
+            .map(|device| device.record.device_id)
+            .collect();
+        self.devices.retain(|id, _| !devices.contains(id));
+        self.grants
+            .retain(|(claimer, target), _| !devices.contains(claimer) && !devices.contains(target));
+        for group in self.groups.values_mut() {
+            group.members.retain(|id, _| !devices.contains(id));
+        }
+        self.invites
+            .retain(|_, invite| invite.account_id != *account_id);
+        self.usernames.retain(|_, holder| holder != account_id);
+        self.accounts.remove(account_id);
         Ok(())
     }
 
@@ -341,9 +380,18 @@ impl Store for MemoryStore {
     }
 
     fn expire(&mut self, now: u64, cutoff: u64) -> Result<u64, StoreError> {
+        let inactive: Vec<AccountId> = self
+            .accounts
+            .iter()
+            .filter(|(_, (days, day))| day + u64::from(*days) * 86_400 <= now)
+            .map(|(account, _)| *account)
+            .collect();
+        for account in &inactive {
+            self.delete_account(account)?;
+        }
         // Only whole hours before the cutoff's are surely older than it.
         let cutoff_hour = coarse_hour(cutoff);
-        let mut removed = 0;
+        let mut removed = inactive.len();
         for group in self.groups.values_mut() {
             let before = group.log.len();
             group.log.retain(|_, entry| {

@@ -194,6 +194,21 @@ pub trait Store: Send + 'static {
         now: u64,
     ) -> Result<Vec<ClaimedKeyPackage>, StoreError>;
 
+    /// Records that the account was active at `now` (kept to the day) and, with
+    /// `lifetime_days`, sets how long it may stay inactive before `expire` deletes it (365 days
+    /// unless set). Creates the account's record if it has none.
+    fn touch_account(
+        &mut self,
+        account_id: &AccountId,
+        lifetime_days: Option<u32>,
+        now: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes an account and everything stored for it: devices, key packages, inboxes,
+    /// group memberships, invites, grants and username. Log entries it posted stay until the
+    /// other members have them (they carry no poster).
+    fn delete_account(&mut self, account_id: &AccountId) -> Result<(), StoreError>;
+
     /// Creates a group log at `epoch` with its members and puts the Welcomes in their inboxes.
     /// `AlreadyExists` if the group exists; `Forbidden` if a member other than the creator has
     /// no grant to the creator (grants are consumed) or a Welcome goes to a non-member.
@@ -250,9 +265,17 @@ pub trait Store: Send + 'static {
     /// Deletes a device's inbox entries up to and including `seq`.
     fn ack_inbox(&mut self, device_id: &DeviceId, seq: u64) -> Result<(), StoreError>;
 
-    /// Deletes log and inbox entries stored before `cutoff`, and log entries, invites and
-    /// grants that expired before `now`. Returns how many rows went.
+    /// Deletes log and inbox entries stored before `cutoff`, log entries, invites and grants
+    /// that expired before `now`, and accounts inactive for longer than their lifetime. Returns how many rows went.
     fn expire(&mut self, now: u64, cutoff: u64) -> Result<u64, StoreError>;
+}
+
+/// How long an account may stay inactive unless its owner chose otherwise.
+pub const DEFAULT_LIFETIME_DAYS: u32 = 365;
+
+/// Rounds a time down to the day: how precisely account activity is kept.
+pub fn coarse_day(unix_seconds: u64) -> u64 {
+    unix_seconds - unix_seconds % 86_400
 }
 
 /// Rounds a time down to the hour, the only resolution the server keeps.

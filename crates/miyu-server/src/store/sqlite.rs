@@ -209,6 +209,33 @@ impl Store for SqliteStore {
         })
     }
 
+    fn touch_account(
+        &mut self,
+        account_id: &AccountId,
+        lifetime_days: Option<u32>,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        self.write(|db| {
+            let account = account_id.as_bytes().as_slice();
+            let day = clamp_to_sql(super::coarse_day(now));
+            db.prepare_cached(
+                "INSERT INTO accounts (account_id, lifetime_days, active_day) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (account_id) DO UPDATE SET active_day = excluded.active_day \
+                 WHERE active_day != excluded.active_day",
+            )?
+            .execute(params![account, super::DEFAULT_LIFETIME_DAYS, day])?;
+            if let Some(days) = lifetime_days {
+                db.prepare_cached("UPDATE accounts SET lifetime_days = ?2 WHERE account_id = ?1")?
+                    .execute(params![account, days])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn delete_account(&mut self, account_id: &AccountId) -> Result<(), StoreError> {
+        self.write(|db| delete_account_rows(db, account_id.as_bytes()))
+    }
+
     fn claim_username(
         &mut self,
         name_hash: &[u8; 32],
@@ -496,7 +523,16 @@ impl Store for SqliteStore {
             // Only whole hours before the cutoff's are surely older than it.
             let cutoff_hour = clamp_to_sql(coarse_hour(cutoff));
             let now = clamp_to_sql(now);
-            let mut removed = 0;
+            let inactive = db
+                .prepare_cached(
+                    "SELECT account_id FROM accounts WHERE active_day + lifetime_days * 86400 <= ?1",
+                )?
+                .query_map([now], |row| row.get::<_, Vec<u8>>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            for account in &inactive {
+                delete_account_rows(db, account)?;
+            }
+            let mut removed = inactive.len();
             for (sql, bound) in [
                 ("DELETE FROM group_log WHERE created_hour < ?1", cutoff_hour),
                 ("DELETE FROM group_log WHERE expires_at <= ?1", now),
@@ -678,6 +714,16 @@ CREATE TABLE usernames (
     name_hash BLOB PRIMARY KEY NOT NULL,
     account_id BLOB NOT NULL UNIQUE
 ) WITHOUT ROWID;
+
+-- When each account was last active (to the day), and how long it may stay inactive before
+-- it is deleted with everything stored for it.
+CREATE TABLE accounts (
+    account_id BLOB PRIMARY KEY NOT NULL,
+    lifetime_days INTEGER NOT NULL,
+    active_day INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO accounts (account_id, lifetime_days, active_day)
+    SELECT account_id, 365, max(created_hour - created_hour % 86400) FROM devices GROUP BY account_id;
 ";
 
 fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
@@ -707,6 +753,25 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
         }
     }
     transaction.commit()?;
+    Ok(())
+}
+
+/// Deletes every row stored for an account and its devices.
+fn delete_account_rows(db: &Connection, account_id: &[u8]) -> Result<(), StoreError> {
+    let by_device = [
+        "DELETE FROM key_packages WHERE device_id IN (SELECT device_id FROM devices WHERE account_id = ?1)",
+        "DELETE FROM add_grants WHERE claimer IN (SELECT device_id FROM devices WHERE account_id = ?1) \
+         OR target IN (SELECT device_id FROM devices WHERE account_id = ?1)",
+        "DELETE FROM group_members WHERE device_id IN (SELECT device_id FROM devices WHERE account_id = ?1)",
+        "DELETE FROM inbox WHERE device_id IN (SELECT device_id FROM devices WHERE account_id = ?1)",
+        "DELETE FROM devices WHERE account_id = ?1",
+        "DELETE FROM invites WHERE account_id = ?1",
+        "DELETE FROM usernames WHERE account_id = ?1",
+        "DELETE FROM accounts WHERE account_id = ?1",
+    ];
+    for sql in by_device {
+        db.prepare_cached(sql)?.execute([account_id])?;
+    }
     Ok(())
 }
 

@@ -141,6 +141,11 @@ enum Command {
     },
     /// Forget the key `unlock` kept, at once: commands ask for the passphrase again.
     Lock,
+    /// Delete the account, or choose after how long without use the server deletes it.
+    Account {
+        #[command(subcommand)]
+        action: privacy::AccountAction,
+    },
     /// Run a server and two clients locally and show an encrypted conversation.
     Demo,
 }
@@ -465,6 +470,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             privacy::read(&mut client, &contact).await
         }
+        Command::Account { action } => privacy::account(&profile, proxy, action).await,
         Command::Settings { action } => {
             privacy::settings(open(&profile, proxy).await?, action, cli.json).await
         }

@@ -36,6 +36,55 @@ pub(crate) enum UsernameAction {
     Clear,
 }
 
+#[derive(Subcommand, Debug)]
+pub(crate) enum AccountAction {
+    /// Delete the account from the server and this profile from disk, now.
+    Delete {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// After how many months without any use (1, 3, 6 or 12) the server deletes the account.
+    Lifetime { months: u32 },
+}
+
+pub(crate) async fn account(
+    profile: &std::path::Path,
+    proxy: Option<Option<miyu_client::Proxy>>,
+    action: AccountAction,
+) -> anyhow::Result<()> {
+    let mut client = crate::open(profile, proxy).await?;
+    match action {
+        AccountAction::Lifetime { months } => {
+            client.set_account_lifetime(months).await?;
+            client.disconnect().await;
+            println!("the server deletes this account after {months} months without use");
+        }
+        AccountAction::Delete { yes } => {
+            if !yes {
+                use std::io::IsTerminal;
+                if !std::io::stdin().is_terminal() {
+                    return Err(Usage(
+                        "deleting the account cannot be undone: pass --yes to confirm".into(),
+                    )
+                    .into());
+                }
+                println!(
+                    "This deletes the account and every message in this profile. Type DELETE to confirm:"
+                );
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if answer.trim() != "DELETE" {
+                    return Err(Usage("not deleted".into()).into());
+                }
+            }
+            client.delete_account(profile).await?;
+            println!("account deleted");
+        }
+    }
+    Ok(())
+}
+
 fn print_settings(settings: &Settings, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(settings);
