@@ -15,10 +15,9 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use common::{PATIENCE, Reaped, Server};
 
@@ -223,6 +222,15 @@ impl Namespaces {
 
     fn remove(&self) {
         for namespace in [&self.server, &self.client] {
+            // Whatever still runs there (a traced proxy outlives its killed tracer).
+            if let Ok(pids) = Command::new("ip")
+                .args(["netns", "pids", namespace])
+                .output()
+            {
+                for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
             let _ = Command::new("ip")
                 .args(["netns", "delete", namespace])
                 .stderr(Stdio::null())
@@ -384,25 +392,30 @@ impl ClientSide<'_> {
     }
 }
 
-/// Waits until the proxy listens on its veth address, failing if it ends or takes too long.
-fn wait_for_proxy(net: &Namespaces, proxy: &mut Reaped) {
-    let deadline = Instant::now() + PATIENCE;
-    let wanted = format!("{PROXY_IP}:{PROXY_PORT}");
+/// Starts the proxy in the server namespace and returns once it listens: `strace` reports
+/// its `listen` call, the event itself (microsocks prints nothing when it is ready).
+fn start_proxy(net: &Namespaces) -> Reaped {
+    let mut proxy = net
+        .command_in(&net.server, "strace")
+        .args(["-f", "-qq", "-e", "trace=listen", "-e", "signal=none"])
+        .args(["microsocks", "-i", PROXY_IP, "-p", &PROXY_PORT.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("strace runs (the CI script installs it)");
+    let mut lines = BufReader::new(proxy.stderr.take().unwrap()).lines();
     loop {
-        if let Some(status) = proxy.0.try_wait().unwrap() {
-            panic!("microsocks ended with {status} (the CI script installs it)");
+        match lines.next() {
+            Some(Ok(line)) if line.contains("listen(") && line.contains("= 0") => break,
+            Some(Ok(line)) if line.contains("listen(") => panic!("the proxy cannot listen: {line}"),
+            Some(Ok(_)) => {}
+            Some(Err(error)) => panic!("reading the proxy's trace: {error}"),
+            None => panic!("microsocks ended before it listened (the CI script installs it)"),
         }
-        let listening = net
-            .command_in(&net.server, "ss")
-            .arg("-Hltn")
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&listening.stdout).contains(&wanted) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the proxy never listened");
-        std::thread::sleep(Duration::from_millis(20));
     }
+    // Keep draining, so that nothing the proxy writes later can block it.
+    std::thread::spawn(move || lines.for_each(drop));
+    Reaped(proxy)
 }
 
 #[test]
@@ -423,15 +436,7 @@ fn a_proxied_client_reaches_its_server_only_through_the_proxy_across_network_nam
     let by_name = server
         .address
         .replacen(&server.listen.ip().to_string(), SERVER_NAME, 1);
-    let mut proxy = Reaped(
-        net.command_in(&net.server, "microsocks")
-            .args(["-i", PROXY_IP, "-p", &PROXY_PORT.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_proxy(&net, &mut proxy);
+    let _proxy = start_proxy(&net);
     let proxy_url = format!("socks5h://{PROXY_IP}:{PROXY_PORT}");
     let clients = ClientSide {
         net: &net,

@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::time::Instant;
 
 use common::{Chat, PATIENCE, Server, connect_pair, conversation, count_in_files, miyu, miyu_ok};
 
@@ -13,13 +12,20 @@ fn settings_json(profile: &Path) -> serde_json::Value {
     serde_json::from_str(&miyu_ok(profile, &["--json", "settings"])).unwrap()
 }
 
-/// Polls `check` until it holds, failing the test after `PATIENCE`.
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < PATIENCE, "timed out waiting until {what}");
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    }
+/// When the message with this body disappears from `contact`'s conversation in `profile`, as
+/// `miyu messages --json` announces it.
+fn announced_expiry(profile: &Path, contact: &str, body: &str) -> u64 {
+    let messages: serde_json::Value =
+        serde_json::from_str(&miyu_ok(profile, &["--json", "messages", contact])).unwrap();
+    let message = messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|message| message["body"] == body)
+        .unwrap_or_else(|| panic!("no message {body:?} in {messages}"));
+    message["expires_at_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{message} has no expiry"))
 }
 
 #[test]
@@ -290,20 +296,23 @@ fn a_timer_makes_messages_disappear_everywhere_and_tells_the_server_when() {
         "{bobs:?}"
     );
 
-    // Gone on both sides once the time is up; the notice stays.
-    for profile in [&pair.alice, &pair.bob] {
-        eventually("the message disappears", || {
-            !conversation(
-                profile,
-                if profile == &pair.alice {
-                    "bob"
-                } else {
-                    "alice"
-                },
-            )
-            .iter()
-            .any(|line| line.contains("this will vanish"))
-        });
+    // Each side announces when the text goes: 30 s after it was sent or received.
+    let alice_expiry = announced_expiry(&pair.alice, "bob", "this will vanish");
+    let bob_expiry = announced_expiry(&pair.bob, "alice", "this will vanish");
+    let sent_ms = before * 1000;
+    assert!(
+        (sent_ms + 30_000..sent_ms + 30_000 + PATIENCE.as_millis() as u64).contains(&alice_expiry)
+    );
+    assert!(bob_expiry >= alice_expiry, "{bob_expiry} < {alice_expiry}");
+
+    // Once that time has passed, it is gone on both sides; the notice stays.
+    common::wait_for_clock(bob_expiry);
+    for (profile, contact) in [(&pair.alice, "bob"), (&pair.bob, "alice")] {
+        let lines = conversation(profile, contact);
+        assert!(
+            !lines.iter().any(|line| line.contains("this will vanish")),
+            "{lines:?}"
+        );
     }
     let alices = conversation(&pair.alice, "bob");
     assert_eq!(alices.len(), 1, "{alices:?}");

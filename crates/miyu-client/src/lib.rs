@@ -1090,7 +1090,7 @@ impl Client {
         if !redeemed {
             // A stranger (they found our username, or replayed an old invite): a message
             // request, or nothing at all if requests are off.
-            return privacy::on_stranger(db, group_id, contact_account, &name);
+            return privacy::on_stranger(db, contact_account, &name);
         }
         db.execute(
             "UPDATE contacts SET state = 'accepted', name = ?1 WHERE account_id = ?2",
@@ -1767,24 +1767,23 @@ impl Client {
 
     pub fn contacts(&self) -> Result<Vec<Contact>, Error> {
         let settings = self.settings()?;
-        let mut statement = self
-            .db
-            .prepare("SELECT name, account_id, verified FROM contacts WHERE state = 'accepted' ORDER BY name")?;
-        let mut contacts: Vec<Contact> = statement
+        let mut statement = self.db.prepare(
+            "SELECT name, account_id, verified, online, last_seen_ms, presence_at_ms FROM contacts
+             WHERE state = 'accepted' ORDER BY name",
+        )?;
+        let contacts = statement
             .query_map([], |row| {
+                let (online, last_seen_ms) =
+                    privacy::shown_presence(&settings, row.get(3)?, row.get(4)?, row.get(5)?);
                 Ok(Contact {
                     name: row.get(0)?,
                     account_id: row.get(1)?,
                     verified: row.get(2)?,
-                    online: false,
-                    last_seen_ms: None,
+                    online,
+                    last_seen_ms,
                 })
             })?
             .collect::<Result<_, _>>()?;
-        for contact in &mut contacts {
-            (contact.online, contact.last_seen_ms) =
-                self.contact_presence(&contact.account_id, &settings)?;
-        }
         Ok(contacts)
     }
 

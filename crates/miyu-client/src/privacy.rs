@@ -96,10 +96,15 @@ pub fn parse_timer(text: &str) -> Result<u32, Error> {
         _ => return Err(usage()),
     };
     let seconds = number.checked_mul(size).ok_or_else(usage)?;
-    if !(MIN_TIMER_S..=MAX_TIMER_S).contains(&seconds) {
+    if seconds == 0 || !valid_timer(seconds) {
         return Err(usage());
     }
     Ok(seconds)
+}
+
+/// 0 (off), or from 30 seconds to 4 weeks.
+fn valid_timer(seconds: u32) -> bool {
+    seconds == 0 || (MIN_TIMER_S..=MAX_TIMER_S).contains(&seconds)
 }
 
 /// Before a new account joins us: forgets newcomers who never introduced themselves within a
@@ -211,7 +216,6 @@ pub(crate) fn store_request_message(
 /// A newcomer whose introduction carried no invite of ours.
 pub(crate) fn on_stranger(
     db: &Connection,
-    group_id: &[u8],
     account: &str,
     name: &str,
 ) -> Result<Option<Event>, Error> {
@@ -224,10 +228,6 @@ pub(crate) fn on_stranger(
         "UPDATE contacts SET state = 'unsolicited', name = ?1 WHERE account_id = ?2",
         params![name, account],
     )?;
-    tracing::debug!(
-        "a stranger's conversation is a message request ({} bytes of group id)",
-        group_id.len()
-    );
     Ok(Some(Event::Request {
         name: name.to_string(),
     }))
@@ -331,7 +331,7 @@ pub(crate) fn on_timer(
     received: &Received<'_>,
     seconds: u32,
 ) -> Result<Option<Event>, Error> {
-    if seconds != 0 && !(MIN_TIMER_S..=MAX_TIMER_S).contains(&seconds) {
+    if !valid_timer(seconds) {
         tracing::debug!("ignored a timer out of range");
         return Ok(None);
     }
@@ -372,6 +372,21 @@ fn timer_notice(who: &str, seconds: u32) -> String {
         0 => format!("{who} turned disappearing messages off"),
         _ => format!("{who} set disappearing messages to {}", timer_text(seconds)),
     }
+}
+
+/// What a contact's stored presence shows, as far as we may see it: online (if said recently)
+/// and last seen.
+pub(crate) fn shown_presence(
+    settings: &Settings,
+    online: bool,
+    last_seen_ms: Option<u64>,
+    said_at_ms: Option<u64>,
+) -> (bool, Option<u64>) {
+    if settings.presence == Presence::Nobody {
+        return (false, None);
+    }
+    let fresh = said_at_ms.is_some_and(|at| now_ms().saturating_sub(at) < ONLINE_FRESH_MS);
+    (online && fresh, last_seen_ms)
 }
 
 pub(crate) fn message_state(state: &str) -> MessageState {
@@ -871,24 +886,6 @@ impl Client {
         }
     }
 
-    /// What a contact shares about being online, as far as we may see it.
-    pub(crate) fn contact_presence(
-        &self,
-        account: &str,
-        settings: &Settings,
-    ) -> Result<(bool, Option<u64>), Error> {
-        if settings.presence == Presence::Nobody {
-            return Ok((false, None));
-        }
-        let (online, last_seen, at): (bool, Option<u64>, Option<u64>) = self.db.query_row(
-            "SELECT online, last_seen_ms, presence_at_ms FROM contacts WHERE account_id = ?1",
-            params![account],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-        )?;
-        let fresh = at.is_some_and(|at| now_ms().saturating_sub(at) < ONLINE_FRESH_MS);
-        Ok((online && fresh, last_seen))
-    }
-
     // -----------------------------------------------------------------------------------------
     // Disappearing messages
     // -----------------------------------------------------------------------------------------
@@ -897,18 +894,17 @@ impl Client {
     /// Messages sent from then on disappear that long after they were sent, on every device,
     /// and the server drops their ciphertext then too.
     pub async fn set_timer(&mut self, contact: &str, seconds: u32) -> Result<MessageView, Error> {
-        if seconds != 0 && !(MIN_TIMER_S..=MAX_TIMER_S).contains(&seconds) {
+        if !valid_timer(seconds) {
             return Err(Error::Usage(
                 "a timer is between 30 seconds and 4 weeks".into(),
             ));
         }
-        let (_, group_id) = self.conversation_of(contact)?;
+        let (account, group_id) = self.conversation_of(contact)?;
         let body = timer_notice("you", seconds);
         db::in_transaction(&self.db, |db| {
             db.execute(
-                "UPDATE conversations SET timer_s = ?1 WHERE contact =
-                 (SELECT contact FROM conversations WHERE group_id = ?2)",
-                params![seconds, group_id],
+                "UPDATE conversations SET timer_s = ?1 WHERE contact = ?2",
+                params![seconds, account],
             )?;
             let timer = wire::app_message::Body::Timer(wire::Timer { seconds });
             self.queue_app_message_in(db, &group_id, timer, Some(&body))

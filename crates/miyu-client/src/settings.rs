@@ -167,8 +167,8 @@ impl Settings {
         Ok(())
     }
 
-    /// The value of `key` as `settings set` takes it.
-    pub(crate) fn text(&self, key: &str) -> String {
+    /// The value of `key` as `settings set` takes it (empty for an unknown key).
+    pub fn text(&self, key: &str) -> String {
         match key {
             "presence" => match self.presence {
                 Presence::Nobody => "nobody".into(),

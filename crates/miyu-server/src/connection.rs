@@ -735,32 +735,17 @@ impl Session {
                 self.answer(context, pending.await, claimed_reply);
             }
             Request::SetUsername(set) => {
-                let name_hash = match set.name_hash.len() {
-                    0 => None,
-                    _ => match <[u8; 32]>::try_from(set.name_hash.as_slice()) {
-                        Ok(hash) => Some(hash),
-                        Err(_) => {
-                            return self
-                                .bad_frame(error_frame(
-                                    id,
-                                    ErrorCode::InvalidArgument,
-                                    "a username hash is 32 bytes",
-                                ))
-                                .await;
-                        }
-                    },
+                // "Taken" answers whether a name exists, as a lookup does: publishing draws
+                // on the same budget, or it would be a free way to test names.
+                let name_hash = if set.name_hash.is_empty() {
+                    None
+                } else {
+                    let Some(hash) = self.budgeted_name_hash(id, device, &set.name_hash).await
+                    else {
+                        return;
+                    };
+                    Some(hash)
                 };
-                // "Taken" answers whether a name exists: publishing draws on the lookup
-                // budget too, or it would be a free way to test names.
-                if name_hash.is_some() && !self.take_lookup(device) {
-                    return self
-                        .send(error_frame(
-                            id,
-                            ErrorCode::RateLimited,
-                            "too many username lookups; try again later",
-                        ))
-                        .await;
-                }
                 let account = context.account;
                 let pending = store.submit(move |store| store.set_username(&account, name_hash));
                 self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
@@ -786,24 +771,10 @@ impl Session {
                 self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
             }
             Request::LookupUsername(lookup) => {
-                let Ok(name_hash) = <[u8; 32]>::try_from(lookup.name_hash.as_slice()) else {
-                    return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "a username hash is 32 bytes",
-                        ))
-                        .await;
+                let Some(name_hash) = self.budgeted_name_hash(id, device, &lookup.name_hash).await
+                else {
+                    return;
                 };
-                if !self.take_lookup(device) {
-                    return self
-                        .send(error_frame(
-                            id,
-                            ErrorCode::RateLimited,
-                            "too many username lookups; try again later",
-                        ))
-                        .await;
-                }
                 let pending =
                     store.submit(move |store| store.claim_username(&name_hash, &device, now));
                 self.answer(context, pending.await, claimed_reply);
@@ -938,13 +909,39 @@ impl Session {
         }
     }
 
-    /// Takes one username lookup from the device's budget and the server's.
-    fn take_lookup(&self, device: DeviceId) -> bool {
-        self.shared
+    /// A username hash from a request, once it is well formed and the device's and the
+    /// server's lookup budgets allow one more; otherwise answers the request and returns None.
+    async fn budgeted_name_hash(
+        &mut self,
+        id: u64,
+        device: DeviceId,
+        bytes: &[u8],
+    ) -> Option<[u8; 32]> {
+        let Ok(name_hash) = <[u8; 32]>::try_from(bytes) else {
+            self.bad_frame(error_frame(
+                id,
+                ErrorCode::InvalidArgument,
+                "a username hash is 32 bytes",
+            ))
+            .await;
+            return None;
+        };
+        let allowed = self
+            .shared
             .lookups
             .lock()
             .map(|mut lookups| lookups.try_take(device, Instant::now()))
-            .unwrap_or(false)
+            .unwrap_or(false);
+        if !allowed {
+            self.send(error_frame(
+                id,
+                ErrorCode::RateLimited,
+                "too many username lookups; try again later",
+            ))
+            .await;
+            return None;
+        }
+        Some(name_hash)
     }
 
     /// Sends the answer to a queued store operation once it is durable, without holding up

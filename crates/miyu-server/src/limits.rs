@@ -21,17 +21,21 @@ impl TokenBucket {
         }
     }
 
+    /// The tokens the bucket holds at `now`.
+    fn refilled(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        (self.tokens + elapsed * self.rate).min(self.capacity)
+    }
+
     /// True when the bucket would be full at `now`: forgetting it changes nothing.
     pub(crate) fn is_full(&self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens + elapsed * self.rate >= self.capacity
+        self.refilled(now) >= self.capacity
     }
 
     /// Takes one token if there is one.
     pub(crate) fn try_take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = self.refilled(now);
         self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true

@@ -113,6 +113,15 @@ pub fn count_in_files(files: &[PathBuf], needle: &[u8]) -> usize {
         .sum()
 }
 
+/// Returns once the wall clock has passed `unix_ms`: for behaviour that is due at a time the
+/// product announced (an expiry), where the passing of that time is the event itself.
+pub fn wait_for_clock(unix_ms: u64) {
+    let due = std::time::UNIX_EPOCH + Duration::from_millis(unix_ms + 1);
+    if let Ok(left) = due.duration_since(std::time::SystemTime::now()) {
+        std::thread::sleep(left);
+    }
+}
+
 /// The passphrase every test profile is encrypted with.
 pub const PASSPHRASE: &str = "a test passphrase";
 

@@ -89,22 +89,12 @@ fn print_settings(settings: &Settings, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(settings);
     }
-    let value = |key: &str| -> String {
-        let json = serde_json::to_value(settings).unwrap_or_default();
-        match &json[key] {
-            serde_json::Value::Bool(true) => "on".into(),
-            serde_json::Value::Bool(false) => "off".into(),
-            serde_json::Value::Null => "none".into(),
-            serde_json::Value::String(text) => text.clone(),
-            other => other.to_string(),
-        }
-    };
     for key in miyu_client::settings::KEYS {
         let note = match *key {
             "group_invites" => "\t(applies once groups exist)",
             _ => "",
         };
-        println!("{key}\t{}{note}", value(key));
+        println!("{key}\t{}{note}", settings.text(key));
     }
     Ok(())
 }
