@@ -1380,11 +1380,9 @@ impl Client {
     ) -> Result<Option<i64>, Error> {
         // Texts disappear under the conversation's timer; the notices that set it up do not,
         // or a peer offline for longer would never learn of the timer.
-        let timer_s: u32 = db.query_row(
-            "SELECT timer_s FROM conversations WHERE group_id = ?1",
-            params![group_id],
-            |row| row.get(0),
-        )?;
+        let timer_s: u32 = db
+            .prepare_cached("SELECT timer_s FROM conversations WHERE group_id = ?1")?
+            .query_row(params![group_id], |row| row.get(0))?;
         let expires_in_s = match body {
             wire::app_message::Body::Text(_) => timer_s,
             _ => 0,
@@ -1410,19 +1408,19 @@ impl Client {
         let row = match shown {
             Some(text) => {
                 let hash: [u8; 32] = Sha256::digest(&ciphertext).into();
-                db.execute(
+                db.prepare_cached(
                     "INSERT INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, ciphertext_hash, kind, expires_at_ms)
                      VALUES (?1, ?2, 1, ?3, ?4, ?4, 'pending', ?5, ?6, ?7)",
-                    params![group_id, message.message_id, text, message.sent_at_ms, hash.as_slice(), kind, expires_at_ms],
-                )?;
+                )?
+                .execute(params![group_id, message.message_id, text, message.sent_at_ms, hash.as_slice(), kind, expires_at_ms])?;
                 Some(db.last_insert_rowid())
             }
             None => None,
         };
-        db.execute(
+        db.prepare_cached(
             "INSERT INTO outbox (group_id, epoch, ciphertext, plaintext, message_row, expires_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![group_id, epoch, ciphertext, plaintext, row, expires_at_ms],
-        )?;
+        )?
+        .execute(params![group_id, epoch, ciphertext, plaintext, row, expires_at_ms])?;
         Ok(row)
     }
 
@@ -1432,10 +1430,12 @@ impl Client {
         loop {
             let next: Option<OutboxRow> = self
                 .db
-                .query_row(
+                .prepare_cached(
                     "SELECT o.id, o.group_id, o.epoch, o.ciphertext, o.message_row, o.expires_at_ms FROM outbox o
                      JOIN conversations c ON c.group_id = o.group_id
                      WHERE c.broken IS NULL ORDER BY o.id LIMIT 1",
+                )?
+                .query_row(
                     [],
                     |row| {
                         Ok((
@@ -1473,12 +1473,13 @@ impl Client {
                     // again, which receivers drop (MLS refuses a used generation): no need to
                     // wait for the disk here.
                     db::in_relaxed_transaction(&self.db, |db| {
-                        db.execute("DELETE FROM outbox WHERE id = ?1", params![id])?;
+                        db.prepare_cached("DELETE FROM outbox WHERE id = ?1")?
+                            .execute(params![id])?;
                         if let Some(row) = message_row {
-                            db.execute(
+                            db.prepare_cached(
                                 "UPDATE messages SET state = 'sent', seq = ?1 WHERE id = ?2",
-                                params![posted.seq, row],
-                            )?;
+                            )?
+                            .execute(params![posted.seq, row])?;
                         }
                         Ok(())
                     })?;
@@ -1712,10 +1713,10 @@ impl Client {
         };
         self.connect().await.map_err(queued)?;
         self.flush_outbox().await.map_err(queued)?;
-        let state: String = self.db.query_row(
-            "SELECT state FROM messages WHERE id = ?1",
+        let (state, sent_at_ms, expires_at_ms): (String, u64, Option<u64>) = self.db.query_row(
+            "SELECT state, sent_at_ms, expires_at_ms FROM messages WHERE id = ?1",
             params![row],
-            |row| row.get(0),
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
         )?;
         if state == "pending" {
             let reason: Option<String> = self.db.query_row(
@@ -1728,11 +1729,6 @@ impl Client {
                 reason.unwrap_or_default()
             )));
         }
-        let (sent_at_ms, expires_at_ms): (u64, Option<u64>) = self.db.query_row(
-            "SELECT sent_at_ms, expires_at_ms FROM messages WHERE id = ?1",
-            params![row],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )?;
         Ok(MessageView {
             contact: contact.to_string(),
             from: "me".into(),
