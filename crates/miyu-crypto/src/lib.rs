@@ -16,6 +16,7 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod file;
 pub mod identity;
 pub mod invite;
 pub mod mls;
