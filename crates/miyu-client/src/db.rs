@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::Error;
 use crate::vault::DatabaseKey;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE account (
@@ -110,6 +110,41 @@ CREATE INDEX messages_by_expiry ON messages (expires_at_ms) WHERE expires_at_ms 
 ALTER TABLE outbox ADD COLUMN expires_at_ms INTEGER;
 ";
 
+/// Version 3: files.
+const MIGRATION_3: &str = "
+-- A file message's key and where its encrypted bytes are. Goes with its message.
+CREATE TABLE files (
+    id INTEGER PRIMARY KEY,
+    message_row INTEGER NOT NULL UNIQUE REFERENCES messages(id) ON DELETE CASCADE,
+    blob_id BLOB NOT NULL,
+    file_key BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    sha256 BLOB NOT NULL,
+    name TEXT NOT NULL,
+    mime TEXT NOT NULL,
+    -- A download in progress, continued by the next `download`.
+    part_path TEXT,
+    -- Where the finished download was saved.
+    saved_path TEXT
+);
+-- Uploads started and not yet sent as a message: what an interrupted send-file resumes.
+CREATE TABLE uploads (
+    id INTEGER PRIMARY KEY,
+    group_id BLOB NOT NULL,
+    source_path TEXT NOT NULL,
+    source_size INTEGER NOT NULL,
+    source_mtime_ns INTEGER NOT NULL,
+    keep_metadata INTEGER NOT NULL,
+    blob_id BLOB NOT NULL,
+    file_key BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    UNIQUE (group_id, source_path)
+);
+";
+
 /// Opens (or creates) the profile database, encrypted with `key`. A wrong key is reported as
 /// [`Error::Locked`].
 pub(crate) fn open(path: &Path, key: &DatabaseKey) -> Result<Connection, Error> {
@@ -128,12 +163,15 @@ pub(crate) fn configure(connection: &mut Connection) -> Result<(), Error> {
     connection.busy_timeout(std::time::Duration::from_secs(5))?;
     let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     match version {
-        0 | 1 => {
+        0..=2 => {
             let transaction = connection.transaction()?;
             if version == 0 {
                 transaction.execute_batch(SCHEMA)?;
             }
-            transaction.execute_batch(MIGRATION_2)?;
+            if version < 2 {
+                transaction.execute_batch(MIGRATION_2)?;
+            }
+            transaction.execute_batch(MIGRATION_3)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             transaction.commit()?;
         }

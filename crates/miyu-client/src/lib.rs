@@ -20,6 +20,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod db;
+pub mod files;
 mod keyring;
 pub mod net;
 mod privacy;
@@ -138,6 +139,8 @@ pub enum MessageKind {
     Text,
     /// A notice that the disappearing-message timer changed; `body` says how.
     Timer,
+    /// A file; `body` names it with its id for `download`.
+    File,
 }
 
 /// A message as front ends show it.
@@ -1039,6 +1042,9 @@ impl Client {
             Some(wire::app_message::Body::Timer(timer)) => {
                 privacy::on_timer(db, &received, timer.seconds)
             }
+            Some(wire::app_message::Body::File(file)) => {
+                files::store_file(db, &received, &file)
+            }
             None => Ok(None),
         }
     }
@@ -1384,11 +1390,12 @@ impl Client {
             .prepare_cached("SELECT timer_s FROM conversations WHERE group_id = ?1")?
             .query_row(params![group_id], |row| row.get(0))?;
         let expires_in_s = match body {
-            wire::app_message::Body::Text(_) => timer_s,
+            wire::app_message::Body::Text(_) | wire::app_message::Body::File(_) => timer_s,
             _ => 0,
         };
         let kind = match body {
             wire::app_message::Body::Timer(_) => "timer",
+            wire::app_message::Body::File(_) => "file",
             _ => "text",
         };
         let message = wire::AppMessage {

@@ -133,7 +133,7 @@ impl std::fmt::Display for Proxy {
 
 /// Opens TCP to the server (through the proxy when there is one; the proxy then resolves the
 /// host name) and TLS pinned to the server's certificate.
-async fn open_tls(
+pub(crate) async fn open_tls(
     server: &ServerAddress,
     proxy: Option<&Proxy>,
 ) -> Result<TlsStream<TcpStream>, Error> {

@@ -149,9 +149,33 @@ pub(crate) fn is_blocked(db: &Connection, account: &str) -> Result<bool, Error> 
         .is_some())
 }
 
-fn expiry(received: &Received<'_>) -> Option<u64> {
+pub(crate) fn expiry(received: &Received<'_>) -> Option<u64> {
     (received.expires_in_s > 0)
         .then(|| now_ms() + u64::from(received.expires_in_s.min(MAX_TIMER_S)) * 1000)
+}
+
+/// Stores a contact's message of `kind` with `body`; its row, or `None` if it is a repeat.
+pub(crate) fn store_message(
+    db: &Connection,
+    received: &Received<'_>,
+    body: &str,
+    kind: &str,
+) -> Result<Option<i64>, Error> {
+    let inserted = db.execute(
+        "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq, expires_at_ms, kind)
+         VALUES (?1, ?2, 0, ?3, ?4, ?5, 'received', ?6, ?7, ?8)",
+        params![
+            received.group_id,
+            received.message_id,
+            body,
+            received.sent_at_ms,
+            now_ms(),
+            received.seq,
+            expiry(received),
+            kind
+        ],
+    )?;
+    Ok((inserted > 0).then(|| db.last_insert_rowid()))
 }
 
 /// Stores a contact's text; `None` if it is a repeat.
@@ -160,21 +184,7 @@ pub(crate) fn store_text(
     received: &Received<'_>,
     body: &str,
 ) -> Result<Option<Event>, Error> {
-    let expires_at_ms = expiry(received);
-    let inserted = db.execute(
-        "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq, expires_at_ms)
-         VALUES (?1, ?2, 0, ?3, ?4, ?5, 'received', ?6, ?7)",
-        params![
-            received.group_id,
-            received.message_id,
-            body,
-            received.sent_at_ms,
-            now_ms(),
-            received.seq,
-            expires_at_ms
-        ],
-    )?;
-    if inserted == 0 {
+    if store_message(db, received, body, "text")?.is_none() {
         return Ok(None);
     }
     Ok(Some(Event::Message(MessageView {
@@ -185,7 +195,7 @@ pub(crate) fn store_text(
         sent_at_ms: received.sent_at_ms,
         state: MessageState::Received,
         kind: MessageKind::Text,
-        expires_at_ms,
+        expires_at_ms: expiry(received),
     })))
 }
 
@@ -250,6 +260,7 @@ fn forget_contact(db: &Connection, account: &str) -> Result<(), Error> {
             params![group_id],
         )?;
         db.execute("DELETE FROM outbox WHERE group_id = ?1", params![group_id])?;
+        db.execute("DELETE FROM uploads WHERE group_id = ?1", params![group_id])?;
     }
     db.execute(
         "DELETE FROM conversations WHERE contact = ?1",
@@ -401,6 +412,7 @@ pub(crate) fn message_state(state: &str) -> MessageState {
 pub(crate) fn message_kind(kind: &str) -> MessageKind {
     match kind {
         "timer" => MessageKind::Timer,
+        "file" => MessageKind::File,
         _ => MessageKind::Text,
     }
 }
@@ -412,15 +424,21 @@ pub(crate) fn history(
     contact: &str,
 ) -> Result<Vec<MessageView>, Error> {
     let mut statement = db.prepare(
-        "SELECT outgoing, body, sent_at_ms, state, kind, expires_at_ms FROM messages
-         WHERE group_id IN (SELECT group_id FROM conversations WHERE contact = ?1)
-         AND (expires_at_ms IS NULL OR expires_at_ms > ?2) ORDER BY id",
+        "SELECT m.outgoing, m.body, m.sent_at_ms, m.state, m.kind, m.expires_at_ms, f.id, f.size
+         FROM messages m LEFT JOIN files f ON f.message_row = m.id
+         WHERE m.group_id IN (SELECT group_id FROM conversations WHERE contact = ?1)
+         AND (m.expires_at_ms IS NULL OR m.expires_at_ms > ?2) ORDER BY m.id",
     )?;
     let messages = statement
         .query_map(params![account, now_ms()], |row| {
             let outgoing: bool = row.get(0)?;
             let state: String = row.get(3)?;
             let kind: String = row.get(4)?;
+            let body: String = row.get(1)?;
+            let file: Option<(i64, u64)> = match row.get::<_, Option<i64>>(6)? {
+                Some(id) => Some((id, row.get(7)?)),
+                None => None,
+            };
             Ok(MessageView {
                 contact: contact.to_string(),
                 from: if outgoing {
@@ -429,7 +447,10 @@ pub(crate) fn history(
                     contact.to_string()
                 },
                 outgoing,
-                body: row.get(1)?,
+                body: match file {
+                    Some((id, size)) => crate::files::file_line(id, &body, size),
+                    None => body,
+                },
                 sent_at_ms: row.get(2)?,
                 state: message_state(&state),
                 kind: message_kind(&kind),

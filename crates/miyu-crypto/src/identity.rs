@@ -91,6 +91,17 @@ impl AccountKeys {
             .to_vec()
     }
 
+    /// Signs an HTTP request to the server's blob endpoints. Only payloads built by
+    /// [`miyu_proto::blob::HttpAuth::payload`] are signed: they start with their own context, so
+    /// no other kind of signature can be obtained this way.
+    pub fn sign_http_request(&self, payload: &[u8]) -> [u8; 64] {
+        assert!(
+            payload.starts_with(miyu_proto::blob::HTTP_AUTH_CONTEXT),
+            "not an HTTP request payload"
+        );
+        self.device.sign(payload).to_bytes()
+    }
+
     pub(crate) fn device_key(&self) -> &SigningKey {
         &self.device
     }

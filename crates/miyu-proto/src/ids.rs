@@ -101,6 +101,13 @@ impl fmt::Display for DeviceId {
     }
 }
 
+impl FromStr for DeviceId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        text::decode_array(s).map(Self).ok_or(IdError::BadDeviceId)
+    }
+}
+
 impl fmt::Debug for DeviceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DeviceId({self})")
@@ -167,6 +174,15 @@ impl GroupId {
 impl fmt::Display for GroupId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&text::encode(&self.0))
+    }
+}
+
+impl FromStr for GroupId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        text::decode_vec(s, Self::MIN_LEN, Self::MAX_LEN)
+            .map(Self)
+            .ok_or(IdError::BadGroupId)
     }
 }
 

@@ -1,5 +1,5 @@
 //! Miyu's wire types and their codecs: frames, identifiers, device certificates, server
-//! addresses, invite links and usernames.
+//! addresses, invite links, usernames and the blob endpoints' headers.
 //!
 //! Everything here is pure: no network, no files, no clock, no randomness. Every decoder of
 //! untrusted bytes returns a typed error and never panics; each has a fuzz target in `fuzz/`.
@@ -21,6 +21,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod address;
+pub mod blob;
 pub mod cert;
 pub mod frame;
 pub mod ids;

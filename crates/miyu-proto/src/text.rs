@@ -18,6 +18,17 @@ pub(crate) fn decode_array<const N: usize>(text: &str) -> Option<[u8; N]> {
     bytes.try_into().ok()
 }
 
+/// Decodes between `min` and `max` bytes, accepting either letter case.
+pub(crate) fn decode_vec(text: &str, min: usize, max: usize) -> Option<Vec<u8>> {
+    if text.len() < BASE32_NOPAD.encode_len(min) || text.len() > BASE32_NOPAD.encode_len(max) {
+        return None;
+    }
+    let bytes = BASE32_NOPAD
+        .decode(text.to_ascii_uppercase().as_bytes())
+        .ok()?;
+    (min..=max).contains(&bytes.len()).then_some(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

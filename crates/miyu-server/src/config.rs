@@ -39,6 +39,12 @@ pub struct ServerConfig {
     /// Registrations per minute across the whole server.
     pub registrations_per_minute: u32,
     pub store: StoreBackend,
+    /// Largest blob (encrypted file) one upload may create, in bytes.
+    pub blob_max_bytes: u64,
+    /// Bytes of blobs one account may keep on the server at once.
+    pub blob_quota_bytes: u64,
+    /// Days a blob is kept at most (shorter when its message disappears sooner).
+    pub blob_retention_days: u32,
 }
 
 /// The TOML file's shape: every field optional, unknown fields refused.
@@ -56,6 +62,9 @@ struct ConfigFile {
     requests_per_second: Option<u32>,
     registrations_per_minute: Option<u32>,
     store: Option<StoreBackend>,
+    blob_max_bytes: Option<u64>,
+    blob_quota_bytes: Option<u64>,
+    blob_retention_days: Option<u32>,
 }
 
 impl ServerConfig {
@@ -72,6 +81,10 @@ impl ServerConfig {
             requests_per_second: 2000,
             registrations_per_minute: 120,
             store: StoreBackend::Sqlite,
+            // A 4 GiB file plus its encryption overhead (16 bytes per chunk of at least 4 KiB).
+            blob_max_bytes: (4 << 30) + (16 << 20),
+            blob_quota_bytes: 20 << 30,
+            blob_retention_days: 30,
         }
     }
 
@@ -97,7 +110,10 @@ impl ServerConfig {
             max_batch,
             requests_per_second,
             registrations_per_minute,
-            store
+            store,
+            blob_max_bytes,
+            blob_quota_bytes,
+            blob_retention_days
         );
         macro_rules! take_optional {
             ($($field:ident),*) => { $( if file.$field.is_some() { config.$field = file.$field; } )* };
@@ -113,9 +129,13 @@ impl ServerConfig {
                 "give both --cert and --key, or neither".into(),
             ));
         }
-        if self.max_batch == 0 || self.requests_per_second == 0 || self.retention_days == 0 {
+        if self.max_batch == 0
+            || self.requests_per_second == 0
+            || self.retention_days == 0
+            || self.blob_retention_days == 0
+        {
             return Err(ServerError::Config(
-                "max_batch, requests_per_second and retention_days must be positive".into(),
+                "max_batch, requests_per_second, retention_days and blob_retention_days must be positive".into(),
             ));
         }
         Ok(())

@@ -74,6 +74,8 @@ pub(crate) struct Shared {
     pub(crate) lookups: Mutex<Lookups>,
     pub(crate) requests_per_second: u32,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Wakes the expiry task at once, so that a deleted account's blob files go now.
+    pub(crate) sweep: tokio::sync::Notify,
 }
 
 /// Username lookup budgets: one per device, and one for the whole server.
@@ -767,7 +769,12 @@ impl Session {
             }
             Request::DeleteAccount(_) => {
                 let account = context.account;
-                let pending = store.submit(move |store| store.delete_account(&account));
+                let shared = Arc::clone(&self.shared);
+                // The account's blob files go with the next sweep: wake it once the rows are gone.
+                let pending = store.submit_then(
+                    move |store| store.delete_account(&account),
+                    move |_| shared.sweep.notify_one(),
+                );
                 self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
             }
             Request::LookupUsername(lookup) => {

@@ -1,5 +1,6 @@
-//! The listening side: TLS 1.3, then HTTP with two routes — `GET /healthz` and the WebSocket at
-//! `GET /v1/ws` — and the life cycle of a running server (start, graceful shutdown).
+//! The listening side: TLS 1.3, then HTTP — `GET /healthz`, the WebSocket at `GET /v1/ws` and
+//! the blob endpoints under `/v1/blobs` — and the life cycle of a running server (start,
+//! graceful shutdown).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,7 @@ use axum::Router;
 use axum::extract::{State, WebSocketUpgrade};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use miyu_proto::ServerAddress;
 use miyu_proto::frame::MAX_FRAME_BYTES;
 use tokio::net::{TcpListener, TcpStream};
@@ -17,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::blobs::{self, BlobLimits, BlobState, Blobs};
 use crate::connection::{self, Shared, stopped, unix_now};
 use crate::hub::Hub;
 use crate::limits::TokenBucket;
@@ -116,6 +118,17 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         .map_err(|error| ServerError::io("reading the listen address", error))?;
     let address = public_address(&config, local_addr, certificate_sha256)?;
 
+    let blobs = Arc::new(
+        Blobs::open(
+            &config.data_dir,
+            BlobLimits {
+                max_bytes: config.blob_max_bytes,
+                quota_bytes: config.blob_quota_bytes,
+                retention_s: u64::from(config.blob_retention_days) * 86_400,
+            },
+        )
+        .map_err(|error| ServerError::io("creating the blob folder", error))?,
+    );
     let (stop, stop_signal) = watch::channel(false);
     let per_minute = f64::from(config.registrations_per_minute);
     let shared = Arc::new(Shared {
@@ -131,6 +144,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         lookups: Mutex::new(crate::connection::Lookups::new(Instant::now())),
         requests_per_second: config.requests_per_second,
         shutdown: stop_signal.clone(),
+        sweep: tokio::sync::Notify::new(),
     });
 
     // Every connection task holds a clone of this sender; shutdown waits for all to drop.
@@ -141,10 +155,25 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         .with_state(AppState {
             shared: Arc::clone(&shared),
             connection_alive,
-        });
+        })
+        .merge(
+            Router::new()
+                .route("/v1/blobs", post(blobs::create))
+                .route(
+                    "/v1/blobs/{id}",
+                    get(blobs::download)
+                        .head(blobs::status)
+                        .patch(blobs::append),
+                )
+                .with_state(BlobState {
+                    shared: Arc::clone(&shared),
+                    blobs: Arc::clone(&blobs),
+                }),
+        );
 
     tokio::spawn(expire_periodically(
-        store,
+        Arc::clone(&shared),
+        blobs,
         config.retention_days,
         stop_signal.clone(),
     ));
@@ -194,8 +223,11 @@ async fn websocket(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> 
         })
 }
 
+/// Deletes what has expired, then the files of blobs whose rows went, every
+/// [`EXPIRY_INTERVAL`] and whenever a connection asks (after deleting an account).
 async fn expire_periodically(
-    store: StoreHandle,
+    shared: Arc<Shared>,
+    blobs: Arc<Blobs>,
     retention_days: u32,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -203,13 +235,19 @@ async fn expire_periodically(
     loop {
         let now = unix_now();
         let cutoff = coarse_hour(now.saturating_sub(retention));
-        match store.run(move |store| store.expire(now, cutoff)).await {
+        match shared.store.run(move |store| store.expire(now, cutoff)).await {
             Ok(removed) if removed > 0 => tracing::info!("expired {removed} stored items"),
             Ok(_) => {}
             Err(error) => tracing::warn!("expiry failed: {error}"),
         }
+        match blobs::remove_orphans(&shared, &blobs).await {
+            Ok(removed) if removed > 0 => tracing::info!("removed {removed} blob files"),
+            Ok(_) => {}
+            Err(error) => tracing::warn!("removing blob files failed: {error}"),
+        }
         tokio::select! {
             _ = tokio::time::sleep(EXPIRY_INTERVAL) => {}
+            _ = shared.sweep.notified() => {}
             _ = stopped(&mut stop) => return,
         }
     }

@@ -19,6 +19,7 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+mod blobs;
 mod config;
 mod connection;
 mod http;

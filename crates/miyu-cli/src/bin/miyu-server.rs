@@ -47,6 +47,15 @@ struct Args {
     /// Sustained requests per second one connection may make [default: 2000].
     #[arg(long, env = "MIYU_REQUESTS_PER_SECOND")]
     requests_per_second: Option<u32>,
+    /// Largest file an upload may create, in MiB [default: 4 GiB plus encryption overhead].
+    #[arg(long, env = "MIYU_BLOB_MAX_MB")]
+    blob_max_mb: Option<u64>,
+    /// Storage each account may use for files, in MiB [default: 20480].
+    #[arg(long, env = "MIYU_BLOB_QUOTA_MB")]
+    blob_quota_mb: Option<u64>,
+    /// Delete files this many days after upload [default: 30].
+    #[arg(long, env = "MIYU_BLOB_RETENTION_DAYS")]
+    blob_retention_days: Option<u32>,
     /// Keep everything in memory and lose it on exit. Benchmarks only.
     #[arg(long, hide = true)]
     danger_memory_store: bool,
@@ -95,6 +104,15 @@ fn config_from(args: Args) -> anyhow::Result<ServerConfig> {
     }
     if let Some(rate) = args.requests_per_second {
         config.requests_per_second = rate;
+    }
+    if let Some(mb) = args.blob_max_mb {
+        config.blob_max_bytes = mb.saturating_mul(1 << 20);
+    }
+    if let Some(mb) = args.blob_quota_mb {
+        config.blob_quota_bytes = mb.saturating_mul(1 << 20);
+    }
+    if let Some(days) = args.blob_retention_days {
+        config.blob_retention_days = days;
     }
     if args.danger_memory_store {
         config.store = StoreBackend::DangerMemory;

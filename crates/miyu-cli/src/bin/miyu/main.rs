@@ -5,6 +5,7 @@
 //! 5 a security check failed.
 
 mod demo;
+mod files;
 mod privacy;
 
 use std::io::Write;
@@ -88,6 +89,27 @@ enum Command {
     },
     /// Print the conversation with a contact, oldest first.
     Messages { contact: String },
+    /// Send a file (up to 4 GiB), end-to-end encrypted. JPEG, PNG and WebP images lose their
+    /// EXIF, XMP and IPTC metadata (GPS position, camera, time) first. Interrupted, the same
+    /// command continues where it stopped.
+    SendFile {
+        contact: String,
+        path: PathBuf,
+        /// Send images with their metadata.
+        #[arg(long)]
+        keep_metadata: bool,
+    },
+    /// List the files of a conversation: id, name, size, sender.
+    Files { contact: String },
+    /// Download, decrypt and check a file. Interrupted, the same command continues where it
+    /// stopped.
+    Download {
+        contact: String,
+        file_id: i64,
+        /// Where to save it (default: its name in the current folder).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Chat interactively: type lines to send, incoming messages appear live.
     Chat { contact: String },
     /// Print the safety number to compare with a contact.
@@ -469,6 +491,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             privacy::read(&mut client, &contact).await
+        }
+        Command::SendFile {
+            contact,
+            path,
+            keep_metadata,
+        } => {
+            let client = open(&profile, proxy).await?;
+            files::send_file(client, &contact, &path, keep_metadata, cli.json).await
+        }
+        Command::Files { contact } => files::list(&open(&profile, proxy).await?, &contact, cli.json),
+        Command::Download {
+            contact,
+            file_id,
+            out,
+        } => {
+            let client = open(&profile, proxy).await?;
+            files::download(client, &contact, file_id, out, cli.json).await
         }
         Command::Account { action } => privacy::account(&profile, proxy, action).await,
         Command::Settings { action } => {
