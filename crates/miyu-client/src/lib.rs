@@ -25,6 +25,7 @@ mod keyring;
 pub mod net;
 mod privacy;
 pub mod settings;
+pub mod strip;
 pub mod vault;
 
 use std::collections::VecDeque;
