@@ -122,6 +122,8 @@ pub enum StoreError {
     EpochMismatch { current: Epoch },
     #[error("invalid request: {0}")]
     Invalid(&'static str),
+    #[error("the account's storage quota is used up")]
+    QuotaExceeded,
     // The storage failed.
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
