@@ -553,6 +553,17 @@ impl MemoryStore {
     }
 }
 
+#[cfg(test)]
+impl MemoryStore {
+    /// Removes every member of a group: a state that no operation reaches yet (the last member
+    /// goes only with its account, and its blobs with it), for the tests of `expire`.
+    pub(super) fn remove_group_members(&mut self, group_id: &GroupId) {
+        if let Some(group) = self.groups.get_mut(group_id) {
+            group.members.clear();
+        }
+    }
+}
+
 /// How long the right to add a device, won by claiming an invite, lasts.
 const GRANT_LIFETIME: u64 = 24 * 3600;
 

@@ -780,6 +780,19 @@ impl SqliteStore {
     }
 }
 
+#[cfg(test)]
+impl SqliteStore {
+    /// Removes every member of a group: a state that no operation reaches yet (the last member
+    /// goes only with its account, and its blobs with it), for the tests of `expire`.
+    pub(super) fn remove_group_members(&mut self, group_id: &GroupId) -> Result<(), StoreError> {
+        self.write(|db| {
+            db.prepare_cached("DELETE FROM group_members WHERE group_id = ?1")?
+                .execute([group_id.as_bytes()])?;
+            Ok(())
+        })
+    }
+}
+
 /// How long the right to add a device, won by claiming an invite, lasts.
 const GRANT_LIFETIME: u64 = 24 * 3600;
 
