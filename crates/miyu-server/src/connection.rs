@@ -159,6 +159,8 @@ fn store_error_frame(request_id: u64, error: &StoreError) -> Vec<u8> {
             );
         }
         StoreError::Invalid(why) => (ErrorCode::InvalidArgument, (*why).to_string()),
+        // No request of this protocol stores blobs; should one, the reason tells the client.
+        StoreError::QuotaExceeded => (ErrorCode::Forbidden, error.to_string()),
         StoreError::Closed => (ErrorCode::ShuttingDown, "server is shutting down".into()),
         StoreError::Database(_) | StoreError::Corrupt(_) | StoreError::CommitFailed(_) => {
             tracing::error!("store failure: {error}");

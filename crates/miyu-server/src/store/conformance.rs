@@ -6,8 +6,8 @@ use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 use super::memory::MemoryStore;
 use super::sqlite::SqliteStore;
 use super::{
-    ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated, InboxEntry, LogEntry, Membership,
-    NewDevice, NewGroup, Store, StoreError,
+    BlobId, BlobRecord, ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated, InboxEntry,
+    LogEntry, Membership, NewBlob, NewDevice, NewGroup, Store, StoreError,
 };
 
 macro_rules! conformance_suite {
@@ -76,6 +76,36 @@ conformance_suite! {
     deleting_an_account_leaves_nothing_of_it_and_the_others_carry_on
     an_account_inactive_past_its_lifetime_is_deleted_by_expire
     a_failed_operation_leaves_no_trace_while_the_rest_of_the_batch_commits
+    a_blob_is_seen_by_its_uploader_and_the_other_members_of_its_group
+    a_blob_is_forbidden_to_non_members
+    unknown_groups_uploaders_and_blobs_are_not_found
+    creating_a_blob_with_a_taken_id_fails_and_keeps_the_first
+    the_quota_counts_every_blob_of_the_uploaders_account_and_no_other
+    a_blob_length_only_grows_up_to_the_size_and_only_by_its_uploader
+    an_expired_blob_is_not_found_and_expire_deletes_it
+    expire_deletes_blobs_left_unfinished_for_a_day
+    expire_deletes_blobs_of_a_group_without_members
+    deleting_an_account_deletes_the_blobs_of_all_its_devices_and_no_others
+    live_blob_ids_lists_every_blob_finished_or_not_in_order
+}
+
+/// What the suite needs beyond the contract: a state that no operation reaches yet.
+trait Backend: Store {
+    /// Removes every member of a group, as if each had left it.
+    fn empty_group(&mut self, group_id: &GroupId) -> Outcome;
+}
+
+impl Backend for SqliteStore {
+    fn empty_group(&mut self, group_id: &GroupId) -> Outcome {
+        self.remove_group_members(group_id)
+    }
+}
+
+impl Backend for MemoryStore {
+    fn empty_group(&mut self, group_id: &GroupId) -> Outcome {
+        self.remove_group_members(group_id);
+        Ok(())
+    }
 }
 
 type Outcome = Result<(), StoreError>;
@@ -168,6 +198,34 @@ fn append_message(store: &mut dyn Store, group_id: &GroupId, payload: &[u8]) -> 
         NOW,
     )?;
     Ok(())
+}
+
+/// Plenty for the blobs of one test.
+const QUOTA: u64 = 1000;
+
+fn blob_id(number: u8) -> BlobId {
+    [number; 32]
+}
+
+/// Expires in 30 days.
+fn new_blob(number: u8, uploader: DeviceId, group_id: GroupId, size: u64) -> NewBlob {
+    NewBlob {
+        blob_id: blob_id(number),
+        uploader,
+        group_id,
+        size,
+        expires_at: NOW + 30 * DAY,
+        now: NOW,
+    }
+}
+
+/// `group_of_three`, and device 4, a second device of account 1, in group 2 with device 1.
+fn group_of_three_and_a_second_device_of_account_1(store: &mut dyn Store) -> Outcome {
+    group_of_three(store)?;
+    store.register_device(new_device(4, 1))?;
+    claim(store, device(1), 1, 4)?;
+    store.create_group(new_group(2, device(1), &[device(4)]))?;
+    store.commit()
 }
 
 fn seqs(entries: &[LogEntry]) -> Vec<u64> {
@@ -1202,5 +1260,256 @@ fn a_failed_operation_leaves_no_trace_while_the_rest_of_the_batch_commits(
     ));
     // The doomed group used no grant: device 3's is still there.
     store.create_group(new_group(1, device(1), &[device(3)]))?;
+    Ok(())
+}
+
+fn a_blob_is_seen_by_its_uploader_and_the_other_members_of_its_group(
+    store: &mut dyn Store,
+) -> Outcome {
+    group_of_three(store)?;
+    store.create_blob(new_blob(1, device(2), group(1), 100), QUOTA)?;
+    store.commit()?;
+    let expected = BlobRecord {
+        blob_id: blob_id(1),
+        account_id: account(2),
+        uploader: device(2),
+        group_id: group(1),
+        size: 100,
+        length: 0,
+        expires_at: NOW + 30 * DAY,
+    };
+    for reader in [2, 1, 3] {
+        assert_eq!(store.blob(&blob_id(1), &device(reader), NOW)?, expected);
+    }
+    Ok(())
+}
+
+fn a_blob_is_forbidden_to_non_members(store: &mut dyn Store) -> Outcome {
+    group_of_three(store)?;
+    register(store, &[4])?;
+    store.create_blob(new_blob(1, device(1), group(1), 100), QUOTA)?;
+    store.commit()?;
+    for outsider in [4, 9] {
+        assert!(matches!(
+            store.blob(&blob_id(1), &device(outsider), NOW),
+            Err(StoreError::Forbidden)
+        ));
+    }
+    // Nor may a non-member upload to the group.
+    assert!(matches!(
+        store.create_blob(new_blob(2, device(4), group(1), 100), QUOTA),
+        Err(StoreError::Forbidden)
+    ));
+    assert_eq!(store.live_blob_ids()?, [blob_id(1)]);
+    Ok(())
+}
+
+fn unknown_groups_uploaders_and_blobs_are_not_found(store: &mut dyn Store) -> Outcome {
+    group_of_three(store)?;
+    assert!(matches!(
+        store.create_blob(new_blob(1, device(1), group(9), 100), QUOTA),
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.create_blob(new_blob(1, device(9), group(1), 100), QUOTA),
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.blob(&blob_id(1), &device(1), NOW),
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.set_blob_length(&blob_id(1), &device(1), 0),
+        Err(StoreError::NotFound)
+    ));
+    assert!(store.live_blob_ids()?.is_empty());
+    Ok(())
+}
+
+fn creating_a_blob_with_a_taken_id_fails_and_keeps_the_first(store: &mut dyn Store) -> Outcome {
+    group_of_three(store)?;
+    store.create_blob(new_blob(1, device(1), group(1), 100), QUOTA)?;
+    assert!(matches!(
+        store.create_blob(new_blob(1, device(2), group(1), 200), QUOTA),
+        Err(StoreError::AlreadyExists)
+    ));
+    store.commit()?;
+    let kept = store.blob(&blob_id(1), &device(2), NOW)?;
+    assert_eq!((kept.uploader, kept.size), (device(1), 100));
+    Ok(())
+}
+
+fn the_quota_counts_every_blob_of_the_uploaders_account_and_no_other(
+    store: &mut dyn Store,
+) -> Outcome {
+    group_of_three_and_a_second_device_of_account_1(store)?;
+    // Account 1 uploads from both its devices, to both its groups.
+    store.create_blob(new_blob(1, device(1), group(1), 400), QUOTA)?;
+    store.create_blob(
+        NewBlob {
+            expires_at: NOW + DAY,
+            ..new_blob(2, device(4), group(2), 300)
+        },
+        QUOTA,
+    )?;
+    assert!(matches!(
+        store.create_blob(new_blob(3, device(1), group(2), 301), QUOTA),
+        Err(StoreError::QuotaExceeded)
+    ));
+    // Filling the quota exactly is allowed.
+    store.create_blob(new_blob(3, device(1), group(2), 300), QUOTA)?;
+    assert!(matches!(
+        store.create_blob(new_blob(4, device(4), group(2), 1), QUOTA),
+        Err(StoreError::QuotaExceeded)
+    ));
+    // Another account has a quota of its own.
+    store.create_blob(new_blob(4, device(2), group(1), QUOTA), QUOTA)?;
+    store.commit()?;
+    assert_eq!(
+        store.live_blob_ids()?,
+        [blob_id(1), blob_id(2), blob_id(3), blob_id(4)]
+    );
+
+    // The space comes back once a blob is deleted.
+    store.expire(NOW + DAY, 0)?;
+    store.create_blob(
+        NewBlob {
+            now: NOW + DAY,
+            ..new_blob(5, device(4), group(2), 300)
+        },
+        QUOTA,
+    )?;
+    Ok(())
+}
+
+fn a_blob_length_only_grows_up_to_the_size_and_only_by_its_uploader(
+    store: &mut dyn Store,
+) -> Outcome {
+    group_of_three(store)?;
+    store.create_blob(new_blob(1, device(1), group(1), 100), QUOTA)?;
+    store.set_blob_length(&blob_id(1), &device(1), 40)?;
+    // A retried write reports the same length again.
+    store.set_blob_length(&blob_id(1), &device(1), 40)?;
+    for refused in [39, 101] {
+        assert!(matches!(
+            store.set_blob_length(&blob_id(1), &device(1), refused),
+            Err(StoreError::Invalid(_))
+        ));
+    }
+    assert!(matches!(
+        store.set_blob_length(&blob_id(1), &device(2), 50),
+        Err(StoreError::Forbidden)
+    ));
+    store.commit()?;
+    assert_eq!(store.blob(&blob_id(1), &device(2), NOW)?.length, 40);
+    store.set_blob_length(&blob_id(1), &device(1), 100)?;
+    assert_eq!(store.blob(&blob_id(1), &device(2), NOW)?.length, 100);
+    Ok(())
+}
+
+fn an_expired_blob_is_not_found_and_expire_deletes_it(store: &mut dyn Store) -> Outcome {
+    group_of_three(store)?;
+    store.create_blob(
+        NewBlob {
+            expires_at: NOW + HOUR,
+            ..new_blob(1, device(1), group(1), 10)
+        },
+        QUOTA,
+    )?;
+    store.create_blob(new_blob(2, device(1), group(1), 10), QUOTA)?;
+    for number in [1, 2] {
+        store.set_blob_length(&blob_id(number), &device(1), 10)?;
+    }
+    store.commit()?;
+    assert_eq!(
+        store.blob(&blob_id(1), &device(2), NOW + HOUR - 1)?.blob_id,
+        blob_id(1)
+    );
+    for reader in [1, 2] {
+        assert!(matches!(
+            store.blob(&blob_id(1), &device(reader), NOW + HOUR),
+            Err(StoreError::NotFound)
+        ));
+    }
+    // Its file stays until `expire` deletes the row.
+    assert_eq!(store.live_blob_ids()?, [blob_id(1), blob_id(2)]);
+    assert_eq!(store.expire(NOW + HOUR - 1, 0)?, 0);
+    assert_eq!(store.expire(NOW + HOUR, 0)?, 1);
+    store.commit()?;
+    assert_eq!(store.live_blob_ids()?, [blob_id(2)]);
+    Ok(())
+}
+
+/// Only the hour an upload started is kept, so a blob goes once that whole hour is more than a
+/// day ago: late rather than early, which would cut off an upload still going on.
+fn expire_deletes_blobs_left_unfinished_for_a_day(store: &mut dyn Store) -> Outcome {
+    group_of_three(store)?;
+    for number in [1, 2, 3] {
+        store.create_blob(
+            NewBlob {
+                now: NOW + HOUR / 2,
+                ..new_blob(number, device(1), group(1), 10)
+            },
+            QUOTA,
+        )?;
+    }
+    store.set_blob_length(&blob_id(1), &device(1), 10)?;
+    store.set_blob_length(&blob_id(2), &device(1), 5)?;
+    store.commit()?;
+    assert_eq!(store.expire(NOW + DAY + HOUR - 1, 0)?, 0);
+    assert_eq!(store.expire(NOW + DAY + HOUR, 0)?, 2);
+    store.commit()?;
+    assert_eq!(store.live_blob_ids()?, [blob_id(1)]);
+    Ok(())
+}
+
+fn expire_deletes_blobs_of_a_group_without_members(store: &mut dyn Backend) -> Outcome {
+    group_of_three(store)?;
+    store.create_group(new_group(2, device(1), &[]))?;
+    store.create_blob(new_blob(1, device(1), group(1), 10), QUOTA)?;
+    store.create_blob(new_blob(2, device(1), group(2), 10), QUOTA)?;
+    store.commit()?;
+    assert_eq!(store.expire(NOW, 0)?, 0);
+    store.empty_group(&group(2))?;
+    store.commit()?;
+    assert_eq!(store.expire(NOW, 0)?, 1);
+    store.commit()?;
+    assert_eq!(store.live_blob_ids()?, [blob_id(1)]);
+    Ok(())
+}
+
+fn deleting_an_account_deletes_the_blobs_of_all_its_devices_and_no_others(
+    store: &mut dyn Store,
+) -> Outcome {
+    group_of_three_and_a_second_device_of_account_1(store)?;
+    store.create_blob(new_blob(1, device(1), group(1), 10), QUOTA)?;
+    store.create_blob(new_blob(2, device(4), group(2), 10), QUOTA)?;
+    store.create_blob(new_blob(3, device(2), group(1), 10), QUOTA)?;
+    store.commit()?;
+    store.delete_account(&account(1))?;
+    store.commit()?;
+    assert_eq!(store.live_blob_ids()?, [blob_id(3)]);
+    assert!(matches!(
+        store.blob(&blob_id(1), &device(2), NOW),
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(store.blob(&blob_id(3), &device(3), NOW)?.length, 0);
+    Ok(())
+}
+
+fn live_blob_ids_lists_every_blob_finished_or_not_in_order(store: &mut dyn Store) -> Outcome {
+    group_of_three(store)?;
+    assert!(store.live_blob_ids()?.is_empty());
+    for number in [3, 1, 2] {
+        store.create_blob(new_blob(number, device(number), group(1), 10), QUOTA)?;
+    }
+    store.set_blob_length(&blob_id(1), &device(1), 10)?;
+    // A refused blob leaves nothing behind.
+    assert!(matches!(
+        store.create_blob(new_blob(4, device(1), group(1), QUOTA), QUOTA),
+        Err(StoreError::QuotaExceeded)
+    ));
+    store.commit()?;
+    assert_eq!(store.live_blob_ids()?, [blob_id(1), blob_id(2), blob_id(3)]);
     Ok(())
 }

@@ -9,8 +9,9 @@ use std::ops::Bound;
 use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 
 use super::{
-    Appended, ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated, InboxEntry, LogEntry,
-    Membership, NewDevice, NewGroup, Store, StoreError, coarse_hour,
+    Appended, BlobId, BlobRecord, ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated,
+    InboxEntry, LogEntry, Membership, NewBlob, NewDevice, NewGroup, Store, StoreError,
+    UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_hour,
 };
 
 /// A [`Store`] that keeps everything in memory; nothing survives the value.
@@ -24,6 +25,7 @@ pub struct MemoryStore {
     usernames: HashMap<[u8; 32], AccountId>,
     /// Each account's lifetime in days and the day it was last active.
     accounts: HashMap<AccountId, (u32, u64)>,
+    blobs: BTreeMap<BlobId, StoredBlob>,
 }
 
 impl Store for MemoryStore {
@@ -175,6 +177,8 @@ impl Store for MemoryStore {
             .retain(|_, invite| invite.account_id != *account_id);
         self.usernames.retain(|_, holder| holder != account_id);
         self.accounts.remove(account_id);
+        self.blobs
+            .retain(|_, blob| blob.record.account_id != *account_id);
         Ok(())
     }
 
@@ -410,7 +414,108 @@ impl Store for MemoryStore {
         self.invites.retain(|_, invite| invite.expires_at > now);
         self.grants.retain(|_, expires_at| *expires_at > now);
         removed += before - (self.invites.len() + self.grants.len());
+        // Likewise, only whole hours before the day's start surely are a day old.
+        let unfinished_cutoff_hour = coarse_hour(now.saturating_sub(UNFINISHED_BLOB_LIFETIME));
+        let groups = &self.groups;
+        let before = self.blobs.len();
+        self.blobs.retain(|_, blob| {
+            let unfinished = blob.record.length < blob.record.size;
+            blob.record.expires_at > now
+                && !(unfinished && blob.created_hour < unfinished_cutoff_hour)
+                && groups
+                    .get(&blob.record.group_id)
+                    .is_some_and(|group| !group.members.is_empty())
+        });
+        removed += before - self.blobs.len();
         Ok(u64::try_from(removed).unwrap_or(u64::MAX))
+    }
+
+    fn create_blob(&mut self, blob: NewBlob, quota_bytes: u64) -> Result<(), StoreError> {
+        let group = self
+            .groups
+            .get(&blob.group_id)
+            .ok_or(StoreError::NotFound)?;
+        let uploader = self
+            .devices
+            .get(&blob.uploader)
+            .ok_or(StoreError::NotFound)?;
+        if !group.members.contains_key(&blob.uploader) {
+            return Err(StoreError::Forbidden);
+        }
+        if self.blobs.contains_key(&blob.blob_id) {
+            return Err(StoreError::AlreadyExists);
+        }
+        let account_id = uploader.record.account_id;
+        let used = self
+            .blobs
+            .values()
+            .filter(|stored| stored.record.account_id == account_id)
+            .fold(0u64, |used, stored| used.saturating_add(stored.record.size));
+        if used.saturating_add(blob.size) > quota_bytes {
+            return Err(StoreError::QuotaExceeded);
+        }
+        self.blobs.insert(
+            blob.blob_id,
+            StoredBlob {
+                record: BlobRecord {
+                    blob_id: blob.blob_id,
+                    account_id,
+                    uploader: blob.uploader,
+                    group_id: blob.group_id,
+                    size: blob.size,
+                    length: 0,
+                    expires_at: blob.expires_at,
+                },
+                created_hour: coarse_hour(blob.now),
+            },
+        );
+        Ok(())
+    }
+
+    fn blob(
+        &mut self,
+        blob_id: &BlobId,
+        device: &DeviceId,
+        now: u64,
+    ) -> Result<BlobRecord, StoreError> {
+        let blob = &self
+            .blobs
+            .get(blob_id)
+            .filter(|blob| blob.record.expires_at > now)
+            .ok_or(StoreError::NotFound)?
+            .record;
+        let allowed = blob.uploader == *device
+            || self
+                .groups
+                .get(&blob.group_id)
+                .is_some_and(|group| group.members.contains_key(device));
+        if !allowed {
+            return Err(StoreError::Forbidden);
+        }
+        Ok(blob.clone())
+    }
+
+    fn set_blob_length(
+        &mut self,
+        blob_id: &BlobId,
+        uploader: &DeviceId,
+        length: u64,
+    ) -> Result<(), StoreError> {
+        let blob = &mut self
+            .blobs
+            .get_mut(blob_id)
+            .ok_or(StoreError::NotFound)?
+            .record;
+        if blob.uploader != *uploader {
+            return Err(StoreError::Forbidden);
+        }
+        check_blob_length(blob.size, blob.length, length)?;
+        blob.length = length;
+        Ok(())
+    }
+
+    fn live_blob_ids(&mut self) -> Result<Vec<BlobId>, StoreError> {
+        Ok(self.blobs.keys().copied().collect())
     }
 }
 
@@ -448,6 +553,17 @@ impl MemoryStore {
     }
 }
 
+#[cfg(test)]
+impl MemoryStore {
+    /// Removes every member of a group: a state that no operation reaches yet (the last member
+    /// goes only with its account, and its blobs with it), for the tests of `expire`.
+    pub(super) fn remove_group_members(&mut self, group_id: &GroupId) {
+        if let Some(group) = self.groups.get_mut(group_id) {
+            group.members.clear();
+        }
+    }
+}
+
 /// How long the right to add a device, won by claiming an invite, lasts.
 const GRANT_LIFETIME: u64 = 24 * 3600;
 
@@ -477,6 +593,11 @@ struct Stored<T> {
     created_hour: u64,
     /// When the entry disappears, for disappearing messages.
     expires_at: Option<u64>,
+}
+
+struct StoredBlob {
+    record: BlobRecord,
+    created_hour: u64,
 }
 
 impl Device {

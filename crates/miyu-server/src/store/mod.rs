@@ -107,6 +107,36 @@ pub struct Membership {
     pub cursor: u64,
 }
 
+/// A blob's id: 32 random bytes chosen by the server.
+pub type BlobId = [u8; 32];
+
+/// The record of an encrypted file blob to create. The bytes are kept outside the store.
+#[derive(Debug, Clone)]
+pub struct NewBlob {
+    pub blob_id: BlobId,
+    /// The device uploading it; must be a member of `group_id`.
+    pub uploader: DeviceId,
+    pub group_id: GroupId,
+    /// Bytes the finished blob will have.
+    pub size: u64,
+    /// Unix seconds; `expire` deletes the blob from then on.
+    pub expires_at: u64,
+    pub now: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobRecord {
+    pub blob_id: BlobId,
+    /// The uploader's account: whose quota it counts against, and whose deletion removes it.
+    pub account_id: AccountId,
+    pub uploader: DeviceId,
+    pub group_id: GroupId,
+    pub size: u64,
+    /// Bytes durably stored so far; equal to `size` once the upload is complete.
+    pub length: u64,
+    pub expires_at: u64,
+}
+
 /// Errors, sorted by who must act.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -122,6 +152,8 @@ pub enum StoreError {
     EpochMismatch { current: Epoch },
     #[error("invalid request: {0}")]
     Invalid(&'static str),
+    #[error("the account's storage quota is used up")]
+    QuotaExceeded,
     // The storage failed.
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
@@ -205,8 +237,8 @@ pub trait Store: Send + 'static {
     ) -> Result<(), StoreError>;
 
     /// Deletes an account and everything stored for it: devices, key packages, inboxes,
-    /// group memberships, invites, grants and username. Log entries it posted stay until the
-    /// other members have them (they carry no poster).
+    /// group memberships, invites, grants, username and the blobs its devices uploaded. Log
+    /// entries it posted stay until the other members have them (they carry no poster).
     fn delete_account(&mut self, account_id: &AccountId) -> Result<(), StoreError>;
 
     /// Creates a group log at `epoch` with its members and puts the Welcomes in their inboxes.
@@ -265,13 +297,62 @@ pub trait Store: Send + 'static {
     /// Deletes a device's inbox entries up to and including `seq`.
     fn ack_inbox(&mut self, device_id: &DeviceId, seq: u64) -> Result<(), StoreError>;
 
-    /// Deletes log and inbox entries stored before `cutoff`, log entries, invites and grants
-    /// that expired before `now`, and accounts inactive for longer than their lifetime. Returns how many rows went.
+    /// Deletes log and inbox entries stored before `cutoff`, log entries, invites, grants and
+    /// blobs that expired before `now`, accounts inactive for longer than their lifetime, blobs
+    /// whose group has no member left, and unfinished blobs created more than a day before
+    /// `now` (they go once their whole hour of creation is: late rather than early, so that no
+    /// upload in progress loses its blob). Returns how many rows went.
     fn expire(&mut self, now: u64, cutoff: u64) -> Result<u64, StoreError>;
+
+    /// Records a new, empty blob. `NotFound` if the group or the uploader device does not
+    /// exist, `Forbidden` if the uploader is not a member of the group, `AlreadyExists` if the
+    /// id is taken, `QuotaExceeded` if the sizes of the uploader's account's blobs plus `size`
+    /// would exceed `quota_bytes`. A blob counts until `expire` or `delete_account` deletes it,
+    /// as its bytes take space until then.
+    fn create_blob(&mut self, blob: NewBlob, quota_bytes: u64) -> Result<(), StoreError>;
+
+    /// A blob, for a device allowed to see it: its uploader or a current member of its group.
+    /// `NotFound` if there is no such blob or it has expired at `now`; `Forbidden` for anyone
+    /// else.
+    fn blob(
+        &mut self,
+        blob_id: &BlobId,
+        device: &DeviceId,
+        now: u64,
+    ) -> Result<BlobRecord, StoreError>;
+
+    /// Records that `length` bytes of the blob are durably stored. `NotFound` if there is no
+    /// such blob, `Forbidden` unless `uploader` uploaded it, `Invalid` if `length` is larger
+    /// than its size or smaller than the length already recorded.
+    fn set_blob_length(
+        &mut self,
+        blob_id: &BlobId,
+        uploader: &DeviceId,
+        length: u64,
+    ) -> Result<(), StoreError>;
+
+    /// The ids of every blob that exists (for removing files whose row is gone), expired ones
+    /// included until `expire` deletes them, in ascending order.
+    fn live_blob_ids(&mut self) -> Result<Vec<BlobId>, StoreError>;
 }
 
 /// How long an account may stay inactive unless its owner chose otherwise.
 pub const DEFAULT_LIFETIME_DAYS: u32 = 365;
+
+/// How long an upload may stay unfinished before `expire` deletes its blob.
+const UNFINISHED_BLOB_LIFETIME: u64 = 24 * 3600;
+
+/// The rule both backends apply in [`Store::set_blob_length`]: a length only grows, up to the
+/// size, so that a retried write never hides bytes already acknowledged.
+fn check_blob_length(size: u64, recorded: u64, length: u64) -> Result<(), StoreError> {
+    if length > size {
+        return Err(StoreError::Invalid("a blob cannot grow beyond its size"));
+    }
+    if length < recorded {
+        return Err(StoreError::Invalid("a blob's stored length cannot shrink"));
+    }
+    Ok(())
+}
 
 /// Rounds a time down to the day: how precisely account activity is kept.
 pub fn coarse_day(unix_seconds: u64) -> u64 {

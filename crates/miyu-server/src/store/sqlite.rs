@@ -12,8 +12,9 @@ use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    Appended, ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated, InboxEntry, LogEntry,
-    Membership, NewDevice, NewGroup, Store, StoreError, coarse_hour,
+    Appended, BlobId, BlobRecord, ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated,
+    InboxEntry, LogEntry, Membership, NewBlob, NewDevice, NewGroup, Store, StoreError,
+    UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_hour,
 };
 
 /// A [`Store`] in one SQLite database file.
@@ -433,9 +434,7 @@ impl Store for SqliteStore {
             .map(|row| {
                 let (group_id, cursor) = row?;
                 Ok(Membership {
-                    group_id: GroupId::from_bytes(&group_id).map_err(|_| {
-                        StoreError::Corrupt("a stored group id has the wrong length")
-                    })?,
+                    group_id: decode_group_id(&group_id)?,
                     cursor: seq_from_sql(cursor)?,
                 })
             })
@@ -522,6 +521,9 @@ impl Store for SqliteStore {
         self.write(|db| {
             // Only whole hours before the cutoff's are surely older than it.
             let cutoff_hour = clamp_to_sql(coarse_hour(cutoff));
+            // Likewise, only whole hours before the day's start surely are a day old.
+            let unfinished_cutoff_hour =
+                clamp_to_sql(coarse_hour(now.saturating_sub(UNFINISHED_BLOB_LIFETIME)));
             let now = clamp_to_sql(now);
             let inactive = db
                 .prepare_cached(
@@ -539,10 +541,157 @@ impl Store for SqliteStore {
                 ("DELETE FROM inbox WHERE created_hour < ?1", cutoff_hour),
                 ("DELETE FROM invites WHERE expires_at <= ?1", now),
                 ("DELETE FROM add_grants WHERE expires_at <= ?1", now),
+                ("DELETE FROM blobs WHERE expires_at <= ?1", now),
+                (
+                    "DELETE FROM blobs WHERE length < size AND created_hour < ?1",
+                    unfinished_cutoff_hour,
+                ),
             ] {
                 removed += db.prepare_cached(sql)?.execute([bound])?;
             }
+            removed += db
+                .prepare_cached(
+                    "DELETE FROM blobs WHERE group_id IN (SELECT group_id FROM groups \
+                     WHERE NOT EXISTS (SELECT 1 FROM group_members \
+                     WHERE group_members.group_id = groups.group_id))",
+                )?
+                .execute([])?;
             Ok(u64::try_from(removed).unwrap_or(u64::MAX))
+        })
+    }
+
+    fn create_blob(&mut self, blob: NewBlob, quota_bytes: u64) -> Result<(), StoreError> {
+        self.write(|db| {
+            let group_key = blob.group_id.as_bytes();
+            let group_exists = db
+                .prepare_cached("SELECT 1 FROM groups WHERE group_id = ?1")?
+                .exists([group_key])?;
+            let account_id = db
+                .prepare_cached("SELECT account_id FROM devices WHERE device_id = ?1")?
+                .query_row([blob.uploader.as_bytes().as_slice()], |row| {
+                    row.get::<_, Vec<u8>>(0)
+                })
+                .optional()?;
+            let (true, Some(account_id)) = (group_exists, account_id) else {
+                return Err(StoreError::NotFound);
+            };
+            if !is_member(db, group_key, &blob.uploader)? {
+                return Err(StoreError::Forbidden);
+            }
+            let taken = db
+                .prepare_cached("SELECT 1 FROM blobs WHERE blob_id = ?1")?
+                .exists([blob.blob_id.as_slice()])?;
+            if taken {
+                return Err(StoreError::AlreadyExists);
+            }
+            // Summed here rather than by SQLite, whose sum() fails on overflow.
+            let mut used = 0u64;
+            for size in db
+                .prepare_cached("SELECT size FROM blobs WHERE account_id = ?1")?
+                .query_map([&account_id], |row| row.get::<_, i64>(0))?
+            {
+                used = used.saturating_add(u64_from_sql(size?)?);
+            }
+            if used.saturating_add(blob.size) > quota_bytes {
+                return Err(StoreError::QuotaExceeded);
+            }
+            db.prepare_cached(
+                "INSERT INTO blobs (blob_id, account_id, uploader, group_id, size, length, \
+                 created_hour, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?7)",
+            )?
+            .execute(params![
+                blob.blob_id.as_slice(),
+                account_id,
+                blob.uploader.as_bytes().as_slice(),
+                group_key,
+                clamp_to_sql(blob.size),
+                clamp_to_sql(coarse_hour(blob.now)),
+                clamp_to_sql(blob.expires_at),
+            ])?;
+            Ok(())
+        })
+    }
+
+    fn blob(
+        &mut self,
+        blob_id: &BlobId,
+        device: &DeviceId,
+        now: u64,
+    ) -> Result<BlobRecord, StoreError> {
+        self.read(|db| {
+            let blob = db
+                .prepare_cached(
+                    "SELECT account_id, uploader, group_id, size, length, expires_at FROM blobs \
+                     WHERE blob_id = ?1 AND expires_at > ?2",
+                )?
+                .query_row(params![blob_id.as_slice(), clamp_to_sql(now)], |row| {
+                    Ok((
+                        row.get::<_, Vec<u8>>(0)?,
+                        row.get::<_, Vec<u8>>(1)?,
+                        row.get::<_, Vec<u8>>(2)?,
+                        row.get::<_, i64>(3)?,
+                        row.get::<_, i64>(4)?,
+                        row.get::<_, i64>(5)?,
+                    ))
+                })
+                .optional()?;
+            let Some((account_id, uploader, group_id, size, length, expires_at)) = blob else {
+                return Err(StoreError::NotFound);
+            };
+            let uploader = decode_device_id(&uploader)?;
+            if uploader != *device && !is_member(db, &group_id, device)? {
+                return Err(StoreError::Forbidden);
+            }
+            Ok(BlobRecord {
+                blob_id: *blob_id,
+                account_id: AccountId::from_bytes(&account_id)
+                    .map_err(|_| StoreError::Corrupt("a stored account id has the wrong length"))?,
+                uploader,
+                group_id: decode_group_id(&group_id)?,
+                size: u64_from_sql(size)?,
+                length: u64_from_sql(length)?,
+                expires_at: u64_from_sql(expires_at)?,
+            })
+        })
+    }
+
+    fn set_blob_length(
+        &mut self,
+        blob_id: &BlobId,
+        uploader: &DeviceId,
+        length: u64,
+    ) -> Result<(), StoreError> {
+        self.write(|db| {
+            let (stored_uploader, size, recorded) = db
+                .prepare_cached("SELECT uploader, size, length FROM blobs WHERE blob_id = ?1")?
+                .query_row([blob_id.as_slice()], |row| {
+                    Ok((
+                        row.get::<_, Vec<u8>>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, i64>(2)?,
+                    ))
+                })
+                .optional()?
+                .ok_or(StoreError::NotFound)?;
+            if stored_uploader.as_slice() != uploader.as_bytes().as_slice() {
+                return Err(StoreError::Forbidden);
+            }
+            check_blob_length(u64_from_sql(size)?, u64_from_sql(recorded)?, length)?;
+            db.prepare_cached("UPDATE blobs SET length = ?2 WHERE blob_id = ?1")?
+                .execute(params![blob_id.as_slice(), clamp_to_sql(length)])?;
+            Ok(())
+        })
+    }
+
+    fn live_blob_ids(&mut self) -> Result<Vec<BlobId>, StoreError> {
+        self.read(|db| {
+            db.prepare_cached("SELECT blob_id FROM blobs ORDER BY blob_id")?
+                .query_map([], |row| row.get::<_, Vec<u8>>(0))?
+                .map(|blob_id| {
+                    BlobId::try_from(blob_id?)
+                        .map_err(|_| StoreError::Corrupt("a stored blob id has the wrong length"))
+                })
+                .collect()
         })
     }
 }
@@ -631,10 +780,23 @@ impl SqliteStore {
     }
 }
 
+#[cfg(test)]
+impl SqliteStore {
+    /// Removes every member of a group: a state that no operation reaches yet (the last member
+    /// goes only with its account, and its blobs with it), for the tests of `expire`.
+    pub(super) fn remove_group_members(&mut self, group_id: &GroupId) -> Result<(), StoreError> {
+        self.write(|db| {
+            db.prepare_cached("DELETE FROM group_members WHERE group_id = ?1")?
+                .execute([group_id.as_bytes()])?;
+            Ok(())
+        })
+    }
+}
+
 /// How long the right to add a device, won by claiming an invite, lasts.
 const GRANT_LIFETIME: u64 = 24 * 3600;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE devices (
@@ -726,6 +888,27 @@ INSERT OR IGNORE INTO accounts (account_id, lifetime_days, active_day)
     SELECT account_id, 365, max(created_hour - created_hour % 86400) FROM devices GROUP BY account_id;
 ";
 
+/// Version 3: metadata of encrypted file blobs, whose bytes are files kept outside the database.
+const MIGRATION_3: &str = "
+-- `account_id` is the uploader's: the quota it counts against and the deletion that removes it.
+-- `length` is how many bytes are durably stored; the upload is finished when it equals `size`.
+CREATE TABLE blobs (
+    blob_id BLOB PRIMARY KEY NOT NULL,
+    account_id BLOB NOT NULL,
+    uploader BLOB NOT NULL REFERENCES devices (device_id),
+    group_id BLOB NOT NULL REFERENCES groups (group_id),
+    size INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    created_hour INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+-- Covers the quota sum as well as deleting an account's blobs.
+CREATE INDEX blobs_by_account ON blobs (account_id, size);
+CREATE INDEX blobs_by_expiry ON blobs (expires_at);
+CREATE INDEX blobs_by_group ON blobs (group_id);
+CREATE INDEX blobs_unfinished_by_hour ON blobs (created_hour) WHERE length < size;
+";
+
 fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     // Immediate, so that two processes opening a new file do not both create the schema.
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -734,10 +917,16 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
         0 => {
             transaction.execute_batch(SCHEMA)?;
             transaction.execute_batch(MIGRATION_2)?;
+            transaction.execute_batch(MIGRATION_3)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         1 => {
             transaction.execute_batch(MIGRATION_2)?;
+            transaction.execute_batch(MIGRATION_3)?;
+            transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        2 => {
+            transaction.execute_batch(MIGRATION_3)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         SCHEMA_VERSION => {}
@@ -764,6 +953,7 @@ fn delete_account_rows(db: &Connection, account_id: &[u8]) -> Result<(), StoreEr
          OR target IN (SELECT device_id FROM devices WHERE account_id = ?1)",
         "DELETE FROM group_members WHERE device_id IN (SELECT device_id FROM devices WHERE account_id = ?1)",
         "DELETE FROM inbox WHERE device_id IN (SELECT device_id FROM devices WHERE account_id = ?1)",
+        "DELETE FROM blobs WHERE account_id = ?1",
         "DELETE FROM devices WHERE account_id = ?1",
         "DELETE FROM invites WHERE account_id = ?1",
         "DELETE FROM usernames WHERE account_id = ?1",
@@ -927,6 +1117,10 @@ fn clamp_to_sql(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
+fn u64_from_sql(value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt("a stored size or time is negative"))
+}
+
 fn seq_from_sql(value: i64) -> Result<u64, StoreError> {
     u64::try_from(value).map_err(|_| StoreError::Corrupt("a stored sequence number is negative"))
 }
@@ -961,6 +1155,11 @@ fn kind_from_sql(value: i64) -> Result<EntryKind, StoreError> {
 fn decode_device_id(bytes: &[u8]) -> Result<DeviceId, StoreError> {
     DeviceId::from_bytes(bytes)
         .map_err(|_| StoreError::Corrupt("a stored device id has the wrong length"))
+}
+
+fn decode_group_id(bytes: &[u8]) -> Result<GroupId, StoreError> {
+    GroupId::from_bytes(bytes)
+        .map_err(|_| StoreError::Corrupt("a stored group id has the wrong length"))
 }
 
 #[cfg(test)]
@@ -1152,31 +1351,60 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_database_is_upgraded_in_place_and_keeps_its_data() -> Result<(), StoreError> {
-        let folder = tempfile::tempdir().expect("a temporary folder");
-        let path = folder.path().join("miyu.sqlite");
-        {
-            let connection = Connection::open(&path)?;
-            connection.execute_batch(SCHEMA)?;
-            connection.pragma_update(None, "user_version", 1)?;
-            connection.execute(
-                "INSERT INTO devices (device_id, account_id, device_key, certificate, created_hour) \
-                 VALUES (?1, ?2, ?3, ?4, 0)",
-                params![
-                    new_device(1).device_id.as_bytes().as_slice(),
-                    new_device(1).account_id.as_bytes().as_slice(),
-                    [1u8; 32].as_slice(),
-                    b"certificate".as_slice()
-                ],
+    fn a_version_1_or_2_database_is_upgraded_in_place_and_keeps_its_data() -> Result<(), StoreError>
+    {
+        for old_version in [1, 2] {
+            let folder = tempfile::tempdir().expect("a temporary folder");
+            let path = folder.path().join("miyu.sqlite");
+            {
+                let connection = Connection::open(&path)?;
+                connection.execute_batch(SCHEMA)?;
+                if old_version >= 2 {
+                    connection.execute_batch(MIGRATION_2)?;
+                }
+                connection.pragma_update(None, "user_version", old_version)?;
+                connection.execute(
+                    "INSERT INTO devices (device_id, account_id, device_key, certificate, \
+                     created_hour) VALUES (?1, ?2, ?3, ?4, 0)",
+                    params![
+                        new_device(1).device_id.as_bytes().as_slice(),
+                        new_device(1).account_id.as_bytes().as_slice(),
+                        [1u8; 32].as_slice(),
+                        b"certificate".as_slice()
+                    ],
+                )?;
+            }
+            let mut store = SqliteStore::open(&path)?;
+            let device_id = new_device(1).device_id;
+            assert!(store.device(&device_id)?.is_some());
+            store.set_username(&new_device(1).account_id, Some([7; 32]))?;
+            let group_id = GroupId::from_bytes(&[1; 16]).expect("16 bytes make a group id");
+            store.create_group(NewGroup {
+                group_id: group_id.clone(),
+                epoch: Epoch(0),
+                creator: device_id,
+                members: Vec::new(),
+                welcomes: Vec::new(),
+                now: NOW,
+            })?;
+            store.create_blob(
+                NewBlob {
+                    blob_id: [1; 32],
+                    uploader: device_id,
+                    group_id,
+                    size: 10,
+                    expires_at: NOW + 3600,
+                    now: NOW,
+                },
+                10,
             )?;
+            store.commit()?;
+            drop(store);
+            let version: i64 =
+                Connection::open(&path)?.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+            assert_eq!(version, SCHEMA_VERSION);
+            assert_eq!(SqliteStore::open(&path)?.live_blob_ids()?, [[1; 32]]);
         }
-        let mut store = SqliteStore::open(&path)?;
-        assert!(store.device(&new_device(1).device_id)?.is_some());
-        store.set_username(&new_device(1).account_id, Some([7; 32]))?;
-        store.commit()?;
-        let version: i64 =
-            Connection::open(&path)?.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-        assert_eq!(version, SCHEMA_VERSION);
         Ok(())
     }
 
