@@ -5,9 +5,11 @@ mod common;
 
 use std::path::Path;
 
-use common::{Chat, Server, connect_pair, conversation, count_in_files, miyu, miyu_ok};
+use common::{
+    Chat, Server, answer, connect_pair, conversation, count_in_files, miyu, miyu_ok, register,
+    runtime,
+};
 use miyu_client::net::Connection;
-use miyu_crypto::identity::AccountKeys;
 use miyu_proto::ServerAddress;
 use miyu_proto::frame::{self, MAX_FRAME_BYTES, PROTOCOL_VERSION};
 use miyu_proto::wire::{
@@ -273,26 +275,6 @@ fn server_files_and_logs_never_contain_plaintext_or_names() {
 // Raw protocol: what a hostile client can and cannot do.
 // ---------------------------------------------------------------------------------------------
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Waits for the answer to request `id`, skipping pushes.
-async fn answer(connection: &mut Connection, id: u64) -> Result<Reply, wire::Error> {
-    loop {
-        let frame = connection.receive().await.unwrap();
-        if frame.request_id == id {
-            return match frame.body.unwrap() {
-                Reply::Error(error) => Err(error),
-                other => Ok(other),
-            };
-        }
-    }
-}
-
 /// Sends a request that must be refused, and returns the error code it was refused with.
 async fn refused(connection: &mut Connection, body: Request) -> ErrorCode {
     let id = connection.send(body).await.unwrap();
@@ -310,29 +292,6 @@ async fn next_error(connection: &mut Connection) -> wire::Error {
 
 fn code(error: &wire::Error) -> ErrorCode {
     ErrorCode::try_from(error.code).unwrap()
-}
-
-/// Registers a fresh device over a raw connection.
-async fn register(address: &ServerAddress) -> (Connection, AccountKeys) {
-    let keys = AccountKeys::generate(&mut rand::rngs::OsRng);
-    let mut connection = Connection::open(address, None).await.unwrap();
-    let (sha, nonce) = connection.challenge();
-    let signature = keys.sign_auth(sha, nonce);
-    let id = connection
-        .send(Request::Register(wire::Register {
-            certificate: Some(keys.certificate().to_wire()),
-            challenge_signature: signature,
-            registration_token: String::new(),
-            key_packages: vec![vec![1, 2, 3]],
-            last_resort_key_package: vec![4, 5, 6],
-        }))
-        .await
-        .unwrap();
-    assert!(matches!(
-        answer(&mut connection, id).await,
-        Ok(Reply::Registered(_))
-    ));
-    (connection, keys)
 }
 
 fn group_ids(server_data: &Path) -> Vec<Vec<u8>> {

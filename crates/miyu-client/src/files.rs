@@ -19,22 +19,31 @@ use http_body_util::{BodyExt, Empty, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request as HttpRequest, Response, StatusCode};
 use miyu_crypto::file::{self, FileCipher, FileKey, Layout, Opener};
+use miyu_crypto::identity::AccountKeys;
 use miyu_proto::blob::{BlobId, HttpAuth, SERVER_TIME_HEADER};
-use miyu_proto::wire;
+use miyu_proto::{ServerAddress, wire};
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
 use crate::privacy::{self, Received};
 use crate::strip::{self, ImageKind};
-use crate::{Client, Error, Event, MessageKind, MessageState, MessageView, db, net, now_ms, random};
+use crate::{
+    Client, Error, Event, MessageKind, MessageState, MessageView, Proxy, db, net, now_ms, random,
+};
 
 /// Chunks queued between the network and the thread that encrypts or decrypts.
 const PIECES_IN_FLIGHT: usize = 16;
+/// How often an upload that the server reports as running or moved is tried again.
+const UPLOAD_ATTEMPTS: u32 = 8;
 /// Longest file name kept, in bytes.
 const MAX_NAME_BYTES: usize = 255;
 const MAX_MIME_BYTES: usize = 100;
 
 type Body = BoxBody<Bytes, std::io::Error>;
+/// An upload row: id, blob, key, plaintext size, chunk size, whether the source is unchanged.
+type UploadRow = (i64, Vec<u8>, Vec<u8>, u64, u32, bool);
+/// A file row: blob, key, size, chunk size, hash, name, partial download.
+type FileRow = (Vec<u8>, Vec<u8>, u64, u32, Vec<u8>, String, Option<String>);
 
 /// How far a transfer is, for a progress bar: both counters in plaintext bytes.
 #[derive(Debug, Default)]
@@ -175,22 +184,29 @@ fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error 
 // HTTP
 // ---------------------------------------------------------------------------------------------
 
-/// Signed HTTPS requests to the server's blob endpoints, on one kept-alive connection.
-struct BlobHttp<'a> {
-    client: &'a Client,
+/// Signed HTTPS requests to the server's blob endpoints, on one kept-alive connection through
+/// the same pinned TLS (and proxy) as the WebSocket.
+pub struct BlobClient<'a> {
+    keys: &'a AccountKeys,
+    server: &'a ServerAddress,
+    proxy: Option<Proxy>,
     sender: Option<hyper::client::conn::http1::SendRequest<Body>>,
     /// Seconds to add to our clock to get the server's (learnt from a 401).
     clock_offset: i64,
 }
 
 fn empty() -> Body {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
-impl<'a> BlobHttp<'a> {
-    fn new(client: &'a Client) -> Self {
+impl<'a> BlobClient<'a> {
+    pub fn new(keys: &'a AccountKeys, server: &'a ServerAddress, proxy: Option<Proxy>) -> Self {
         Self {
-            client,
+            keys,
+            server,
+            proxy,
             sender: None,
             clock_offset: 0,
         }
@@ -200,7 +216,7 @@ impl<'a> BlobHttp<'a> {
         &mut self,
     ) -> Result<&mut hyper::client::conn::http1::SendRequest<Body>, Error> {
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
-            let tls = net::open_tls(&self.client.server, self.client.proxy.as_ref()).await?;
+            let tls = net::open_tls(self.server, self.proxy.as_ref()).await?;
             let (sender, connection) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
                     .await
@@ -210,9 +226,10 @@ impl<'a> BlobHttp<'a> {
             });
             self.sender = Some(sender);
         }
-        let sender = self.sender.as_mut().ok_or_else(|| {
-            Error::Network("no connection to the server".into())
-        })?;
+        let sender = self
+            .sender
+            .as_mut()
+            .ok_or_else(|| Error::Network("no connection to the server".into()))?;
         sender
             .ready()
             .await
@@ -220,23 +237,48 @@ impl<'a> BlobHttp<'a> {
         Ok(sender)
     }
 
-    fn authorization(&self, method: &Method, path: &str) -> String {
-        let time = (crate::now_ms() / 1000).saturating_add_signed(self.clock_offset);
+    /// A fresh `Authorization` value for one request.
+    pub fn authorization(&self, method: &str, path: &str) -> String {
+        let time = (now_ms() / 1000).saturating_add_signed(self.clock_offset);
         let nonce = random::<16>();
-        let payload = HttpAuth::payload(
-            self.client.server.certificate_sha256(),
-            method.as_str(),
-            path,
-            time,
-            &nonce,
-        );
+        let payload =
+            HttpAuth::payload(self.server.certificate_sha256(), method, path, time, &nonce);
         HttpAuth {
-            device_id: self.client.keys.certificate().device_id(),
+            device_id: self.keys.certificate().device_id(),
             time,
             nonce,
-            signature: self.client.keys.sign_http_request(&payload),
+            signature: self.keys.sign_http_request(&payload),
         }
         .to_header()
+    }
+
+    /// Sends a bodiless request with the given `Authorization` (or none) and returns the
+    /// status. For tests of the server's defences.
+    pub async fn status_of(
+        &mut self,
+        method: &str,
+        path: &str,
+        authorization: Option<&str>,
+    ) -> Result<u16, Error> {
+        let method = Method::from_bytes(method.as_bytes())
+            .map_err(|error| Error::Usage(error.to_string()))?;
+        let mut request = HttpRequest::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, self.server.authority());
+        if let Some(authorization) = authorization {
+            request = request.header(hyper::header::AUTHORIZATION, authorization);
+        }
+        let request = request
+            .body(empty())
+            .map_err(|error| Error::Protocol(format!("building a request: {error}")))?;
+        let response = self
+            .sender()
+            .await?
+            .send_request(request)
+            .await
+            .map_err(|error| Error::Network(format!("HTTP request failed: {error}")))?;
+        Ok(response.status().as_u16())
     }
 
     /// Sends a signed request. Bodiless requests are retried once after a 401 that shows our
@@ -254,10 +296,10 @@ impl<'a> BlobHttp<'a> {
             let mut request = HttpRequest::builder()
                 .method(method.clone())
                 .uri(path)
-                .header(hyper::header::HOST, self.client.server.authority())
+                .header(hyper::header::HOST, self.server.authority())
                 .header(
                     hyper::header::AUTHORIZATION,
-                    self.authorization(&method, path),
+                    self.authorization(method.as_str(), path),
                 );
             for (name, value) in headers {
                 request = request.header(*name, value);
@@ -271,7 +313,7 @@ impl<'a> BlobHttp<'a> {
                 .send_request(request)
                 .await
                 .map_err(|error| Error::Network(format!("HTTP request failed: {error}")))?;
-            if response.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
+            if response.status() == StatusCode::UNAUTHORIZED && attempt == 0 && retriable {
                 let server_time = response
                     .headers()
                     .get(SERVER_TIME_HEADER)
@@ -279,7 +321,7 @@ impl<'a> BlobHttp<'a> {
                     .and_then(|v| v.parse::<i64>().ok());
                 if let Some(server_time) = server_time {
                     let offset = server_time - (now_ms() / 1000) as i64;
-                    if offset.abs() > 60 && retriable {
+                    if offset.abs() > 60 {
                         self.clock_offset = offset;
                         continue;
                     }
@@ -314,9 +356,9 @@ async fn refusal(response: Response<Incoming>) -> Error {
         .take(200)
         .collect();
     match status {
-        StatusCode::NOT_FOUND => Error::Usage(
-            "the file is no longer on the server (it expired or was deleted)".into(),
-        ),
+        StatusCode::NOT_FOUND => {
+            Error::Usage("the file is no longer on the server (it expired or was deleted)".into())
+        }
         StatusCode::UNAUTHORIZED => {
             Error::Security("the server refused this device's signature".into())
         }
@@ -392,7 +434,7 @@ fn hash_prefix(source: &mut Source, len: u64, hasher: &mut Sha256) -> std::io::R
 /// Encrypts the source from ciphertext byte `offset` on and hands the pieces to the upload
 /// body; returns the SHA-256 of the whole plaintext.
 fn produce(
-    mut source: Source,
+    source: &mut Source,
     cipher: FileCipher,
     offset: u64,
     pieces: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
@@ -401,7 +443,7 @@ fn produce(
     let layout = *cipher.layout();
     let first = layout.whole_chunks_in(offset);
     let mut hasher = Sha256::new();
-    hash_prefix(&mut source, layout.plaintext_offset(first), &mut hasher)?;
+    hash_prefix(source, layout.plaintext_offset(first), &mut hasher)?;
     let mut skip = offset - layout.ciphertext_offset(first);
     let gone = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped");
     for index in first..layout.chunks() {
@@ -429,7 +471,7 @@ impl Client {
         keep_metadata: bool,
         plaintext_len: u64,
     ) -> Result<Option<Upload>, Error> {
-        let row: Option<(i64, Vec<u8>, Vec<u8>, u64, u32, bool)> = self
+        let row: Option<UploadRow> = self
             .db
             .query_row(
                 "SELECT id, blob_id, file_key, size, chunk_size, source_size = ?3 AND source_mtime_ns = ?4 AND keep_metadata = ?5
@@ -483,8 +525,8 @@ impl Client {
         progress: Arc<Progress>,
     ) -> Result<SentFile, Error> {
         let (_, group_id) = self.conversation_of(contact)?;
-        let absolute = std::fs::canonicalize(path)
-            .map_err(io_error(format!("reading {}", path.display())))?;
+        let absolute =
+            std::fs::canonicalize(path).map_err(io_error(format!("reading {}", path.display())))?;
         let mut file = std::fs::File::open(&absolute)
             .map_err(io_error(format!("reading {}", path.display())))?;
         let metadata = file
@@ -546,11 +588,16 @@ impl Client {
             |row| row.get(0),
         )?;
 
-        let mut http = BlobHttp::new(self);
+        let mut http = BlobClient::new(&self.keys, &self.server, self.proxy);
         let mut resumed = None;
-        if let Some(upload) =
-            self.open_upload(&group_id, &source_path, size, mtime, keep_metadata, plaintext_len)?
-        {
+        if let Some(upload) = self.open_upload(
+            &group_id,
+            &source_path,
+            size,
+            mtime,
+            keep_metadata,
+            plaintext_len,
+        )? {
             let path = format!("/v1/blobs/{}", upload.blob_id);
             let response = http.send(Method::HEAD, &path, &[], None).await?;
             match response.status() {
@@ -584,9 +631,7 @@ impl Client {
                     let at = now_ms() / 1000 + u64::from(timer_s);
                     headers.push(("miyu-expires", at.to_string()));
                 }
-                let response = http
-                    .send(Method::POST, "/v1/blobs", &headers, None)
-                    .await?;
+                let response = http.send(Method::POST, "/v1/blobs", &headers, None).await?;
                 if response.status() != StatusCode::CREATED {
                     return Err(refusal(response).await);
                 }
@@ -625,48 +670,80 @@ impl Client {
             layout.plaintext_offset(layout.whole_chunks_in(offset)),
         );
 
-        let (pieces, mut queue) = tokio::sync::mpsc::channel(PIECES_IN_FLIGHT);
-        let cipher = FileCipher::new(&upload.key, layout);
-        let producer_progress = Arc::clone(&progress);
-        let producer = tokio::task::spawn_blocking(move || {
-            produce(source, cipher, offset, pieces, producer_progress)
-        });
-        let body_stream = futures_util::stream::poll_fn(move |cx| {
-            queue
-                .poll_recv(cx)
-                .map(|piece| piece.map(|piece| piece.map(Frame::data)))
-        });
         let path = format!("/v1/blobs/{}", upload.blob_id);
-        let sent = if offset < layout.ciphertext_len() {
-            let response = http
-                .send(
-                    Method::PATCH,
-                    &path,
-                    &[("upload-offset", offset.to_string())],
-                    Some(BodyExt::boxed(StreamBody::new(body_stream))),
-                )
-                .await;
-            match response {
-                Ok(response) if response.status() == StatusCode::NO_CONTENT => {
-                    header_u64(&response, "upload-offset")
+        let mut offset = offset;
+        let mut source = source;
+        let mut sha256 = None;
+        for attempt in 0..UPLOAD_ATTEMPTS {
+            if attempt > 0 {
+                // The server still finishes an earlier, broken-off upload of this blob, or it
+                // holds more than we thought: ask again where to continue.
+                tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt)))
+                    .await;
+                let response = http.send(Method::HEAD, &path, &[], None).await?;
+                if response.status() != StatusCode::OK {
+                    return Err(refusal(response).await);
                 }
-                Ok(response) => return Err(refusal(response).await),
-                Err(error) => return Err(error),
+                offset = header_u64(&response, "upload-offset").unwrap_or(0);
             }
-        } else {
-            drop(body_stream);
-            Some(offset)
-        };
-        drop(http);
-        let sha256 = producer
-            .await
-            .map_err(|error| Error::Protocol(format!("the encryption task failed: {error}")))?
-            .map_err(io_error("reading the file"))?;
-        if sent != Some(layout.ciphertext_len()) {
-            return Err(Error::Network(
-                "the upload ended early; run the same command again to continue".into(),
-            ));
+            let (pieces, mut queue) = tokio::sync::mpsc::channel(PIECES_IN_FLIGHT);
+            let cipher = FileCipher::new(&upload.key, layout);
+            let producer_progress = Arc::clone(&progress);
+            let producer = tokio::task::spawn_blocking(move || {
+                let produced = produce(&mut source, cipher, offset, pieces, producer_progress);
+                (source, produced)
+            });
+            let body_stream = futures_util::stream::poll_fn(move |cx| {
+                queue
+                    .poll_recv(cx)
+                    .map(|piece| piece.map(|piece| piece.map(Frame::data)))
+            });
+            let outcome = if offset < layout.ciphertext_len() {
+                let response = http
+                    .send(
+                        Method::PATCH,
+                        &path,
+                        &[("upload-offset", offset.to_string())],
+                        Some(BodyExt::boxed(StreamBody::new(body_stream))),
+                    )
+                    .await;
+                match response {
+                    Ok(response) if response.status() == StatusCode::NO_CONTENT => {
+                        Ok(header_u64(&response, "upload-offset"))
+                    }
+                    Ok(response) if response.status() == StatusCode::CONFLICT => Err(None),
+                    Ok(response) => Err(Some(refusal(response).await)),
+                    Err(error) => Err(Some(error)),
+                }
+            } else {
+                drop(body_stream);
+                Ok(Some(offset))
+            };
+            let (returned, produced) = producer
+                .await
+                .map_err(|error| Error::Protocol(format!("the encryption task failed: {error}")))?;
+            source = returned;
+            match outcome {
+                Ok(length) if length == Some(layout.ciphertext_len()) => {
+                    sha256 = Some(produced.map_err(io_error("reading the file"))?);
+                    break;
+                }
+                Ok(_) => {
+                    return Err(Error::Network(
+                        "the upload ended early; run the same command again to continue".into(),
+                    ));
+                }
+                Err(None) => continue,
+                Err(Some(error)) => return Err(error),
+            }
         }
+        drop(http);
+        let sha256 = sha256.ok_or_else(|| {
+            Error::Network(
+                "another upload of this file is still running on the server; try again shortly"
+                    .into(),
+            )
+        })?;
         progress.set(layout.plaintext_len());
 
         let body = wire::app_message::Body::File(wire::File {
@@ -752,7 +829,7 @@ impl Client {
         progress: Arc<Progress>,
     ) -> Result<PathBuf, Error> {
         let (account, _) = self.conversation_of(contact)?;
-        let row: Option<(Vec<u8>, Vec<u8>, u64, u32, Vec<u8>, String, Option<String>)> = self
+        let row: Option<FileRow> = self
             .db
             .query_row(
                 "SELECT f.blob_id, f.file_key, f.size, f.chunk_size, f.sha256, f.name, f.part_path
@@ -793,7 +870,10 @@ impl Client {
                 }
                 out.to_path_buf()
             }
-            None => unique_path(&std::env::current_dir().map_err(io_error("the current folder"))?, &name),
+            None => unique_path(
+                &std::env::current_dir().map_err(io_error("the current folder"))?,
+                &name,
+            ),
         };
         // A partial download of this file continues, whatever the target is now.
         let part = match part_path.map(PathBuf::from) {
@@ -847,7 +927,7 @@ impl Client {
             .map_err(io_error("writing the partial download"))?;
         progress.start(size, keep);
 
-        let mut http = BlobHttp::new(self);
+        let mut http = BlobClient::new(&self.keys, &self.server, self.proxy);
         let path = format!("/v1/blobs/{blob_id}");
         let start = layout.ciphertext_offset(first);
         let response = http
@@ -885,12 +965,10 @@ impl Client {
                     .map_err(file_error)?;
             }
             opener.finish().map_err(file_error)?;
-            let file = output
-                .into_inner()
-                .map_err(|error| Error::Io {
-                    context: "writing the download".into(),
-                    source: error.into_error(),
-                })?;
+            let file = output.into_inner().map_err(|error| Error::Io {
+                context: "writing the download".into(),
+                source: error.into_error(),
+            })?;
             file.sync_all().map_err(io_error("writing the download"))?;
             Ok(hasher.finalize().into())
         });
@@ -1065,7 +1143,10 @@ mod tests {
     #[test]
     fn mime_types_are_checked() {
         assert_eq!(clean_mime("image/jpeg"), "image/jpeg");
-        assert_eq!(clean_mime("text/html; charset=x"), "application/octet-stream");
+        assert_eq!(
+            clean_mime("text/html; charset=x"),
+            "application/octet-stream"
+        );
         assert_eq!(clean_mime(""), "application/octet-stream");
         assert_eq!(mime_of("a.MP4", None), "video/mp4");
         assert_eq!(mime_of("a.jpg", Some(ImageKind::Png)), "image/png");
@@ -1074,7 +1155,10 @@ mod tests {
     #[test]
     fn unique_paths_do_not_overwrite() {
         let folder = tempfile::tempdir().unwrap();
-        assert_eq!(unique_path(folder.path(), "a.txt"), folder.path().join("a.txt"));
+        assert_eq!(
+            unique_path(folder.path(), "a.txt"),
+            folder.path().join("a.txt")
+        );
         std::fs::write(folder.path().join("a.txt"), b"x").unwrap();
         assert_eq!(
             unique_path(folder.path(), "a.txt"),

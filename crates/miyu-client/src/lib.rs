@@ -1043,9 +1043,7 @@ impl Client {
             Some(wire::app_message::Body::Timer(timer)) => {
                 privacy::on_timer(db, &received, timer.seconds)
             }
-            Some(wire::app_message::Body::File(file)) => {
-                files::store_file(db, &received, &file)
-            }
+            Some(wire::app_message::Body::File(file)) => files::store_file(db, &received, &file),
             None => Ok(None),
         }
     }

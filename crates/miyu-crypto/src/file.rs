@@ -216,6 +216,9 @@ impl FileCipher {
     }
 }
 
+/// Receives each opened chunk: its index and plaintext. An error stops the stream.
+pub type ChunkSink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), String> + 'a;
+
 /// Opens a stream of ciphertext arriving in pieces of any size, from chunk `first` on, and hands
 /// each chunk's plaintext to a sink in order. Nothing unauthenticated ever reaches the sink.
 pub struct Opener {
@@ -240,11 +243,7 @@ impl Opener {
     }
 
     /// Takes the next piece of ciphertext. The sink gets `(chunk index, plaintext)`.
-    pub fn feed(
-        &mut self,
-        mut bytes: &[u8],
-        sink: &mut dyn FnMut(u64, &[u8]) -> Result<(), String>,
-    ) -> Result<(), FileError> {
+    pub fn feed(&mut self, mut bytes: &[u8], sink: &mut ChunkSink<'_>) -> Result<(), FileError> {
         while !bytes.is_empty() {
             if self.next >= self.cipher.layout.chunks() {
                 return Err(FileError::TrailingData);
@@ -320,7 +319,10 @@ mod tests {
             let (layout, ciphertext) = encrypt(&key, &plaintext, 4096);
             assert_eq!(layout.chunks(), (len as u64).div_ceil(4096).max(1));
             for piece in [1, 100, 4112, 1 << 20] {
-                assert_eq!(decrypt(&key, layout, &ciphertext, piece).unwrap(), plaintext);
+                assert_eq!(
+                    decrypt(&key, layout, &ciphertext, piece).unwrap(),
+                    plaintext
+                );
             }
         }
     }

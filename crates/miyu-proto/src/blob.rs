@@ -113,11 +113,12 @@ impl HttpAuth {
             .ok_or(BlobError::BadAuthorization)?;
         let mut parts = rest.split('.');
         let mut next = || parts.next().ok_or(BlobError::BadAuthorization);
-        let device_id = next()?
-            .parse()
-            .map_err(|_| BlobError::BadAuthorization)?;
+        let device_id = next()?.parse().map_err(|_| BlobError::BadAuthorization)?;
         let time_text = next()?;
-        if time_text.is_empty() || time_text.len() > 20 || !time_text.bytes().all(|b| b.is_ascii_digit()) {
+        if time_text.is_empty()
+            || time_text.len() > 20
+            || !time_text.bytes().all(|b| b.is_ascii_digit())
+        {
             return Err(BlobError::BadAuthorization);
         }
         let time = time_text.parse().map_err(|_| BlobError::BadAuthorization)?;
@@ -181,7 +182,10 @@ pub fn parse_range(header: &str, len: u64) -> Result<(u64, u64), BlobError> {
             }
             (len.saturating_sub(suffix), len - 1)
         }
-        (start, "") => (number(start)?, len.checked_sub(1).ok_or(BlobError::BadRange)?),
+        (start, "") => (
+            number(start)?,
+            len.checked_sub(1).ok_or(BlobError::BadRange)?,
+        ),
         (start, end) => (number(start)?, number(end)?.min(len.saturating_sub(1))),
     };
     if start >= len || end_inclusive < start {
@@ -222,7 +226,10 @@ mod tests {
         assert!(!parsed.verify(&device_key, &server, "PATCH", "/v1/blobs/x"));
         assert!(!parsed.verify(&device_key, &server, "GET", "/v1/blobs/y"));
         assert!(!parsed.verify(&device_key, &[2; 32], "GET", "/v1/blobs/x"));
-        let later = HttpAuth { time: 1001, ..parsed };
+        let later = HttpAuth {
+            time: 1001,
+            ..parsed
+        };
         assert!(!later.verify(&device_key, &server, "GET", "/v1/blobs/x"));
     }
 
@@ -236,7 +243,11 @@ mod tests {
             "Miyu aaaaaaaaaaaaaaaaaaaaaaaaaa.-1.x.y",
             &"Miyu ".repeat(100),
         ] {
-            assert_eq!(HttpAuth::parse(header), Err(BlobError::BadAuthorization), "{header}");
+            assert_eq!(
+                HttpAuth::parse(header),
+                Err(BlobError::BadAuthorization),
+                "{header}"
+            );
         }
     }
 
@@ -248,7 +259,14 @@ mod tests {
         assert_eq!(parse_range("bytes=3-99", 10), Ok((3, 7)));
         assert_eq!(parse_range("bytes=-4", 10), Ok((6, 4)));
         assert_eq!(parse_range("bytes=-40", 10), Ok((0, 10)));
-        for bad in ["bytes=10-", "bytes=5-4", "bytes=-0", "items=0-", "bytes=0-1,3-4", "bytes=x-"] {
+        for bad in [
+            "bytes=10-",
+            "bytes=5-4",
+            "bytes=-0",
+            "items=0-",
+            "bytes=0-1,3-4",
+            "bytes=x-",
+        ] {
             assert_eq!(parse_range(bad, 10), Err(BlobError::BadRange), "{bad}");
         }
         assert_eq!(parse_range("bytes=0-", 0), Err(BlobError::BadRange));

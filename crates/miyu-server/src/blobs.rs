@@ -279,10 +279,10 @@ async fn blob_request(
 }
 
 fn path_and_query(request: &axum::http::request::Parts) -> String {
-    request
-        .uri
-        .path_and_query()
-        .map_or_else(|| request.uri.path().to_string(), |p| p.as_str().to_string())
+    request.uri.path_and_query().map_or_else(
+        || request.uri.path().to_string(),
+        |p| p.as_str().to_string(),
+    )
 }
 
 /// `HEAD /v1/blobs/{id}`
@@ -308,12 +308,12 @@ pub(crate) async fn status(
 }
 
 /// Releases a blob's upload slot when the upload ends, however it ends.
-struct UploadSlot<'a> {
-    blobs: &'a Blobs,
+struct UploadSlot {
+    blobs: Arc<Blobs>,
     id: [u8; 32],
 }
 
-impl Drop for UploadSlot<'_> {
+impl Drop for UploadSlot {
     fn drop(&mut self) {
         self.blobs
             .uploading
@@ -369,18 +369,27 @@ pub(crate) async fn append(
             record.length,
         );
     }
-    let _slot = UploadSlot {
-        blobs: &state.blobs,
+    let slot = UploadSlot {
+        blobs: Arc::clone(&state.blobs),
         id: blob_id.0,
     };
-    match receive(&state, blob_id, &record, device, body).await {
-        Ok(Received::Complete(length)) => offset_answer(StatusCode::NO_CONTENT, "", length),
-        Ok(Received::TooLong(length)) => offset_answer(
+    // On a task of its own: if the client goes away, the connection's handler is dropped, but
+    // what arrived is still flushed and recorded, so that the upload resumes from there.
+    let task_state = state.clone();
+    let received = tokio::spawn(async move {
+        let _slot = slot;
+        receive(&task_state, blob_id, &record, device, body).await
+    })
+    .await;
+    match received {
+        Ok(Ok(Received::Complete(length))) => offset_answer(StatusCode::NO_CONTENT, "", length),
+        Ok(Ok(Received::TooLong(length))) => offset_answer(
             StatusCode::PAYLOAD_TOO_LARGE,
             "the body runs past the blob's size",
             length,
         ),
-        Err(response) => response,
+        Ok(Err(response)) => response,
+        Err(_) => refuse(StatusCode::SERVICE_UNAVAILABLE, "the upload failed"),
     }
 }
 
@@ -487,7 +496,10 @@ pub(crate) async fn download(
             Err(response) => return response,
         };
     if record.length < record.size {
-        return refuse(StatusCode::CONFLICT, "the upload of this blob is not finished");
+        return refuse(
+            StatusCode::CONFLICT,
+            "the upload of this blob is not finished",
+        );
     }
     let io_failed = |error: std::io::Error| {
         tracing::warn!("reading a blob failed: {error}");
@@ -555,10 +567,8 @@ pub(crate) async fn download(
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if status == StatusCode::PARTIAL_CONTENT
-        && let Ok(value) = HeaderValue::from_str(&format!(
-            "bytes {start}-{}/{available}",
-            start + len - 1
-        ))
+        && let Ok(value) =
+            HeaderValue::from_str(&format!("bytes {start}-{}/{available}", start + len - 1))
     {
         headers.insert(header::CONTENT_RANGE, value);
     }

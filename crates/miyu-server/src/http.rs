@@ -235,7 +235,11 @@ async fn expire_periodically(
     loop {
         let now = unix_now();
         let cutoff = coarse_hour(now.saturating_sub(retention));
-        match shared.store.run(move |store| store.expire(now, cutoff)).await {
+        match shared
+            .store
+            .run(move |store| store.expire(now, cutoff))
+            .await
+        {
             Ok(removed) if removed > 0 => tracing::info!("expired {removed} stored items"),
             Ok(_) => {}
             Err(error) => tracing::warn!("expiry failed: {error}"),

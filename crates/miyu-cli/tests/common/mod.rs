@@ -85,11 +85,19 @@ impl Server {
         assert!(exit.success(), "server exited with {exit}");
     }
 
-    /// Every file the server wrote, its log included.
+    /// Every file the server wrote, its log and blob files included.
     pub fn files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.log.clone()];
-        for entry in std::fs::read_dir(&self.data).unwrap() {
-            files.push(entry.unwrap().path());
+        let mut folders = vec![self.data.clone()];
+        while let Some(folder) = folders.pop() {
+            for entry in std::fs::read_dir(&folder).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    folders.push(path);
+                } else {
+                    files.push(path);
+                }
+            }
         }
         files
     }
@@ -277,4 +285,59 @@ impl Drop for Reaped {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Waits for the answer to request `id`, skipping pushes.
+pub async fn answer(
+    connection: &mut miyu_client::net::Connection,
+    id: u64,
+) -> Result<miyu_proto::wire::server_frame::Body, miyu_proto::wire::Error> {
+    use miyu_proto::wire::server_frame::Body as Reply;
+    loop {
+        let frame = connection.receive().await.unwrap();
+        if frame.request_id == id {
+            return match frame.body.unwrap() {
+                Reply::Error(error) => Err(error),
+                other => Ok(other),
+            };
+        }
+    }
+}
+
+/// Registers a fresh device over a raw connection.
+pub async fn register(
+    address: &miyu_proto::ServerAddress,
+) -> (
+    miyu_client::net::Connection,
+    miyu_crypto::identity::AccountKeys,
+) {
+    use miyu_proto::wire::{self, client_frame::Body as Request, server_frame::Body as Reply};
+    let keys = miyu_crypto::identity::AccountKeys::generate(&mut rand::rngs::OsRng);
+    let mut connection = miyu_client::net::Connection::open(address, None)
+        .await
+        .unwrap();
+    let (sha, nonce) = connection.challenge();
+    let signature = keys.sign_auth(sha, nonce);
+    let id = connection
+        .send(Request::Register(wire::Register {
+            certificate: Some(keys.certificate().to_wire()),
+            challenge_signature: signature,
+            registration_token: String::new(),
+            key_packages: vec![vec![1, 2, 3]],
+            last_resort_key_package: vec![4, 5, 6],
+        }))
+        .await
+        .unwrap();
+    assert!(matches!(
+        answer(&mut connection, id).await,
+        Ok(Reply::Registered(_))
+    ));
+    (connection, keys)
 }

@@ -17,7 +17,10 @@ fn report(
     verb: &'static str,
     progress: Arc<Progress>,
     json: bool,
-) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let terminal = std::io::stderr().is_terminal();
     let task = tokio::spawn(async move {
@@ -28,11 +31,8 @@ fn report(
         let started = Instant::now();
         let mut announced_resume = false;
         let mut last_tenth = None;
-        let mut ticker = tokio::time::interval(Duration::from_millis(if terminal {
-            200
-        } else {
-            50
-        }));
+        let mut ticker =
+            tokio::time::interval(Duration::from_millis(if terminal { 200 } else { 50 }));
         loop {
             let finished = tokio::select! {
                 _ = ticker.tick() => false,
@@ -50,7 +50,7 @@ fn report(
                         );
                     }
                 }
-                let percent = if total == 0 { 100 } else { done * 100 / total };
+                let percent = (done * 100).checked_div(total).unwrap_or(100);
                 if terminal {
                     let elapsed = started.elapsed().as_secs_f64().max(0.001);
                     let rate = (done - from.min(done)) as f64 / elapsed;
@@ -71,7 +71,11 @@ fn report(
                     let _ = std::io::stderr().flush();
                 } else if total > 0 && last_tenth != Some(percent / 10) {
                     last_tenth = Some(percent / 10);
-                    eprintln!("{verb} {percent}% ({} of {})", human_size(done), human_size(total));
+                    eprintln!(
+                        "{verb} {percent}% ({} of {})",
+                        human_size(done),
+                        human_size(total)
+                    );
                 }
             }
             if finished {
@@ -106,7 +110,9 @@ pub(crate) async fn send_file(
     json: bool,
 ) -> anyhow::Result<()> {
     let sent = with_progress("sent", json, async |progress| {
-        client.send_file(contact, path, keep_metadata, progress).await
+        client
+            .send_file(contact, path, keep_metadata, progress)
+            .await
     })
     .await;
     client.disconnect().await;

@@ -500,7 +500,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = open(&profile, proxy).await?;
             files::send_file(client, &contact, &path, keep_metadata, cli.json).await
         }
-        Command::Files { contact } => files::list(&open(&profile, proxy).await?, &contact, cli.json),
+        Command::Files { contact } => {
+            files::list(&open(&profile, proxy).await?, &contact, cli.json)
+        }
         Command::Download {
             contact,
             file_id,

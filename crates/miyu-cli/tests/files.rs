@@ -1,0 +1,366 @@
+//! End-to-end tests of encrypted files: real `miyu-server` and `miyu` processes on 127.0.0.1,
+//! large files, interrupted transfers, a damaged server copy, strangers, and image metadata.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+
+use common::{
+    Server, connect_pair, count_in_files, miyu, miyu_command, miyu_ok, register, runtime,
+};
+use sha2::{Digest, Sha256};
+
+/// Writes `len` bytes of varied content (xorshift), with `marker` every 16 MiB.
+fn write_file(path: &Path, len: usize, marker: &[u8]) {
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut block = vec![0u8; 1 << 20];
+    let mut written = 0;
+    while written < len {
+        for word in block.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
+        }
+        if written % (16 << 20) == 0 {
+            block[100..100 + marker.len()].copy_from_slice(marker);
+        }
+        let take = block.len().min(len - written);
+        file.write_all(&block[..take]).unwrap();
+        written += take;
+    }
+    file.flush().unwrap();
+}
+
+fn sha256_of(path: &Path) -> [u8; 32] {
+    let mut file = std::fs::File::open(path).unwrap();
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let read = file.read(&mut buffer).unwrap();
+        if read == 0 {
+            return hasher.finalize().into();
+        }
+        hasher.update(&buffer[..read]);
+    }
+}
+
+fn json(profile: &Path, args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["--json"];
+    full.extend_from_slice(args);
+    serde_json::from_str(&miyu_ok(profile, &full)).unwrap()
+}
+
+/// The id of the file called `name` in `profile`'s conversation with `contact`, after a sync.
+fn file_id(profile: &Path, contact: &str, name: &str) -> i64 {
+    miyu_ok(profile, &["sync"]);
+    let files = json(profile, &["files", contact]);
+    files
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|file| file["name"] == name)
+        .unwrap_or_else(|| panic!("no file {name} in {files}"))["id"]
+        .as_i64()
+        .unwrap()
+}
+
+/// The blob files the server keeps.
+fn blob_files(server: &Server) -> Vec<PathBuf> {
+    let folder = server.data.join("blobs");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
+/// Starts a `miyu` command whose stderr the test reads.
+fn spawn_miyu(profile: &Path, args: &[&str]) -> Child {
+    miyu_command()
+        .arg("--profile")
+        .arg(profile)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Kills `child` as soon as its progress lines report at least `percent`.
+fn kill_at(mut child: Child, verb: &str, percent: u64) {
+    let stderr = child.stderr.take().unwrap();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        let reached = line
+            .strip_prefix(verb)
+            .and_then(|rest| rest.trim().split('%').next())
+            .and_then(|number| number.parse::<u64>().ok())
+            .is_some_and(|at| at >= percent);
+        if reached {
+            assert!(
+                at_most(&line, 90),
+                "killed too late to test resuming: {line}"
+            );
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return;
+        }
+    }
+    panic!("{verb} never reached {percent}%: {:?}", child.wait());
+}
+
+fn at_most(line: &str, percent: u64) -> bool {
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|p| p.trim_end_matches('%').parse::<u64>().ok())
+        .is_some_and(|at| at <= percent)
+}
+
+#[test]
+fn a_200_mb_file_round_trips_with_its_hash_and_the_server_sees_only_ciphertext() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+    let marker = b"PLAINTEXT-MARKER-7c1d";
+    let name = "quarterly-plan-NAMEMARKER.bin";
+    let original = root.path().join(name);
+    write_file(&original, 200 << 20, marker);
+
+    let sent = json(
+        &pair.alice,
+        &["send-file", "bob", original.to_str().unwrap()],
+    );
+    assert_eq!(sent["size"], 200 << 20);
+    assert_eq!(sent["metadata_stripped"], false);
+    let id = file_id(&pair.bob, "alice", name);
+    let listed = json(&pair.bob, &["files", "alice"]);
+    assert_eq!(listed[0]["size"], 200 << 20);
+    assert_eq!(listed[0]["sender"], "alice");
+    let messages = miyu_ok(&pair.bob, &["messages", "alice"]);
+    assert!(messages.contains(name), "{messages}");
+
+    let out = root.path().join("received.bin");
+    miyu_ok(
+        &pair.bob,
+        &[
+            "download",
+            "alice",
+            &id.to_string(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(sha256_of(&out), sha256_of(&original));
+
+    // The server holds one blob of ciphertext a little larger than the file, and none of its
+    // files (database, blobs, log) contains the file's bytes or its name.
+    let blobs = blob_files(&server);
+    assert_eq!(blobs.len(), 1);
+    let blob_len = std::fs::metadata(&blobs[0]).unwrap().len();
+    assert!(blob_len > 200 << 20 && blob_len < (200 << 20) + (1 << 20));
+    for needle in [&marker[..], b"NAMEMARKER", b"quarterly-plan"] {
+        assert_eq!(
+            count_in_files(&[original.clone()], needle).min(1),
+            u64::from(needle == marker) as usize
+        );
+        assert_eq!(
+            count_in_files(&server.files(), needle),
+            0,
+            "{} found on the server",
+            String::from_utf8_lossy(needle)
+        );
+    }
+}
+
+#[test]
+fn killed_uploads_and_downloads_resume_where_they_stopped() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+    let original = root.path().join("big.bin");
+    write_file(&original, 160 << 20, b"resume");
+
+    let uploader = spawn_miyu(
+        &pair.alice,
+        &["send-file", "bob", original.to_str().unwrap()],
+    );
+    kill_at(uploader, "sent", 30);
+    let output = miyu(
+        &pair.alice,
+        &["send-file", "bob", original.to_str().unwrap()],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("resuming:"),
+        "the upload started over: {stderr}"
+    );
+    // One blob: the second run continued the first one's.
+    assert_eq!(blob_files(&server).len(), 1);
+
+    let id = file_id(&pair.bob, "alice", "big.bin").to_string();
+    let out = root.path().join("down.bin");
+    let args = ["download", "alice", &id, "--out", out.to_str().unwrap()];
+    let downloader = spawn_miyu(&pair.bob, &args);
+    kill_at(downloader, "downloaded", 30);
+    assert!(!out.exists());
+    let output = miyu(&pair.bob, &args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("resuming:"),
+        "the download started over: {stderr}"
+    );
+    assert_eq!(sha256_of(&out), sha256_of(&original));
+}
+
+#[test]
+fn a_damaged_or_truncated_server_copy_is_refused_with_a_clear_error() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+    let original = root.path().join("doc.bin");
+    write_file(&original, 3 << 20, b"damage");
+    miyu_ok(
+        &pair.alice,
+        &["send-file", "bob", original.to_str().unwrap()],
+    );
+    let id = file_id(&pair.bob, "alice", "doc.bin").to_string();
+    let blob = blob_files(&server).remove(0);
+    let pristine = std::fs::read(&blob).unwrap();
+
+    // One flipped bit in the middle of the stored ciphertext.
+    let mut flipped = pristine.clone();
+    flipped[pristine.len() / 2] ^= 0x01;
+    std::fs::write(&blob, &flipped).unwrap();
+    let out = root.path().join("out.bin");
+    let args = ["download", "alice", &id, "--out", out.to_str().unwrap()];
+    let output = miyu(&pair.bob, &args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("was altered on the server"), "{stderr}");
+    assert!(!out.exists());
+
+    // The last chunks cut off.
+    std::fs::write(&blob, &pristine[..pristine.len() - 70_000]).unwrap();
+    let output = miyu(&pair.bob, &args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("truncated"), "{stderr}");
+    assert!(!out.exists());
+
+    // Restored, the same command finishes the download and the file checks out.
+    std::fs::write(&blob, &pristine).unwrap();
+    miyu_ok(&pair.bob, &args);
+    assert_eq!(sha256_of(&out), sha256_of(&original));
+}
+
+#[test]
+fn strangers_unsigned_and_replayed_requests_cannot_download() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+    let original = root.path().join("private.bin");
+    write_file(&original, 100_000, b"private");
+    miyu_ok(
+        &pair.alice,
+        &["send-file", "bob", original.to_str().unwrap()],
+    );
+    let blob = blob_files(&server).remove(0);
+    let path = format!("/v1/blobs/{}", blob.file_name().unwrap().to_str().unwrap());
+    let address: miyu_proto::ServerAddress = server.address.parse().unwrap();
+
+    runtime().block_on(async {
+        let (_connection, stranger) = register(&address).await;
+        let mut http = miyu_client::files::BlobClient::new(&stranger, &address, None);
+        // No signature, or a malformed one: refused before anything is looked up.
+        assert_eq!(http.status_of("GET", &path, None).await.unwrap(), 401);
+        assert_eq!(
+            http.status_of("GET", &path, Some("Miyu x.1.y.z"))
+                .await
+                .unwrap(),
+            401
+        );
+        // Signed by a registered device that is not in the conversation.
+        let signed = http.authorization("GET", &path);
+        assert_eq!(
+            http.status_of("GET", &path, Some(&signed)).await.unwrap(),
+            403
+        );
+        assert_eq!(
+            http.status_of("HEAD", &path, Some(&http.authorization("HEAD", &path)))
+                .await
+                .unwrap(),
+            403
+        );
+        // The same signed request again is a replay.
+        assert_eq!(
+            http.status_of("GET", &path, Some(&signed)).await.unwrap(),
+            401
+        );
+        // A signature for another path or method does not carry over.
+        let other = http.authorization("GET", "/v1/blobs/elsewhere");
+        assert_eq!(
+            http.status_of("GET", &path, Some(&other)).await.unwrap(),
+            401
+        );
+        // Uploading into someone else's blob.
+        let patch = http.authorization("PATCH", &path);
+        assert_eq!(
+            http.status_of("PATCH", &path, Some(&patch)).await.unwrap(),
+            403
+        );
+    });
+    // Bob, a member, still gets it.
+    let id = file_id(&pair.bob, "alice", "private.bin").to_string();
+    let out = root.path().join("got.bin");
+    miyu_ok(
+        &pair.bob,
+        &["download", "alice", &id, "--out", out.to_str().unwrap()],
+    );
+    assert_eq!(sha256_of(&out), sha256_of(&original));
+}
+
+#[test]
+fn deleting_an_account_removes_its_blob_files() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+    let original = root.path().join("gone.bin");
+    write_file(&original, 200_000, b"gone");
+    miyu_ok(
+        &pair.alice,
+        &["send-file", "bob", original.to_str().unwrap()],
+    );
+    let blob = blob_files(&server).remove(0);
+    miyu_ok(&pair.alice, &["account", "delete", "--yes"]);
+    // The deletion wakes the sweep; the file goes once it has run. Bob's download is the
+    // event to wait for: it fails once the row is gone, which happens before the reply.
+    let id = file_id(&pair.bob, "alice", "gone.bin").to_string();
+    let output = miyu(&pair.bob, &["download", "alice", &id]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("no longer on the server"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    wait_until_gone(&blob);
+}
+
+/// Waits for a file to be deleted by the server's sweep, which the test triggered.
+fn wait_until_gone(path: &Path) {
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    while path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} was never deleted",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
