@@ -364,3 +364,146 @@ fn wait_until_gone(path: &Path) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Whether exiftool can be run; its absence fails the test when MIYU_REQUIRE_EXIFTOOL=1.
+fn exiftool_present() -> bool {
+    let present = std::process::Command::new("exiftool")
+        .arg("-ver")
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !present {
+        assert!(
+            std::env::var_os("MIYU_REQUIRE_EXIFTOOL").is_none_or(|value| value != "1"),
+            "MIYU_REQUIRE_EXIFTOOL=1 but exiftool cannot be run (Debian: libimage-exiftool-perl)"
+        );
+        eprintln!("note: exiftool not found, so the photo test did not run");
+    }
+    present
+}
+
+/// What exiftool reads in a file, tag by tag (group:name), without the file system's own.
+fn exif_tags(path: &Path) -> serde_json::Map<String, serde_json::Value> {
+    let output = std::process::Command::new("exiftool")
+        .args(["-j", "-G1", "-a", "-n"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let files: Vec<serde_json::Map<String, serde_json::Value>> =
+        serde_json::from_slice(&output.stdout).unwrap();
+    files.into_iter().next().unwrap()
+}
+
+fn has_tag(tags: &serde_json::Map<String, serde_json::Value>, group: &str) -> bool {
+    tags.keys().any(|key| key.starts_with(group))
+}
+
+#[test]
+fn a_photo_arrives_without_its_gps_position_and_serial_unless_asked() {
+    if !exiftool_present() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+
+    // A real JPEG, tagged the way a phone tags it.
+    let picture = image::RgbImage::from_fn(64, 48, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 5) as u8, ((x + y) * 3) as u8])
+    });
+    let photo = root.path().join("holiday.jpg");
+    picture.save(&photo).unwrap();
+    let tagged = std::process::Command::new("exiftool")
+        .args([
+            "-overwrite_original",
+            "-GPSLatitude=48.8583",
+            "-GPSLatitudeRef=N",
+            "-GPSLongitude=2.2945",
+            "-GPSLongitudeRef=E",
+            "-SerialNumber=MIYU-SERIAL-4711",
+            "-DateTimeOriginal=2021:07:14 10:00:00",
+            "-XMP-dc:Creator=Miyu Test Photographer",
+            "-IPTC:City=Secretville",
+        ])
+        .arg(&photo)
+        .output()
+        .unwrap();
+    assert!(tagged.status.success());
+    let before = exif_tags(&photo);
+    for group in ["GPS:", "XMP-dc:", "IPTC:"] {
+        assert!(
+            has_tag(&before, group),
+            "the test photo lacks {group}: {before:?}"
+        );
+    }
+    let kept = root.path().join("holiday-kept.jpg");
+    std::fs::copy(&photo, &kept).unwrap();
+
+    let sent = json(&pair.alice, &["send-file", "bob", photo.to_str().unwrap()]);
+    assert_eq!(sent["metadata_stripped"], true);
+    json(
+        &pair.alice,
+        &[
+            "send-file",
+            "bob",
+            kept.to_str().unwrap(),
+            "--keep-metadata",
+        ],
+    );
+    let stripped_id = file_id(&pair.bob, "alice", "holiday.jpg").to_string();
+    let kept_id = file_id(&pair.bob, "alice", "holiday-kept.jpg").to_string();
+    let received = root.path().join("received.jpg");
+    let received_kept = root.path().join("received-kept.jpg");
+    miyu_ok(
+        &pair.bob,
+        &[
+            "download",
+            "alice",
+            &stripped_id,
+            "--out",
+            received.to_str().unwrap(),
+        ],
+    );
+    miyu_ok(
+        &pair.bob,
+        &[
+            "download",
+            "alice",
+            &kept_id,
+            "--out",
+            received_kept.to_str().unwrap(),
+        ],
+    );
+
+    let after = exif_tags(&received);
+    for group in ["GPS:", "XMP", "IPTC:", "ExifIFD:", "Photoshop:"] {
+        assert!(!has_tag(&after, group), "{group} survived: {after:?}");
+    }
+    let bytes = std::fs::read(&received).unwrap();
+    for secret in [
+        "MIYU-SERIAL-4711",
+        "Secretville",
+        "Miyu Test Photographer",
+        "2021:07:14",
+    ] {
+        assert_eq!(
+            count_in_files(&[received.clone()], secret.as_bytes()),
+            0,
+            "{secret}"
+        );
+    }
+    // Not re-encoded: the same pixels, decoded.
+    let original_pixels = image::open(&photo).unwrap().to_rgb8();
+    let received_pixels = image::load_from_memory(&bytes).unwrap().to_rgb8();
+    assert_eq!(original_pixels, received_pixels);
+    // Asked to keep it, the metadata goes along unchanged.
+    assert_eq!(
+        std::fs::read(&received_kept).unwrap(),
+        std::fs::read(&kept).unwrap()
+    );
+    assert!(has_tag(&exif_tags(&received_kept), "GPS:"));
+}

@@ -472,6 +472,29 @@ fn a_proxied_client_reaches_its_server_only_through_the_proxy_across_network_nam
             "me: and back the same way"
         ]
     );
+    // Files travel over HTTPS to the blob endpoints: through the proxy as well.
+    let file = root.path().join("notes.txt");
+    std::fs::write(&file, "a file through the proxy\n".repeat(10_000)).unwrap();
+    clients.ok("alice", &["send-file", "bob", file.to_str().unwrap()]);
+    clients.ok("bob", &["sync"]);
+    let listed: serde_json::Value =
+        serde_json::from_str(&clients.ok("bob", &["--json", "files", "alice"])).unwrap();
+    let id = listed[0]["id"].as_i64().unwrap().to_string();
+    let received = root.path().join("received.txt");
+    clients.ok(
+        "bob",
+        &[
+            "download",
+            "alice",
+            &id,
+            "--out",
+            received.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        std::fs::read(&received).unwrap(),
+        std::fs::read(&file).unwrap()
+    );
     let proxied = net.traffic().since(before);
     eprintln!("packets out of the client namespace, proxied clients: {proxied:?}");
     assert!(
