@@ -1,5 +1,6 @@
-//! What the benchmark ran on, and how much CPU time it used, read from `/proc` (Linux). Missing
-//! files make the figures absent, never the benchmark fail.
+//! What the benchmark ran on, and how much CPU time and memory it and the processes it starts
+//! used, read from `/proc` (Linux). Missing files make the figures absent, never the benchmark
+//! fail.
 
 use serde::Serialize;
 
@@ -70,14 +71,54 @@ fn cpu_seconds(stat_path: &str) -> Option<f64> {
         .map(|ticks| ticks as f64 / TICKS_PER_SECOND)
 }
 
-/// utime + stime from a `/proc/.../stat` line. The command name may hold spaces and
-/// parentheses, so fields are counted from the last `)`.
+/// CPU seconds (user + system) used so far by another process.
+pub(crate) fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds used by the child processes this process has waited for, all together. The
+/// kernel adds a child's time when it is reaped, so the difference across one `wait` is
+/// exactly that child's.
+pub(crate) fn waited_children_cpu_seconds() -> Option<f64> {
+    parse_children_cpu_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)
+        .map(|ticks| ticks as f64 / TICKS_PER_SECOND)
+}
+
+/// The high-water mark of a process's resident memory so far, in KiB; `None` once it has
+/// exited.
+pub(crate) fn peak_resident_kib(pid: u32) -> Option<u64> {
+    parse_peak_resident_kib(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// utime + stime from a `/proc/.../stat` line.
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    sum_of_stat_fields(stat, 11)
+}
+
+/// cutime + cstime (reaped children) from a `/proc/.../stat` line.
+fn parse_children_cpu_ticks(stat: &str) -> Option<u64> {
+    sum_of_stat_fields(stat, 13)
+}
+
+/// The sum of two adjacent numeric fields, counted from the state field. The command name may
+/// hold spaces and parentheses, so fields are counted from the last `)`.
+fn sum_of_stat_fields(stat: &str, first: usize) -> Option<u64> {
     let (_, after_name) = stat.rsplit_once(')')?;
-    let mut fields = after_name.split_whitespace().skip(11);
-    let user: u64 = fields.next()?.parse().ok()?;
-    let system: u64 = fields.next()?.parse().ok()?;
-    Some(user + system)
+    let mut fields = after_name.split_whitespace().skip(first);
+    let one: u64 = fields.next()?.parse().ok()?;
+    let other: u64 = fields.next()?.parse().ok()?;
+    Some(one + other)
+}
+
+/// `VmHWM` from `/proc/PID/status`, which the kernel gives in kB (meaning KiB).
+fn parse_peak_resident_kib(status: &str) -> Option<u64> {
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    line.trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Busy CPU seconds of the whole machine, from the first line of `/proc/stat`.
@@ -184,6 +225,21 @@ mod tests {
         let stat = "4242 (tokio (worker) 1) S 1 2 3 4 5 6 7 8 9 10 250 75 0 0 20 0";
         assert_eq!(parse_cpu_ticks(stat), Some(325));
         assert_eq!(parse_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn reaped_children_time_follows_the_process_own_time() {
+        let stat = "4242 (miyu bench) S 1 2 3 4 5 6 7 8 9 10 250 75 40 2 20 0";
+        assert_eq!(parse_children_cpu_ticks(stat), Some(42));
+        assert_eq!(parse_children_cpu_ticks("4242 (short) S 1 2"), None);
+    }
+
+    #[test]
+    fn peak_resident_memory_is_the_high_water_mark_line() {
+        let status = "Name:\tmiyu\nVmPeak:\t  900000 kB\nVmHWM:\t   65432 kB\nVmRSS:\t   1000 kB\n";
+        assert_eq!(parse_peak_resident_kib(status), Some(65432));
+        // A process that has exited (a zombie) has no memory lines.
+        assert_eq!(parse_peak_resident_kib("Name:\tmiyu\nState:\tZ (zombie)\n"), None);
     }
 
     #[test]
