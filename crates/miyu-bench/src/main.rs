@@ -1,16 +1,19 @@
-//! `miyu-bench`: measures a Miyu delivery server through its real network protocol (TLS,
-//! WebSocket, protobuf frames), against a server started in-process on 127.0.0.1 or one named
-//! with `--server`.
+//! `miyu-bench`: measures Miyu through its real network protocol (TLS, WebSocket, protobuf
+//! frames, HTTPS for files), against a server started in-process on 127.0.0.1, one named with
+//! `--server`, or the release binaries run as processes.
 //!
 //! - `relay`: raw protocol connections post opaque payloads as fast as a bounded window allows;
 //!   how many messages a second the server durably stores and delivers.
 //! - `latency`: real clients (MLS, local SQLite) send at a fixed rate; how long from the start
 //!   of sending until the receiver has decrypted the message.
+//! - `files`: one `miyu` process sends a file end-to-end encrypted through a `miyu-server`
+//!   process and another downloads it; throughput, and peak memory of each process.
 //!
 //! Every run is bounded in messages and time and stops by itself. Timing uses the monotonic
 //! clock only and is reported, never relied on for correctness.
 
 mod embedded;
+mod files;
 mod latency;
 mod machine;
 mod relay;
@@ -27,6 +30,7 @@ use miyu_server::StoreBackend;
 use serde::Serialize;
 
 use crate::embedded::EmbeddedServer;
+use crate::files::{FilesOutcome, FilesPlan};
 use crate::latency::{LatencyOutcome, LatencyPlan};
 use crate::machine::Machine;
 use crate::relay::{RelayOutcome, RelayPlan};
@@ -51,6 +55,9 @@ enum Scenario {
     Relay(RelayArgs),
     /// End-to-end latency with real clients sending at a fixed rate.
     Latency(LatencyArgs),
+    /// End-to-end encrypted file transfer between `miyu` processes through a `miyu-server`
+    /// process, all found next to this program.
+    Files(FilesArgs),
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +107,18 @@ struct LatencyArgs {
     /// Measure this server (wss://HOST:PORT/#FINGERPRINT) instead of an embedded one.
     #[arg(long)]
     server: Option<ServerAddress>,
+}
+
+#[derive(Debug, Args)]
+struct FilesArgs {
+    /// Size of the file: bytes, or K, M, G in powers of 1024 (1G = 1 GiB), at most 4G. The
+    /// disk needs about three times this free: the file, the server's copy, the download.
+    #[arg(long, default_value = "1G", value_parser = files::parse_size)]
+    size: u64,
+    /// Create the profiles with `miyu init --no-passphrase` (the key kept in a file), so that
+    /// no passphrase derivation (Argon2id, 64 MiB) is in the times and memory peaks.
+    #[arg(long)]
+    no_passphrase: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -163,6 +182,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.scenario {
         Scenario::Relay(args) => relay(args, machine, epoch, cli.json).await,
         Scenario::Latency(args) => latency(args, machine, epoch, cli.json).await,
+        Scenario::Files(args) => files(args, machine, cli.json),
     }
 }
 
@@ -373,6 +393,111 @@ fn print_latency(report: &LatencyReport) {
     }
     println!("  {}", outcome.cpu);
     println!("  setup {:.2} s", outcome.setup_seconds);
+    println!(
+        "machine: {} ({} logical cores), shared by the clients and the server",
+        report.machine.cpu_model, report.machine.logical_cores
+    );
+}
+
+#[derive(Debug, Serialize)]
+struct FilesReport {
+    scenario: &'static str,
+    target: String,
+    binaries: String,
+    machine: Machine,
+    #[serde(flatten)]
+    outcome: FilesOutcome,
+}
+
+/// Runs the processes from this thread: they are the measurement, the runtime is idle.
+fn files(args: FilesArgs, machine: Machine, json: bool) -> Result<()> {
+    let max = miyu_crypto::file::MAX_FILE_BYTES;
+    ensure!(
+        (1..=max).contains(&args.size),
+        "--size must be between 1 byte and 4G"
+    );
+    let executable = std::env::current_exe().context("finding this program")?;
+    let binaries = executable
+        .parent()
+        .context("finding the folder of this program")?;
+    let plan = FilesPlan {
+        size_bytes: args.size,
+        passphrase: !args.no_passphrase,
+    };
+    let outcome = files::run(&plan, binaries, &std::env::temp_dir())?;
+    let report = FilesReport {
+        scenario: "files",
+        target: "miyu-server process, SQLite store, clients as miyu processes".into(),
+        binaries: binaries.display().to_string(),
+        machine,
+        outcome,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).context("writing JSON")?
+        );
+    } else {
+        print_files(&report);
+    }
+    Ok(())
+}
+
+fn print_files(report: &FilesReport) {
+    let outcome = &report.outcome;
+    let mib = |kib: Option<u64>| kib.map_or("?".into(), |kib| format!("{:.1}", kib as f64 / 1024.0));
+    let seconds = |value: Option<f64>| value.map_or("?".into(), |value| format!("{value:.2}"));
+    println!(
+        "files: {:.2} GiB ({} bytes) from alice to bob through miyu-server, processes on 127.0.0.1, profiles {}",
+        outcome.size_bytes as f64 / f64::from(1u32 << 30),
+        outcome.size_bytes,
+        if outcome.passphrase {
+            "unlocked with a passphrase (Argon2id) by every command"
+        } else {
+            "with their key in a file (no passphrase)"
+        }
+    );
+    println!(
+        "  {:<26} {:>8} {:>9} {:>14} {:>10} {:>10}",
+        "command", "time s", "MB/s", "peak RSS MiB", "CPU s", "server CPU"
+    );
+    let rows = [
+        ("start-up (contacts)", &outcome.start_up, None),
+        (
+            "upload (send-file)",
+            &outcome.upload,
+            Some(outcome.upload_mb_per_second),
+        ),
+        ("receive message (sync)", &outcome.receive_message, None),
+        (
+            "download",
+            &outcome.download,
+            Some(outcome.download_mb_per_second),
+        ),
+    ];
+    for (name, step, rate) in rows {
+        println!(
+            "  {:<26} {:>8.2} {:>9} {:>14} {:>10} {:>10}",
+            name,
+            step.seconds,
+            rate.map_or(String::new(), |rate| format!("{rate:.0}")),
+            mib(step.peak_rss_kib),
+            seconds(step.cpu_seconds),
+            seconds(step.server_cpu_seconds)
+        );
+    }
+    println!(
+        "  end to end (upload + download): {:.0} MB/s; without the start-up time: upload {:.0} MB/s, download {:.0} MB/s",
+        outcome.end_to_end_mb_per_second,
+        outcome.upload_without_start_up_mb_per_second,
+        outcome.download_without_start_up_mb_per_second
+    );
+    println!(
+        "  server peak RSS {} MiB; the download's SHA-256 matches the original ({})",
+        mib(outcome.server_peak_rss_kib),
+        outcome.sha256
+    );
+    println!("  setup {:.2} s; binaries from {}", outcome.setup_seconds, report.binaries);
     println!(
         "machine: {} ({} logical cores), shared by the clients and the server",
         report.machine.cpu_model, report.machine.logical_cores

@@ -163,11 +163,8 @@ fn a_200_mb_file_round_trips_with_its_hash_and_the_server_sees_only_ciphertext()
     assert_eq!(blobs.len(), 1);
     let blob_len = std::fs::metadata(&blobs[0]).unwrap().len();
     assert!(blob_len > 200 << 20 && blob_len < (200 << 20) + (1 << 20));
+    assert!(count_in_files(std::slice::from_ref(&original), marker) > 0);
     for needle in [&marker[..], b"NAMEMARKER", b"quarterly-plan"] {
-        assert_eq!(
-            count_in_files(&[original.clone()], needle).min(1),
-            u64::from(needle == marker) as usize
-        );
         assert_eq!(
             count_in_files(&server.files(), needle),
             0,
@@ -491,7 +488,7 @@ fn a_photo_arrives_without_its_gps_position_and_serial_unless_asked() {
         "2021:07:14",
     ] {
         assert_eq!(
-            count_in_files(&[received.clone()], secret.as_bytes()),
+            count_in_files(std::slice::from_ref(&received), secret.as_bytes()),
             0,
             "{secret}"
         );

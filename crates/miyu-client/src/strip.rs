@@ -14,9 +14,9 @@
 //! ```
 //!
 //! What is kept is chosen by an allow-list, so metadata in places this module has never heard
-//! of goes too: only what a decoder needs, the colour description (ICC profiles and their PNG
-//! and WebP relatives) and the EXIF orientation, which is written anew as a lone tag so that
-//! portrait photos are still shown upright. It does not look inside the ICC profile, and it
+//! of goes too: only what a decoder needs, the colour description (the ICC profile, and in PNG
+//! also sRGB, gAMA, cHRM, cICP and the HDR chunks), animation, and the EXIF orientation, which
+//! is written anew as a lone tag so that portrait photos are still shown upright. It does not look inside the ICC profile, and it
 //! does not touch the pixels: a face or a street sign in the picture stays there.
 
 use img_parts::Bytes;
@@ -69,8 +69,8 @@ pub fn sniff(prefix: &[u8]) -> Option<ImageKind> {
 /// Largest image stripped (it is held in memory whole).
 pub const MAX_STRIP_BYTES: u64 = 48 * 1024 * 1024;
 
-/// Why an image could not be stripped. Nothing is sent in that case: an image that cannot be
-/// parsed cannot be shown to be free of metadata.
+/// Why an image could not be stripped. Such an image should not be sent as it is: what cannot
+/// be parsed cannot be shown to be free of metadata.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StripError {
@@ -83,6 +83,10 @@ pub enum StripError {
 }
 
 /// Returns the image without its metadata.
+///
+/// `kind` is the image's real format, as [`sniff`] tells it; bytes of another format are
+/// [`StripError::Malformed`]. A JPEG cut short inside its image data is accepted, as decoders
+/// show what there is; anything cut short before is refused.
 pub fn strip_metadata(kind: ImageKind, bytes: Vec<u8>) -> Result<Vec<u8>, StripError> {
     let size = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
     if size > MAX_STRIP_BYTES {

@@ -14,6 +14,8 @@ use image::codecs::png::PngEncoder;
 use image::codecs::webp::WebPEncoder;
 use image::{ExtendedColorType, ImageEncoder, RgbImage};
 use miyu_client::strip::{ImageKind, sniff, strip_metadata};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::{Map, Value};
 
 /// Values planted in the images that must not survive stripping, in any tag.
@@ -26,6 +28,9 @@ const SECRETS: &[&str] = &[
     "Secretville",
     "meet me at the tower",
 ];
+
+/// Random corruptions tried per format.
+const CORRUPTIONS: usize = 2000;
 
 /// The orientation planted: "rotate 90° clockwise", what a phone held upright writes.
 const ORIENTATION: u64 = 6;
@@ -58,6 +63,35 @@ fn every_prefix_of_a_tagged_image_is_refused_or_clean() {
             // and a PNG cut between two chunks is a shorter PNG; what comes out must be clean.
             if let Ok(stripped) = strip_metadata(kind, tagged[..length].to_vec()) {
                 assert_no_secret_bytes(&stripped, &format!("{kind} cut to {length} bytes"));
+            }
+        }
+    }
+}
+
+#[test]
+fn corrupted_images_are_refused_or_stripped_to_a_fixed_point() {
+    let folder = tempfile::tempdir().unwrap();
+    let tagged = exiftool_runs();
+    let mut random = StdRng::seed_from_u64(0x5712);
+    for kind in [ImageKind::Jpeg, ImageKind::Png, ImageKind::Webp] {
+        let original = if tagged {
+            tagged_image(kind, folder.path())
+        } else {
+            encode(kind)
+        };
+        for _ in 0..CORRUPTIONS {
+            let mut corrupted = original.clone();
+            for _ in 0..random.gen_range(1..=4) {
+                let at = random.gen_range(0..corrupted.len());
+                corrupted[at] = random.r#gen();
+            }
+            if let Ok(stripped) = strip_metadata(kind, corrupted) {
+                assert_eq!(sniff(&stripped), Some(kind));
+                let again = strip_metadata(kind, stripped.clone()).unwrap();
+                assert!(
+                    again == stripped,
+                    "{kind}: stripping again changed the image"
+                );
             }
         }
     }
@@ -339,10 +373,7 @@ fn assert_no_secret_bytes(bytes: &[u8], what: &str) {
 
 /// Whether exiftool can be run; its absence fails the test when MIYU_REQUIRE_EXIFTOOL=1.
 fn exiftool_present() -> bool {
-    let present = Command::new("exiftool")
-        .arg("-ver")
-        .output()
-        .is_ok_and(|output| output.status.success());
+    let present = exiftool_runs();
     if !present {
         let required = std::env::var_os("MIYU_REQUIRE_EXIFTOOL").is_some_and(|value| value == "1");
         assert!(
@@ -354,4 +385,11 @@ fn exiftool_present() -> bool {
         );
     }
     present
+}
+
+fn exiftool_runs() -> bool {
+    Command::new("exiftool")
+        .arg("-ver")
+        .output()
+        .is_ok_and(|output| output.status.success())
 }
