@@ -37,6 +37,9 @@ pub(crate) const CHECKPOINT_BYTES: u64 = 32 * 1024 * 1024;
 const READ_PIECE: usize = 256 * 1024;
 /// Bytes gathered before one write to the blob file.
 const WRITE_BUFFER: usize = 1024 * 1024;
+/// An upload that sends nothing for this long is ended (what arrived is kept), so that a
+/// vanished client does not hold its blob's upload slot.
+const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Signed requests remembered to refuse replays; more than this at once is refused.
 const MAX_REMEMBERED_NONCES: usize = 200_000;
 
@@ -440,12 +443,13 @@ async fn receive(
     let mut stream = body.into_data_stream();
     let mut too_long = false;
     loop {
-        let piece: Option<Bytes> = match stream.next().await {
-            Some(Ok(bytes)) => Some(bytes),
-            // The client went away: keep what arrived (it is authenticated by TLS) so that it
-            // can resume from there.
-            Some(Err(_)) | None => None,
-        };
+        let piece: Option<Bytes> =
+            match tokio::time::timeout(BODY_IDLE_TIMEOUT, stream.next()).await {
+                Ok(Some(Ok(bytes))) => Some(bytes),
+                // The client went away or went quiet: keep what arrived (TLS authenticated it) so
+                // that it can resume from there.
+                Ok(Some(Err(_)) | None) | Err(_) => None,
+            };
         let Some(piece) = piece else { break };
         let room = record.size - written - buffer.len() as u64;
         if piece.len() as u64 > room {
