@@ -504,3 +504,33 @@ fn a_photo_arrives_without_its_gps_position_and_serial_unless_asked() {
     );
     assert!(has_tag(&exif_tags(&received_kept), "GPS:"));
 }
+
+#[test]
+fn the_server_enforces_its_size_limit_and_each_accounts_quota() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &root.path().join("server"),
+        "127.0.0.1:0",
+        &["--blob-max-mb", "2", "--blob-quota-mb", "2"],
+    );
+    let pair = connect_pair(root.path(), &server.address);
+    let big = root.path().join("big.bin");
+    write_file(&big, 2 << 20, b"big");
+    let small = root.path().join("small.bin");
+    write_file(&small, 1_500_000, b"small");
+
+    // 2 MiB of file is a little more than 2 MiB of ciphertext.
+    let output = miyu(&pair.alice, &["send-file", "bob", big.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("at most 2097152 bytes"), "{stderr}");
+
+    miyu_ok(&pair.alice, &["send-file", "bob", small.to_str().unwrap()]);
+    let output = miyu(&pair.alice, &["send-file", "bob", small.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("quota"), "{stderr}");
+    // Nothing of the refused uploads is stored, and the other account's quota is its own.
+    assert_eq!(blob_files(&server).len(), 1);
+    miyu_ok(&pair.bob, &["send-file", "alice", small.to_str().unwrap()]);
+}
