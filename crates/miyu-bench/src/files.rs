@@ -29,7 +29,9 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::machine::{peak_resident_kib, process_cpu_seconds, waited_children_cpu_seconds};
+use crate::machine::{
+    machine_busy_seconds, peak_resident_kib, process_cpu_seconds, waited_children_cpu_seconds,
+};
 
 /// What one run does.
 #[derive(Debug, Clone)]
@@ -80,6 +82,9 @@ pub(crate) struct Step {
     pub(crate) cpu_seconds: Option<f64>,
     /// User + system CPU of the server while the command ran.
     pub(crate) server_cpu_seconds: Option<f64>,
+    /// Busy CPU of every other process meanwhile: well above zero means the measurement was
+    /// disturbed.
+    pub(crate) other_cpu_seconds: Option<f64>,
 }
 
 /// Runs of `miyu contacts` whose median is the start-up cost.
@@ -98,7 +103,9 @@ pub(crate) fn run(plan: &FilesPlan, binaries: &Path, parent: &Path) -> Result<Fi
         .prefix("miyu-bench-files-")
         .tempdir_in(parent)
         .with_context(|| format!("creating a temporary folder in {}", parent.display()))?;
-    let original = folder.path().join(format!("miyu-bench-{}.bin", plan.size_bytes));
+    let original = folder
+        .path()
+        .join(format!("miyu-bench-{}.bin", plan.size_bytes));
     let sha256 = write_random_file(&original, plan.size_bytes)?;
 
     let setup_started = Instant::now();
@@ -225,8 +232,7 @@ fn median_step(mut steps: Vec<Step>) -> Step {
 /// flushes them to disk so that no write-back runs during the measurement, and returns their
 /// SHA-256 in hex.
 fn write_random_file(path: &Path, size: u64) -> Result<String> {
-    let mut file =
-        File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut state: u64 = rand::random::<u64>() | 1;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; WRITE_PIECE];
@@ -325,8 +331,7 @@ impl ServerProcess {
     fn start(binary: &Path, folder: &Path) -> Result<Self> {
         let data = folder.join("server");
         let log = folder.join("server.log");
-        let log_file =
-            File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut child = without_miyu_settings(&mut Command::new(binary))
             .arg("--data")
             .arg(&data)
@@ -443,6 +448,7 @@ impl Clients {
 
         let children_before = waited_children_cpu_seconds();
         let server_before = process_cpu_seconds(self.server_pid);
+        let machine_before = machine_busy_seconds();
         let started = Instant::now();
         let mut child = command.spawn().with_context(|| {
             format!(
@@ -450,11 +456,12 @@ impl Clients {
                 self.binary.display()
             )
         })?;
-        let (status, peak_rss_kib) = wait_sampling_memory(&mut child)
-            .with_context(|| format!("waiting for miyu {what}"))?;
+        let (status, peak_rss_kib) =
+            wait_sampling_memory(&mut child).with_context(|| format!("waiting for miyu {what}"))?;
         let seconds = started.elapsed().as_secs_f64();
         let server_after = process_cpu_seconds(self.server_pid);
         let children_after = waited_children_cpu_seconds();
+        let machine_after = machine_busy_seconds();
 
         ensure!(
             status.success(),
@@ -464,13 +471,19 @@ impl Clients {
         let stdout = std::fs::read_to_string(&stdout_path)
             .with_context(|| format!("reading {}", stdout_path.display()))?;
         let difference = |after: Option<f64>, before: Option<f64>| Some(after? - before?);
+        let cpu_seconds = difference(children_after, children_before);
+        let server_cpu_seconds = difference(server_after, server_before);
+        let other_cpu_seconds = difference(machine_after, machine_before).map(|machine| {
+            (machine - cpu_seconds.unwrap_or(0.0) - server_cpu_seconds.unwrap_or(0.0)).max(0.0)
+        });
         Ok(Ran {
             stdout,
             step: Step {
                 seconds,
                 peak_rss_kib,
-                cpu_seconds: difference(children_after, children_before),
-                server_cpu_seconds: difference(server_after, server_before),
+                cpu_seconds,
+                server_cpu_seconds,
+                other_cpu_seconds,
             },
         })
     }
@@ -534,6 +547,7 @@ mod tests {
             peak_rss_kib: Some(peak),
             cpu_seconds: None,
             server_cpu_seconds: None,
+            other_cpu_seconds: None,
         };
         let median = median_step(vec![step(0.5, 10), step(0.3, 30), step(0.4, 20)]);
         assert_eq!((median.seconds, median.peak_rss_kib), (0.4, Some(30)));

@@ -122,7 +122,7 @@ fn parse_peak_resident_kib(status: &str) -> Option<u64> {
 }
 
 /// Busy CPU seconds of the whole machine, from the first line of `/proc/stat`.
-fn machine_busy_seconds() -> Option<f64> {
+pub(crate) fn machine_busy_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     parse_machine_busy_ticks(stat.lines().next()?).map(|ticks| ticks as f64 / TICKS_PER_SECOND)
 }
@@ -239,7 +239,10 @@ mod tests {
         let status = "Name:\tmiyu\nVmPeak:\t  900000 kB\nVmHWM:\t   65432 kB\nVmRSS:\t   1000 kB\n";
         assert_eq!(parse_peak_resident_kib(status), Some(65432));
         // A process that has exited (a zombie) has no memory lines.
-        assert_eq!(parse_peak_resident_kib("Name:\tmiyu\nState:\tZ (zombie)\n"), None);
+        assert_eq!(
+            parse_peak_resident_kib("Name:\tmiyu\nState:\tZ (zombie)\n"),
+            None
+        );
     }
 
     #[test]

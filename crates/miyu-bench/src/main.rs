@@ -445,7 +445,8 @@ fn files(args: FilesArgs, machine: Machine, json: bool) -> Result<()> {
 
 fn print_files(report: &FilesReport) {
     let outcome = &report.outcome;
-    let mib = |kib: Option<u64>| kib.map_or("?".into(), |kib| format!("{:.1}", kib as f64 / 1024.0));
+    let mib =
+        |kib: Option<u64>| kib.map_or("?".into(), |kib| format!("{:.1}", kib as f64 / 1024.0));
     let seconds = |value: Option<f64>| value.map_or("?".into(), |value| format!("{value:.2}"));
     println!(
         "files: {:.2} GiB ({} bytes) from alice to bob through miyu-server, processes on 127.0.0.1, profiles {}",
@@ -458,8 +459,8 @@ fn print_files(report: &FilesReport) {
         }
     );
     println!(
-        "  {:<26} {:>8} {:>9} {:>14} {:>10} {:>10}",
-        "command", "time s", "MB/s", "peak RSS MiB", "CPU s", "server CPU"
+        "  {:<26} {:>8} {:>9} {:>14} {:>10} {:>10} {:>10}",
+        "command", "time s", "MB/s", "peak RSS MiB", "CPU s", "server CPU", "others CPU"
     );
     let rows = [
         ("start-up (contacts)", &outcome.start_up, None),
@@ -477,13 +478,14 @@ fn print_files(report: &FilesReport) {
     ];
     for (name, step, rate) in rows {
         println!(
-            "  {:<26} {:>8.2} {:>9} {:>14} {:>10} {:>10}",
+            "  {:<26} {:>8.2} {:>9} {:>14} {:>10} {:>10} {:>10}",
             name,
             step.seconds,
             rate.map_or(String::new(), |rate| format!("{rate:.0}")),
             mib(step.peak_rss_kib),
             seconds(step.cpu_seconds),
-            seconds(step.server_cpu_seconds)
+            seconds(step.server_cpu_seconds),
+            seconds(step.other_cpu_seconds)
         );
     }
     println!(
@@ -497,7 +499,10 @@ fn print_files(report: &FilesReport) {
         mib(outcome.server_peak_rss_kib),
         outcome.sha256
     );
-    println!("  setup {:.2} s; binaries from {}", outcome.setup_seconds, report.binaries);
+    println!(
+        "  setup {:.2} s; binaries from {}",
+        outcome.setup_seconds, report.binaries
+    );
     println!(
         "machine: {} ({} logical cores), shared by the clients and the server",
         report.machine.cpu_model, report.machine.logical_cores
