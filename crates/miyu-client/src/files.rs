@@ -442,23 +442,48 @@ fn produce(
 ) -> std::io::Result<[u8; 32]> {
     let layout = *cipher.layout();
     let first = layout.whole_chunks_in(offset);
-    let mut hasher = Sha256::new();
-    hash_prefix(source, layout.plaintext_offset(first), &mut hasher)?;
-    let mut skip = offset - layout.ciphertext_offset(first);
     let gone = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped");
-    for index in first..layout.chunks() {
-        let mut buffer = vec![0u8; layout.plaintext_chunk_len(index) as usize];
-        source.read_exact(&mut buffer)?;
-        hasher.update(&buffer);
-        cipher
-            .seal(index, &mut buffer)
-            .map_err(|error| std::io::Error::other(error.to_string()))?;
-        let piece = Bytes::from(buffer).slice(skip as usize..);
-        skip = 0;
-        pieces.blocking_send(Ok(piece)).map_err(|_| gone())?;
-        progress.set(layout.plaintext_offset(index + 1));
-    }
-    Ok(hasher.finalize().into())
+    // Two stages on two threads: this one reads and hashes, the other seals. Each costs about
+    // as much as the other, and the network side has the rest of the machine.
+    let (plaintexts, to_seal) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIECES_IN_FLIGHT);
+    std::thread::scope(|scope| {
+        let sealer = scope.spawn(move || -> std::io::Result<()> {
+            let mut skip = offset - layout.ciphertext_offset(first);
+            for index in first..layout.chunks() {
+                let Ok(mut buffer) = to_seal.recv() else {
+                    // The reader stopped; its error says why.
+                    return Ok(());
+                };
+                cipher
+                    .seal(index, &mut buffer)
+                    .map_err(|error| std::io::Error::other(error.to_string()))?;
+                let piece = Bytes::from(buffer).slice(skip as usize..);
+                skip = 0;
+                pieces.blocking_send(Ok(piece)).map_err(|_| gone())?;
+                progress.set(layout.plaintext_offset(index + 1));
+            }
+            Ok(())
+        });
+        let read = (|| -> std::io::Result<[u8; 32]> {
+            let mut hasher = Sha256::new();
+            hash_prefix(source, layout.plaintext_offset(first), &mut hasher)?;
+            for index in first..layout.chunks() {
+                let mut buffer = vec![0u8; layout.plaintext_chunk_len(index) as usize];
+                source.read_exact(&mut buffer)?;
+                hasher.update(&buffer);
+                if plaintexts.send(buffer).is_err() {
+                    break;
+                }
+            }
+            drop(plaintexts);
+            Ok(hasher.finalize().into())
+        })();
+        let sealed = sealer
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the encryption thread failed")));
+        sealed?;
+        read
+    })
 }
 
 impl Client {
@@ -951,26 +976,15 @@ impl Client {
 
         let (pieces, mut queue) = tokio::sync::mpsc::channel::<Bytes>(PIECES_IN_FLIGHT);
         let consumer_progress = Arc::clone(&progress);
-        let consumer = tokio::task::spawn_blocking(move || -> Result<[u8; 32], Error> {
-            let mut opener = Opener::new(FileCipher::new(&key, layout), first);
-            let mut output = std::io::BufWriter::with_capacity(1 << 20, writer);
-            while let Some(piece) = queue.blocking_recv() {
-                opener
-                    .feed(&piece, &mut |index, plaintext| {
-                        hasher.update(plaintext);
-                        output.write_all(plaintext).map_err(|e| e.to_string())?;
-                        consumer_progress.set(layout.plaintext_offset(index + 1));
-                        Ok(())
-                    })
-                    .map_err(file_error)?;
-            }
-            opener.finish().map_err(file_error)?;
-            let file = output.into_inner().map_err(|error| Error::Io {
-                context: "writing the download".into(),
-                source: error.into_error(),
-            })?;
-            file.sync_all().map_err(io_error("writing the download"))?;
-            Ok(hasher.finalize().into())
+        let consumer = tokio::task::spawn_blocking(move || {
+            consume(
+                &mut queue,
+                FileCipher::new(&key, layout),
+                first,
+                writer,
+                hasher,
+                &consumer_progress,
+            )
         });
         let mut body = response.into_body();
         let mut network_error = None;
@@ -1031,6 +1045,62 @@ impl Client {
         )?;
         Ok(target)
     }
+}
+
+/// Opens the downloaded ciphertext (this thread) and hashes and writes the plaintext (a second
+/// thread), chunk by chunk; returns the SHA-256 of the whole file. What was written stays on
+/// any error: every chunk in it opened.
+fn consume(
+    queue: &mut tokio::sync::mpsc::Receiver<Bytes>,
+    cipher: FileCipher,
+    first: u64,
+    writer: std::fs::File,
+    mut hasher: Sha256,
+    progress: &Progress,
+) -> Result<[u8; 32], Error> {
+    let layout = *cipher.layout();
+    let (plaintexts, to_write) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(PIECES_IN_FLIGHT);
+    std::thread::scope(|scope| {
+        let written = scope.spawn(move || -> Result<[u8; 32], Error> {
+            let mut output = std::io::BufWriter::with_capacity(1 << 20, writer);
+            for (index, plaintext) in to_write {
+                hasher.update(&plaintext);
+                output
+                    .write_all(&plaintext)
+                    .map_err(io_error("writing the download"))?;
+                progress.set(layout.plaintext_offset(index + 1));
+            }
+            let file = output.into_inner().map_err(|error| Error::Io {
+                context: "writing the download".into(),
+                source: error.into_error(),
+            })?;
+            file.sync_all().map_err(io_error("writing the download"))?;
+            Ok(hasher.finalize().into())
+        });
+        let opened = (|| -> Result<(), Error> {
+            let mut opener = Opener::new(cipher, first);
+            while let Some(piece) = queue.blocking_recv() {
+                opener
+                    .feed(&piece, &mut |index, plaintext| {
+                        plaintexts
+                            .send((index, plaintext.to_vec()))
+                            .map_err(|_| "the writer stopped".to_string())
+                    })
+                    .map_err(file_error)?;
+            }
+            opener.finish().map_err(file_error)
+        })();
+        drop(plaintexts);
+        let digest = written
+            .join()
+            .unwrap_or_else(|_| Err(Error::Protocol("the writing thread failed".into())));
+        match (opened, digest) {
+            // The writer stopped first: its error is the cause.
+            (Err(Error::Io { .. }), Err(cause)) => Err(cause),
+            (Err(error), _) => Err(error),
+            (Ok(()), digest) => digest,
+        }
+    })
 }
 
 fn file_error(error: file::FileError) -> Error {

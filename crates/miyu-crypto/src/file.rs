@@ -1,6 +1,8 @@
 //! File encryption: a random key per file and the STREAM construction (Hoang, Reyhanitabar,
 //! Rogaway and Vizár, "Online Authenticated-Encryption and its Nonce-Reuse Misuse-Resistance",
-//! 2015) over ChaCha20-Poly1305, laid out as age lays out its payload.
+//! 2015) over ChaCha20-Poly1305, laid out as age lays out its payload. The AEAD is `ring`'s
+//! (the same library under the TLS layer), whose assembly runs about twice as fast as a
+//! portable implementation; a known-answer test pins the format.
 //!
 //! The plaintext is cut into chunks of a fixed size (the last one may be shorter, and an empty
 //! file is one empty chunk). Chunk `i` is sealed under the nonce `i` (11 bytes, big-endian)
@@ -24,9 +26,8 @@
 //! assert_eq!(plaintext, b"ten bytes!");
 //! ```
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
 use rand::RngCore;
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, Tag, UnboundKey};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 /// Bytes the AEAD adds to every chunk.
@@ -158,14 +159,19 @@ impl Layout {
 
 /// Seals and opens the chunks of one file.
 pub struct FileCipher {
-    aead: ChaCha20Poly1305,
+    aead: LessSafeKey,
     layout: Layout,
 }
 
 impl FileCipher {
     pub fn new(key: &FileKey, layout: Layout) -> Self {
+        // A 32-byte key is always accepted by ChaCha20-Poly1305.
+        #[allow(clippy::expect_used)]
+        let key = UnboundKey::new(&CHACHA20_POLY1305, &key.0).expect("a 256-bit key");
         Self {
-            aead: ChaCha20Poly1305::new(Key::from_slice(&key.0)),
+            // "Less safe" only in that the caller supplies the nonces: here the chunk index,
+            // never repeated under a key that serves one file.
+            aead: LessSafeKey::new(key),
             layout,
         }
     }
@@ -178,7 +184,7 @@ impl FileCipher {
         let mut nonce = [0u8; 12];
         nonce[3..11].copy_from_slice(&index.to_be_bytes());
         nonce[11] = u8::from(self.layout.is_last(index));
-        Nonce::from(nonce)
+        Nonce::assume_unique_for_key(nonce)
     }
 
     /// Encrypts chunk `index` in place: `buffer` holds its plaintext and receives the sealed
@@ -191,9 +197,9 @@ impl FileCipher {
         }
         let tag = self
             .aead
-            .encrypt_in_place_detached(&self.nonce(index), b"", buffer)
+            .seal_in_place_separate_tag(self.nonce(index), Aad::empty(), buffer)
             .map_err(|_| FileError::WrongLength(index))?;
-        buffer.extend_from_slice(&tag);
+        buffer.extend_from_slice(tag.as_ref());
         Ok(())
     }
 
@@ -205,14 +211,21 @@ impl FileCipher {
             return Err(FileError::WrongLength(index));
         }
         let body_len = buffer.len() - TAG_LEN as usize;
-        let tag = Tag::clone_from_slice(&buffer[body_len..]);
+        let tag = Tag::try_from(&buffer[body_len..]).map_err(|_| FileError::WrongLength(index))?;
         buffer.truncate(body_len);
-        self.aead
-            .decrypt_in_place_detached(&self.nonce(index), b"", buffer, &tag)
-            .map_err(|_| {
+        match self.aead.open_in_place_separate_tag(
+            self.nonce(index),
+            Aad::empty(),
+            tag,
+            buffer,
+            0..,
+        ) {
+            Ok(_) => Ok(()),
+            Err(_) => {
                 buffer.zeroize();
-                FileError::Tampered(index)
-            })
+                Err(FileError::Tampered(index))
+            }
+        }
     }
 }
 
@@ -398,6 +411,26 @@ mod tests {
         assert_eq!(tail, plaintext[3 * 4096..]);
         assert_eq!(layout.whole_chunks_in(start as u64 + 10), 3);
         assert_eq!(layout.whole_chunks_in(layout.ciphertext_len()), 5);
+    }
+
+    /// The format is fixed: these bytes were produced by an independent implementation of
+    /// ChaCha20-Poly1305 (RustCrypto's) with the same nonce layout.
+    #[test]
+    fn known_answer() {
+        let key = FileKey::from_bytes(core::array::from_fn(|i| i as u8));
+        let plaintext: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let (_, ciphertext) = encrypt(&key, &plaintext, 4096);
+        let hex = |bytes: &[u8]| -> String { bytes.iter().map(|b| format!("{b:02x}")).collect() };
+        assert_eq!(ciphertext.len(), 5032);
+        assert_eq!(hex(&ciphertext[..16]), "18b94032a9e3a0d61b68566aa34e4028");
+        assert_eq!(
+            hex(&ciphertext[4096..4112]),
+            "e8ee4fef0cb9917576a5584afcc13c85"
+        );
+        assert_eq!(
+            hex(&ciphertext[ciphertext.len() - 16..]),
+            "d7b2c60a711d4859dd2c61eb82bd259a"
+        );
     }
 
     #[test]
