@@ -1083,7 +1083,7 @@ fn consume(
                 opener
                     .feed(&piece, &mut |index, plaintext| {
                         plaintexts
-                            .send((index, plaintext.to_vec()))
+                            .send((index, plaintext))
                             .map_err(|_| "the writer stopped".to_string())
                     })
                     .map_err(file_error)?;

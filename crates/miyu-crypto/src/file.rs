@@ -21,7 +21,7 @@
 //! cipher.seal(0, &mut chunk).unwrap();
 //! let mut plaintext = Vec::new();
 //! let mut opener = Opener::new(FileCipher::new(&key, layout), 0);
-//! opener.feed(&chunk, &mut |_, bytes| { plaintext.extend_from_slice(bytes); Ok(()) }).unwrap();
+//! opener.feed(&chunk, &mut |_, bytes| { plaintext.extend_from_slice(&bytes); Ok(()) }).unwrap();
 //! opener.finish().unwrap();
 //! assert_eq!(plaintext, b"ten bytes!");
 //! ```
@@ -229,8 +229,9 @@ impl FileCipher {
     }
 }
 
-/// Receives each opened chunk: its index and plaintext. An error stops the stream.
-pub type ChunkSink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), String> + 'a;
+/// Receives each opened chunk: its index and plaintext (handed over, not copied). An error
+/// stops the stream.
+pub type ChunkSink<'a> = dyn FnMut(u64, Vec<u8>) -> Result<(), String> + 'a;
 
 /// Opens a stream of ciphertext arriving in pieces of any size, from chunk `first` on, and hands
 /// each chunk's plaintext to a sink in order. Nothing unauthenticated ever reaches the sink.
@@ -267,9 +268,9 @@ impl Opener {
             bytes = &bytes[take..];
             if self.pending.len() == want {
                 self.cipher.open(self.next, &mut self.pending)?;
-                sink(self.next, &self.pending).map_err(FileError::Sink)?;
-                self.pending.zeroize();
-                self.pending.clear();
+                let capacity = self.pending.capacity();
+                let opened = std::mem::replace(&mut self.pending, Vec::with_capacity(capacity));
+                sink(self.next, opened).map_err(FileError::Sink)?;
                 self.next += 1;
             }
         }
@@ -316,7 +317,7 @@ mod tests {
         let mut plaintext = Vec::new();
         for part in ciphertext.chunks(piece.max(1)) {
             opener.feed(part, &mut |_, bytes| {
-                plaintext.extend_from_slice(bytes);
+                plaintext.extend_from_slice(&bytes);
                 Ok(())
             })?;
         }
@@ -403,7 +404,7 @@ mod tests {
         opener
             .feed(&ciphertext[start..], &mut |index, bytes| {
                 assert!(index >= 3);
-                tail.extend_from_slice(bytes);
+                tail.extend_from_slice(&bytes);
                 Ok(())
             })
             .unwrap();
