@@ -33,6 +33,8 @@ use crate::{
 
 /// Chunks queued between the network and the thread that encrypts or decrypts.
 const PIECES_IN_FLIGHT: usize = 16;
+/// How many bytes a download writes between two flushes to disk.
+const FLUSH_BYTES: u64 = 32 * 1024 * 1024;
 /// How often an upload that the server reports as running or moved is tried again.
 const UPLOAD_ATTEMPTS: u32 = 8;
 /// Longest file name kept, in bytes.
@@ -1063,12 +1065,25 @@ fn consume(
     std::thread::scope(|scope| {
         let written = scope.spawn(move || -> Result<[u8; 32], Error> {
             let mut output = std::io::BufWriter::with_capacity(1 << 20, writer);
+            let mut flushed = layout.plaintext_offset(first);
             for (index, plaintext) in to_write {
                 hasher.update(&plaintext);
                 output
                     .write_all(&plaintext)
                     .map_err(io_error("writing the download"))?;
-                progress.set(layout.plaintext_offset(index + 1));
+                let end = layout.plaintext_offset(index + 1);
+                progress.set(end);
+                if end - flushed >= FLUSH_BYTES {
+                    // On disk as we go: a power cut loses little, the final flush is short,
+                    // and the written pages can leave the cache (see `drop_cached`).
+                    output.flush().map_err(io_error("writing the download"))?;
+                    output
+                        .get_ref()
+                        .sync_data()
+                        .map_err(io_error("writing the download"))?;
+                    drop_cached(output.get_ref(), flushed, end);
+                    flushed = end;
+                }
             }
             let file = output.into_inner().map_err(|error| Error::Io {
                 context: "writing the download".into(),
@@ -1101,6 +1116,17 @@ fn consume(
             (Ok(()), digest) => digest,
         }
     })
+}
+
+/// Tells the kernel that bytes `from..to` of a file, already on disk, will not be read soon, so
+/// that a multi-gigabyte download does not push everything else out of the page cache.
+fn drop_cached(file: &std::fs::File, from: u64, to: u64) {
+    #[cfg(target_os = "linux")]
+    if let Some(len) = std::num::NonZeroU64::new(to.saturating_sub(from)) {
+        let _ = rustix::fs::fadvise(file, from, Some(len), rustix::fs::Advice::DontNeed);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, from, to);
 }
 
 fn file_error(error: file::FileError) -> Error {

@@ -464,6 +464,7 @@ async fn receive(
             buffer.clear();
             if written - durable >= CHECKPOINT_BYTES {
                 file.sync_data().await.map_err(io_failed)?;
+                drop_cached(&file, durable, written);
                 record_length(written)
                     .await
                     .map_err(|error| store_refusal(&error))?;
@@ -577,6 +578,18 @@ pub(crate) async fn download(
         headers.insert(header::CONTENT_RANGE, value);
     }
     response
+}
+
+/// Tells the kernel that bytes `from..to` of a blob, already on disk, will not be read soon:
+/// a large upload then does not push everything else out of the page cache (and the cost of
+/// reclaiming it does not land on the next write).
+fn drop_cached(file: &tokio::fs::File, from: u64, to: u64) {
+    #[cfg(target_os = "linux")]
+    if let Some(len) = std::num::NonZeroU64::new(to - from) {
+        let _ = rustix::fs::fadvise(file, from, Some(len), rustix::fs::Advice::DontNeed);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, from, to);
 }
 
 fn empty_blob() -> Response {
