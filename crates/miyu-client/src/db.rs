@@ -110,8 +110,23 @@ CREATE INDEX messages_by_expiry ON messages (expires_at_ms) WHERE expires_at_ms 
 ALTER TABLE outbox ADD COLUMN expires_at_ms INTEGER;
 ";
 
-/// Version 3: files.
+/// Version 3: files, and replies, edits, deletion for everyone, reactions and forwarding.
 const MIGRATION_3: &str = "
+-- The message_id this message answers.
+ALTER TABLE messages ADD COLUMN reply_to BLOB;
+ALTER TABLE messages ADD COLUMN forwarded INTEGER NOT NULL DEFAULT 0;
+-- When its author last edited it.
+ALTER TABLE messages ADD COLUMN edited_at_ms INTEGER;
+-- Deleted for everyone by its author: the body is gone, the row stays as a notice.
+ALTER TABLE messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+-- One reaction per person and message; `account` is 'me' or the reacting account.
+CREATE TABLE reactions (
+    message_row INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    account TEXT NOT NULL,
+    emoji TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (message_row, account)
+);
 -- A file message's key and where its encrypted bytes are. Goes with its message.
 CREATE TABLE files (
     id INTEGER PRIMARY KEY,

@@ -1215,6 +1215,7 @@ pub(crate) fn store_file(
         state: MessageState::Received,
         kind: MessageKind::File,
         expires_at_ms: privacy::expiry(received),
+        ..Default::default()
     })))
 }
 

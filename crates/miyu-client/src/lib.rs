@@ -20,6 +20,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod db;
+pub mod features;
 pub mod files;
 mod keyring;
 pub mod net;
@@ -120,10 +121,11 @@ pub struct Contact {
 }
 
 /// Where a message stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MessageState {
     /// Stored locally, not yet acknowledged by the server.
+    #[default]
     Pending,
     /// Durably stored by the server.
     Sent,
@@ -134,9 +136,10 @@ pub enum MessageState {
 }
 
 /// What a message row is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MessageKind {
+    #[default]
     Text,
     /// A notice that the disappearing-message timer changed; `body` says how.
     Timer,
@@ -145,8 +148,11 @@ pub enum MessageKind {
 }
 
 /// A message as front ends show it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct MessageView {
+    /// This device's number for the message, for `reply`, `edit`, `delete`, `react` and
+    /// `forward` (0 where not known yet, as in events).
+    pub id: i64,
     pub contact: String,
     /// Who wrote it: the contact's name, or "me".
     pub from: String,
@@ -157,6 +163,14 @@ pub struct MessageView {
     pub kind: MessageKind,
     /// When the message disappears from this device, Unix milliseconds.
     pub expires_at_ms: Option<u64>,
+    /// The message this one answers, by its `id`, if this device has it.
+    pub reply_to: Option<i64>,
+    pub forwarded: bool,
+    /// When its author last edited it.
+    pub edited_at_ms: Option<u64>,
+    /// Deleted for everyone by its author; `body` is empty.
+    pub deleted: bool,
+    pub reactions: Vec<features::ReactionView>,
 }
 
 /// Something front ends may want to show.
@@ -1000,15 +1014,13 @@ impl Client {
                     &profile,
                 ),
             Some(wire::app_message::Body::Text(text)) if state == "unsolicited" => {
-                privacy::store_request_message(db, &received, &text.body)
+                privacy::store_request_message(db, &received, &text)
             }
             Some(wire::app_message::Body::Text(_)) if !accepted => {
                 // Not stored: someone who has not introduced themselves yet.
                 Ok(None)
             }
-            Some(wire::app_message::Body::Text(text)) => {
-                privacy::store_text(db, &received, &text.body)
-            }
+            Some(wire::app_message::Body::Text(text)) => privacy::store_text(db, &received, &text),
             Some(wire::app_message::Body::Profile(profile)) => {
                 let wanted = profile_name(&profile);
                 let named_locally: bool = db.query_row(
@@ -1044,6 +1056,13 @@ impl Client {
                 privacy::on_timer(db, &received, timer.seconds)
             }
             Some(wire::app_message::Body::File(file)) => files::store_file(db, &received, &file),
+            Some(wire::app_message::Body::Reaction(reaction)) => {
+                features::on_reaction(db, &received, &reaction)
+            }
+            Some(wire::app_message::Body::Edit(edit)) => features::on_edit(db, &received, &edit),
+            Some(wire::app_message::Body::Delete(delete)) => {
+                features::on_delete(db, &received, &delete)
+            }
             None => Ok(None),
         }
     }
@@ -1675,6 +1694,24 @@ impl Client {
 
     /// Sends a text message to a contact; returns once the server has durably stored it.
     pub async fn send(&mut self, contact: &str, text: &str) -> Result<MessageView, Error> {
+        self.send_text(
+            contact,
+            wire::Text {
+                body: text.to_string(),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// Sends a text (a reply or a forward, too); returns once the server has stored it.
+    pub(crate) async fn send_text(
+        &mut self,
+        contact: &str,
+        message: wire::Text,
+    ) -> Result<MessageView, Error> {
+        let text = message.body.clone();
+        let text = text.as_str();
         if text.is_empty() {
             return Err(Error::Usage("the message is empty".into()));
         }
@@ -1703,13 +1740,23 @@ impl Client {
                 _ => {}
             }
         }
-        let row = self.queue_app_message(
-            &group_id,
-            wire::app_message::Body::Text(wire::Text {
-                body: text.to_string(),
-            }),
-            Some(text),
-        )?;
+        let reply_to = (!message.reply_to.is_empty()).then(|| message.reply_to.clone());
+        let forwarded = message.forwarded;
+        let row = db::in_transaction(&self.db, |db| {
+            let row = self.queue_app_message_in(
+                db,
+                &group_id,
+                wire::app_message::Body::Text(message),
+                Some(text),
+            )?;
+            if reply_to.is_some() || forwarded {
+                db.execute(
+                    "UPDATE messages SET reply_to = ?1, forwarded = ?2 WHERE id = ?3",
+                    params![reply_to, forwarded, row],
+                )?;
+            }
+            Ok(row)
+        })?;
         let queued = |error: Error| {
             if error.is_transient() {
                 Error::Queued(error.to_string())
@@ -1736,6 +1783,7 @@ impl Client {
             )));
         }
         Ok(MessageView {
+            id: row.unwrap_or_default(),
             contact: contact.to_string(),
             from: "me".into(),
             outgoing: true,
@@ -1744,6 +1792,7 @@ impl Client {
             state: MessageState::Sent,
             kind: MessageKind::Text,
             expires_at_ms,
+            ..Default::default()
         })
     }
 

@@ -182,20 +182,34 @@ pub(crate) fn store_message(
 pub(crate) fn store_text(
     db: &Connection,
     received: &Received<'_>,
-    body: &str,
+    text: &wire::Text,
 ) -> Result<Option<Event>, Error> {
-    if store_message(db, received, body, "text")?.is_none() {
+    let Some(row) = store_message(db, received, &text.body, "text")? else {
         return Ok(None);
+    };
+    if !text.reply_to.is_empty() || text.forwarded {
+        db.execute(
+            "UPDATE messages SET reply_to = ?1, forwarded = ?2 WHERE id = ?3",
+            params![
+                (!text.reply_to.is_empty()).then_some(&text.reply_to),
+                text.forwarded,
+                row
+            ],
+        )?;
     }
     Ok(Some(Event::Message(MessageView {
+        id: row,
         contact: received.contact_name.to_string(),
         from: received.contact_name.to_string(),
         outgoing: false,
-        body: body.to_string(),
+        body: text.body.clone(),
         sent_at_ms: received.sent_at_ms,
         state: MessageState::Received,
         kind: MessageKind::Text,
         expires_at_ms: expiry(received),
+        reply_to: crate::features::local_id(db, received.group_id, &text.reply_to)?,
+        forwarded: text.forwarded,
+        ..Default::default()
     })))
 }
 
@@ -203,8 +217,9 @@ pub(crate) fn store_text(
 pub(crate) fn store_request_message(
     db: &Connection,
     received: &Received<'_>,
-    body: &str,
+    text: &wire::Text,
 ) -> Result<Option<Event>, Error> {
+    let body = text.body.as_str();
     // Counted as received, not as stored: short timers must not make room for more.
     let received_so_far: i64 = db.query_row(
         "SELECT request_messages FROM contacts WHERE account_id = ?1",
@@ -218,7 +233,12 @@ pub(crate) fn store_request_message(
         "UPDATE contacts SET request_messages = request_messages + 1 WHERE account_id = ?1",
         params![received.contact_account],
     )?;
-    Ok(store_text(db, received, body)?.map(|_| Event::Request {
+    // Just the words: a stranger's quotes and forwards point at nothing here.
+    let plain = wire::Text {
+        body: body.to_string(),
+        ..Default::default()
+    };
+    Ok(store_text(db, received, &plain)?.map(|_| Event::Request {
         name: received.contact_name.to_string(),
     }))
 }
@@ -374,6 +394,7 @@ pub(crate) fn on_timer(
             state: MessageState::Received,
             kind: MessageKind::Timer,
             expires_at_ms: None,
+            ..Default::default()
         })
     }))
 }
@@ -424,12 +445,14 @@ pub(crate) fn history(
     contact: &str,
 ) -> Result<Vec<MessageView>, Error> {
     let mut statement = db.prepare(
-        "SELECT m.outgoing, m.body, m.sent_at_ms, m.state, m.kind, m.expires_at_ms, f.id, f.size
+        "SELECT m.outgoing, m.body, m.sent_at_ms, m.state, m.kind, m.expires_at_ms, f.id, f.size,
+                m.id, (SELECT r.id FROM messages r WHERE r.group_id = m.group_id AND r.message_id = m.reply_to),
+                m.forwarded, m.edited_at_ms, m.deleted
          FROM messages m LEFT JOIN files f ON f.message_row = m.id
          WHERE m.group_id IN (SELECT group_id FROM conversations WHERE contact = ?1)
          AND (m.expires_at_ms IS NULL OR m.expires_at_ms > ?2) ORDER BY m.id",
     )?;
-    let messages = statement
+    let mut messages: Vec<MessageView> = statement
         .query_map(params![account, now_ms()], |row| {
             let outgoing: bool = row.get(0)?;
             let state: String = row.get(3)?;
@@ -440,6 +463,7 @@ pub(crate) fn history(
                 None => None,
             };
             Ok(MessageView {
+                id: row.get(8)?,
                 contact: contact.to_string(),
                 from: if outgoing {
                     "me".into()
@@ -455,9 +479,15 @@ pub(crate) fn history(
                 state: message_state(&state),
                 kind: message_kind(&kind),
                 expires_at_ms: row.get(5)?,
+                reply_to: row.get(9)?,
+                forwarded: row.get(10)?,
+                edited_at_ms: row.get(11)?,
+                deleted: row.get(12)?,
+                reactions: Vec::new(),
             })
         })?
         .collect::<Result<_, _>>()?;
+    crate::features::attach_reactions(db, account, contact, &mut messages)?;
     Ok(messages)
 }
 
@@ -944,6 +974,7 @@ impl Client {
             state,
             kind: MessageKind::Timer,
             expires_at_ms: None,
+            ..Default::default()
         })
     }
 
@@ -996,7 +1027,7 @@ fn delete_expired(db: &Connection, now: u64) -> Result<usize, Error> {
 }
 
 /// Copies the write-ahead log into the database and truncates it to nothing.
-fn checkpoint(db: &Connection) -> Result<(), Error> {
+pub(crate) fn checkpoint(db: &Connection) -> Result<(), Error> {
     db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     Ok(())
 }

@@ -89,6 +89,37 @@ enum Command {
     },
     /// Print the conversation with a contact, oldest first.
     Messages { contact: String },
+    /// Answer message ID (the #number `messages` shows), quoting it.
+    Reply {
+        contact: String,
+        id: i64,
+        text: String,
+    },
+    /// Change the text of one of your messages, for both sides (within 48 hours).
+    Edit {
+        contact: String,
+        id: i64,
+        text: String,
+    },
+    /// Delete message ID from this device, or with --everyone (your own messages) for both
+    /// sides, where a notice stays.
+    Delete {
+        contact: String,
+        id: i64,
+        #[arg(long)]
+        everyone: bool,
+    },
+    /// React to message ID with an emoji; --remove takes your reaction back.
+    React {
+        contact: String,
+        id: i64,
+        #[arg(required_unless_present = "remove")]
+        emoji: Option<String>,
+        #[arg(long, conflicts_with = "emoji")]
+        remove: bool,
+    },
+    /// Send a copy of text message ID of the chat with FROM to TO, marked as forwarded.
+    Forward { from: String, id: i64, to: String },
     /// Send a file (up to 4 GiB), end-to-end encrypted. JPEG, PNG and WebP images lose their
     /// EXIF, XMP and IPTC metadata (GPS position, camera, time) first. Interrupted, the same
     /// command continues where it stopped.
@@ -335,6 +366,8 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
+/// One line of a conversation: `#ID TIME  FROM: [reply to #N] BODY (notes) [reactions]`. The
+/// number is omitted where it is not known (live events).
 fn message_line(message: &MessageView) -> String {
     let mut state = match message.state {
         miyu_client::MessageState::Pending => " (not sent yet)",
@@ -342,23 +375,55 @@ fn message_line(message: &MessageView) -> String {
         _ => "",
     }
     .to_string();
+    if message.edited_at_ms.is_some() && !message.deleted {
+        state.push_str(" (edited)");
+    }
     if let Some(expires_at_ms) = message.expires_at_ms {
         state.push_str(&format!(" (disappears {})", format_time(expires_at_ms)));
     }
+    if !message.reactions.is_empty() {
+        let reactions: Vec<String> = message
+            .reactions
+            .iter()
+            .map(|r| format!("{} {}", printable(&r.emoji), printable(&r.from)))
+            .collect();
+        state.push_str(&format!(" [{}]", reactions.join(", ")));
+    }
+    let number = if message.id > 0 {
+        format!("#{} ", message.id)
+    } else {
+        String::new()
+    };
     if message.kind == miyu_client::MessageKind::Timer {
         return format!(
-            "{}  -- {} --",
+            "{number}{}  -- {} --",
             format_time(message.sent_at_ms),
             printable(&message.body)
         );
     }
+    let mut body = String::new();
+    if let Some(quoted) = message.reply_to {
+        body.push_str(&format!("(reply to #{quoted}) "));
+    }
+    if message.forwarded {
+        body.push_str("(forwarded) ");
+    }
+    if message.deleted {
+        body.push_str("(message deleted)");
+    } else {
+        body.push_str(&printable(&message.body));
+    }
     format!(
-        "{}  {}: {}{}",
+        "{number}{}  {}: {}{}",
         format_time(message.sent_at_ms),
         printable(&message.from),
-        printable(&message.body),
+        body,
         state
     )
+}
+
+fn print_sent(message: &MessageView, json: bool) -> anyhow::Result<()> {
+    if json { print_json(message) } else { Ok(()) }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -491,6 +556,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             privacy::read(&mut client, &contact).await
+        }
+        Command::Reply { contact, id, text } => {
+            let mut client = open(&profile, proxy).await?;
+            let sent = client.reply(&contact, id, &text).await;
+            client.disconnect().await;
+            print_sent(&sent?, cli.json)
+        }
+        Command::Edit { contact, id, text } => {
+            let mut client = open(&profile, proxy).await?;
+            let done = client.edit(&contact, id, &text).await;
+            client.disconnect().await;
+            done.map_err(Into::into)
+        }
+        Command::Delete {
+            contact,
+            id,
+            everyone,
+        } => {
+            let mut client = open(&profile, proxy).await?;
+            let done = client.delete_message(&contact, id, everyone).await;
+            client.disconnect().await;
+            done.map_err(Into::into)
+        }
+        Command::React {
+            contact,
+            id,
+            emoji,
+            remove,
+        } => {
+            let mut client = open(&profile, proxy).await?;
+            let emoji = if remove { None } else { emoji };
+            let done = client.react(&contact, id, emoji.as_deref()).await;
+            client.disconnect().await;
+            done.map_err(Into::into)
+        }
+        Command::Forward { from, id, to } => {
+            let mut client = open(&profile, proxy).await?;
+            let sent = client.forward(&from, id, &to).await;
+            client.disconnect().await;
+            print_sent(&sent?, cli.json)
         }
         Command::SendFile {
             contact,
