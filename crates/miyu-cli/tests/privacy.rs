@@ -288,6 +288,21 @@ fn a_timer_makes_messages_disappear_everywhere_and_tells_the_server_when() {
         "{expiry}"
     );
 
+    // A file sent under the timer: the server's copy expires with it (to the minute, one
+    // minute at least).
+    let file = root.path().join("vanishing.txt");
+    std::fs::write(&file, "a file that will vanish").unwrap();
+    miyu_ok(&pair.alice, &["send-file", "bob", file.to_str().unwrap()]);
+    let blob_expiry: i64 = rusqlite::Connection::open(server_data.join("miyu.sqlite3"))
+        .unwrap()
+        .query_row("SELECT expires_at FROM blobs", [], |row| row.get(0))
+        .unwrap();
+    let blob_expiry = u64::try_from(blob_expiry).unwrap();
+    assert!(
+        blob_expiry >= before + 30 && blob_expiry <= before + 60 + 60,
+        "{blob_expiry}"
+    );
+
     miyu_ok(&pair.bob, &["sync"]);
     let bobs = conversation(&pair.bob, "alice");
     assert!(
@@ -295,6 +310,8 @@ fn a_timer_makes_messages_disappear_everywhere_and_tells_the_server_when() {
             .any(|line| line.starts_with("alice: this will vanish")),
         "{bobs:?}"
     );
+    let files = miyu_ok(&pair.bob, &["--json", "files", "alice"]);
+    assert!(files.contains("vanishing.txt"), "{files}");
 
     // Each side announces when the text goes: 30 s after it was sent or received.
     let alice_expiry = announced_expiry(&pair.alice, "bob", "this will vanish");
@@ -305,14 +322,32 @@ fn a_timer_makes_messages_disappear_everywhere_and_tells_the_server_when() {
     );
     assert!(bob_expiry >= alice_expiry, "{bob_expiry} < {alice_expiry}");
 
-    // Once that time has passed, it is gone on both sides; the notice stays.
-    common::wait_for_clock(bob_expiry);
+    // Once that time has passed, it is gone on both sides; the notice stays. (Bob stored the
+    // file just after the text, so it goes a moment later.)
+    let file_expiry = |profile: &Path, contact: &str| -> u64 {
+        let messages: serde_json::Value =
+            serde_json::from_str(&miyu_ok(profile, &["--json", "messages", contact])).unwrap();
+        messages
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|message| message["kind"] == "file")
+            .and_then(|message| message["expires_at_ms"].as_u64())
+            .expect("the file message disappears")
+    };
+    let last = bob_expiry
+        .max(file_expiry(&pair.bob, "alice"))
+        .max(file_expiry(&pair.alice, "bob"));
+    common::wait_for_clock(last);
     for (profile, contact) in [(&pair.alice, "bob"), (&pair.bob, "alice")] {
         let lines = conversation(profile, contact);
         assert!(
             !lines.iter().any(|line| line.contains("this will vanish")),
             "{lines:?}"
         );
+    }
+    for (profile, contact) in [(&pair.alice, "bob"), (&pair.bob, "alice")] {
+        assert_eq!(miyu_ok(profile, &["--json", "files", contact]).trim(), "[]");
     }
     let alices = conversation(&pair.alice, "bob");
     assert_eq!(alices.len(), 1, "{alices:?}");
