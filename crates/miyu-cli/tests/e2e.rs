@@ -1082,3 +1082,26 @@ fn a_client_that_stops_reading_is_disconnected_and_cannot_hold_the_server_up() {
     miyu_ok(&pair.alice, &["send", "bob", "still serving"]);
     server.terminate();
 }
+
+#[test]
+fn the_demo_of_the_quick_start_runs_and_finds_no_plaintext_on_the_server() {
+    let folder = tempfile::tempdir().unwrap();
+    let output = common::miyu_command()
+        .current_dir(folder.path())
+        .arg("demo")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("arrived intact"), "{stdout}");
+    assert!(
+        stdout.contains("Bob, you were offline when I sent this one."),
+        "{stdout}"
+    );
+    let scans = stdout.matches(": 0 hits").count();
+    assert_eq!(scans, 4, "{stdout}");
+}

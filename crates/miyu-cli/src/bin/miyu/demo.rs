@@ -1,5 +1,6 @@
 //! `miyu demo`: a server and two clients on this machine, an encrypted conversation between
-//! them (one message while the recipient is offline), and a look at what the server stored.
+//! them (one message while the recipient is offline, and a file), and a look at what the server
+//! stored.
 
 use std::path::Path;
 use std::time::Duration;
@@ -15,6 +16,9 @@ const MESSAGES: [(&str, &str); 3] = [
     ("bob", "Hi Alice, got it. The server only sees ciphertext."),
     ("alice", "Bob, you were offline when I sent this one."),
 ];
+/// The file the demo sends, its name and a line of its content; both are searched for too.
+const FILE_NAME: &str = "north-gate-plan.txt";
+const FILE_LINE: &str = "Meet at the north gate at six; bring the blue folder.";
 
 fn show(who: &str, events: &[Event]) {
     for event in events {
@@ -72,8 +76,10 @@ fn scan(server_data: &Path) -> anyhow::Result<()> {
     for name in ["alice", "bob"] {
         hits += occurrences(server_data, format!("\"{name}\"").as_bytes())?;
     }
+    hits += occurrences(server_data, FILE_NAME.as_bytes())?;
+    hits += occurrences(server_data, FILE_LINE.as_bytes())?;
     println!(
-        "   scanned {} bytes of server files (database, WAL, certificate) for every plaintext and name: {hits} hits",
+        "   scanned {} bytes of server files (database, WAL, certificate, file blobs) for every plaintext and name: {hits} hits",
         folder_bytes(server_data)?
     );
     let database = rusqlite::Connection::open_with_flags(
@@ -160,7 +166,35 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     scan(&server_data)?;
     show("bob", &bob.sync(Duration::from_secs(5)).await?);
 
-    println!("6. What each side sees");
+    println!(
+        "6. Alice sends a file; Bob downloads it (encrypted in 64 KiB chunks, key inside MLS)"
+    );
+    let file = folder.path().join(FILE_NAME);
+    std::fs::write(&file, format!("{FILE_LINE}\n").repeat(2000))?;
+    let progress = std::sync::Arc::new(miyu_client::files::Progress::default());
+    let sent = alice
+        .send_file(
+            &alice_name_for_bob,
+            &file,
+            false,
+            std::sync::Arc::clone(&progress),
+        )
+        .await?;
+    show("bob", &bob.sync(Duration::from_secs(5)).await?);
+    let received = folder.path().join("bob-received.txt");
+    bob.download(&bob_name_for_alice, sent.id, Some(&received), progress)
+        .await?;
+    anyhow::ensure!(
+        std::fs::read(&received)? == std::fs::read(&file)?,
+        "the downloaded file differs"
+    );
+    println!(
+        "   {} ({} bytes) arrived intact; the server holds it as ciphertext only",
+        sent.name, sent.size
+    );
+    scan(&server_data)?;
+
+    println!("7. What each side sees");
     for (who, client, contact) in [
         ("alice", &alice, &alice_name_for_bob),
         ("bob", &bob, &bob_name_for_alice),
@@ -175,10 +209,10 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     bob.disconnect().await;
     drop((alice, bob));
     server.shutdown().await;
-    println!("7. The server stopped; its files after delivery:");
+    println!("8. The server stopped; its files after delivery:");
     scan(&server_data)?;
     let mut profile_hits = 0;
-    for (_, text) in MESSAGES {
+    for text in MESSAGES.iter().map(|(_, text)| *text).chain([FILE_NAME]) {
         for profile in ["alice", "bob"] {
             profile_hits += occurrences(&folder.path().join(profile), text.as_bytes())?;
         }
