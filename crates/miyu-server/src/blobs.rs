@@ -17,6 +17,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, Request, State};
@@ -29,6 +30,7 @@ use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use crate::connection::{Shared, unix_now};
+use crate::limits::TokenBucket;
 use crate::store::{BlobRecord, NewBlob, StoreError};
 
 /// How many bytes an upload may take between two flushes to disk.
@@ -40,8 +42,20 @@ const WRITE_BUFFER: usize = 1024 * 1024;
 /// An upload that sends nothing for this long is ended (what arrived is kept), so that a
 /// vanished client does not hold its blob's upload slot.
 const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-/// Signed requests remembered to refuse replays; more than this at once is refused.
-const MAX_REMEMBERED_NONCES: usize = 200_000;
+/// Requests per second (sustained) one device may make to the blob endpoints, and its burst.
+const DEVICE_REQUESTS_PER_SECOND: f64 = 20.0;
+const DEVICE_REQUEST_BURST: f64 = 100.0;
+/// Store lookups per second that authentication may cause across the server (a request naming
+/// a device must look its key up before its signature can be checked), and the burst: beyond
+/// this the blob endpoints answer 503, and messaging, which shares the store, is unaffected.
+const AUTH_LOOKUPS_PER_SECOND: f64 = 1000.0;
+const AUTH_LOOKUP_BURST: f64 = 2000.0;
+/// Uploads one device may run at once.
+const MAX_UPLOADS_PER_DEVICE: usize = 4;
+/// Blobs one account may hold at once, however small.
+const MAX_BLOBS_PER_ACCOUNT: usize = 10_000;
+/// The smallest blob: one sealed chunk of an empty file is 16 bytes.
+const MIN_BLOB_BYTES: u64 = 16;
 
 pub(crate) const GROUP_HEADER: &str = "miyu-group";
 pub(crate) const SIZE_HEADER: &str = "miyu-size";
@@ -57,14 +71,28 @@ pub(crate) struct BlobLimits {
     pub(crate) retention_s: u64,
 }
 
+/// What the server remembers about one device's recent blob requests.
+struct DeviceRequests {
+    budget: TokenBucket,
+    /// Nonces of its signed requests still inside the clock window, with the time they carry.
+    nonces: HashMap<[u8; 16], u64>,
+    uploads: usize,
+}
+
 /// The blob side of the server: where files live, limits, replay and upload bookkeeping.
 pub(crate) struct Blobs {
     dir: PathBuf,
     limits: BlobLimits,
-    /// (device, nonce) of recent signed requests, with the time they carried.
-    nonces: Mutex<HashMap<(DeviceId, [u8; 16]), u64>>,
+    devices: Mutex<HashMap<DeviceId, DeviceRequests>>,
+    lookups: Mutex<TokenBucket>,
     /// Blobs with an upload running: one at a time each.
     uploading: Mutex<HashSet<[u8; 32]>>,
+}
+
+/// Why a signed request was not let through.
+enum Admission {
+    Replayed,
+    OverBudget,
 }
 
 impl Blobs {
@@ -74,7 +102,12 @@ impl Blobs {
         Ok(Self {
             dir,
             limits,
-            nonces: Mutex::new(HashMap::new()),
+            devices: Mutex::new(HashMap::new()),
+            lookups: Mutex::new(TokenBucket::new(
+                AUTH_LOOKUPS_PER_SECOND,
+                AUTH_LOOKUP_BURST,
+                Instant::now(),
+            )),
             uploading: Mutex::new(HashSet::new()),
         })
     }
@@ -87,17 +120,82 @@ impl Blobs {
         &self.dir
     }
 
-    /// Remembers a nonce; false if it was seen already (a replay) or too many are remembered.
-    fn first_use(&self, device: DeviceId, nonce: [u8; 16], now: u64) -> bool {
-        let mut nonces = self.nonces.lock().unwrap_or_else(|e| e.into_inner());
-        if nonces.len() >= MAX_REMEMBERED_NONCES {
-            // Times outside the window are refused anyway, so their nonces can go.
-            nonces.retain(|_, time| time.abs_diff(now) <= MAX_CLOCK_SKEW_S);
-            if nonces.len() >= MAX_REMEMBERED_NONCES {
-                return false;
-            }
+    /// Admits one signed request of a device: within its budget, and with a nonce it has not
+    /// used inside the clock window. Nonces are kept with the time the request carried, so
+    /// each is remembered for as long as that time is acceptable.
+    fn admit(
+        &self,
+        device: DeviceId,
+        nonce: [u8; 16],
+        time: u64,
+        now: u64,
+    ) -> Result<(), Admission> {
+        let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        let requests = devices.entry(device).or_insert_with(|| DeviceRequests {
+            budget: TokenBucket::new(
+                DEVICE_REQUESTS_PER_SECOND,
+                DEVICE_REQUEST_BURST,
+                Instant::now(),
+            ),
+            nonces: HashMap::new(),
+            uploads: 0,
+        });
+        if !requests.budget.try_take(Instant::now()) {
+            return Err(Admission::OverBudget);
         }
-        nonces.insert((device, nonce), now).is_none()
+        // The budget bounds how many nonces a device can have inside the window; the ones
+        // outside it can go.
+        if requests.nonces.len() >= 1024 {
+            requests
+                .nonces
+                .retain(|_, signed| signed.abs_diff(now) <= MAX_CLOCK_SKEW_S);
+        }
+        if requests.nonces.insert(nonce, time).is_some() {
+            return Err(Admission::Replayed);
+        }
+        Ok(())
+    }
+
+    /// Forgets devices with nothing left to remember: called by the sweep.
+    pub(crate) fn forget_idle(&self, now: u64) {
+        let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        devices.retain(|_, requests| {
+            requests
+                .nonces
+                .retain(|_, signed| signed.abs_diff(now) <= MAX_CLOCK_SKEW_S);
+            !requests.nonces.is_empty()
+                || requests.uploads > 0
+                || !requests.budget.is_full(Instant::now())
+        });
+    }
+
+    /// Counts an upload of a device; `None` if it already runs as many as it may.
+    fn start_upload(self: &Arc<Self>, device: DeviceId) -> Option<UploadCount> {
+        let mut devices = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        let requests = devices.get_mut(&device)?;
+        if requests.uploads >= MAX_UPLOADS_PER_DEVICE {
+            return None;
+        }
+        requests.uploads += 1;
+        Some(UploadCount {
+            blobs: Arc::clone(self),
+            device,
+        })
+    }
+}
+
+/// One running upload of a device, counted until dropped.
+struct UploadCount {
+    blobs: Arc<Blobs>,
+    device: DeviceId,
+}
+
+impl Drop for UploadCount {
+    fn drop(&mut self) {
+        let mut devices = self.blobs.devices.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(requests) = devices.get_mut(&self.device) {
+            requests.uploads = requests.uploads.saturating_sub(1);
+        }
     }
 }
 
@@ -150,6 +248,17 @@ async fn authenticate(
     if auth.time.abs_diff(now) > MAX_CLOCK_SKEW_S {
         return Err(failed());
     }
+    if !blobs
+        .lookups
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .try_take(Instant::now())
+    {
+        return Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy; try again shortly",
+        ));
+    }
     let device = auth.device_id;
     let record = shared
         .store
@@ -162,11 +271,17 @@ async fn authenticate(
         &shared.certificate_sha256,
         method.as_str(),
         path_and_query,
-    ) || !blobs.first_use(device, auth.nonce, now)
-    {
+    ) {
         return Err(failed());
     }
-    Ok(device)
+    match blobs.admit(device, auth.nonce, auth.time, now) {
+        Ok(()) => Ok(device),
+        Err(Admission::Replayed) => Err(failed()),
+        Err(Admission::OverBudget) => Err(refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many requests from this device; slow down",
+        )),
+    }
 }
 
 fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
@@ -186,7 +301,7 @@ pub(crate) struct BlobState {
 /// `POST /v1/blobs`
 pub(crate) async fn create(State(state): State<BlobState>, request: Request) -> Response {
     let (parts, _body) = request.into_parts();
-    let path = parts.uri.path().to_string();
+    let path = path_and_query(&parts);
     let device = match authenticate(
         &state.shared,
         &state.blobs,
@@ -210,6 +325,12 @@ pub(crate) async fn create(State(state): State<BlobState>, request: Request) -> 
             "miyu-group and miyu-size headers are required",
         );
     };
+    if size < MIN_BLOB_BYTES {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "a blob holds at least one sealed chunk (16 bytes)",
+        );
+    }
     if size > state.blobs.limits.max_bytes {
         return refuse(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -237,6 +358,7 @@ pub(crate) async fn create(State(state): State<BlobState>, request: Request) -> 
                     group_id,
                     size,
                     expires_at,
+                    max_blobs: MAX_BLOBS_PER_ACCOUNT,
                     now,
                 },
                 quota,
@@ -259,6 +381,36 @@ pub(crate) async fn create(State(state): State<BlobState>, request: Request) -> 
     }
 }
 
+/// Authenticates a request about one blob and parses its id.
+async fn blob_request_id(
+    state: &BlobState,
+    id: &str,
+    method: &Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+) -> Result<(DeviceId, BlobId), Response> {
+    let device = authenticate(&state.shared, &state.blobs, method, path_and_query, headers).await?;
+    let blob_id: BlobId = id
+        .parse()
+        .map_err(|_| refuse(StatusCode::NOT_FOUND, "no such blob"))?;
+    Ok((device, blob_id))
+}
+
+/// The record of a blob, for a device allowed to see it.
+async fn blob_record(
+    state: &BlobState,
+    device: DeviceId,
+    blob_id: BlobId,
+) -> Result<BlobRecord, Response> {
+    let now = unix_now();
+    state
+        .shared
+        .store
+        .run(move |store| store.blob(&blob_id.0, &device, now))
+        .await
+        .map_err(|error| store_refusal(&error))
+}
+
 /// Authenticates a request about one blob and fetches its record.
 async fn blob_request(
     state: &BlobState,
@@ -267,17 +419,8 @@ async fn blob_request(
     path_and_query: &str,
     headers: &HeaderMap,
 ) -> Result<(DeviceId, BlobId, BlobRecord), Response> {
-    let device = authenticate(&state.shared, &state.blobs, method, path_and_query, headers).await?;
-    let blob_id: BlobId = id
-        .parse()
-        .map_err(|_| refuse(StatusCode::NOT_FOUND, "no such blob"))?;
-    let now = unix_now();
-    let record = state
-        .shared
-        .store
-        .run(move |store| store.blob(&blob_id.0, &device, now))
-        .await
-        .map_err(|error| store_refusal(&error))?;
+    let (device, blob_id) = blob_request_id(state, id, method, path_and_query, headers).await?;
+    let record = blob_record(state, device, blob_id).await?;
     Ok((device, blob_id, record))
 }
 
@@ -334,11 +477,38 @@ pub(crate) async fn append(
 ) -> Response {
     let (parts, body) = request.into_parts();
     let path = path_and_query(&parts);
-    let (device, blob_id, record) =
-        match blob_request(&state, &id, &parts.method, &path, &parts.headers).await {
+    let (device, blob_id) =
+        match blob_request_id(&state, &id, &parts.method, &path, &parts.headers).await {
             Ok(found) => found,
             Err(response) => return response,
         };
+    let Some(count) = state.blobs.start_upload(device) else {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "this device is running as many uploads as it may",
+        );
+    };
+    if !state
+        .blobs
+        .uploading
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(blob_id.0)
+    {
+        return refuse(
+            StatusCode::CONFLICT,
+            "an upload of this blob is already running",
+        );
+    }
+    let slot = UploadSlot {
+        blobs: Arc::clone(&state.blobs),
+        id: blob_id.0,
+    };
+    // Read only now that the slot is ours: an upload that just ended has recorded its length.
+    let record = match blob_record(&state, device, blob_id).await {
+        Ok(record) => record,
+        Err(response) => return response,
+    };
     if record.uploader != device {
         return refuse(
             StatusCode::FORBIDDEN,
@@ -359,28 +529,11 @@ pub(crate) async fn append(
             record.length,
         );
     }
-    if !state
-        .blobs
-        .uploading
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(blob_id.0)
-    {
-        return offset_answer(
-            StatusCode::CONFLICT,
-            "an upload of this blob is already running",
-            record.length,
-        );
-    }
-    let slot = UploadSlot {
-        blobs: Arc::clone(&state.blobs),
-        id: blob_id.0,
-    };
     // On a task of its own: if the client goes away, the connection's handler is dropped, but
     // what arrived is still flushed and recorded, so that the upload resumes from there.
     let task_state = state.clone();
     let received = tokio::spawn(async move {
-        let _slot = slot;
+        let _held = (slot, count);
         receive(&task_state, blob_id, &record, device, body).await
     })
     .await;
@@ -421,6 +574,22 @@ async fn receive(
         .open(state.blobs.path(&blob_id))
         .await
         .map_err(io_failed)?;
+    let on_disk = file.metadata().await.map_err(io_failed)?.len();
+    if on_disk < record.length {
+        tracing::warn!("a blob file is shorter than its recorded length");
+        return Err(refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the stored blob is damaged",
+        ));
+    }
+    if record.length == 0 {
+        // The file is new: make its name durable with its first bytes.
+        let dir = state.blobs.dir().to_path_buf();
+        tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
+            .await
+            .map_err(|_| io_failed(std::io::Error::other("sync task failed")))?
+            .map_err(io_failed)?;
+    }
     // Whatever lies past the recorded length was never acknowledged (a crash mid-write).
     file.set_len(record.length).await.map_err(io_failed)?;
     file.seek(std::io::SeekFrom::Start(record.length))
@@ -439,7 +608,8 @@ async fn receive(
     };
     let mut written = record.length;
     let mut durable = record.length;
-    let mut buffer: Vec<u8> = Vec::with_capacity(WRITE_BUFFER);
+    // Grows with what arrives, up to about WRITE_BUFFER: a slow upload holds little memory.
+    let mut buffer: Vec<u8> = Vec::new();
     let mut stream = body.into_data_stream();
     let mut too_long = false;
     loop {

@@ -244,6 +244,7 @@ async fn expire_periodically(
             Ok(_) => {}
             Err(error) => tracing::warn!("expiry failed: {error}"),
         }
+        blobs.forget_idle(now);
         match blobs::remove_orphans(&shared, &blobs).await {
             Ok(removed) if removed > 0 => tracing::info!("removed {removed} blob files"),
             Ok(_) => {}

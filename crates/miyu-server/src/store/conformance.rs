@@ -81,6 +81,7 @@ conformance_suite! {
     unknown_groups_uploaders_and_blobs_are_not_found
     creating_a_blob_with_a_taken_id_fails_and_keeps_the_first
     the_quota_counts_every_blob_of_the_uploaders_account_and_no_other
+    an_account_may_hold_only_so_many_blobs_however_small
     a_blob_length_only_grows_up_to_the_size_and_only_by_its_uploader
     an_expired_blob_is_not_found_and_expire_deletes_it
     expire_deletes_blobs_left_unfinished_for_a_day
@@ -215,6 +216,7 @@ fn new_blob(number: u8, uploader: DeviceId, group_id: GroupId, size: u64) -> New
         group_id,
         size,
         expires_at: NOW + 30 * DAY,
+        max_blobs: 1000,
         now: NOW,
     }
 }
@@ -1336,6 +1338,26 @@ fn creating_a_blob_with_a_taken_id_fails_and_keeps_the_first(store: &mut dyn Sto
     store.commit()?;
     let kept = store.blob(&blob_id(1), &device(2), NOW)?;
     assert_eq!((kept.uploader, kept.size), (device(1), 100));
+    Ok(())
+}
+
+fn an_account_may_hold_only_so_many_blobs_however_small(store: &mut dyn Store) -> Outcome {
+    group_of_three_and_a_second_device_of_account_1(store)?;
+    let capped = |number: u8, uploader: DeviceId, group_id: GroupId| NewBlob {
+        max_blobs: 2,
+        ..new_blob(number, uploader, group_id, 16)
+    };
+    store.create_blob(capped(1, device(1), group(1)), QUOTA)?;
+    store.create_blob(capped(2, device(1), group(2)), QUOTA)?;
+    // The account's second device counts against the same cap.
+    assert!(matches!(
+        store.create_blob(capped(3, device(4), group(2)), QUOTA),
+        Err(StoreError::QuotaExceeded)
+    ));
+    // Another account is not affected.
+    store.create_blob(capped(3, device(2), group(1)), QUOTA)?;
+    store.commit()?;
+    assert_eq!(store.live_blob_ids()?.len(), 3);
     Ok(())
 }
 

@@ -446,12 +446,14 @@ impl Store for MemoryStore {
             return Err(StoreError::AlreadyExists);
         }
         let account_id = uploader.record.account_id;
-        let used = self
+        let (used, count) = self
             .blobs
             .values()
             .filter(|stored| stored.record.account_id == account_id)
-            .fold(0u64, |used, stored| used.saturating_add(stored.record.size));
-        if used.saturating_add(blob.size) > quota_bytes {
+            .fold((0u64, 0usize), |(used, count), stored| {
+                (used.saturating_add(stored.record.size), count + 1)
+            });
+        if used.saturating_add(blob.size) > quota_bytes || count >= blob.max_blobs {
             return Err(StoreError::QuotaExceeded);
         }
         self.blobs.insert(

@@ -121,6 +121,9 @@ pub struct NewBlob {
     pub size: u64,
     /// Unix seconds; `expire` deletes the blob from then on.
     pub expires_at: u64,
+    /// How many blobs the uploader's account may have at once, this one included: the byte
+    /// quota alone would let tiny blobs pile up in the store.
+    pub max_blobs: usize,
     pub now: u64,
 }
 
@@ -307,7 +310,7 @@ pub trait Store: Send + 'static {
     /// Records a new, empty blob. `NotFound` if the group or the uploader device does not
     /// exist, `Forbidden` if the uploader is not a member of the group, `AlreadyExists` if the
     /// id is taken, `QuotaExceeded` if the sizes of the uploader's account's blobs plus `size`
-    /// would exceed `quota_bytes`. A blob counts until `expire` or `delete_account` deletes it,
+    /// would exceed `quota_bytes` or the account already has `max_blobs` blobs. A blob counts until `expire` or `delete_account` deletes it,
     /// as its bytes take space until then.
     fn create_blob(&mut self, blob: NewBlob, quota_bytes: u64) -> Result<(), StoreError>;
 

@@ -586,13 +586,15 @@ impl Store for SqliteStore {
             }
             // Summed here rather than by SQLite, whose sum() fails on overflow.
             let mut used = 0u64;
+            let mut count = 0usize;
             for size in db
                 .prepare_cached("SELECT size FROM blobs WHERE account_id = ?1")?
                 .query_map([&account_id], |row| row.get::<_, i64>(0))?
             {
                 used = used.saturating_add(u64_from_sql(size?)?);
+                count += 1;
             }
-            if used.saturating_add(blob.size) > quota_bytes {
+            if used.saturating_add(blob.size) > quota_bytes || count >= blob.max_blobs {
                 return Err(StoreError::QuotaExceeded);
             }
             db.prepare_cached(
@@ -1394,6 +1396,7 @@ mod tests {
                     group_id,
                     size: 10,
                     expires_at: NOW + 3600,
+                    max_blobs: 10,
                     now: NOW,
                 },
                 10,
