@@ -4,6 +4,8 @@
 //!
 //! - `relay`: raw protocol connections post opaque payloads as fast as a bounded window allows;
 //!   how many messages a second the server durably stores and delivers.
+//! - `mls-scale`: openmls alone in this process, no server: what creating, changing and joining
+//!   a group of thousands of members costs in time, bytes and memory.
 //! - `latency`: real clients (MLS, local SQLite) send at a fixed rate; how long from the start
 //!   of sending until the receiver has decrypted the message.
 //! - `files`: one `miyu` process sends a file end-to-end encrypted through a `miyu-server`
@@ -17,6 +19,7 @@ mod files;
 mod latency;
 mod machine;
 mod relay;
+mod scale;
 mod stats;
 
 use std::process::ExitCode;
@@ -34,6 +37,7 @@ use crate::files::{FilesOutcome, FilesPlan};
 use crate::latency::{LatencyOutcome, LatencyPlan};
 use crate::machine::Machine;
 use crate::relay::{RelayOutcome, RelayPlan};
+use crate::scale::{ScaleOutcome, ScalePlan, format_bytes, format_seconds};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -58,6 +62,9 @@ enum Scenario {
     /// End-to-end encrypted file transfer between `miyu` processes through a `miyu-server`
     /// process, all found next to this program.
     Files(FilesArgs),
+    /// MLS group operations at thousands of members, openmls alone in this process with its
+    /// in-memory storage (no server, no SQLite).
+    MlsScale(MlsScaleArgs),
 }
 
 #[derive(Debug, Args)]
@@ -121,6 +128,17 @@ struct FilesArgs {
     no_passphrase: bool,
 }
 
+#[derive(Debug, Args)]
+struct MlsScaleArgs {
+    /// Group sizes in members, committer included; one run each, in the order given.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    sizes: Vec<usize>,
+    /// Also build groups of at most this many members with one commit per added member, to
+    /// compare with one commit adding everyone (about N² work: 1,000 takes a minute).
+    #[arg(long, default_value_t = 1000)]
+    one_by_one_up_to: usize,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum StoreChoice {
     /// SQLite with full sync: durable, what the server runs with.
@@ -151,6 +169,7 @@ const MAX_MESSAGES_PER_PAIR: u64 = 10_000_000;
 const MAX_WINDOW: usize = 8192;
 const MAX_RATE: u32 = 100_000;
 const MAX_SECONDS: u64 = 3600;
+const MAX_MEMBERS: usize = 1_000_000;
 /// Room for the frame's other fields around the payload.
 const FRAME_OVERHEAD: usize = 256;
 
@@ -183,6 +202,7 @@ async fn run(cli: Cli) -> Result<()> {
         Scenario::Relay(args) => relay(args, machine, epoch, cli.json).await,
         Scenario::Latency(args) => latency(args, machine, epoch, cli.json).await,
         Scenario::Files(args) => files(args, machine, cli.json),
+        Scenario::MlsScale(args) => mls_scale(args, machine, cli.json),
     }
 }
 
@@ -506,5 +526,160 @@ fn print_files(report: &FilesReport) {
     println!(
         "machine: {} ({} logical cores), shared by the clients and the server",
         report.machine.cpu_model, report.machine.logical_cores
+    );
+}
+
+#[derive(Debug, Serialize)]
+struct ScaleReport {
+    scenario: &'static str,
+    target: &'static str,
+    machine: Machine,
+    /// The 1, 5 and 15 minute load averages when the run started.
+    load_average: Option<String>,
+    runs: Vec<ScaleOutcome>,
+}
+
+/// Runs on this thread: openmls is synchronous and the runtime is idle.
+fn mls_scale(args: MlsScaleArgs, machine: Machine, json: bool) -> Result<()> {
+    ensure!(!args.sizes.is_empty(), "give at least one --sizes value");
+    for &members in &args.sizes {
+        ensure!(
+            (2..=MAX_MEMBERS).contains(&members),
+            "--sizes must be between 2 and {MAX_MEMBERS}"
+        );
+    }
+    let load_average = std::fs::read_to_string("/proc/loadavg").ok().map(|line| {
+        line.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
+    let target = "openmls 0.9 in one process, in-memory provider (OpenMlsRustCrypto)";
+    if !json {
+        println!(
+            "mls-scale: {target}, {:?}, handshake messages encrypted, padding {} bytes",
+            miyu_crypto::mls::CIPHERSUITE,
+            miyu_crypto::mls::PADDING
+        );
+    }
+    let mut runs = Vec::with_capacity(args.sizes.len());
+    for &members in &args.sizes {
+        let plan = ScalePlan {
+            members,
+            one_by_one: members <= args.one_by_one_up_to,
+        };
+        let outcome =
+            scale::run(&plan).with_context(|| format!("measuring a group of {members}"))?;
+        if !json {
+            print_scale(&outcome);
+        }
+        runs.push(outcome);
+    }
+    let report = ScaleReport {
+        scenario: "mls-scale",
+        target,
+        machine,
+        load_average,
+        runs,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).context("writing JSON")?
+        );
+    } else {
+        println!(
+            "machine: {} ({} logical cores), one thread; load average at start {}",
+            report.machine.cpu_model,
+            report.machine.logical_cores,
+            report.load_average.as_deref().unwrap_or("unknown")
+        );
+    }
+    Ok(())
+}
+
+fn print_scale(outcome: &ScaleOutcome) {
+    let seconds = |value: f64| format_seconds(value);
+    let ms = |value: f64| format_seconds(value / 1e3);
+    println!("{} members", outcome.members);
+    println!(
+        "  key packages made in {} (setup); the committer validates them in {}",
+        seconds(outcome.key_packages_seconds),
+        seconds(outcome.validate_key_packages_seconds)
+    );
+    let creations = [
+        Some(&outcome.create_batch),
+        outcome.create_one_by_one.as_ref(),
+    ];
+    for creation in creations.into_iter().flatten() {
+        println!(
+            "  create, {:>5} commit(s): {:>10}   last commit {:>10}, last Welcome {:>10}",
+            creation.commits,
+            seconds(creation.seconds),
+            format_bytes(creation.last_commit_bytes),
+            format_bytes(creation.last_welcome_bytes)
+        );
+    }
+    println!(
+        "  observer joins from the creation Welcome in {}",
+        seconds(outcome.observer_join_seconds)
+    );
+    println!(
+        "  {:<22} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "commit", "build", "own merge", "bytes", "process", "merge", "Welcome"
+    );
+    let steps = [
+        ("add one (tree inside)", &outcome.add),
+        ("remove one", &outcome.remove),
+        ("self-update", &outcome.self_update),
+        ("add one (tree apart)", &outcome.add_tree_apart),
+    ];
+    for (name, step) in steps {
+        println!(
+            "  {:<22} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            name,
+            ms(step.build_ms),
+            ms(step.committer_merge_ms),
+            format_bytes(step.commit_bytes),
+            ms(step.process_ms),
+            ms(step.merge_ms),
+            step.welcome_bytes.map_or("-".into(), format_bytes)
+        );
+    }
+    let joins = [
+        ("join, tree inside", &outcome.join_tree_in_welcome),
+        ("join, tree apart", &outcome.join_tree_apart),
+    ];
+    for (name, join) in joins {
+        print!(
+            "  {:<22} ready in {:>10}; Welcome {:>10}",
+            name,
+            seconds(join.seconds),
+            format_bytes(join.welcome_bytes)
+        );
+        if let (Some(tree), Some(hash_ms)) = (join.tree_bytes, join.tree_hash_ms) {
+            print!(
+                " + tree {} (SHA-256 in {})",
+                format_bytes(tree),
+                ms(hash_ms)
+            );
+        }
+        println!();
+    }
+    let peak = outcome.peak_rss_kib.map_or("?".into(), |kib| {
+        format_bytes(
+            usize::try_from(kib)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(1024),
+        )
+    });
+    println!(
+        "  peak RSS {peak}{}; {}",
+        if outcome.peak_rss_reset {
+            " (this size alone)"
+        } else {
+            " (since the process started)"
+        },
+        outcome.cpu
     );
 }
