@@ -534,3 +534,53 @@ fn the_server_enforces_its_size_limit_and_each_accounts_quota() {
     assert_eq!(blob_files(&server).len(), 1);
     miyu_ok(&pair.bob, &["send-file", "alice", small.to_str().unwrap()]);
 }
+
+#[test]
+fn a_download_never_writes_through_a_planted_link_or_over_an_existing_file() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+    let original = root.path().join("report.bin");
+    write_file(&original, 300_000, b"report");
+    miyu_ok(
+        &pair.alice,
+        &["send-file", "bob", original.to_str().unwrap()],
+    );
+    let id = file_id(&pair.bob, "alice", "report.bin").to_string();
+
+    // Someone sharing the folder plants a link where the partial download would go.
+    let victim = root.path().join("victim.txt");
+    std::fs::write(&victim, "keep me").unwrap();
+    let folder = root.path().join("shared");
+    std::fs::create_dir(&folder).unwrap();
+    let out = folder.join("report.bin");
+    std::os::unix::fs::symlink(&victim, folder.join(format!(".report.bin.{id}.miyu-part")))
+        .unwrap();
+    let args = ["download", "alice", &id, "--out", out.to_str().unwrap()];
+    let output = miyu(&pair.bob, &args);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+    assert!(!out.exists());
+
+    // An existing file is never replaced.
+    std::fs::write(&out, "mine").unwrap();
+    let output = miyu(&pair.bob, &args);
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "mine");
+
+    // Without the link, the download goes through.
+    std::fs::remove_file(&out).unwrap();
+    std::fs::remove_file(folder.join(format!(".report.bin.{id}.miyu-part"))).unwrap();
+    miyu_ok(&pair.bob, &args);
+    assert_eq!(sha256_of(&out), sha256_of(&original));
+    assert_eq!(
+        std::fs::read_dir(&folder).unwrap().count(),
+        1,
+        "no partial file left"
+    );
+}

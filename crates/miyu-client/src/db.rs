@@ -149,7 +149,8 @@ CREATE TABLE uploads (
     group_id BLOB NOT NULL,
     source_path TEXT NOT NULL,
     source_size INTEGER NOT NULL,
-    source_mtime_ns INTEGER NOT NULL,
+    -- The source's ctime: an upload resumes only if the file has not changed since.
+    source_changed_ns INTEGER NOT NULL,
     keep_metadata INTEGER NOT NULL,
     blob_id BLOB NOT NULL,
     file_key BLOB NOT NULL,

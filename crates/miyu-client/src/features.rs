@@ -114,10 +114,12 @@ fn target(db: &Connection, group_id: &[u8], message_id: &[u8]) -> Result<Option<
         .optional()?)
 }
 
-/// Replaces a message's body, as `edit` or its receipt does.
+/// Replaces a message's body, as `edit` or its receipt does, unless a later edit (by the
+/// author's clock) is already applied: edits delivered out of order end with the last one.
 fn apply_edit(db: &Connection, row: i64, body: &str, at_ms: u64) -> Result<(), Error> {
     db.execute(
-        "UPDATE messages SET body = ?1, edited_at_ms = ?2 WHERE id = ?3",
+        "UPDATE messages SET body = ?1, edited_at_ms = ?2
+         WHERE id = ?3 AND (edited_at_ms IS NULL OR edited_at_ms <= ?2)",
         params![body, at_ms, row],
     )?;
     Ok(())
@@ -125,6 +127,7 @@ fn apply_edit(db: &Connection, row: i64, body: &str, at_ms: u64) -> Result<(), E
 
 /// Deletes a message for everyone: its body, its file and its reactions go; a notice stays.
 fn apply_delete(db: &Connection, row: i64) -> Result<(), Error> {
+    crate::files::remove_partials(db, "m.id = ?1", row)?;
     db.execute("DELETE FROM files WHERE message_row = ?1", params![row])?;
     db.execute("DELETE FROM reactions WHERE message_row = ?1", params![row])?;
     db.execute(
@@ -159,7 +162,7 @@ pub(crate) fn on_reaction(
         return Ok(None);
     }
     match target(db, received.group_id, &reaction.message_id)? {
-        Some(target) if !target.deleted => {
+        Some(target) if !target.deleted && target.kind != "timer" => {
             apply_reaction(db, target.row, received.contact_account, &reaction.emoji)?;
             Ok(None)
         }
@@ -198,6 +201,23 @@ pub(crate) fn on_delete(
     match target(db, received.group_id, &delete.message_id)? {
         Some(target) if !target.outgoing && target.kind != "timer" => {
             apply_delete(db, target.row)?;
+            Ok(None)
+        }
+        // Not here (yet): keep the deletion, so that the message, if it comes later, is
+        // stored as deleted. A server that withholds it and delivers the deletion first
+        // cannot make it reappear.
+        None if delete.message_id.len() == 16 => {
+            db.execute(
+                "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq, kind, deleted)
+                 VALUES (?1, ?2, 0, '', ?3, ?4, 'received', ?5, 'text', 1)",
+                params![
+                    received.group_id,
+                    delete.message_id,
+                    received.sent_at_ms,
+                    now_ms(),
+                    received.seq
+                ],
+            )?;
             Ok(None)
         }
         _ => {
@@ -330,6 +350,7 @@ impl Client {
         let own = self.message_of(contact, id)?;
         if !everyone {
             db::in_transaction(&self.db, |db| {
+                crate::files::remove_partials(db, "m.id = ?1", id)?;
                 db.execute("DELETE FROM messages WHERE id = ?1", params![id])?;
                 Ok(())
             })?;
@@ -483,6 +504,84 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(reactions, [("contact".to_string(), "🎉".to_string())]);
+    }
+
+    #[test]
+    fn deletions_and_edits_out_of_order_end_as_their_author_meant() {
+        let folder = tempfile::tempdir().unwrap();
+        let mut db = Connection::open(folder.path().join("miyu.db")).unwrap();
+        crate::db::configure(&mut db).unwrap();
+        let at = |sent_at_ms| Received {
+            group_id: &[1],
+            seq: 1,
+            contact_account: "contact",
+            contact_name: "bob",
+            message_id: &[9; 16],
+            sent_at_ms,
+            expires_in_s: 0,
+        };
+        // The deletion arrives before its message (a server withheld the message): the
+        // message, when it comes, stays deleted.
+        let late = [7u8; 16];
+        on_delete(
+            &db,
+            &at(10),
+            &wire::Delete {
+                message_id: late.to_vec(),
+            },
+        )
+        .unwrap();
+        let original = Received {
+            message_id: &late,
+            ..at(5)
+        };
+        let text = wire::Text {
+            body: "you never saw this".into(),
+            ..Default::default()
+        };
+        assert!(
+            crate::privacy::store_text(&db, &original, &text)
+                .unwrap()
+                .is_none()
+        );
+        let (body, deleted): (String, bool) = db
+            .query_row(
+                "SELECT body, deleted FROM messages WHERE message_id = ?1",
+                params![late.to_vec()],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((body.as_str(), deleted), ("", true));
+
+        // Two edits delivered in the wrong order: the later one wins.
+        let edited = [8u8; 16];
+        let message = Received {
+            message_id: &edited,
+            ..at(1)
+        };
+        crate::privacy::store_text(
+            &db,
+            &message,
+            &wire::Text {
+                body: "first".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let edit = |body: &str| wire::Edit {
+            message_id: edited.to_vec(),
+            body: body.into(),
+        };
+        on_edit(&db, &at(30), &edit("third")).unwrap();
+        on_edit(&db, &at(20), &edit("second")).unwrap();
+        let body: String = db
+            .query_row(
+                "SELECT body FROM messages WHERE message_id = ?1",
+                params![edited.to_vec()],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(body, "third");
     }
 
     #[test]

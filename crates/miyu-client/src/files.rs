@@ -37,8 +37,9 @@ const PIECES_IN_FLIGHT: usize = 16;
 const FLUSH_BYTES: u64 = 32 * 1024 * 1024;
 /// How often an upload that the server reports as running or moved is tried again.
 const UPLOAD_ATTEMPTS: u32 = 8;
-/// Longest file name kept, in bytes.
-const MAX_NAME_BYTES: usize = 255;
+/// Longest file name kept, in bytes: room is left for the partial download's suffix within
+/// the usual 255-byte limit of file systems.
+const MAX_NAME_BYTES: usize = 200;
 const MAX_MIME_BYTES: usize = 100;
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -126,17 +127,28 @@ pub fn human_size(bytes: u64) -> String {
 pub(crate) fn clean_name(name: &str) -> String {
     let mut clean: String = name
         .chars()
-        .filter(|c| !c.is_control() && *c != '/' && *c != '\\')
+        .filter(|c| !c.is_control() && !is_invisible(*c) && *c != '/' && *c != '\\')
         .collect();
-    clean = clean.trim().to_string();
+    // No hidden files (a `.bash_login` saved into a home folder would run at the next login)
+    // and nothing that reads as an option to a program.
+    clean = clean.trim().trim_start_matches(['.', '-', ' ']).to_string();
     while clean.len() > MAX_NAME_BYTES {
         clean.pop();
     }
-    if clean.is_empty() || clean == "." || clean == ".." {
+    if clean.is_empty() {
         "file".into()
     } else {
         clean
     }
+}
+
+/// Characters that change how a name is displayed without being seen: direction overrides
+/// (which can make `x\u{202E}gpj.exe` look like a `.jpg`) and zero-width marks.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}'
+    )
 }
 
 fn clean_mime(mime: &str) -> String {
@@ -411,7 +423,20 @@ struct Upload {
     layout: Layout,
 }
 
-fn mtime_ns(metadata: &std::fs::Metadata) -> i64 {
+/// When the file's content or metadata last changed (its ctime), in nanoseconds. Unlike the
+/// modification time, no tool can set it back, so an upload resumes only into a file that
+/// has not changed since: the same key and nonces never seal different bytes.
+#[cfg(unix)]
+fn changed_ns(metadata: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    metadata
+        .ctime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(metadata.ctime_nsec())
+}
+
+#[cfg(not(unix))]
+fn changed_ns(metadata: &std::fs::Metadata) -> i64 {
     metadata
         .modified()
         .ok()
@@ -501,7 +526,7 @@ impl Client {
         let row: Option<UploadRow> = self
             .db
             .query_row(
-                "SELECT id, blob_id, file_key, size, chunk_size, source_size = ?3 AND source_mtime_ns = ?4 AND keep_metadata = ?5
+                "SELECT id, blob_id, file_key, size, chunk_size, source_size = ?3 AND source_changed_ns = ?4 AND keep_metadata = ?5
                  FROM uploads WHERE group_id = ?1 AND source_path = ?2",
                 params![group_id, source_path, size, mtime, keep_metadata],
                 |row| {
@@ -608,7 +633,7 @@ impl Client {
             Source::Memory(cursor) => cursor.get_ref().len() as u64,
         };
         let source_path = absolute.to_string_lossy().into_owned();
-        let mtime = mtime_ns(&metadata);
+        let mtime = changed_ns(&metadata);
         let timer_s: u32 = self.db.query_row(
             "SELECT timer_s FROM conversations WHERE group_id = ?1",
             params![group_id],
@@ -673,7 +698,7 @@ impl Client {
                 // into the same blob under the same key.
                 db::in_transaction(&self.db, |db| {
                     db.execute(
-                        "INSERT OR REPLACE INTO uploads (group_id, source_path, source_size, source_mtime_ns, keep_metadata, blob_id, file_key, size, chunk_size, created_at_ms)
+                        "INSERT OR REPLACE INTO uploads (group_id, source_path, source_size, source_changed_ns, keep_metadata, blob_id, file_key, size, chunk_size, created_at_ms)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                         params![group_id, source_path, size, mtime, keep_metadata, blob_id.0.as_slice(), key.as_bytes().as_slice(), plaintext_len, layout.chunk_size(), now_ms()],
                     )?;
@@ -707,6 +732,18 @@ impl Client {
                 // holds more than we thought: ask again where to continue.
                 tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt)))
                     .await;
+                // Sending again re-seals chunks under the same key and nonces: only if the
+                // file is still the one the upload began with.
+                let now = std::fs::metadata(&absolute)
+                    .map_err(io_error(format!("reading {}", absolute.display())))?;
+                if now.len() != size || changed_ns(&now) != mtime {
+                    self.db
+                        .execute("DELETE FROM uploads WHERE id = ?1", params![upload.id])?;
+                    return Err(Error::Usage(format!(
+                        "{} changed while it was being sent; send it again",
+                        absolute.display()
+                    )));
+                }
                 let response = http.send(Method::HEAD, &path, &[], None).await?;
                 if response.status() != StatusCode::OK {
                     return Err(refusal(response).await);
@@ -903,25 +940,15 @@ impl Client {
             ),
         };
         // A partial download of this file continues, whatever the target is now.
-        let part = match part_path.map(PathBuf::from) {
-            Some(part) if part.exists() => part,
-            _ => {
-                let mut part = target.clone().into_os_string();
-                part.push(".miyu-part");
-                PathBuf::from(part)
-            }
+        let (part, resuming) = match part_path.map(PathBuf::from) {
+            Some(part) if part.symlink_metadata().is_ok() => (part, true),
+            _ => (part_path_for(&target, file_id), false),
         };
+        let mut writer = open_part(&part, resuming)?;
         self.db.execute(
             "UPDATE files SET part_path = ?1 WHERE id = ?2",
             params![part.to_string_lossy(), file_id],
         )?;
-        let mut writer = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&part)
-            .map_err(io_error(format!("writing {}", part.display())))?;
         let have = writer
             .metadata()
             .map_err(io_error(format!("reading {}", part.display())))?
@@ -1030,17 +1057,7 @@ impl Client {
                     .into(),
             ));
         }
-        if target.exists() {
-            return Err(Error::Usage(format!(
-                "{} appeared while downloading; the file is kept as {}",
-                target.display(),
-                part.display()
-            )));
-        }
-        std::fs::rename(&part, &target).map_err(io_error(format!(
-            "moving the download to {}",
-            target.display()
-        )))?;
+        move_into_place(&part, &target)?;
         self.db.execute(
             "UPDATE files SET part_path = NULL, saved_path = ?1 WHERE id = ?2",
             params![target.to_string_lossy(), file_id],
@@ -1152,6 +1169,81 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Where the partial download of file `id` into `target` is written: beside it (so that the
+/// finished file is moved, not copied), hidden, and named for that file alone.
+fn part_path_for(target: &Path, id: i64) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    target.with_file_name(format!(".{name}.{id}.miyu-part"))
+}
+
+/// Opens a partial download: a new one is created and must not exist (not even as a link
+/// someone planted), an existing one is opened without following a link.
+fn open_part(part: &Path, resuming: bool) -> Result<std::fs::File, Error> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true);
+    if resuming {
+        options.create(false).truncate(false);
+    } else {
+        options.create_new(true);
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW).mode(0o600);
+    }
+    options.open(part).map_err(|error| {
+        if error.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::Usage(format!(
+                "{} exists already and is not a download this profile started; remove it or choose another --out",
+                part.display()
+            ))
+        } else {
+            Error::Io {
+                context: format!("writing {}", part.display()),
+                source: error,
+            }
+        }
+    })
+}
+
+/// Gives the finished download its name without ever replacing a file that appeared there
+/// meanwhile (a hard link fails if the name is taken), then makes the name durable.
+fn move_into_place(part: &Path, target: &Path) -> Result<(), Error> {
+    match std::fs::hard_link(part, target) {
+        Ok(()) => {
+            std::fs::remove_file(part).map_err(io_error(format!("removing {}", part.display())))?
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(Error::Usage(format!(
+                "{} appeared while downloading; the file is kept as {}",
+                target.display(),
+                part.display()
+            )));
+        }
+        // A file system without hard links: check, then rename.
+        Err(_) => {
+            if target.symlink_metadata().is_ok() {
+                return Err(Error::Usage(format!(
+                    "{} appeared while downloading; the file is kept as {}",
+                    target.display(),
+                    part.display()
+                )));
+            }
+            std::fs::rename(part, target).map_err(io_error(format!(
+                "moving the download to {}",
+                target.display()
+            )))?;
+        }
+    }
+    if let Some(folder) = target.parent().filter(|f| !f.as_os_str().is_empty()) {
+        let _ = std::fs::File::open(folder).and_then(|folder| folder.sync_all());
+    }
+    Ok(())
+}
+
 /// `folder/name`, or `folder/stem (2).ext` and so on if that exists.
 fn unique_path(folder: &Path, name: &str) -> PathBuf {
     let first = folder.join(name);
@@ -1166,6 +1258,24 @@ fn unique_path(folder: &Path, name: &str) -> PathBuf {
         .map(|n| folder.join(format!("{stem} ({n}){extension}")))
         .find(|candidate| !candidate.exists())
         .unwrap_or(first)
+}
+
+/// Removes the partial downloads of the files of messages matching `condition` (an SQL
+/// expression over `m`, the messages table, with `?1` bound to `value`): their plaintext must
+/// not outlive the message.
+pub(crate) fn remove_partials(db: &Connection, condition: &str, value: i64) -> Result<(), Error> {
+    let sql = format!(
+        "SELECT f.part_path FROM files f JOIN messages m ON m.id = f.message_row
+         WHERE f.part_path IS NOT NULL AND ({condition})"
+    );
+    let parts: Vec<String> = db
+        .prepare(&sql)?
+        .query_map(params![value], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    for part in parts {
+        let _ = std::fs::remove_file(part);
+    }
+    Ok(())
 }
 
 /// Stores a file record for a message row.
@@ -1229,11 +1339,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_lose_directories_and_control_characters() {
-        assert_eq!(clean_name("../../etc/passwd"), "....etcpasswd");
+    fn names_lose_directories_control_characters_and_disguises() {
+        assert_eq!(clean_name("../../etc/passwd"), "etcpasswd");
         assert_eq!(clean_name("a\u{7}b\nc.txt"), "abc.txt");
         assert_eq!(clean_name(".."), "file");
         assert_eq!(clean_name("  "), "file");
+        // No hidden files, no option-like names, no direction tricks.
+        assert_eq!(clean_name(".bash_login"), "bash_login");
+        assert_eq!(clean_name("--help"), "help");
+        assert_eq!(clean_name("photo\u{202E}gpj.exe"), "photogpj.exe");
+        assert_eq!(clean_name("a\u{200B}b"), "ab");
         assert!(clean_name(&"é".repeat(300)).len() <= MAX_NAME_BYTES);
     }
 

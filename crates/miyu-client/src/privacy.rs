@@ -1010,6 +1010,11 @@ fn delete_expired(db: &Connection, now: u64) -> Result<usize, Error> {
         return Ok(0);
     }
     let deleted = db::in_transaction(db, |db| {
+        crate::files::remove_partials(
+            db,
+            "m.expires_at_ms IS NOT NULL AND m.expires_at_ms <= ?1",
+            i64::try_from(now).unwrap_or(i64::MAX),
+        )?;
         let messages = db.execute(
             "DELETE FROM messages WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1",
             params![now],
