@@ -157,12 +157,17 @@ fn a_200_mb_file_round_trips_with_its_hash_and_the_server_sees_only_ciphertext()
     );
     assert_eq!(sha256_of(&out), sha256_of(&original));
 
-    // The server holds one blob of ciphertext a little larger than the file, and none of its
-    // files (database, blobs, log) contains the file's bytes or its name.
+    // The server holds one blob: the ciphertext padded to a Padmé length (a multiple of 4 MiB
+    // at this size), and none of its files (database, blobs, log) contains the file's bytes or
+    // its name.
     let blobs = blob_files(&server);
     assert_eq!(blobs.len(), 1);
     let blob_len = std::fs::metadata(&blobs[0]).unwrap().len();
-    assert!(blob_len > 200 << 20 && blob_len < (200 << 20) + (1 << 20));
+    let layout =
+        miyu_crypto::file::Layout::new(200 << 20, miyu_crypto::file::DEFAULT_CHUNK).unwrap();
+    assert_eq!(blob_len, layout.padded_len());
+    assert_eq!(blob_len % (4 << 20), 0);
+    assert!(blob_len > layout.ciphertext_len());
     assert!(count_in_files(std::slice::from_ref(&original), marker) > 0);
     for needle in [&marker[..], b"NAMEMARKER", b"quarterly-plan"] {
         assert_eq!(
@@ -339,12 +344,26 @@ fn deleting_an_account_removes_its_blob_files() {
     // The deletion wakes the sweep; the file goes once it has run. Bob's download is the
     // event to wait for: it fails once the row is gone, which happens before the reply.
     let id = file_id(&pair.bob, "alice", "gone.bin").to_string();
-    let output = miyu(&pair.bob, &["download", "alice", &id]);
+    // Into the current folder, which is the test's own: nothing may be left there.
+    let folder = root.path().join("downloads");
+    std::fs::create_dir(&folder).unwrap();
+    let output = miyu_command()
+        .current_dir(&folder)
+        .arg("--profile")
+        .arg(&pair.bob)
+        .args(["download", "alice", &id])
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("no longer on the server"),
         "{}",
         String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        std::fs::read_dir(&folder).unwrap().count(),
+        0,
+        "a failed download left a file behind"
     );
     wait_until_gone(&blob);
 }

@@ -22,6 +22,7 @@ use miyu_crypto::file::{self, FileCipher, FileKey, Layout, Opener};
 use miyu_crypto::identity::AccountKeys;
 use miyu_proto::blob::{BlobId, HttpAuth, SERVER_TIME_HEADER};
 use miyu_proto::{ServerAddress, wire};
+use rand::RngCore;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
@@ -489,6 +490,17 @@ fn produce(
                 pieces.blocking_send(Ok(piece)).map_err(|_| gone())?;
                 progress.set(layout.plaintext_offset(index + 1));
             }
+            // Then the padding: random bytes, which look like the ciphertext before them, so
+            // the server cannot tell where the file ends.
+            let mut left = layout.padded_len() - offset.max(layout.ciphertext_len());
+            while left > 0 {
+                let mut padding = vec![0u8; left.min(u64::from(file::DEFAULT_CHUNK)) as usize];
+                rand::thread_rng().fill_bytes(&mut padding);
+                left -= padding.len() as u64;
+                pieces
+                    .blocking_send(Ok(Bytes::from(padding)))
+                    .map_err(|_| gone())?;
+            }
             Ok(())
         });
         let read = (|| -> std::io::Result<[u8; 32]> {
@@ -676,7 +688,7 @@ impl Client {
                             .map_err(|error| Error::Protocol(error.to_string()))?
                             .to_string(),
                     ),
-                    ("miyu-size", layout.ciphertext_len().to_string()),
+                    ("miyu-size", layout.padded_len().to_string()),
                 ];
                 if timer_s > 0 {
                     // The file disappears from the server with the message that carries it.
@@ -762,7 +774,7 @@ impl Client {
                     .poll_recv(cx)
                     .map(|piece| piece.map(|piece| piece.map(Frame::data)))
             });
-            let outcome = if offset < layout.ciphertext_len() {
+            let outcome = if offset < layout.padded_len() {
                 let response = http
                     .send(
                         Method::PATCH,
@@ -788,7 +800,7 @@ impl Client {
                 .map_err(|error| Error::Protocol(format!("the encryption task failed: {error}")))?;
             source = returned;
             match outcome {
-                Ok(length) if length == Some(layout.ciphertext_len()) => {
+                Ok(length) if length == Some(layout.padded_len()) => {
                     sha256 = Some(produced.map_err(io_error("reading the file"))?);
                     break;
                 }
@@ -984,24 +996,41 @@ impl Client {
         let mut http = BlobClient::new(&self.keys, &self.server, self.proxy);
         let path = format!("/v1/blobs/{blob_id}");
         let start = layout.ciphertext_offset(first);
-        let response = http
-            .send(
-                Method::GET,
-                &path,
-                &[("range", format!("bytes={start}-"))],
-                None,
-            )
-            .await?;
-        match response.status() {
-            StatusCode::OK if start == 0 => {}
-            StatusCode::PARTIAL_CONTENT => {}
-            StatusCode::RANGE_NOT_SATISFIABLE => {
-                return Err(Error::Security(
+        // The ciphertext only, not the padding after it.
+        let end = layout.ciphertext_len() - 1;
+        let answered = async {
+            let response = http
+                .send(
+                    Method::GET,
+                    &path,
+                    &[("range", format!("bytes={start}-{end}"))],
+                    None,
+                )
+                .await?;
+            match response.status() {
+                StatusCode::OK if start == 0 => Ok(response),
+                StatusCode::PARTIAL_CONTENT => Ok(response),
+                StatusCode::RANGE_NOT_SATISFIABLE => Err(Error::Security(
                     "the file on the server is truncated: it ends before its last chunk".into(),
-                ));
+                )),
+                _ => Err(refusal(response).await),
             }
-            _ => return Err(refusal(response).await),
         }
+        .await;
+        let response = match answered {
+            Ok(response) => response,
+            Err(error) => {
+                if !resuming {
+                    // Nothing was written: leave no empty partial file behind.
+                    let _ = std::fs::remove_file(&part);
+                    self.db.execute(
+                        "UPDATE files SET part_path = NULL WHERE id = ?1",
+                        params![file_id],
+                    )?;
+                }
+                return Err(error);
+            }
+        };
 
         let (pieces, mut queue) = tokio::sync::mpsc::channel::<Bytes>(PIECES_IN_FLIGHT);
         let consumer_progress = Arc::clone(&progress);
@@ -1017,13 +1046,21 @@ impl Client {
         });
         let mut body = response.into_body();
         let mut network_error = None;
+        // Whatever a server sends past the ciphertext (padding it was not asked for) is not read.
+        let mut wanted = layout.ciphertext_len() - start;
         while let Some(frame) = body.frame().await {
             match frame {
                 Ok(frame) => {
-                    if let Ok(data) = frame.into_data()
-                        && pieces.send(data).await.is_err()
-                    {
+                    let Ok(mut data) = frame.into_data() else {
+                        continue;
+                    };
+                    data.truncate(wanted.min(data.len() as u64) as usize);
+                    wanted -= data.len() as u64;
+                    if pieces.send(data).await.is_err() {
                         // The consumer stopped: its error says why.
+                        break;
+                    }
+                    if wanted == 0 {
                         break;
                     }
                 }

@@ -81,8 +81,9 @@ impl ServerConfig {
             requests_per_second: 2000,
             registrations_per_minute: 120,
             store: StoreBackend::Sqlite,
-            // A 4 GiB file plus its encryption overhead (16 bytes per chunk of at least 4 KiB).
-            blob_max_bytes: (4 << 30) + (16 << 20),
+            // A 4 GiB file with its encryption overhead (16 bytes per chunk of at least 4 KiB)
+            // and its padding (to 64 MiB at that size).
+            blob_max_bytes: (4 << 30) + (128 << 20),
             blob_quota_bytes: 20 << 30,
             blob_retention_days: 30,
         }
