@@ -20,7 +20,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request as HttpRequest, Response, StatusCode};
 use miyu_crypto::file::{self, FileCipher, FileKey, Layout, Opener};
 use miyu_crypto::identity::AccountKeys;
-use miyu_proto::blob::{BlobId, HttpAuth, SERVER_TIME_HEADER};
+use miyu_proto::blob::{BlobId, HttpAuth, SERVER_TIME_HEADER, canonical_headers};
 use miyu_proto::{ServerAddress, wire};
 use rand::RngCore;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -252,12 +252,36 @@ impl<'a> BlobClient<'a> {
         Ok(sender)
     }
 
-    /// A fresh `Authorization` value for one request.
+    /// A fresh `Authorization` value for one request without signed headers.
     pub fn authorization(&self, method: &str, path: &str) -> String {
+        self.authorization_with(method, path, &[])
+    }
+
+    /// A fresh `Authorization` value for one request with these headers.
+    pub fn authorization_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+    ) -> String {
         let time = (now_ms() / 1000).saturating_add_signed(self.clock_offset);
         let nonce = random::<16>();
-        let payload =
-            HttpAuth::payload(self.server.certificate_sha256(), method, path, time, &nonce);
+        // Every header this client sends is text, so this cannot fail.
+        let signed = canonical_headers(|name| {
+            headers
+                .iter()
+                .find(|(header, _)| header.eq_ignore_ascii_case(name))
+                .map(|(_, value)| Ok(value.as_str()))
+        })
+        .unwrap_or_default();
+        let payload = HttpAuth::payload(
+            self.server.certificate_sha256(),
+            method,
+            path,
+            time,
+            &nonce,
+            &signed,
+        );
         HttpAuth {
             device_id: self.keys.certificate().device_id(),
             time,
@@ -314,7 +338,7 @@ impl<'a> BlobClient<'a> {
                 .header(hyper::header::HOST, self.server.authority())
                 .header(
                     hyper::header::AUTHORIZATION,
-                    self.authorization(method.as_str(), path),
+                    self.authorization_with(method.as_str(), path, headers),
                 );
             for (name, value) in headers {
                 request = request.header(*name, value);

@@ -15,9 +15,36 @@ use crate::ids::DeviceId;
 use crate::text;
 
 /// What a request signature covers, after this prefix: the server certificate's SHA-256, the
-/// method, a zero byte, the path with its query, a zero byte, the time (8 bytes, big-endian)
-/// and the nonce.
+/// method, a zero byte, the path with its query, a zero byte, the time (8 bytes, big-endian),
+/// the nonce, a zero byte and the [`canonical_headers`].
 pub const HTTP_AUTH_CONTEXT: &[u8] = b"miyu http auth v1";
+/// The request headers a signature covers, in this order, when present: everything the
+/// endpoints act on besides the method and path.
+pub const SIGNED_HEADERS: [&str; 5] = [
+    "miyu-group",
+    "miyu-size",
+    "miyu-expires",
+    "upload-offset",
+    "range",
+];
+
+/// The signed headers of a request as `name:value` lines, in [`SIGNED_HEADERS`] order. `get`
+/// returns a header's value; a value that is not text (`Err`) makes the request unsignable.
+pub fn canonical_headers<'a>(
+    get: impl Fn(&str) -> Option<Result<&'a str, ()>>,
+) -> Result<String, BlobError> {
+    let mut canonical = String::new();
+    for name in SIGNED_HEADERS {
+        if let Some(value) = get(name) {
+            let value = value.map_err(|()| BlobError::BadAuthorization)?;
+            canonical.push_str(name);
+            canonical.push(':');
+            canonical.push_str(value.trim());
+            canonical.push('\n');
+        }
+    }
+    Ok(canonical)
+}
 /// How far a request's time may be from the server's clock, in seconds.
 pub const MAX_CLOCK_SKEW_S: u64 = 300;
 /// The header carrying the server's clock in a 401 answer, so a client with a wrong clock can
@@ -80,6 +107,7 @@ impl HttpAuth {
         path_and_query: &str,
         time: u64,
         nonce: &[u8; 16],
+        canonical_headers: &str,
     ) -> Vec<u8> {
         [
             HTTP_AUTH_CONTEXT,
@@ -90,6 +118,8 @@ impl HttpAuth {
             &[0],
             &time.to_be_bytes(),
             nonce,
+            &[0],
+            canonical_headers.as_bytes(),
         ]
         .concat()
     }
@@ -142,6 +172,7 @@ impl HttpAuth {
         server_certificate_sha256: &[u8; 32],
         method: &str,
         path_and_query: &str,
+        canonical_headers: &str,
     ) -> bool {
         let Ok(key) = VerifyingKey::from_bytes(device_key) else {
             return false;
@@ -153,6 +184,7 @@ impl HttpAuth {
                 path_and_query,
                 self.time,
                 &self.nonce,
+                canonical_headers,
             ),
             &Signature::from_bytes(&self.signature),
         )
@@ -213,7 +245,10 @@ mod tests {
         let device_key = key.verifying_key().to_bytes();
         let server = [1u8; 32];
         let nonce = [5u8; 16];
-        let payload = HttpAuth::payload(&server, "GET", "/v1/blobs/x", 1000, &nonce);
+        let headers =
+            canonical_headers(|name| (name == "range").then_some(Ok("bytes=0-"))).unwrap();
+        assert_eq!(headers, "range:bytes=0-\n");
+        let payload = HttpAuth::payload(&server, "GET", "/v1/blobs/x", 1000, &nonce, &headers);
         let auth = HttpAuth {
             device_id: DeviceId::from_device_key(&device_key),
             time: 1000,
@@ -222,15 +257,19 @@ mod tests {
         };
         let parsed = HttpAuth::parse(&auth.to_header()).unwrap();
         assert_eq!(parsed, auth);
-        assert!(parsed.verify(&device_key, &server, "GET", "/v1/blobs/x"));
-        assert!(!parsed.verify(&device_key, &server, "PATCH", "/v1/blobs/x"));
-        assert!(!parsed.verify(&device_key, &server, "GET", "/v1/blobs/y"));
-        assert!(!parsed.verify(&device_key, &[2; 32], "GET", "/v1/blobs/x"));
+        let x = "/v1/blobs/x";
+        assert!(parsed.verify(&device_key, &server, "GET", x, &headers));
+        assert!(!parsed.verify(&device_key, &server, "PATCH", x, &headers));
+        assert!(!parsed.verify(&device_key, &server, "GET", "/v1/blobs/y", &headers));
+        assert!(!parsed.verify(&device_key, &[2; 32], "GET", x, &headers));
+        // Another range, or none, makes another request.
+        assert!(!parsed.verify(&device_key, &server, "GET", x, "range:bytes=5-\n"));
+        assert!(!parsed.verify(&device_key, &server, "GET", x, ""));
         let later = HttpAuth {
             time: 1001,
             ..parsed
         };
-        assert!(!later.verify(&device_key, &server, "GET", "/v1/blobs/x"));
+        assert!(!later.verify(&device_key, &server, "GET", x, &headers));
     }
 
     #[test]

@@ -24,7 +24,9 @@ use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use miyu_proto::blob::{BlobId, HttpAuth, MAX_CLOCK_SKEW_S, SERVER_TIME_HEADER, parse_range};
+use miyu_proto::blob::{
+    BlobId, HttpAuth, MAX_CLOCK_SKEW_S, SERVER_TIME_HEADER, canonical_headers, parse_range,
+};
 use miyu_proto::{DeviceId, GroupId};
 use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
@@ -266,11 +268,18 @@ async fn authenticate(
         .await
         .map_err(|error| store_refusal(&error))?
         .ok_or_else(failed)?;
+    let signed_headers = canonical_headers(|name| {
+        headers
+            .get(name)
+            .map(|value| value.to_str().map_err(|_| ()))
+    })
+    .map_err(|_| failed())?;
     if !auth.verify(
         &record.device_key,
         &shared.certificate_sha256,
         method.as_str(),
         path_and_query,
+        &signed_headers,
     ) {
         return Err(failed());
     }
