@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{Server, connect_pair, conversation, miyu, miyu_ok};
+use common::{Chat, Server, connect_pair, conversation, miyu, miyu_ok};
 
 fn messages(profile: &Path, contact: &str) -> Vec<serde_json::Value> {
     let json: serde_json::Value =
@@ -48,9 +48,13 @@ fn replies_edits_reactions_deletions_and_forwards_reach_the_other_side() {
         ]
     );
 
-    // Alice corrects her question; Bob sees the new text, marked as edited.
+    // Alice corrects her question; Bob is told, and sees the new text, marked as edited.
     miyu_ok(alice, &["edit", "bob", &question_at_alice, "lunch at one?"]);
-    miyu_ok(bob, &["sync"]);
+    let told = miyu_ok(bob, &["sync"]);
+    assert!(
+        told.contains(&format!("alice edited #{question_at_bob}: lunch at one?")),
+        "{told}"
+    );
     assert_eq!(
         conversation(bob, "alice")[0],
         "alice: lunch at one? (edited)"
@@ -115,4 +119,58 @@ fn replies_edits_reactions_deletions_and_forwards_reach_the_other_side() {
         conversation(&carol, "bob"),
         ["bob: (forwarded) yes, the usual place"]
     );
+}
+
+#[test]
+fn the_chat_sends_files_and_answers_and_shows_changes_as_they_happen() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let pair = connect_pair(root.path(), &server.address);
+    let (alice, bob) = (&pair.alice, &pair.bob);
+    miyu_ok(alice, &["send", "bob", "are you there?"]);
+
+    let mut chat = Chat::start(bob, "alice");
+    // The chat prints the conversation first, each line with its number: `#N time  from: text`.
+    let shown = chat.wait_for_line(|line| line.contains("alice: are you there?"));
+    let asked_at_bob = shown
+        .strip_prefix('#')
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no number in {shown:?}"))
+        .to_string();
+    chat.type_line(&format!("/reply {asked_at_bob} here"));
+    chat.type_line("//slash at the start");
+    let file = root.path().join("notes.txt");
+    std::fs::write(&file, "chat file").unwrap();
+    chat.type_line(&format!("/file {}", file.display()));
+    chat.wait_for_line(|line| line.contains("sent file") && line.contains("notes.txt"));
+
+    miyu_ok(alice, &["sync"]);
+    let asked_at_alice = id_of(alice, "bob", "are you there?");
+    let lines = conversation(alice, "bob");
+    assert!(
+        lines.contains(&format!("bob: (reply to #{asked_at_alice}) here")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&"bob: /slash at the start".to_string()),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|line| line.contains("notes.txt")),
+        "{lines:?}"
+    );
+
+    // Alice edits and reacts while Bob chats: he sees both at once.
+    miyu_ok(
+        alice,
+        &["edit", "bob", &asked_at_alice, "are you still there?"],
+    );
+    chat.wait_for_line(|line| {
+        line.contains(&format!(
+            "alice edited #{asked_at_bob}: are you still there?"
+        ))
+    });
+    let here_at_alice = id_of(alice, "bob", "here");
+    miyu_ok(alice, &["react", "bob", &here_at_alice, "👍"]);
+    chat.wait_for_line(|line| line.contains("alice reacted 👍 to #"));
 }

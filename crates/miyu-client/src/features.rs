@@ -164,7 +164,11 @@ pub(crate) fn on_reaction(
     match target(db, received.group_id, &reaction.message_id)? {
         Some(target) if !target.deleted && target.kind != "timer" => {
             apply_reaction(db, target.row, received.contact_account, &reaction.emoji)?;
-            Ok(None)
+            Ok(Some(Event::Reacted {
+                contact: received.contact_name.to_string(),
+                id: target.row,
+                emoji: (!reaction.emoji.is_empty()).then(|| reaction.emoji.clone()),
+            }))
         }
         _ => Ok(None),
     }
@@ -183,7 +187,11 @@ pub(crate) fn on_edit(
                 return Ok(None);
             }
             apply_edit(db, target.row, &edit.body, received.sent_at_ms)?;
-            Ok(None)
+            Ok(Some(Event::Edited {
+                contact: received.contact_name.to_string(),
+                id: target.row,
+                body: edit.body.clone(),
+            }))
         }
         _ => {
             tracing::debug!("dropped an edit of a message the sender did not write");
@@ -201,7 +209,10 @@ pub(crate) fn on_delete(
     match target(db, received.group_id, &delete.message_id)? {
         Some(target) if !target.outgoing && target.kind != "timer" => {
             apply_delete(db, target.row)?;
-            Ok(None)
+            Ok(Some(Event::Deleted {
+                contact: received.contact_name.to_string(),
+                id: target.row,
+            }))
         }
         // Not here (yet): keep the deletion, so that the message, if it comes later, is
         // stored as deleted. A server that withholds it and delivers the deletion first

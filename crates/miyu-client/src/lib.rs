@@ -197,6 +197,23 @@ pub enum Event {
     Read {
         contact: String,
     },
+    /// The contact changed the text of its message `id`.
+    Edited {
+        contact: String,
+        id: i64,
+        body: String,
+    },
+    /// The contact deleted its message `id` for everyone.
+    Deleted {
+        contact: String,
+        id: i64,
+    },
+    /// The contact reacted to message `id` (`None`: took its reaction back).
+    Reacted {
+        contact: String,
+        id: i64,
+        emoji: Option<String>,
+    },
     /// Everything the server held for this device has been processed.
     CaughtUp,
 }

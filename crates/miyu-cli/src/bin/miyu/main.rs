@@ -753,10 +753,47 @@ fn print_events(events: &[Event], json: bool) -> anyhow::Result<()> {
             Event::Read { contact } if !json => {
                 println!("{} read your messages", printable(contact));
             }
+            other if !json => {
+                if let Some(line) = change_line(other) {
+                    println!("{line}");
+                }
+            }
             _ => {}
         }
     }
     Ok(())
+}
+
+/// How an edit, deletion or reaction by a contact is announced.
+fn change_line(event: &Event) -> Option<String> {
+    Some(match event {
+        Event::Edited { contact, id, body } => format!(
+            "-- {} edited #{id}: {} --",
+            printable(contact),
+            printable(body)
+        ),
+        Event::Deleted { contact, id } => {
+            format!("-- {} deleted #{id} for everyone --", printable(contact))
+        }
+        Event::Reacted {
+            contact,
+            id,
+            emoji: Some(emoji),
+        } => format!(
+            "-- {} reacted {} to #{id} --",
+            printable(contact),
+            printable(emoji)
+        ),
+        Event::Reacted {
+            contact,
+            id,
+            emoji: None,
+        } => format!(
+            "-- {} took back the reaction to #{id} --",
+            printable(contact)
+        ),
+        _ => return None,
+    })
 }
 
 /// Interactive chat: stdin lines are sent, incoming messages are printed as they arrive.
@@ -775,7 +812,9 @@ async fn chat(
     if let Err(error) = client.set_online(true).await {
         eprintln!("could not tell contacts you are online: {error}");
     }
-    println!("-- chatting with {contact}; type a line and press Enter to send, Ctrl-D to quit --");
+    println!(
+        "-- chatting with {contact}; type a line and press Enter to send, /help for commands, Ctrl-D to quit --"
+    );
     std::io::stdout().flush()?;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut backoff = Duration::from_millis(250);
@@ -788,7 +827,11 @@ async fn chat(
                 if line.trim().is_empty() {
                     continue;
                 }
-                match client.send(contact, &line).await {
+                let text = match chat_command(&mut client, contact, &line).await {
+                    ChatInput::Done => continue,
+                    ChatInput::Text(text) => text,
+                };
+                match client.send(contact, &text).await {
                     Ok(_) => {}
                     Err(error @ miyu_client::Error::Queued(_)) => {
                         eprintln!("{error}; it goes out when the server can be reached");
@@ -819,6 +862,12 @@ async fn chat(
                 Ok(Event::ContactNamed { old, new }) => {
                     println!("-- {} is now called {} --", printable(&old), printable(&new));
                 }
+                Ok(change @ (Event::Edited { .. } | Event::Deleted { .. } | Event::Reacted { .. })) => {
+                    if let Some(line) = change_line(&change) {
+                        println!("{line}");
+                        std::io::stdout().flush()?;
+                    }
+                }
                 Ok(_) => {}
                 Err(error) if error.is_transient() => {
                     eprintln!("connection lost ({error}); retrying in {} ms", backoff.as_millis());
@@ -834,6 +883,64 @@ async fn chat(
     }
     client.disconnect().await;
     Ok(())
+}
+
+/// What a line typed into `chat` asks for.
+enum ChatInput {
+    /// Send this text.
+    Text(String),
+    /// A command, carried out (or refused, with a message).
+    Done,
+}
+
+const CHAT_HELP: &str = "commands: /file PATH, /reply ID TEXT, /edit ID TEXT, /delete ID, \
+/react ID EMOJI, /unreact ID; //text sends a line starting with /";
+
+/// Carries out a `/command` typed into `chat`; other lines are text to send.
+async fn chat_command(client: &mut Client, contact: &str, line: &str) -> ChatInput {
+    let Some(command) = line.strip_prefix('/') else {
+        return ChatInput::Text(line.to_string());
+    };
+    if command.starts_with('/') {
+        return ChatInput::Text(command.to_string());
+    }
+    let (name, rest) = command.split_once(' ').unwrap_or((command, ""));
+    let rest = rest.trim();
+    let (id, text) = rest.split_once(' ').unwrap_or((rest, ""));
+    let id = id.trim_start_matches('#').parse::<i64>();
+    let outcome = match (name, id) {
+        ("help", _) => {
+            println!("-- {CHAT_HELP} --");
+            return ChatInput::Done;
+        }
+        ("file", _) if !rest.is_empty() => {
+            let progress = std::sync::Arc::new(miyu_client::files::Progress::default());
+            client
+                .send_file(contact, std::path::Path::new(rest), false, progress)
+                .await
+                .map(|sent| {
+                    println!(
+                        "-- sent file {}: {} ({}) --",
+                        sent.id,
+                        printable(&sent.name),
+                        miyu_client::files::human_size(sent.size)
+                    );
+                })
+        }
+        ("reply", Ok(id)) if !text.is_empty() => client.reply(contact, id, text).await.map(|_| ()),
+        ("edit", Ok(id)) if !text.is_empty() => client.edit(contact, id, text).await,
+        ("delete", Ok(id)) => client.delete_message(contact, id, true).await,
+        ("react", Ok(id)) if !text.is_empty() => client.react(contact, id, Some(text)).await,
+        ("unreact", Ok(id)) => client.react(contact, id, None).await,
+        _ => {
+            println!("-- not understood; {CHAT_HELP} --");
+            return ChatInput::Done;
+        }
+    };
+    if let Err(error) = outcome {
+        eprintln!("-- {error} --");
+    }
+    ChatInput::Done
 }
 
 #[cfg(test)]
