@@ -188,6 +188,22 @@ fn declined_and_blocked_strangers_leave_nothing_and_reach_nobody() {
         miyu(&alice, &["requests", "accept", "dave"]).status.code(),
         Some(2)
     );
+
+    // The block is listed by account id, and can be lifted.
+    let blocked: serde_json::Value =
+        serde_json::from_str(&miyu_ok(&alice, &["--json", "requests", "blocked"])).unwrap();
+    let [entry] = blocked.as_array().unwrap().as_slice() else {
+        panic!("one blocked account, got {blocked}");
+    };
+    let dave_id = entry["account_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        miyu(&alice, &["requests", "unblock", "not-an-account"])
+            .status
+            .code(),
+        Some(2)
+    );
+    miyu_ok(&alice, &["requests", "unblock", &dave_id]);
+    assert!(miyu_ok(&alice, &["requests", "blocked"]).contains("nobody is blocked"));
 }
 
 #[test]

@@ -47,7 +47,7 @@ use sha2::{Digest, Sha256};
 use privacy::Received;
 
 pub use net::{Proxy, ServerError};
-pub use privacy::{MessageRequest, parse_timer, timer_text};
+pub use privacy::{Blocked, MessageRequest, parse_timer, timer_text};
 pub use settings::Settings;
 pub use vault::Protection;
 

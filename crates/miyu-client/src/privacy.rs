@@ -41,6 +41,13 @@ pub(crate) struct Received<'a> {
     pub(crate) expires_in_s: u32,
 }
 
+/// An account whose invitations and messages are dropped.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Blocked {
+    pub account_id: String,
+    pub blocked_at_ms: u64,
+}
+
 /// A first contact from someone who is not a contact, waiting for the user's decision.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct MessageRequest {
@@ -788,6 +795,37 @@ impl Client {
             Ok(())
         })?;
         self.checkpoint()
+    }
+
+    /// The blocked accounts (their names went with their requests), most recent first.
+    pub fn blocked(&self) -> Result<Vec<Blocked>, Error> {
+        let mut statement = self
+            .db
+            .prepare("SELECT account_id, blocked_at_ms FROM blocked ORDER BY blocked_at_ms DESC")?;
+        let blocked = statement
+            .query_map([], |row| {
+                Ok(Blocked {
+                    account_id: row.get(0)?,
+                    blocked_at_ms: row.get(1)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(blocked)
+    }
+
+    /// Lets a blocked account reach us again, as a stranger: its next invitation is a message
+    /// request like anyone's.
+    pub fn unblock(&self, account_id: &str) -> Result<(), Error> {
+        let removed = self.db.execute(
+            "DELETE FROM blocked WHERE account_id = ?1",
+            params![account_id.trim()],
+        )?;
+        if removed == 0 {
+            return Err(Error::Usage(format!(
+                "{account_id} is not blocked; `miyu requests blocked` lists who is"
+            )));
+        }
+        Ok(())
     }
 
     // -----------------------------------------------------------------------------------------

@@ -26,6 +26,11 @@ pub(crate) enum RequestsAction {
     Decline { name: String },
     /// Decline, and drop everything this account sends from now on.
     Block { name: String },
+    /// List the blocked accounts.
+    Blocked,
+    /// Let a blocked account (by its id, from `requests blocked`) reach you again, as a
+    /// message request.
+    Unblock { account_id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -168,6 +173,28 @@ pub(crate) async fn requests(
                 "blocked {}; nothing they send will reach you",
                 printable(&name)
             );
+            Ok(())
+        }
+        Some(RequestsAction::Blocked) => {
+            let blocked = client.blocked()?;
+            if json {
+                return print_json(&blocked);
+            }
+            if blocked.is_empty() {
+                println!("nobody is blocked");
+            }
+            for account in blocked {
+                println!(
+                    "{}  blocked {}",
+                    account.account_id,
+                    format_time(account.blocked_at_ms)
+                );
+            }
+            Ok(())
+        }
+        Some(RequestsAction::Unblock { account_id }) => {
+            client.unblock(&account_id)?;
+            println!("unblocked {}", printable(&account_id));
             Ok(())
         }
     }
