@@ -142,7 +142,17 @@ fn the_chat_sends_files_and_answers_and_shows_changes_as_they_happen() {
     let file = root.path().join("notes.txt");
     std::fs::write(&file, "chat file").unwrap();
     chat.type_line(&format!("/file {}", file.display()));
-    chat.wait_for_line(|line| line.contains("sent file") && line.contains("notes.txt"));
+    let sent = chat.wait_for_line(|line| line.contains("-- sent #") && line.contains("notes.txt"));
+    // The number printed is the message's, so `/delete` takes it: gone from Bob's side only.
+    let file_message = sent
+        .trim_start_matches("-- sent #")
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string();
+    chat.type_line(&format!("/delete {file_message}"));
+    chat.type_line(" /help");
+    chat.wait_for_line(|line| line.contains("commands: /file PATH"));
 
     miyu_ok(alice, &["sync"]);
     let asked_at_alice = id_of(alice, "bob", "are you there?");

@@ -116,13 +116,13 @@ fn target(db: &Connection, group_id: &[u8], message_id: &[u8]) -> Result<Option<
 
 /// Replaces a message's body, as `edit` or its receipt does, unless a later edit (by the
 /// author's clock) is already applied: edits delivered out of order end with the last one.
-fn apply_edit(db: &Connection, row: i64, body: &str, at_ms: u64) -> Result<(), Error> {
-    db.execute(
+fn apply_edit(db: &Connection, row: i64, body: &str, at_ms: u64) -> Result<bool, Error> {
+    let changed = db.execute(
         "UPDATE messages SET body = ?1, edited_at_ms = ?2
          WHERE id = ?3 AND (edited_at_ms IS NULL OR edited_at_ms <= ?2)",
         params![body, at_ms, row],
     )?;
-    Ok(())
+    Ok(changed > 0)
 }
 
 /// Deletes a message for everyone: its body, its file and its reactions go; a notice stays.
@@ -186,8 +186,8 @@ pub(crate) fn on_edit(
             if edit.body.is_empty() {
                 return Ok(None);
             }
-            apply_edit(db, target.row, &edit.body, received.sent_at_ms)?;
-            Ok(Some(Event::Edited {
+            let applied = apply_edit(db, target.row, &edit.body, received.sent_at_ms)?;
+            Ok(applied.then(|| Event::Edited {
                 contact: received.contact_name.to_string(),
                 id: target.row,
                 body: edit.body.clone(),
@@ -207,6 +207,7 @@ pub(crate) fn on_delete(
     delete: &wire::Delete,
 ) -> Result<Option<Event>, Error> {
     match target(db, received.group_id, &delete.message_id)? {
+        Some(target) if target.deleted => Ok(None),
         Some(target) if !target.outgoing && target.kind != "timer" => {
             apply_delete(db, target.row)?;
             Ok(Some(Event::Deleted {
@@ -218,15 +219,26 @@ pub(crate) fn on_delete(
         // stored as deleted. A server that withholds it and delivers the deletion first
         // cannot make it reappear.
         None if delete.message_id.len() == 16 => {
+            // Under the conversation's timer, like the message it stands for.
+            let timer_s: u32 = db
+                .query_row(
+                    "SELECT timer_s FROM conversations WHERE group_id = ?1",
+                    params![received.group_id],
+                    |row| row.get(0),
+                )
+                .optional()?
+                .unwrap_or(0);
+            let expires_at_ms = (timer_s > 0).then(|| now_ms() + u64::from(timer_s) * 1000);
             db.execute(
-                "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq, kind, deleted)
-                 VALUES (?1, ?2, 0, '', ?3, ?4, 'received', ?5, 'text', 1)",
+                "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq, kind, deleted, expires_at_ms)
+                 VALUES (?1, ?2, 0, '', ?3, ?4, 'received', ?5, 'text', 1, ?6)",
                 params![
                     received.group_id,
                     delete.message_id,
                     received.sent_at_ms,
                     now_ms(),
-                    received.seq
+                    received.seq,
+                    expires_at_ms
                 ],
             )?;
             Ok(None)
@@ -345,7 +357,7 @@ impl Client {
         let row = id;
         let text = text.to_string();
         self.send_instruction(&own.group_id, body, move |db| {
-            apply_edit(db, row, &text, now_ms())
+            apply_edit(db, row, &text, now_ms()).map(|_| ())
         })
         .await
     }
@@ -362,6 +374,8 @@ impl Client {
         if !everyone {
             db::in_transaction(&self.db, |db| {
                 crate::files::remove_partials(db, "m.id = ?1", id)?;
+                // Not sent yet: then it is not sent at all.
+                db.execute("DELETE FROM outbox WHERE message_row = ?1", params![id])?;
                 db.execute("DELETE FROM messages WHERE id = ?1", params![id])?;
                 Ok(())
             })?;

@@ -99,7 +99,10 @@ pub struct FileView {
 /// What `send_file` sent.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SentFile {
+    /// The file's number, for `files` and `download`.
     pub id: i64,
+    /// The number of the message that carries it, for `reply`, `delete` and the like.
+    pub message: i64,
     pub name: String,
     pub size: u64,
     pub sha256: String,
@@ -516,7 +519,9 @@ fn produce(
             }
             // Then the padding: random bytes, which look like the ciphertext before them, so
             // the server cannot tell where the file ends.
-            let mut left = layout.padded_len() - offset.max(layout.ciphertext_len());
+            let mut left = layout
+                .padded_len()
+                .saturating_sub(offset.max(layout.ciphertext_len()));
             while left > 0 {
                 let mut padding = vec![0u8; left.min(u64::from(file::DEFAULT_CHUNK)) as usize];
                 rand::thread_rng().fill_bytes(&mut padding);
@@ -689,9 +694,16 @@ impl Client {
             let path = format!("/v1/blobs/{}", upload.blob_id);
             let response = http.send(Method::HEAD, &path, &[], None).await?;
             match response.status() {
-                StatusCode::OK => {
+                StatusCode::OK
+                    if header_u64(&response, "miyu-size") == Some(upload.layout.padded_len()) =>
+                {
                     let offset = header_u64(&response, "upload-offset").unwrap_or(0);
                     resumed = Some((upload, offset));
+                }
+                // A blob of another size (an upload begun under other rules): start over.
+                StatusCode::OK => {
+                    self.db
+                        .execute("DELETE FROM uploads WHERE id = ?1", params![upload.id])?;
                 }
                 StatusCode::NOT_FOUND => {
                     self.db
@@ -785,6 +797,11 @@ impl Client {
                     return Err(refusal(response).await);
                 }
                 offset = header_u64(&response, "upload-offset").unwrap_or(0);
+                if offset > layout.padded_len() {
+                    return Err(Error::Protocol(
+                        "the server claims to hold more of the file than it has".into(),
+                    ));
+                }
             }
             let (pieces, mut queue) = tokio::sync::mpsc::channel(PIECES_IN_FLIGHT);
             let cipher = FileCipher::new(&upload.key, layout);
@@ -855,7 +872,7 @@ impl Client {
             name: name.clone(),
             mime: mime_of(&name, image),
         });
-        let file_id = db::in_transaction(&self.db, |db| {
+        let (file_id, message_row) = db::in_transaction(&self.db, |db| {
             let row = self
                 .queue_app_message_in(db, &group_id, body.clone(), Some(&name))?
                 .ok_or_else(|| Error::Protocol("the file message has no row".into()))?;
@@ -864,7 +881,7 @@ impl Client {
             };
             let id = insert_file(db, row, file)?;
             db.execute("DELETE FROM uploads WHERE id = ?1", params![upload.id])?;
-            Ok(id)
+            Ok((id, row))
         })?;
         let queued = |error: Error| {
             if error.is_transient() {
@@ -877,6 +894,7 @@ impl Client {
         self.flush_outbox().await.map_err(queued)?;
         Ok(SentFile {
             id: file_id,
+            message: message_row,
             name,
             size: layout.plaintext_len(),
             sha256: hex(&sha256),
@@ -1378,6 +1396,7 @@ pub(crate) fn store_file(
     };
     let id = insert_file(db, row, file)?;
     Ok(Some(Event::Message(MessageView {
+        id: row,
         contact: received.contact_name.to_string(),
         from: received.contact_name.to_string(),
         outgoing: false,

@@ -1425,7 +1425,9 @@ impl Client {
             .prepare_cached("SELECT timer_s FROM conversations WHERE group_id = ?1")?
             .query_row(params![group_id], |row| row.get(0))?;
         let expires_in_s = match body {
-            wire::app_message::Body::Text(_) | wire::app_message::Body::File(_) => timer_s,
+            wire::app_message::Body::Text(_)
+            | wire::app_message::Body::File(_)
+            | wire::app_message::Body::Edit(_) => timer_s,
             _ => 0,
         };
         let kind = match body {

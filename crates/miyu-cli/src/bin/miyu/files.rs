@@ -121,8 +121,9 @@ pub(crate) async fn send_file(
         print_json(&sent)?;
     } else {
         println!(
-            "sent file {}: {} ({}){}",
+            "sent file {} (message #{}): {} ({}){}",
             sent.id,
+            sent.message,
             printable(&sent.name),
             human_size(sent.size),
             if sent.metadata_stripped {

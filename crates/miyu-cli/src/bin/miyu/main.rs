@@ -753,15 +753,45 @@ fn print_events(events: &[Event], json: bool) -> anyhow::Result<()> {
             Event::Read { contact } if !json => {
                 println!("{} read your messages", printable(contact));
             }
-            other if !json => {
+            other if json => {
+                if let Some(value) = change_json(other) {
+                    print_json(&value)?;
+                }
+            }
+            other => {
                 if let Some(line) = change_line(other) {
                     println!("{line}");
                 }
             }
-            _ => {}
         }
     }
     Ok(())
+}
+
+/// Whose edit, deletion or reaction an event reports.
+fn change_contact(event: &Event) -> Option<&str> {
+    match event {
+        Event::Edited { contact, .. }
+        | Event::Deleted { contact, .. }
+        | Event::Reacted { contact, .. } => Some(contact),
+        _ => None,
+    }
+}
+
+/// An edit, deletion or reaction by a contact, for `--json`.
+fn change_json(event: &Event) -> Option<serde_json::Value> {
+    Some(match event {
+        Event::Edited { contact, id, body } => {
+            serde_json::json!({ "event": "edited", "contact": contact, "id": id, "body": body })
+        }
+        Event::Deleted { contact, id } => {
+            serde_json::json!({ "event": "deleted", "contact": contact, "id": id })
+        }
+        Event::Reacted { contact, id, emoji } => {
+            serde_json::json!({ "event": "reacted", "contact": contact, "id": id, "emoji": emoji })
+        }
+        _ => return None,
+    })
 }
 
 /// How an edit, deletion or reaction by a contact is announced.
@@ -862,7 +892,9 @@ async fn chat(
                 Ok(Event::ContactNamed { old, new }) => {
                     println!("-- {} is now called {} --", printable(&old), printable(&new));
                 }
-                Ok(change @ (Event::Edited { .. } | Event::Deleted { .. } | Event::Reacted { .. })) => {
+                Ok(change @ (Event::Edited { .. } | Event::Deleted { .. } | Event::Reacted { .. }))
+                    if change_contact(&change) == Some(contact) =>
+                {
                     if let Some(line) = change_line(&change) {
                         println!("{line}");
                         std::io::stdout().flush()?;
@@ -893,12 +925,14 @@ enum ChatInput {
     Done,
 }
 
-const CHAT_HELP: &str = "commands: /file PATH, /reply ID TEXT, /edit ID TEXT, /delete ID, \
-/react ID EMOJI, /unreact ID; //text sends a line starting with /";
+const CHAT_HELP: &str = "commands: /file PATH, /reply ID TEXT, /edit ID TEXT, /delete ID \
+(from this device), /unsend ID (yours, for everyone), /react ID EMOJI, /unreact ID; //text \
+sends a line starting with /";
 
 /// Carries out a `/command` typed into `chat`; other lines are text to send.
 async fn chat_command(client: &mut Client, contact: &str, line: &str) -> ChatInput {
-    let Some(command) = line.strip_prefix('/') else {
+    // A command may follow spaces; a line that only looks like one is never sent by mistake.
+    let Some(command) = line.trim_start().strip_prefix('/') else {
         return ChatInput::Text(line.to_string());
     };
     if command.starts_with('/') {
@@ -920,7 +954,8 @@ async fn chat_command(client: &mut Client, contact: &str, line: &str) -> ChatInp
                 .await
                 .map(|sent| {
                     println!(
-                        "-- sent file {}: {} ({}) --",
+                        "-- sent #{}: file {} {} ({}) --",
+                        sent.message,
                         sent.id,
                         printable(&sent.name),
                         miyu_client::files::human_size(sent.size)
@@ -929,7 +964,8 @@ async fn chat_command(client: &mut Client, contact: &str, line: &str) -> ChatInp
         }
         ("reply", Ok(id)) if !text.is_empty() => client.reply(contact, id, text).await.map(|_| ()),
         ("edit", Ok(id)) if !text.is_empty() => client.edit(contact, id, text).await,
-        ("delete", Ok(id)) => client.delete_message(contact, id, true).await,
+        ("delete", Ok(id)) => client.delete_message(contact, id, false).await,
+        ("unsend", Ok(id)) => client.delete_message(contact, id, true).await,
         ("react", Ok(id)) if !text.is_empty() => client.react(contact, id, Some(text)).await,
         ("unreact", Ok(id)) => client.react(contact, id, None).await,
         _ => {
