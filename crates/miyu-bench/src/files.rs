@@ -558,7 +558,7 @@ mod tests {
         let listing = r#"[{"id":1,"name":"other.bin","size":5,"sender":"alice"},
             {"id":2,"name":"miyu-bench-5.bin","size":5,"sender":"me"},
             {"id":3,"name":"miyu-bench-5.bin","size":5,"sender":"alice"}]"#;
-        let original = Path::new("/tmp/x/miyu-bench-5.bin");
+        let original = Path::new("some/folder/miyu-bench-5.bin");
         assert_eq!(file_id_in(listing, original, 5).unwrap(), 3);
         assert!(file_id_in(listing, original, 6).is_err());
     }

@@ -415,6 +415,17 @@ fn header_u64(response: &Response<Incoming>, name: &str) -> Option<u64> {
     response.headers().get(name)?.to_str().ok()?.parse().ok()
 }
 
+/// Where an upload continues, as a `HEAD` answer says: never past the blob's end.
+fn durable_offset(response: &Response<Incoming>, layout: &Layout) -> Result<u64, Error> {
+    let offset = header_u64(response, "upload-offset").unwrap_or(0);
+    if offset > layout.padded_len() {
+        return Err(Error::Protocol(
+            "the server claims to hold more of the file than it has".into(),
+        ));
+    }
+    Ok(offset)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sending
 // ---------------------------------------------------------------------------------------------
@@ -570,16 +581,7 @@ impl Client {
                 "SELECT id, blob_id, file_key, size, chunk_size, source_size = ?3 AND source_changed_ns = ?4 AND keep_metadata = ?5
                  FROM uploads WHERE group_id = ?1 AND source_path = ?2",
                 params![group_id, source_path, size, mtime, keep_metadata],
-                |row| {
-                    Ok((
-                        row.get(0)?,
-                        row.get(1)?,
-                        row.get(2)?,
-                        row.get(3)?,
-                        row.get(4)?,
-                        row.get(5)?,
-                    ))
-                },
+                |row| UploadRow::try_from(row),
             )
             .optional()?;
         let Some((id, blob_id, key, recorded_len, chunk, same_source)) = row else {
@@ -697,7 +699,7 @@ impl Client {
                 StatusCode::OK
                     if header_u64(&response, "miyu-size") == Some(upload.layout.padded_len()) =>
                 {
-                    let offset = header_u64(&response, "upload-offset").unwrap_or(0);
+                    let offset = durable_offset(&response, &upload.layout)?;
                     resumed = Some((upload, offset));
                 }
                 // A blob of another size (an upload begun under other rules): start over.
@@ -796,12 +798,7 @@ impl Client {
                 if response.status() != StatusCode::OK {
                     return Err(refusal(response).await);
                 }
-                offset = header_u64(&response, "upload-offset").unwrap_or(0);
-                if offset > layout.padded_len() {
-                    return Err(Error::Protocol(
-                        "the server claims to hold more of the file than it has".into(),
-                    ));
-                }
+                offset = durable_offset(&response, &layout)?;
             }
             let (pieces, mut queue) = tokio::sync::mpsc::channel(PIECES_IN_FLIGHT);
             let cipher = FileCipher::new(&upload.key, layout);
@@ -955,17 +952,7 @@ impl Client {
                  WHERE f.id = ?1 AND m.group_id IN (SELECT group_id FROM conversations WHERE contact = ?2)
                  AND (m.expires_at_ms IS NULL OR m.expires_at_ms > ?3)",
                 params![file_id, account, now_ms()],
-                |row| {
-                    Ok((
-                        row.get(0)?,
-                        row.get(1)?,
-                        row.get(2)?,
-                        row.get(3)?,
-                        row.get(4)?,
-                        row.get(5)?,
-                        row.get(6)?,
-                    ))
-                },
+                |row| FileRow::try_from(row),
             )
             .optional()?;
         let Some((blob_id, key, size, chunk, expected_hash, name, part_path)) = row else {

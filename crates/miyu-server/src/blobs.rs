@@ -229,7 +229,6 @@ fn store_refusal(error: &StoreError) -> Response {
 /// Checks a request's device signature; the device it names is the one making it.
 async fn authenticate(
     shared: &Shared,
-    blobs: &Blobs,
     method: &Method,
     path_and_query: &str,
     headers: &HeaderMap,
@@ -250,6 +249,7 @@ async fn authenticate(
     if auth.time.abs_diff(now) > MAX_CLOCK_SKEW_S {
         return Err(failed());
     }
+    let blobs = &shared.blobs;
     if !blobs
         .lookups
         .lock()
@@ -301,25 +301,14 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
     text.parse().ok()
 }
 
-#[derive(Clone)]
-pub(crate) struct BlobState {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) blobs: Arc<Blobs>,
-}
+/// What the blob handlers share: the server's state, blobs included.
+pub(crate) type BlobState = Arc<Shared>;
 
 /// `POST /v1/blobs`
 pub(crate) async fn create(State(state): State<BlobState>, request: Request) -> Response {
     let (parts, _body) = request.into_parts();
     let path = path_and_query(&parts);
-    let device = match authenticate(
-        &state.shared,
-        &state.blobs,
-        &parts.method,
-        &path,
-        &parts.headers,
-    )
-    .await
-    {
+    let device = match authenticate(&state, &parts.method, &path, &parts.headers).await {
         Ok(device) => device,
         Err(response) => return response,
     };
@@ -357,7 +346,6 @@ pub(crate) async fn create(State(state): State<BlobState>, request: Request) -> 
     rand::rngs::OsRng.fill_bytes(&mut blob_id);
     let quota = state.blobs.limits.quota_bytes;
     let created = state
-        .shared
         .store
         .run(move |store| {
             store.create_blob(
@@ -398,7 +386,7 @@ async fn blob_request_id(
     path_and_query: &str,
     headers: &HeaderMap,
 ) -> Result<(DeviceId, BlobId), Response> {
-    let device = authenticate(&state.shared, &state.blobs, method, path_and_query, headers).await?;
+    let device = authenticate(state, method, path_and_query, headers).await?;
     let blob_id: BlobId = id
         .parse()
         .map_err(|_| refuse(StatusCode::NOT_FOUND, "no such blob"))?;
@@ -413,7 +401,6 @@ async fn blob_record(
 ) -> Result<BlobRecord, Response> {
     let now = unix_now();
     state
-        .shared
         .store
         .run(move |store| store.blob(&blob_id.0, &device, now))
         .await
@@ -605,7 +592,7 @@ async fn receive(
         .await
         .map_err(io_failed)?;
 
-    let store = state.shared.store.clone();
+    let store = state.store.clone();
     let id = blob_id.0;
     let record_length = move |length: u64| {
         let store = store.clone();
@@ -781,8 +768,8 @@ fn empty_blob() -> Response {
 
 /// Deletes blob files whose row is gone. Rows are created before their file and deleted
 /// before it, so a file listed before the live ids were read and not among them is an orphan.
-pub(crate) async fn remove_orphans(shared: &Shared, blobs: &Blobs) -> Result<usize, StoreError> {
-    let dir = blobs.dir().to_path_buf();
+pub(crate) async fn remove_orphans(shared: &Shared) -> Result<usize, StoreError> {
+    let dir = shared.blobs.dir().to_path_buf();
     let listed: Vec<(PathBuf, BlobId)> = tokio::task::spawn_blocking(move || {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Vec::new();

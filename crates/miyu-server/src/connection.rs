@@ -74,8 +74,8 @@ pub(crate) struct Shared {
     pub(crate) lookups: Mutex<Lookups>,
     pub(crate) requests_per_second: u32,
     pub(crate) shutdown: watch::Receiver<bool>,
-    /// Wakes the expiry task at once, so that a deleted account's blob files go now.
-    pub(crate) sweep: tokio::sync::Notify,
+    /// Encrypted file blobs: where they live, their limits and bookkeeping.
+    pub(crate) blobs: Arc<crate::blobs::Blobs>,
 }
 
 /// Username lookup budgets: one per device, and one for the whole server.
@@ -772,12 +772,15 @@ impl Session {
             Request::DeleteAccount(_) => {
                 let account = context.account;
                 let shared = Arc::clone(&self.shared);
-                // The account's blob files go with the next sweep: wake it once the rows are gone.
-                let pending = store.submit_then(
-                    move |store| store.delete_account(&account),
-                    move |_| shared.sweep.notify_one(),
-                );
-                self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
+                let pending = store.submit(move |store| store.delete_account(&account));
+                // The account's blob files go before the answer: once told, the owner can
+                // rely on nothing of the account being left.
+                let pending = pending.await.map(|deleted| async move {
+                    deleted.await?;
+                    crate::blobs::remove_orphans(&shared).await?;
+                    Ok(())
+                });
+                self.answer(context, pending, |()| Reply::Done(wire::Done {}));
             }
             Request::LookupUsername(lookup) => {
                 let Some(name_hash) = self.budgeted_name_hash(id, device, &lookup.name_hash).await

@@ -144,7 +144,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         lookups: Mutex::new(crate::connection::Lookups::new(Instant::now())),
         requests_per_second: config.requests_per_second,
         shutdown: stop_signal.clone(),
-        sweep: tokio::sync::Notify::new(),
+        blobs,
     });
 
     // Every connection task holds a clone of this sender; shutdown waits for all to drop.
@@ -165,15 +165,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
                         .head(blobs::status)
                         .patch(blobs::append),
                 )
-                .with_state(BlobState {
-                    shared: Arc::clone(&shared),
-                    blobs: Arc::clone(&blobs),
-                }),
+                .with_state::<()>(BlobState::clone(&shared)),
         );
 
     tokio::spawn(expire_periodically(
         Arc::clone(&shared),
-        blobs,
         config.retention_days,
         stop_signal.clone(),
     ));
@@ -224,10 +220,9 @@ async fn websocket(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> 
 }
 
 /// Deletes what has expired, then the files of blobs whose rows went, every
-/// [`EXPIRY_INTERVAL`] and whenever a connection asks (after deleting an account).
+/// [`EXPIRY_INTERVAL`].
 async fn expire_periodically(
     shared: Arc<Shared>,
-    blobs: Arc<Blobs>,
     retention_days: u32,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -244,15 +239,14 @@ async fn expire_periodically(
             Ok(_) => {}
             Err(error) => tracing::warn!("expiry failed: {error}"),
         }
-        blobs.forget_idle(now);
-        match blobs::remove_orphans(&shared, &blobs).await {
+        shared.blobs.forget_idle(now);
+        match blobs::remove_orphans(&shared).await {
             Ok(removed) if removed > 0 => tracing::info!("removed {removed} blob files"),
             Ok(_) => {}
             Err(error) => tracing::warn!("removing blob files failed: {error}"),
         }
         tokio::select! {
             _ = tokio::time::sleep(EXPIRY_INTERVAL) => {}
-            _ = shared.sweep.notified() => {}
             _ = stopped(&mut stop) => return,
         }
     }
