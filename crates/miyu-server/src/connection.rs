@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use crate::hub::{Hub, Mailbox, PushedEntry};
 use crate::limits::TokenBucket;
 use crate::store::worker::StoreHandle;
-use crate::store::{EntryKind, NewDevice, NewGroup, StoreError};
+use crate::store::{EntryKind, NewCommit, NewDevice, NewGroup, StoreError};
 
 /// Frames waiting to be written to one connection.
 const OUTBOUND_DEPTH: usize = 256;
@@ -885,6 +885,75 @@ impl Session {
                     Reply::Posted(wire::Posted { seq: appended.seq })
                 });
             }
+            Request::ClaimKeyPackages(claim) => {
+                if !self.claims.try_take(Instant::now()) {
+                    return self
+                        .send(error_frame(
+                            id,
+                            ErrorCode::RateLimited,
+                            "too many key package claims; wait a minute",
+                        ))
+                        .await;
+                }
+                let Ok(account) = AccountId::from_bytes(&claim.account_id) else {
+                    return self
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "an account id is 16 bytes",
+                        ))
+                        .await;
+                };
+                let pending =
+                    store.submit(move |store| store.claim_contact(&account, &device, now));
+                self.answer(context, pending.await, claimed_reply);
+            }
+            Request::Commit(commit) => {
+                let Some(new_commit) = parse_commit(commit, device, now) else {
+                    return self
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "malformed group id, device id or empty commit",
+                        ))
+                        .await;
+                };
+                let group_id = new_commit.group_id.clone();
+                let epoch = new_commit.epoch;
+                let payload = new_commit.payload.clone();
+                let connection = context.connection;
+                let shared = Arc::clone(&self.shared);
+                let pending = store.submit_then(
+                    move |store| store.commit_members(new_commit),
+                    move |committed| {
+                        let pushed = Arc::new(PushedEntry {
+                            entry: crate::store::LogEntry {
+                                seq: committed.seq,
+                                epoch,
+                                kind: EntryKind::Commit,
+                                payload,
+                            },
+                            poster_connection: connection,
+                        });
+                        // Welcomes first, so that a new member joins before its first entry;
+                        // removed devices still get the commit that removes them.
+                        shared.hub.notify_inbox(&committed.welcomed);
+                        let mut devices = committed.members.clone();
+                        devices.extend_from_slice(&committed.removed);
+                        shared.hub.notify_group(&group_id, &devices, Some(&pushed));
+                    },
+                );
+                self.answer(context, pending.await, |committed| {
+                    Reply::Posted(wire::Posted { seq: committed.seq })
+                });
+            }
+            Request::LeaveGroup(leave) => {
+                let Some(group_id) = self.group_id(id, &leave.group_id).await else {
+                    return;
+                };
+                let pending = store.submit(move |store| store.leave_group(&group_id, &device));
+                self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
+            }
             Request::AckGroup(ack) => {
                 let Some(group_id) = self.group_id(id, &ack.group_id).await else {
                     return;
@@ -1031,6 +1100,37 @@ fn parse_new_group(create: wire::CreateGroup, creator: DeviceId, now: u64) -> Op
         epoch: Epoch(create.epoch),
         creator,
         members,
+        welcomes,
+        now,
+    })
+}
+
+fn parse_commit(commit: wire::Commit, committer: DeviceId, now: u64) -> Option<NewCommit> {
+    let devices = |list: &[Vec<u8>]| {
+        list.iter()
+            .map(|bytes| DeviceId::from_bytes(bytes).ok())
+            .collect::<Option<Vec<_>>>()
+    };
+    if commit.payload.is_empty() {
+        return None;
+    }
+    let welcomes = commit
+        .welcomes
+        .into_iter()
+        .map(|welcome| {
+            Some((
+                DeviceId::from_bytes(&welcome.device_id).ok()?,
+                welcome.payload,
+            ))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(NewCommit {
+        group_id: GroupId::from_bytes(&commit.group_id).ok()?,
+        committer,
+        epoch: Epoch(commit.epoch),
+        payload: commit.payload,
+        add: devices(&commit.add_devices)?,
+        remove: devices(&commit.remove_devices)?,
         welcomes,
         now,
     })

@@ -7,7 +7,7 @@ use super::memory::MemoryStore;
 use super::sqlite::SqliteStore;
 use super::{
     BlobId, BlobRecord, ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated, InboxEntry,
-    LogEntry, Membership, NewBlob, NewDevice, NewGroup, Store, StoreError,
+    LogEntry, Membership, NewBlob, NewCommit, NewDevice, NewGroup, Store, StoreError,
 };
 
 macro_rules! conformance_suite {
@@ -88,6 +88,12 @@ conformance_suite! {
     expire_deletes_blobs_of_a_group_without_members
     deleting_an_account_deletes_the_blobs_of_all_its_devices_and_no_others
     live_blob_ids_lists_every_blob_finished_or_not_in_order
+    key_packages_of_a_contact_can_be_claimed_only_by_who_shares_a_group_with_it
+    a_member_commit_adds_and_removes_devices_at_the_next_epoch
+    a_member_commit_is_compare_and_swap_and_a_failed_one_changes_nothing
+    adding_a_device_needs_a_grant_and_welcomes_go_only_to_added_devices
+    a_member_commit_refuses_impossible_changes
+    a_device_that_leaves_gets_nothing_more_and_no_longer_holds_entries_back
 }
 
 /// What the suite needs beyond the contract: a state that no operation reaches yet.
@@ -1533,5 +1539,245 @@ fn live_blob_ids_lists_every_blob_finished_or_not_in_order(store: &mut dyn Store
     ));
     store.commit()?;
     assert_eq!(store.live_blob_ids()?, [blob_id(1), blob_id(2), blob_id(3)]);
+    Ok(())
+}
+
+/// A commit of `committer` on `group_id` at `epoch` adding and removing devices.
+fn member_commit(
+    group_id: &GroupId,
+    committer: u8,
+    epoch: u64,
+    add: &[u8],
+    remove: &[u8],
+) -> NewCommit {
+    NewCommit {
+        group_id: group_id.clone(),
+        committer: device(committer),
+        epoch: Epoch(epoch),
+        payload: vec![b'c', committer, epoch as u8],
+        add: add.iter().map(|number| device(*number)).collect(),
+        remove: remove.iter().map(|number| device(*number)).collect(),
+        welcomes: add
+            .iter()
+            .map(|number| (device(*number), vec![b'w', *number]))
+            .collect(),
+        now: NOW,
+    }
+}
+
+fn key_packages_of_a_contact_can_be_claimed_only_by_who_shares_a_group_with_it(
+    store: &mut dyn Store,
+) -> Outcome {
+    group_of_three(store)?;
+    register(store, &[5])?;
+    // Device 2 shares group 1 with account 3 (whose first key package made the group).
+    let claimed = store.claim_contact(&account(3), &device(2), NOW)?;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].device_id, device(3));
+    assert_eq!(claimed[0].key_package, key_package(3, 2));
+    // Device 5 shares nothing with account 3; account 5 shares nothing with device 1.
+    assert!(matches!(
+        store.claim_contact(&account(3), &device(5), NOW),
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.claim_contact(&account(5), &device(1), NOW),
+        Err(StoreError::NotFound)
+    ));
+    // The claim granted device 2 the right to add device 3 (to another group).
+    store.create_group(new_group(7, device(2), &[device(3)]))?;
+    Ok(())
+}
+
+fn a_member_commit_adds_and_removes_devices_at_the_next_epoch(store: &mut dyn Store) -> Outcome {
+    let group_id = group_of_three(store)?;
+    register(store, &[4])?;
+    append_message(store, &group_id, b"before")?;
+    // Device 2 adds account 4, which it shares nothing with yet: through an invite.
+    claim(store, device(2), 4, 4)?;
+    let committed = store.commit_members(member_commit(&group_id, 2, 0, &[4], &[3]))?;
+    store.commit()?;
+    assert_eq!(committed.seq, 2);
+    assert_eq!(
+        committed.members,
+        sorted(vec![device(1), device(2), device(4)])
+    );
+    assert_eq!(committed.removed, vec![device(3)]);
+    assert_eq!(committed.welcomed, vec![device(4)]);
+    // The newcomer reads only what follows the commit, starting from its Welcome.
+    let memberships = store.memberships(&device(4))?;
+    assert_eq!(
+        memberships,
+        vec![Membership {
+            group_id: group_id.clone(),
+            cursor: 2
+        }]
+    );
+    assert_eq!(store.inbox_entries(&device(4), 0, 10)?.len(), 1);
+    // The removed device no longer reads the group nor may post to it.
+    assert!(matches!(
+        store.group_entries(&group_id, &device(3), 0, 10, NOW),
+        Err(StoreError::Forbidden)
+    ));
+    assert!(store.memberships(&device(3))?.is_empty());
+    // The group moved to epoch 1: an application message at epoch 0 is refused.
+    assert!(matches!(
+        store.append(
+            &group_id,
+            &device(1),
+            Epoch(0),
+            EntryKind::Application,
+            b"x".to_vec(),
+            None,
+            NOW
+        ),
+        Err(StoreError::EpochMismatch { current: Epoch(1) })
+    ));
+    let appended = store.append(
+        &group_id,
+        &device(4),
+        Epoch(1),
+        EntryKind::Application,
+        b"after".to_vec(),
+        None,
+        NOW,
+    )?;
+    assert_eq!(appended.seq, 3);
+    assert_eq!(
+        seqs(&store.group_entries(&group_id, &device(4), 2, 10, NOW)?),
+        vec![3]
+    );
+    Ok(())
+}
+
+fn a_member_commit_is_compare_and_swap_and_a_failed_one_changes_nothing(
+    store: &mut dyn Store,
+) -> Outcome {
+    let group_id = group_of_three(store)?;
+    register(store, &[4, 5])?;
+    claim(store, device(1), 4, 4)?;
+    claim(store, device(2), 5, 5)?;
+    // Two admins commit on epoch 0: the first wins, the second learns the current epoch.
+    store.commit_members(member_commit(&group_id, 1, 0, &[4], &[]))?;
+    assert!(matches!(
+        store.commit_members(member_commit(&group_id, 2, 0, &[5], &[])),
+        Err(StoreError::EpochMismatch { current: Epoch(1) })
+    ));
+    store.commit()?;
+    // Nothing of the loser's commit happened: no member, no Welcome, grant still there.
+    assert!(store.memberships(&device(5))?.is_empty());
+    assert!(store.inbox_entries(&device(5), 0, 10)?.is_empty());
+    let committed = store.commit_members(member_commit(&group_id, 2, 1, &[5], &[]))?;
+    assert_eq!(committed.seq, 2);
+    assert_eq!(committed.members.len(), 5);
+    Ok(())
+}
+
+fn adding_a_device_needs_a_grant_and_welcomes_go_only_to_added_devices(
+    store: &mut dyn Store,
+) -> Outcome {
+    let group_id = group_of_three(store)?;
+    register(store, &[4])?;
+    assert!(matches!(
+        store.commit_members(member_commit(&group_id, 1, 0, &[4], &[])),
+        Err(StoreError::Forbidden)
+    ));
+    claim(store, device(2), 4, 4)?;
+    // The grant is device 2's, not device 1's.
+    assert!(matches!(
+        store.commit_members(member_commit(&group_id, 1, 0, &[4], &[])),
+        Err(StoreError::Forbidden)
+    ));
+    let mut stray_welcome = member_commit(&group_id, 2, 0, &[4], &[]);
+    stray_welcome.welcomes.push((device(3), b"w3".to_vec()));
+    assert!(matches!(
+        store.commit_members(stray_welcome),
+        Err(StoreError::Forbidden)
+    ));
+    store.commit()?;
+    assert!(store.inbox_entries(&device(3), 0, 10)?.is_empty());
+    // The grant survived the failed attempts, and is consumed by the one that succeeds.
+    store.commit_members(member_commit(&group_id, 2, 0, &[4], &[]))?;
+    store.commit_members(member_commit(&group_id, 2, 1, &[], &[4]))?;
+    assert!(matches!(
+        store.commit_members(member_commit(&group_id, 2, 2, &[4], &[])),
+        Err(StoreError::Forbidden)
+    ));
+    Ok(())
+}
+
+fn a_member_commit_refuses_impossible_changes(store: &mut dyn Store) -> Outcome {
+    let group_id = group_of_three(store)?;
+    register(store, &[4, 5])?;
+    claim(store, device(1), 4, 4)?;
+    for (commit, why) in [
+        (member_commit(&group_id, 1, 0, &[], &[1]), "removes itself"),
+        (
+            member_commit(&group_id, 1, 0, &[], &[5]),
+            "removes a non-member",
+        ),
+        (member_commit(&group_id, 1, 0, &[2], &[]), "adds a member"),
+        (
+            member_commit(&group_id, 1, 0, &[4], &[4]),
+            "adds and removes",
+        ),
+        (member_commit(&group_id, 1, 0, &[], &[2, 2]), "names twice"),
+    ] {
+        assert!(
+            matches!(store.commit_members(commit), Err(StoreError::Invalid(_))),
+            "a commit that {why} must be invalid"
+        );
+    }
+    assert!(matches!(
+        store.commit_members(member_commit(&group_id, 5, 0, &[], &[2])),
+        Err(StoreError::Forbidden)
+    ));
+    assert!(matches!(
+        store.commit_members(member_commit(&group(9), 1, 0, &[], &[2])),
+        Err(StoreError::NotFound)
+    ));
+    store.commit()?;
+    // None of them moved the epoch or the members.
+    let committed = store.commit_members(member_commit(&group_id, 1, 0, &[4], &[]))?;
+    assert_eq!(committed.seq, 1);
+    assert_eq!(committed.members.len(), 4);
+    Ok(())
+}
+
+fn a_device_that_leaves_gets_nothing_more_and_no_longer_holds_entries_back(
+    store: &mut dyn Store,
+) -> Outcome {
+    let group_id = group_of_three(store)?;
+    append_message(store, &group_id, b"one")?;
+    store.ack_group(&device(1), &group_id, 1)?;
+    store.ack_group(&device(2), &group_id, 1)?;
+    // Device 3 has not read entry 1; once it leaves, nobody needs it any more.
+    store.leave_group(&group_id, &device(3))?;
+    store.commit()?;
+    assert!(
+        store
+            .group_entries(&group_id, &device(1), 0, 10, NOW)?
+            .is_empty()
+    );
+    assert!(matches!(
+        store.group_entries(&group_id, &device(3), 0, 10, NOW),
+        Err(StoreError::Forbidden)
+    ));
+    assert!(matches!(
+        store.leave_group(&group_id, &device(3)),
+        Err(StoreError::Forbidden)
+    ));
+    assert!(matches!(
+        store.append(
+            &group_id,
+            &device(3),
+            Epoch(0),
+            EntryKind::Application,
+            b"x".to_vec(),
+            None,
+            NOW
+        ),
+        Err(StoreError::Forbidden)
+    ));
     Ok(())
 }

@@ -9,9 +9,9 @@ use std::ops::Bound;
 use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 
 use super::{
-    Appended, BlobId, BlobRecord, ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated,
-    InboxEntry, LogEntry, Membership, NewBlob, NewDevice, NewGroup, Store, StoreError,
-    UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_hour,
+    Appended, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord, EntryKind,
+    GroupCreated, InboxEntry, LogEntry, Membership, NewBlob, NewCommit, NewDevice, NewGroup, Store,
+    StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_hour,
 };
 
 /// A [`Store`] that keeps everything in memory; nothing survives the value.
@@ -259,44 +259,114 @@ impl Store for MemoryStore {
         now: u64,
     ) -> Result<Appended, StoreError> {
         let group = self.groups.get_mut(group_id).ok_or(StoreError::NotFound)?;
-        if !group.members.contains_key(poster) {
-            return Err(StoreError::Forbidden);
-        }
-        if epoch != group.epoch {
-            return Err(StoreError::EpochMismatch {
-                current: group.epoch,
-            });
-        }
-        let next_epoch = match kind {
-            EntryKind::Application => group.epoch,
-            EntryKind::Commit => Epoch(
-                group
-                    .epoch
-                    .0
-                    .checked_add(1)
-                    .ok_or(StoreError::Invalid("the epoch cannot advance further"))?,
-            ),
-        };
-        let seq = group.next_seq;
-        group.log.insert(
-            seq,
-            Stored {
-                value: LogEntry {
-                    seq,
-                    epoch,
-                    kind,
-                    payload,
-                },
-                created_hour: coarse_hour(now),
-                expires_at,
-            },
-        );
-        group.next_seq += 1;
-        group.epoch = next_epoch;
+        group.check_append(poster, epoch, kind)?;
+        let seq = group.append(epoch, kind, payload, expires_at, now);
         Ok(Appended {
             seq,
             members: group.members.keys().copied().collect(),
         })
+    }
+
+    fn claim_contact(
+        &mut self,
+        account_id: &AccountId,
+        claimer: &DeviceId,
+        now: u64,
+    ) -> Result<Vec<ClaimedKeyPackage>, StoreError> {
+        let account_of = |device: &DeviceId| {
+            self.devices
+                .get(device)
+                .map(|device| device.record.account_id)
+        };
+        let shares_a_group = self.groups.values().any(|group| {
+            group.members.contains_key(claimer)
+                && group
+                    .members
+                    .keys()
+                    .any(|member| account_of(member) == Some(*account_id))
+        });
+        if !shares_a_group {
+            return Err(StoreError::NotFound);
+        }
+        Ok(self.claim_account(*account_id, claimer, now))
+    }
+
+    fn commit_members(&mut self, commit: NewCommit) -> Result<Committed, StoreError> {
+        super::check_commit_shape(&commit)?;
+        let group = self
+            .groups
+            .get(&commit.group_id)
+            .ok_or(StoreError::NotFound)?;
+        group.check_append(&commit.committer, commit.epoch, EntryKind::Commit)?;
+        if commit
+            .remove
+            .iter()
+            .any(|device| !group.members.contains_key(device))
+        {
+            return Err(StoreError::Invalid("a removed device is not a member"));
+        }
+        if commit
+            .add
+            .iter()
+            .any(|device| group.members.contains_key(device))
+        {
+            return Err(StoreError::Invalid("an added device is a member already"));
+        }
+        let granted = |device: &DeviceId| {
+            self.devices.contains_key(device)
+                && self
+                    .grants
+                    .get(&(commit.committer, *device))
+                    .is_some_and(|expires_at| *expires_at > commit.now)
+        };
+        if !commit.add.iter().all(granted) {
+            return Err(StoreError::Forbidden);
+        }
+
+        for device in &commit.add {
+            self.grants.remove(&(commit.committer, *device));
+        }
+        let mut welcomed = BTreeSet::new();
+        for (device_id, welcome) in commit.welcomes {
+            if let Some(device) = self.devices.get_mut(&device_id) {
+                device.push_to_inbox(welcome, commit.now);
+                welcomed.insert(device_id);
+            }
+        }
+        let group = self
+            .groups
+            .get_mut(&commit.group_id)
+            .ok_or(StoreError::NotFound)?;
+        let seq = group.append(
+            commit.epoch,
+            EntryKind::Commit,
+            commit.payload,
+            None,
+            commit.now,
+        );
+        for device in &commit.remove {
+            group.members.remove(device);
+        }
+        for device in &commit.add {
+            group.members.insert(*device, seq);
+        }
+        Ok(Committed {
+            seq,
+            members: group.members.keys().copied().collect(),
+            removed: commit.remove,
+            welcomed: welcomed.into_iter().collect(),
+        })
+    }
+
+    fn leave_group(&mut self, group_id: &GroupId, device_id: &DeviceId) -> Result<(), StoreError> {
+        let group = self.groups.get_mut(group_id).ok_or(StoreError::Forbidden)?;
+        if group.members.remove(device_id).is_none() {
+            return Err(StoreError::Forbidden);
+        }
+        if let Some(everyone_has) = group.members.values().min() {
+            group.log = group.log.split_off(&(everyone_has + 1));
+        }
+        Ok(())
     }
 
     fn group_entries(
@@ -600,6 +670,59 @@ struct Stored<T> {
 struct StoredBlob {
     record: BlobRecord,
     created_hour: u64,
+}
+
+impl Group {
+    /// The checks of appending one entry: membership and epoch (compare-and-set).
+    fn check_append(
+        &self,
+        poster: &DeviceId,
+        epoch: Epoch,
+        kind: EntryKind,
+    ) -> Result<(), StoreError> {
+        if !self.members.contains_key(poster) {
+            return Err(StoreError::Forbidden);
+        }
+        if epoch != self.epoch {
+            return Err(StoreError::EpochMismatch {
+                current: self.epoch,
+            });
+        }
+        if kind == EntryKind::Commit && self.epoch.0 == u64::MAX {
+            return Err(StoreError::Invalid("the epoch cannot advance further"));
+        }
+        Ok(())
+    }
+
+    /// Appends an entry that passed `check_append`; returns its sequence number.
+    fn append(
+        &mut self,
+        epoch: Epoch,
+        kind: EntryKind,
+        payload: Vec<u8>,
+        expires_at: Option<u64>,
+        now: u64,
+    ) -> u64 {
+        let seq = self.next_seq;
+        self.log.insert(
+            seq,
+            Stored {
+                value: LogEntry {
+                    seq,
+                    epoch,
+                    kind,
+                    payload,
+                },
+                created_hour: coarse_hour(now),
+                expires_at,
+            },
+        );
+        self.next_seq += 1;
+        if kind == EntryKind::Commit {
+            self.epoch = Epoch(self.epoch.0 + 1);
+        }
+        seq
+    }
 }
 
 impl Device {

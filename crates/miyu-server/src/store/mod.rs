@@ -79,6 +79,34 @@ pub struct GroupCreated {
     pub welcomed: Vec<DeviceId>,
 }
 
+/// A commit that changes a group's members; see [`Store::commit_members`].
+#[derive(Debug, Clone)]
+pub struct NewCommit {
+    pub group_id: GroupId,
+    pub committer: DeviceId,
+    /// The epoch the commit was built on.
+    pub epoch: Epoch,
+    pub payload: Vec<u8>,
+    /// Devices that become members; each needs a grant to the committer.
+    pub add: Vec<DeviceId>,
+    /// Members that stop being members; never the committer.
+    pub remove: Vec<DeviceId>,
+    /// Welcome messages, each to the inbox of one added device.
+    pub welcomes: Vec<(DeviceId, Vec<u8>)>,
+    pub now: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub seq: u64,
+    /// The members after the commit, the added ones included.
+    pub members: Vec<DeviceId>,
+    /// The removed devices (the commit is still pushed to those connected).
+    pub removed: Vec<DeviceId>,
+    /// The devices whose inbox got a Welcome.
+    pub welcomed: Vec<DeviceId>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
     pub seq: u64,
@@ -249,6 +277,29 @@ pub trait Store: Send + 'static {
     /// no grant to the creator (grants are consumed) or a Welcome goes to a non-member.
     fn create_group(&mut self, group: NewGroup) -> Result<GroupCreated, StoreError>;
 
+    /// Like `claim_username`, for an account that shares a group with `claimer` (a contact):
+    /// takes one key package of each of its devices and grants them to `claimer`. `NotFound`
+    /// if the account shares no group with `claimer`, so that nobody can drain the key
+    /// packages of accounts they have never talked to.
+    fn claim_contact(
+        &mut self,
+        account_id: &AccountId,
+        claimer: &DeviceId,
+        now: u64,
+    ) -> Result<Vec<ClaimedKeyPackage>, StoreError>;
+
+    /// Appends a commit that changes the group's members, and applies the change, in one
+    /// step. `NotFound` if there is no such group, `EpochMismatch` as for `append`,
+    /// `Forbidden` if the committer is not a member, an added device has no grant to the
+    /// committer (grants are consumed) or a Welcome goes to a device not being added,
+    /// `Invalid` if a removed device is not a member, is the committer, or a device is both
+    /// added and removed, or an added device is a member already. Added devices start
+    /// reading after the commit.
+    fn commit_members(&mut self, commit: NewCommit) -> Result<Committed, StoreError>;
+
+    /// Ends a device's membership of a group. `Forbidden` if it is not a member.
+    fn leave_group(&mut self, group_id: &GroupId, device_id: &DeviceId) -> Result<(), StoreError>;
+
     /// Appends to a group log. `NotFound` if there is no such group, `Forbidden` if the poster
     /// is not a member, `EpochMismatch` if `epoch` is not the group's current one. A commit
     /// moves the group to `epoch + 1`. Sequence numbers start at 1 and never repeat. An entry
@@ -337,6 +388,34 @@ pub trait Store: Send + 'static {
     /// The ids of every blob that exists (for removing files whose row is gone), expired ones
     /// included until `expire` deletes them, in ascending order.
     fn live_blob_ids(&mut self) -> Result<Vec<BlobId>, StoreError>;
+}
+
+/// The checks of [`Store::commit_members`] that need no stored data.
+fn check_commit_shape(commit: &NewCommit) -> Result<(), StoreError> {
+    use std::collections::BTreeSet;
+    let added: BTreeSet<&DeviceId> = commit.add.iter().collect();
+    let removed: BTreeSet<&DeviceId> = commit.remove.iter().collect();
+    if added.len() != commit.add.len() || removed.len() != commit.remove.len() {
+        return Err(StoreError::Invalid("a device is named twice"));
+    }
+    if added.iter().any(|device| removed.contains(device)) {
+        return Err(StoreError::Invalid(
+            "a device cannot be added and removed at once",
+        ));
+    }
+    if removed.contains(&commit.committer) || added.contains(&commit.committer) {
+        return Err(StoreError::Invalid(
+            "a commit cannot add or remove its committer",
+        ));
+    }
+    if commit
+        .welcomes
+        .iter()
+        .any(|(device, _)| !added.contains(device))
+    {
+        return Err(StoreError::Forbidden);
+    }
+    Ok(())
 }
 
 /// How long an account may stay inactive unless its owner chose otherwise.

@@ -12,9 +12,9 @@ use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    Appended, BlobId, BlobRecord, ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated,
-    InboxEntry, LogEntry, Membership, NewBlob, NewDevice, NewGroup, Store, StoreError,
-    UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_hour,
+    Appended, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord, EntryKind,
+    GroupCreated, InboxEntry, LogEntry, Membership, NewBlob, NewCommit, NewDevice, NewGroup, Store,
+    StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_hour,
 };
 
 /// A [`Store`] in one SQLite database file.
@@ -319,59 +319,120 @@ impl Store for SqliteStore {
         now: u64,
     ) -> Result<Appended, StoreError> {
         self.write(|db| {
+            let seq = append_entry(db, group_id, poster, epoch, kind, &payload, expires_at, now)?;
+            Ok(Appended {
+                seq,
+                members: members_of(db, group_id.as_bytes())?,
+            })
+        })
+    }
+
+    fn claim_contact(
+        &mut self,
+        account_id: &AccountId,
+        claimer: &DeviceId,
+        now: u64,
+    ) -> Result<Vec<ClaimedKeyPackage>, StoreError> {
+        self.write(|db| {
+            let shares_a_group = db
+                .prepare_cached(
+                    "SELECT 1 FROM group_members mine \
+                     JOIN group_members theirs ON theirs.group_id = mine.group_id \
+                     JOIN devices d ON d.device_id = theirs.device_id \
+                     WHERE mine.device_id = ?1 AND d.account_id = ?2 LIMIT 1",
+                )?
+                .exists(params![
+                    claimer.as_bytes().as_slice(),
+                    account_id.as_bytes().as_slice()
+                ])?;
+            if !shares_a_group {
+                return Err(StoreError::NotFound);
+            }
+            claim_account(db, account_id.as_bytes(), claimer, now)
+        })
+    }
+
+    fn commit_members(&mut self, commit: NewCommit) -> Result<Committed, StoreError> {
+        super::check_commit_shape(&commit)?;
+        self.write(|db| {
+            let group_key = commit.group_id.as_bytes();
+            let seq = append_entry(
+                db,
+                &commit.group_id,
+                &commit.committer,
+                commit.epoch,
+                EntryKind::Commit,
+                &commit.payload,
+                None,
+                commit.now,
+            )?;
+            for device in &commit.remove {
+                let removed = db
+                    .prepare_cached(
+                        "DELETE FROM group_members WHERE group_id = ?1 AND device_id = ?2",
+                    )?
+                    .execute(params![group_key, device.as_bytes().as_slice()])?;
+                if removed == 0 {
+                    return Err(StoreError::Invalid("a removed device is not a member"));
+                }
+            }
+            let now = clamp_to_sql(commit.now);
+            for device in &commit.add {
+                if is_member(db, group_key, device)? {
+                    return Err(StoreError::Invalid("an added device is a member already"));
+                }
+                let consumed = db
+                    .prepare_cached(
+                        "DELETE FROM add_grants WHERE claimer = ?1 AND target = ?2 \
+                         AND expires_at > ?3",
+                    )?
+                    .execute(params![
+                        commit.committer.as_bytes().as_slice(),
+                        device.as_bytes().as_slice(),
+                        now,
+                    ])?;
+                if consumed == 0 {
+                    return Err(StoreError::Forbidden);
+                }
+                db.prepare_cached(
+                    "INSERT INTO group_members (group_id, device_id, cursor) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![
+                    group_key,
+                    device.as_bytes().as_slice(),
+                    clamp_to_sql(seq)
+                ])?;
+            }
+            let mut welcomed = BTreeSet::new();
+            for (device_id, welcome) in &commit.welcomes {
+                push_to_inbox(db, device_id, welcome, commit.now)?;
+                welcomed.insert(*device_id);
+            }
+            Ok(Committed {
+                seq,
+                members: members_of(db, group_key)?,
+                removed: commit.remove.clone(),
+                welcomed: welcomed.into_iter().collect(),
+            })
+        })
+    }
+
+    fn leave_group(&mut self, group_id: &GroupId, device_id: &DeviceId) -> Result<(), StoreError> {
+        self.write(|db| {
             let group_key = group_id.as_bytes();
-            let (current, seq) = db
-                .prepare_cached("SELECT epoch, next_seq FROM groups WHERE group_id = ?1")?
-                .query_row([group_key], |row| {
-                    Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
-                })
-                .optional()?
-                .ok_or(StoreError::NotFound)?;
-            if !is_member(db, group_key, poster)? {
+            let left = db
+                .prepare_cached("DELETE FROM group_members WHERE group_id = ?1 AND device_id = ?2")?
+                .execute(params![group_key, device_id.as_bytes().as_slice()])?;
+            if left == 0 {
                 return Err(StoreError::Forbidden);
             }
-            let next_seq = seq.checked_add(1).ok_or(StoreError::Corrupt(
-                "a group's sequence number is exhausted",
-            ))?;
-            let current = epoch_from_sql(current);
-            if epoch != current {
-                return Err(StoreError::EpochMismatch { current });
-            }
-            let next_epoch = match kind {
-                EntryKind::Application => current,
-                EntryKind::Commit => Epoch(
-                    current
-                        .0
-                        .checked_add(1)
-                        .ok_or(StoreError::Invalid("the epoch cannot advance further"))?,
-                ),
-            };
+            // The leaver may have been the one holding the oldest entries back.
             db.prepare_cached(
-                "INSERT INTO group_log (group_id, seq, epoch, kind, payload, created_hour, \
-                 expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "DELETE FROM group_log WHERE group_id = ?1 AND seq <= \
+                 (SELECT min(cursor) FROM group_members WHERE group_id = ?1)",
             )?
-            .execute(params![
-                group_key,
-                seq,
-                epoch_to_sql(current),
-                kind_to_sql(kind),
-                payload,
-                clamp_to_sql(coarse_hour(now)),
-                expires_at.map(clamp_to_sql),
-            ])?;
-            db.prepare_cached("UPDATE groups SET epoch = ?2, next_seq = ?3 WHERE group_id = ?1")?
-                .execute(params![group_key, epoch_to_sql(next_epoch), next_seq])?;
-            let members = db
-                .prepare_cached(
-                    "SELECT device_id FROM group_members WHERE group_id = ?1 ORDER BY device_id",
-                )?
-                .query_map([group_key], |row| row.get::<_, Vec<u8>>(0))?
-                .map(|device_id| decode_device_id(&device_id?))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(Appended {
-                seq: seq_from_sql(seq)?,
-                members,
-            })
+            .execute([group_key])?;
+            Ok(())
         })
     }
 
@@ -1009,6 +1070,71 @@ fn claim_account(
         });
     }
     Ok(claimed)
+}
+
+/// Appends one entry to a group log at the group's current epoch (compare-and-set) and returns
+/// its sequence number; a commit moves the group to the next epoch.
+#[allow(clippy::too_many_arguments)] // One per column of the entry.
+fn append_entry(
+    db: &Connection,
+    group_id: &GroupId,
+    poster: &DeviceId,
+    epoch: Epoch,
+    kind: EntryKind,
+    payload: &[u8],
+    expires_at: Option<u64>,
+    now: u64,
+) -> Result<u64, StoreError> {
+    let group_key = group_id.as_bytes();
+    let (current, seq) = db
+        .prepare_cached("SELECT epoch, next_seq FROM groups WHERE group_id = ?1")?
+        .query_row([group_key], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
+        })
+        .optional()?
+        .ok_or(StoreError::NotFound)?;
+    if !is_member(db, group_key, poster)? {
+        return Err(StoreError::Forbidden);
+    }
+    let next_seq = seq.checked_add(1).ok_or(StoreError::Corrupt(
+        "a group's sequence number is exhausted",
+    ))?;
+    let current = epoch_from_sql(current);
+    if epoch != current {
+        return Err(StoreError::EpochMismatch { current });
+    }
+    let next_epoch = match kind {
+        EntryKind::Application => current,
+        EntryKind::Commit => Epoch(
+            current
+                .0
+                .checked_add(1)
+                .ok_or(StoreError::Invalid("the epoch cannot advance further"))?,
+        ),
+    };
+    db.prepare_cached(
+        "INSERT INTO group_log (group_id, seq, epoch, kind, payload, created_hour, \
+         expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        group_key,
+        seq,
+        epoch_to_sql(current),
+        kind_to_sql(kind),
+        payload,
+        clamp_to_sql(coarse_hour(now)),
+        expires_at.map(clamp_to_sql),
+    ])?;
+    db.prepare_cached("UPDATE groups SET epoch = ?2, next_seq = ?3 WHERE group_id = ?1")?
+        .execute(params![group_key, epoch_to_sql(next_epoch), next_seq])?;
+    seq_from_sql(seq)
+}
+
+fn members_of(db: &Connection, group_key: &[u8]) -> Result<Vec<DeviceId>, StoreError> {
+    db.prepare_cached("SELECT device_id FROM group_members WHERE group_id = ?1 ORDER BY device_id")?
+        .query_map([group_key], |row| row.get::<_, Vec<u8>>(0))?
+        .map(|device_id| decode_device_id(&device_id?))
+        .collect()
 }
 
 fn device_exists(db: &Connection, device_id: &DeviceId) -> Result<bool, StoreError> {
