@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::Error;
 use crate::vault::DatabaseKey;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE account (
@@ -161,6 +161,63 @@ CREATE TABLE uploads (
 );
 ";
 
+/// Version 4: groups. A conversation belongs to a contact or to a group; `scope` names which
+/// (the contact's account id, or `group:` and the group id in hex) for the queries that work
+/// on "every conversation of this name".
+const MIGRATION_4: &str = "
+CREATE TABLE conversations_4 (
+    group_id BLOB PRIMARY KEY,
+    contact TEXT REFERENCES contacts(account_id),
+    scope TEXT NOT NULL,
+    cursor INTEGER NOT NULL DEFAULT 0,
+    announce BLOB,
+    last_update_ms INTEGER NOT NULL DEFAULT 0,
+    pending_commit_hash BLOB,
+    broken TEXT,
+    timer_s INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO conversations_4 (group_id, contact, scope, cursor, announce, last_update_ms, pending_commit_hash, broken, timer_s)
+    SELECT group_id, contact, contact, cursor, announce, last_update_ms, pending_commit_hash, broken, timer_s FROM conversations;
+DROP TABLE conversations;
+ALTER TABLE conversations_4 RENAME TO conversations;
+CREATE INDEX conversations_by_scope ON conversations (scope);
+CREATE TABLE groups (
+    group_id BLOB PRIMARY KEY REFERENCES conversations(group_id),
+    -- This device's name for the group: unique, and never a contact's name.
+    name TEXT NOT NULL UNIQUE,
+    -- What the members' GroupInfo says.
+    title TEXT NOT NULL DEFAULT '',
+    description TEXT NOT NULL DEFAULT '',
+    adding TEXT NOT NULL DEFAULT 'admins',
+    posting TEXT NOT NULL DEFAULT 'everyone',
+    editing TEXT NOT NULL DEFAULT 'admins',
+    -- 'pending': joined from a Welcome, the group's info has not arrived (not shown);
+    -- 'active'; 'declined' (the adder was not allowed to add us); 'left'; 'removed'.
+    state TEXT NOT NULL,
+    -- A Leave is queued; the server is told once it is posted.
+    leaving INTEGER NOT NULL DEFAULT 0,
+    created_at_ms INTEGER NOT NULL
+);
+-- The accounts in each group as this device knows them (the MLS tree is the truth).
+CREATE TABLE group_members (
+    group_id BLOB NOT NULL REFERENCES groups(group_id) ON DELETE CASCADE,
+    account_id TEXT NOT NULL,
+    -- 'owner', 'admin' or 'member'
+    role TEXT NOT NULL DEFAULT 'member',
+    -- The name the member gave in this group.
+    name TEXT,
+    certificate BLOB NOT NULL,
+    -- Added by someone without the right to: nothing is sent to the group until an admin
+    -- removes them.
+    unapproved INTEGER NOT NULL DEFAULT 0,
+    -- Said it leaves; an admin's device removes its leaves.
+    leaving INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (group_id, account_id)
+);
+-- The group member who wrote an incoming group message (NULL in one-to-one conversations).
+ALTER TABLE messages ADD COLUMN sender TEXT;
+";
+
 /// Opens (or creates) the profile database, encrypted with `key`. A wrong key is reported as
 /// [`Error::Locked`].
 pub(crate) fn open(path: &Path, key: &DatabaseKey) -> Result<Connection, Error> {
@@ -179,7 +236,7 @@ pub(crate) fn configure(connection: &mut Connection) -> Result<(), Error> {
     connection.busy_timeout(std::time::Duration::from_secs(5))?;
     let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     match version {
-        0..=2 => {
+        0..=3 => {
             let transaction = connection.transaction()?;
             if version == 0 {
                 transaction.execute_batch(SCHEMA)?;
@@ -187,7 +244,10 @@ pub(crate) fn configure(connection: &mut Connection) -> Result<(), Error> {
             if version < 2 {
                 transaction.execute_batch(MIGRATION_2)?;
             }
-            transaction.execute_batch(MIGRATION_3)?;
+            if version < 3 {
+                transaction.execute_batch(MIGRATION_3)?;
+            }
+            transaction.execute_batch(MIGRATION_4)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             transaction.commit()?;
         }
@@ -267,22 +327,45 @@ pub(crate) fn in_relaxed_transaction<T>(
     result
 }
 
-/// A name no contact has yet: `wanted`, else `wanted-2`, `wanted-3`, ...
+/// A name no other contact and no group has yet: `wanted`, else `wanted-2`, `wanted-3`, ...
 pub(crate) fn free_contact_name(
     connection: &Connection,
     wanted: &str,
     except_account: &str,
 ) -> Result<String, Error> {
-    let taken = |name: &str| -> Result<bool, Error> {
+    free_name(wanted, |name| {
         Ok(connection
             .query_row(
-                "SELECT 1 FROM contacts WHERE name = ?1 AND account_id != ?2",
+                "SELECT 1 FROM contacts WHERE name = ?1 AND account_id != ?2
+                 UNION ALL SELECT 1 FROM groups WHERE name = ?1",
                 params![name, except_account],
                 |_| Ok(()),
             )
             .optional()?
             .is_some())
-    };
+    })
+}
+
+/// A name for a group that no contact and no other group has: `wanted`, else `wanted-2`, ...
+pub(crate) fn free_group_name(
+    connection: &Connection,
+    wanted: &str,
+    except_group: &[u8],
+) -> Result<String, Error> {
+    free_name(wanted, |name| {
+        Ok(connection
+            .query_row(
+                "SELECT 1 FROM contacts WHERE name = ?1
+                 UNION ALL SELECT 1 FROM groups WHERE name = ?1 AND group_id != ?2",
+                params![name, except_group],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    })
+}
+
+fn free_name(wanted: &str, taken: impl Fn(&str) -> Result<bool, Error>) -> Result<String, Error> {
     if !taken(wanted)? {
         return Ok(wanted.to_string());
     }
@@ -293,7 +376,7 @@ pub(crate) fn free_contact_name(
         }
     }
     Err(Error::Usage(format!(
-        "too many contacts are called {wanted}"
+        "too many contacts or groups are called {wanted}"
     )))
 }
 

@@ -50,20 +50,23 @@ pub(crate) fn local_id(
         .optional()?)
 }
 
-/// Fills in the reactions of `messages` (the conversations with `account`).
+/// Fills in the reactions of `messages` (the conversations of `scope`, see
+/// [`Client::conversation_of`]).
 pub(crate) fn attach_reactions(
     db: &Connection,
-    account: &str,
+    scope: &str,
     contact: &str,
     messages: &mut [MessageView],
 ) -> Result<(), Error> {
     let mut statement = db.prepare(
         "SELECT r.message_row, r.account, r.emoji FROM reactions r JOIN messages m ON m.id = r.message_row
-         WHERE m.group_id IN (SELECT group_id FROM conversations WHERE contact = ?1)
+         WHERE m.group_id IN (SELECT group_id FROM conversations WHERE scope = ?1)
          ORDER BY r.at_ms",
     )?;
+    let in_group = scope.starts_with(crate::groups::SCOPE_PREFIX);
+    let mut names = crate::groups::Names::new(db);
     let mut by_row: HashMap<i64, Vec<ReactionView>> = HashMap::new();
-    for reaction in statement.query_map(params![account], |row| {
+    for reaction in statement.query_map(params![scope], |row| {
         Ok((
             row.get::<_, i64>(0)?,
             row.get::<_, String>(1)?,
@@ -71,14 +74,17 @@ pub(crate) fn attach_reactions(
         ))
     })? {
         let (message_row, who, emoji) = reaction?;
-        by_row.entry(message_row).or_default().push(ReactionView {
-            from: if who == "me" {
-                "me".into()
-            } else {
-                contact.to_string()
-            },
-            emoji,
-        });
+        let from = if who == "me" {
+            "me".into()
+        } else if in_group {
+            names.of(&who)?
+        } else {
+            contact.to_string()
+        };
+        by_row
+            .entry(message_row)
+            .or_default()
+            .push(ReactionView { from, emoji });
     }
     for message in messages {
         if let Some(reactions) = by_row.remove(&message.id) {
@@ -95,12 +101,21 @@ struct Target {
     outgoing: bool,
     kind: String,
     deleted: bool,
+    /// In a group, the member who wrote it.
+    sender: Option<String>,
+}
+
+impl Target {
+    /// Written by the sender of `received`: the contact, or in a group that very member.
+    fn written_by(&self, received: &Received<'_>) -> bool {
+        !self.outgoing && self.sender.as_deref() == received.sender
+    }
 }
 
 fn target(db: &Connection, group_id: &[u8], message_id: &[u8]) -> Result<Option<Target>, Error> {
     Ok(db
         .query_row(
-            "SELECT id, outgoing, kind, deleted FROM messages WHERE group_id = ?1 AND message_id = ?2",
+            "SELECT id, outgoing, kind, deleted, sender FROM messages WHERE group_id = ?1 AND message_id = ?2",
             params![group_id, message_id],
             |row| {
                 Ok(Target {
@@ -108,6 +123,7 @@ fn target(db: &Connection, group_id: &[u8], message_id: &[u8]) -> Result<Option<
                     outgoing: row.get(1)?,
                     kind: row.get(2)?,
                     deleted: row.get(3)?,
+                    sender: row.get(4)?,
                 })
             },
         )
@@ -162,10 +178,10 @@ pub(crate) fn on_reaction(
         return Ok(None);
     }
     match target(db, received.group_id, &reaction.message_id)? {
-        Some(target) if !target.deleted && target.kind != "timer" => {
+        Some(target) if !target.deleted && !matches!(target.kind.as_str(), "timer" | "notice") => {
             apply_reaction(db, target.row, received.contact_account, &reaction.emoji)?;
             Ok(Some(Event::Reacted {
-                contact: received.contact_name.to_string(),
+                contact: received.conversation_name.to_string(),
                 id: target.row,
                 emoji: (!reaction.emoji.is_empty()).then(|| reaction.emoji.clone()),
             }))
@@ -182,13 +198,13 @@ pub(crate) fn on_edit(
 ) -> Result<Option<Event>, Error> {
     match target(db, received.group_id, &edit.message_id)? {
         // Only the author's own, undeleted texts: a contact cannot put words in our mouth.
-        Some(target) if !target.outgoing && target.kind == "text" && !target.deleted => {
+        Some(target) if target.written_by(received) && target.kind == "text" && !target.deleted => {
             if edit.body.is_empty() {
                 return Ok(None);
             }
             let applied = apply_edit(db, target.row, &edit.body, received.sent_at_ms)?;
             Ok(applied.then(|| Event::Edited {
-                contact: received.contact_name.to_string(),
+                contact: received.conversation_name.to_string(),
                 id: target.row,
                 body: edit.body.clone(),
             }))
@@ -208,10 +224,13 @@ pub(crate) fn on_delete(
 ) -> Result<Option<Event>, Error> {
     match target(db, received.group_id, &delete.message_id)? {
         Some(target) if target.deleted => Ok(None),
-        Some(target) if !target.outgoing && target.kind != "timer" => {
+        Some(target)
+            if target.written_by(received)
+                && !matches!(target.kind.as_str(), "timer" | "notice") =>
+        {
             apply_delete(db, target.row)?;
             Ok(Some(Event::Deleted {
-                contact: received.contact_name.to_string(),
+                contact: received.conversation_name.to_string(),
                 id: target.row,
             }))
         }
@@ -230,15 +249,16 @@ pub(crate) fn on_delete(
                 .unwrap_or(0);
             let expires_at_ms = (timer_s > 0).then(|| now_ms() + u64::from(timer_s) * 1000);
             db.execute(
-                "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq, kind, deleted, expires_at_ms)
-                 VALUES (?1, ?2, 0, '', ?3, ?4, 'received', ?5, 'text', 1, ?6)",
+                "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq, kind, deleted, expires_at_ms, sender)
+                 VALUES (?1, ?2, 0, '', ?3, ?4, 'received', ?5, 'text', 1, ?6, ?7)",
                 params![
                     received.group_id,
                     delete.message_id,
                     received.sent_at_ms,
                     now_ms(),
                     received.seq,
-                    expires_at_ms
+                    expires_at_ms,
+                    received.sender
                 ],
             )?;
             Ok(None)
@@ -263,13 +283,13 @@ struct Own {
 
 impl Client {
     fn message_of(&self, contact: &str, id: i64) -> Result<Own, Error> {
-        let (account, _) = self.conversation_of(contact)?;
+        let (scope, _) = self.conversation_of(contact)?;
         self.db
             .query_row(
                 "SELECT group_id, message_id, outgoing, kind, deleted, sent_at_ms, body FROM messages
-                 WHERE id = ?1 AND group_id IN (SELECT group_id FROM conversations WHERE contact = ?2)
+                 WHERE id = ?1 AND group_id IN (SELECT group_id FROM conversations WHERE scope = ?2)
                  AND (expires_at_ms IS NULL OR expires_at_ms > ?3)",
-                params![id, account, now_ms()],
+                params![id, scope, now_ms()],
                 |row| {
                     Ok(Own {
                         group_id: row.get(0)?,
@@ -319,7 +339,7 @@ impl Client {
         text: &str,
     ) -> Result<MessageView, Error> {
         let quoted = self.message_of(contact, id)?;
-        if quoted.deleted || quoted.kind == "timer" {
+        if quoted.deleted || matches!(quoted.kind.as_str(), "timer" | "notice") {
             return Err(Error::Usage(format!("message #{id} cannot be answered")));
         }
         self.send_text(
@@ -382,7 +402,7 @@ impl Client {
             privacy::checkpoint(&self.db)?;
             return Ok(());
         }
-        if !own.outgoing || own.kind == "timer" {
+        if !own.outgoing || matches!(own.kind.as_str(), "timer" | "notice") {
             return Err(Error::Usage(format!(
                 "message #{id} is not yours; only your own messages can be deleted for everyone (without --everyone it goes from this device)"
             )));
@@ -403,7 +423,7 @@ impl Client {
         emoji: Option<&str>,
     ) -> Result<(), Error> {
         let target = self.message_of(contact, id)?;
-        if target.deleted || target.kind == "timer" {
+        if target.deleted || matches!(target.kind.as_str(), "timer" | "notice") {
             return Err(Error::Usage(format!("message #{id} cannot be reacted to")));
         }
         let emoji = emoji.map(str::trim).unwrap_or_default().to_string();
@@ -478,6 +498,8 @@ mod tests {
             seq: 1,
             contact_account: "contact",
             contact_name: "bob",
+            conversation_name: "bob",
+            sender: None,
             message_id: &[9],
             sent_at_ms: 5,
             expires_in_s: 0,
@@ -541,6 +563,8 @@ mod tests {
             seq: 1,
             contact_account: "contact",
             contact_name: "bob",
+            conversation_name: "bob",
+            sender: None,
             message_id: &[9; 16],
             sent_at_ms,
             expires_in_s: 0,

@@ -909,7 +909,7 @@ impl Client {
         let mut statement = self.db.prepare(
             "SELECT f.id, f.name, f.size, f.mime, m.outgoing, m.sent_at_ms, f.saved_path
              FROM files f JOIN messages m ON m.id = f.message_row
-             WHERE m.group_id IN (SELECT group_id FROM conversations WHERE contact = ?1)
+             WHERE m.group_id IN (SELECT group_id FROM conversations WHERE scope = ?1)
              AND (m.expires_at_ms IS NULL OR m.expires_at_ms > ?2) ORDER BY f.id",
         )?;
         let files = statement
@@ -949,7 +949,7 @@ impl Client {
             .query_row(
                 "SELECT f.blob_id, f.file_key, f.size, f.chunk_size, f.sha256, f.name, f.part_path
                  FROM files f JOIN messages m ON m.id = f.message_row
-                 WHERE f.id = ?1 AND m.group_id IN (SELECT group_id FROM conversations WHERE contact = ?2)
+                 WHERE f.id = ?1 AND m.group_id IN (SELECT group_id FROM conversations WHERE scope = ?2)
                  AND (m.expires_at_ms IS NULL OR m.expires_at_ms > ?3)",
                 params![file_id, account, now_ms()],
                 |row| FileRow::try_from(row),
@@ -1384,7 +1384,7 @@ pub(crate) fn store_file(
     let id = insert_file(db, row, file)?;
     Ok(Some(Event::Message(MessageView {
         id: row,
-        contact: received.contact_name.to_string(),
+        contact: received.conversation_name.to_string(),
         from: received.contact_name.to_string(),
         outgoing: false,
         body: file_line(id, &name, file.size),

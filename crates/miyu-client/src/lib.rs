@@ -22,6 +22,7 @@
 mod db;
 pub mod features;
 pub mod files;
+pub mod groups;
 mod keyring;
 pub mod net;
 mod privacy;
@@ -145,6 +146,8 @@ pub enum MessageKind {
     Timer,
     /// A file; `body` names it with its id for `download`.
     File,
+    /// Something that happened in a group (a member added, removed, a change refused).
+    Notice,
 }
 
 /// A message as front ends show it.
@@ -245,7 +248,10 @@ fn settle_own_commit(db: &Connection, group_id: &[u8], verdict: Verdict) -> Resu
         && mls::has_pending_commit(&group)
     {
         match verdict {
-            Verdict::Accepted => mls::merge_own_commit(&provider, &mut group)?,
+            Verdict::Accepted => {
+                mls::merge_own_commit(&provider, &mut group)?;
+                groups::after_own_commit(db, group_id)?;
+            }
             Verdict::Lost => mls::discard_own_commit(&provider, &mut group)?,
         }
     }
@@ -291,6 +297,8 @@ pub struct Client {
     events: VecDeque<Event>,
     /// The outbox got entries while a request was in flight; flush at the next chance.
     outbox_waiting: bool,
+    /// Processing an entry queued a message (a group introduction, say).
+    queued_while_processing: std::cell::Cell<bool>,
     _lock: File,
 }
 
@@ -421,6 +429,7 @@ impl Client {
             session: None,
             events: VecDeque::new(),
             outbox_waiting: false,
+            queued_while_processing: std::cell::Cell::new(false),
             _lock: lock,
         };
         client.connect().await?;
@@ -485,6 +494,7 @@ impl Client {
             session: None,
             events: VecDeque::new(),
             outbox_waiting: false,
+            queued_while_processing: std::cell::Cell::new(false),
             _lock: lock,
         };
         client.delete_expired()?;
@@ -690,6 +700,7 @@ impl Client {
         while !self.session()?.caught_up {
             self.pump().await?;
         }
+        self.remove_leavers().await?;
         self.refresh_presence().await?;
         self.delete_expired()?;
         events.extend(self.events.drain(..));
@@ -838,6 +849,9 @@ impl Client {
     fn join_from_welcome(&self, db: &Connection, welcome: &[u8]) -> Result<(), Error> {
         let provider = Provider::new(db);
         let joined = mls::join_group(&provider, welcome)?;
+        if groups::is_group_id(joined.group.group_id().as_slice()) {
+            return groups::join(db, &joined, self.account_id());
+        }
         let me = self.account_id();
         let others: Vec<&VerifiedCertificate> = joined
             .members
@@ -872,14 +886,14 @@ impl Client {
             )?;
         }
         db.execute(
-            "INSERT OR REPLACE INTO conversations (group_id, contact, cursor, last_update_ms) VALUES (?1, ?2, 0, ?3)",
+            "INSERT OR REPLACE INTO conversations (group_id, contact, scope, cursor, last_update_ms) VALUES (?1, ?2, ?2, 0, ?3)",
             params![group_id, account, now_ms()],
         )?;
         Ok(())
     }
 
     async fn on_group_entry(&mut self, entry: wire::GroupEntry) -> Result<(), Error> {
-        let conversation: Option<(String, u64)> = self
+        let conversation: Option<(Option<String>, u64)> = self
             .db
             .query_row(
                 "SELECT contact, cursor FROM conversations WHERE group_id = ?1",
@@ -912,7 +926,7 @@ impl Client {
                 }
                 None
             } else {
-                self.process_entry(db, &entry, &contact_account)?
+                self.process_entry(db, &entry, contact_account.as_deref())?
             };
             db.execute(
                 "UPDATE conversations SET cursor = ?1 WHERE group_id = ?2",
@@ -920,6 +934,9 @@ impl Client {
             )?;
             Ok(event)
         })?;
+        if self.queued_while_processing.take() {
+            self.outbox_waiting = true;
+        }
         if let Some(event) = event {
             if matches!(event, Event::ContactAdded(_)) {
                 // Our introduction was queued with the acceptance; it is posted by the next
@@ -943,7 +960,7 @@ impl Client {
         &self,
         db: &Connection,
         entry: &wire::GroupEntry,
-        contact_account: &str,
+        contact_account: Option<&str>,
     ) -> Result<Option<Event>, Error> {
         let hash: [u8; 32] = Sha256::digest(&entry.payload).into();
         let pending_commit_hash: Option<Vec<u8>> = db
@@ -970,7 +987,12 @@ impl Client {
             mls::discard_own_commit(&provider, &mut group)?;
             forget_commit_hash(db, &entry.group_id)?;
         }
-        let incoming = match mls::process(&provider, &mut group, &entry.payload) {
+        let incoming = match mls::process(
+            &provider,
+            &mut group,
+            &entry.payload,
+            contact_account.is_none(),
+        ) {
             Ok(Incoming::Own) => {
                 // One of our messages, echoed after a reconnect: it reached the server.
                 db.execute(
@@ -985,6 +1007,17 @@ impl Client {
                 tracing::debug!("dropped a group entry that did not decrypt: {error}");
                 return Ok(None);
             }
+        };
+        let Some(contact_account) = contact_account else {
+            return match incoming {
+                Incoming::Application { plaintext, sender } => {
+                    self.on_group_message(db, entry, &sender, &plaintext)
+                }
+                Incoming::Commit(summary) => {
+                    groups::on_commit(db, entry, &group, &summary, self.account_id())
+                }
+                Incoming::Own => Ok(None),
+            };
         };
         let Incoming::Application { plaintext, sender } = incoming else {
             tracing::debug!(
@@ -1017,6 +1050,8 @@ impl Client {
             seq: entry.seq,
             contact_account,
             contact_name: &contact_name,
+            conversation_name: &contact_name,
+            sender: None,
             message_id: &message.message_id,
             sent_at_ms: message.sent_at_ms,
             expires_in_s: message.expires_in_s,
@@ -1080,7 +1115,9 @@ impl Client {
             Some(wire::app_message::Body::Delete(delete)) => {
                 features::on_delete(db, &received, &delete)
             }
-            None => Ok(None),
+            // Group business means nothing between two contacts.
+            Some(wire::app_message::Body::GroupInfo(_) | wire::app_message::Body::Leave(_))
+            | None => Ok(None),
         }
     }
 
@@ -1334,7 +1371,7 @@ impl Client {
                     .collect(),
             };
             db.execute(
-                "INSERT INTO conversations (group_id, contact, announce, last_update_ms) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO conversations (group_id, contact, scope, announce, last_update_ms) VALUES (?1, ?2, ?2, ?3, ?4)",
                 params![group_id.as_slice(), account, announce.encode_to_vec(), now_ms()],
             )?;
             Ok(Contact {
@@ -1419,6 +1456,9 @@ impl Client {
         body: wire::app_message::Body,
         shown: Option<&str>,
     ) -> Result<Option<i64>, Error> {
+        if groups::is_group_id(group_id) {
+            groups::check_can_send(db, group_id, &self.account_id().to_string(), &body)?;
+        }
         // Texts disappear under the conversation's timer; the notices that set it up do not,
         // or a peer offline for longer would never learn of the timer.
         let timer_s: u32 = db
@@ -1494,7 +1534,7 @@ impl Client {
                 )
                 .optional()?;
             let Some((id, group_id, epoch, ciphertext, message_row, expires_at_ms)) = next else {
-                return Ok(());
+                return self.finish_leaving().await;
             };
             if expires_at_ms.is_some_and(|at| at <= now_ms()) {
                 // It disappeared before it could be sent.
@@ -1815,25 +1855,36 @@ impl Client {
         })
     }
 
-    fn conversation_of(&self, contact: &str) -> Result<(String, Vec<u8>), Error> {
-        self.db
+    /// The conversation called `name`: a contact's (the newest), else a group's. Returns its
+    /// scope (the contact's account id, or the group's `group:` name) and group id.
+    pub(crate) fn conversation_of(&self, name: &str) -> Result<(String, Vec<u8>), Error> {
+        let contact: Option<(String, Vec<u8>)> = self
+            .db
             .query_row(
                 "SELECT c.account_id, v.group_id FROM contacts c JOIN conversations v ON v.contact = c.account_id
                  WHERE c.name = ?1 AND c.state = 'accepted' ORDER BY v.rowid DESC LIMIT 1",
-                params![contact],
+                params![name],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
-            .optional()?
-            .ok_or_else(|| {
-                Error::Usage(format!(
-                    "no contact called {contact:?}; `miyu contacts` lists them"
-                ))
-            })
+            .optional()?;
+        if let Some(found) = contact {
+            return Ok(found);
+        }
+        let group: Option<Vec<u8>> = self
+            .db
+            .query_row(
+                "SELECT group_id FROM groups WHERE name = ?1 AND state IN ('active', 'left', 'removed')",
+                params![name],
+                |row| row.get(0),
+            )
+            .optional()?;
+        match group {
+            Some(group_id) => Ok((groups::scope(&group_id), group_id)),
+            None => Err(Error::Usage(format!(
+                "no contact or group called {name:?}; `miyu contacts` and `miyu groups` list them"
+            ))),
+        }
     }
-
-    // -----------------------------------------------------------------------------------------
-    // Local views
-    // -----------------------------------------------------------------------------------------
 
     pub fn contacts(&self) -> Result<Vec<Contact>, Error> {
         let settings = self.settings()?;
@@ -1904,8 +1955,8 @@ impl Client {
     pub fn messages(&self, contact: &str) -> Result<Vec<MessageView>, Error> {
         // All conversations with the contact: a contact who started over (a new group, after
         // losing their state) keeps the history of the old one.
-        let (account, _) = self.conversation_of(contact)?;
-        privacy::history(&self.db, &account, contact)
+        let (scope, _) = self.conversation_of(contact)?;
+        privacy::history(&self.db, &scope, contact)
     }
 
     /// The safety number shared with a contact: compare it in person to rule out a server that

@@ -34,8 +34,13 @@ const PRESENCE_INTERVAL_MS: u64 = 3_600_000;
 pub(crate) struct Received<'a> {
     pub(crate) group_id: &'a [u8],
     pub(crate) seq: u64,
+    /// Who wrote it: the contact, or in a group the member.
     pub(crate) contact_account: &'a str,
     pub(crate) contact_name: &'a str,
+    /// The conversation's name: the contact's, or the group's.
+    pub(crate) conversation_name: &'a str,
+    /// In a group, the member who wrote it (stored with the message).
+    pub(crate) sender: Option<&'a str>,
     pub(crate) message_id: &'a [u8],
     pub(crate) sent_at_ms: u64,
     pub(crate) expires_in_s: u32,
@@ -110,7 +115,7 @@ pub fn parse_timer(text: &str) -> Result<u32, Error> {
 }
 
 /// 0 (off), or from 30 seconds to 4 weeks.
-fn valid_timer(seconds: u32) -> bool {
+pub(crate) fn valid_timer(seconds: u32) -> bool {
     seconds == 0 || (MIN_TIMER_S..=MAX_TIMER_S).contains(&seconds)
 }
 
@@ -168,9 +173,18 @@ pub(crate) fn store_message(
     body: &str,
     kind: &str,
 ) -> Result<Option<i64>, Error> {
+    if received.sender.is_some() {
+        // In a group, a deletion that came first stands only if its sender wrote the message:
+        // another member cannot delete it in advance.
+        db.execute(
+            "DELETE FROM messages WHERE group_id = ?1 AND message_id = ?2 AND deleted = 1
+             AND outgoing = 0 AND sender IS NOT ?3",
+            params![received.group_id, received.message_id, received.sender],
+        )?;
+    }
     let inserted = db.execute(
-        "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq, expires_at_ms, kind)
-         VALUES (?1, ?2, 0, ?3, ?4, ?5, 'received', ?6, ?7, ?8)",
+        "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq, expires_at_ms, kind, sender)
+         VALUES (?1, ?2, 0, ?3, ?4, ?5, 'received', ?6, ?7, ?8, ?9)",
         params![
             received.group_id,
             received.message_id,
@@ -179,7 +193,8 @@ pub(crate) fn store_message(
             now_ms(),
             received.seq,
             expiry(received),
-            kind
+            kind,
+            received.sender
         ],
     )?;
     Ok((inserted > 0).then(|| db.last_insert_rowid()))
@@ -206,7 +221,7 @@ pub(crate) fn store_text(
     }
     Ok(Some(Event::Message(MessageView {
         id: row,
-        contact: received.contact_name.to_string(),
+        contact: received.conversation_name.to_string(),
         from: received.contact_name.to_string(),
         outgoing: false,
         body: text.body.clone(),
@@ -406,7 +421,7 @@ pub(crate) fn on_timer(
     }))
 }
 
-fn timer_notice(who: &str, seconds: u32) -> String {
+pub(crate) fn timer_notice(who: &str, seconds: u32) -> String {
     match seconds {
         0 => format!("{who} turned disappearing messages off"),
         _ => format!("{who} set disappearing messages to {}", timer_text(seconds)),
@@ -441,26 +456,29 @@ pub(crate) fn message_kind(kind: &str) -> MessageKind {
     match kind {
         "timer" => MessageKind::Timer,
         "file" => MessageKind::File,
+        "notice" => MessageKind::Notice,
         _ => MessageKind::Text,
     }
 }
 
-/// Messages of every conversation with `account`, oldest first, as `contact` would see them.
+/// Messages of every conversation of `scope` (a contact's or a group's), oldest first, as
+/// `conversation` is called.
 pub(crate) fn history(
     db: &Connection,
-    account: &str,
-    contact: &str,
+    scope: &str,
+    conversation: &str,
 ) -> Result<Vec<MessageView>, Error> {
     let mut statement = db.prepare(
         "SELECT m.outgoing, m.body, m.sent_at_ms, m.state, m.kind, m.expires_at_ms, f.id, f.size,
                 m.id, (SELECT r.id FROM messages r WHERE r.group_id = m.group_id AND r.message_id = m.reply_to),
-                m.forwarded, m.edited_at_ms, m.deleted
+                m.forwarded, m.edited_at_ms, m.deleted, m.sender
          FROM messages m LEFT JOIN files f ON f.message_row = m.id
-         WHERE m.group_id IN (SELECT group_id FROM conversations WHERE contact = ?1)
+         WHERE m.group_id IN (SELECT group_id FROM conversations WHERE scope = ?1)
          AND (m.expires_at_ms IS NULL OR m.expires_at_ms > ?2) ORDER BY m.id",
     )?;
-    let mut messages: Vec<MessageView> = statement
-        .query_map(params![account, now_ms()], |row| {
+    let mut names = crate::groups::Names::new(db);
+    let rows: Vec<(MessageView, Option<String>)> = statement
+        .query_map(params![scope, now_ms()], |row| {
             let outgoing: bool = row.get(0)?;
             let state: String = row.get(3)?;
             let kind: String = row.get(4)?;
@@ -469,13 +487,13 @@ pub(crate) fn history(
                 Some(id) => Some((id, row.get(7)?)),
                 None => None,
             };
-            Ok(MessageView {
+            let message = MessageView {
                 id: row.get(8)?,
-                contact: contact.to_string(),
+                contact: conversation.to_string(),
                 from: if outgoing {
                     "me".into()
                 } else {
-                    contact.to_string()
+                    conversation.to_string()
                 },
                 outgoing,
                 body: match file {
@@ -491,10 +509,18 @@ pub(crate) fn history(
                 edited_at_ms: row.get(11)?,
                 deleted: row.get(12)?,
                 reactions: Vec::new(),
-            })
+            };
+            Ok((message, row.get(13)?))
         })?
         .collect::<Result<_, _>>()?;
-    crate::features::attach_reactions(db, account, contact, &mut messages)?;
+    let mut messages = Vec::with_capacity(rows.len());
+    for (mut message, sender) in rows {
+        if let Some(sender) = sender {
+            message.from = names.of(&sender)?;
+        }
+        messages.push(message);
+    }
+    crate::features::attach_reactions(db, scope, conversation, &mut messages)?;
     Ok(messages)
 }
 
@@ -835,23 +861,24 @@ impl Client {
     /// Marks the contact's messages read. With read receipts on, tells the contact which
     /// (queued; returns true when something was queued, to be sent by `flush`).
     pub fn mark_read(&self, contact: &str) -> Result<bool, Error> {
-        let (account, group_id) = self.conversation_of(contact)?;
-        let receipts = self.settings()?.read_receipts;
+        let (scope, group_id) = self.conversation_of(contact)?;
+        // Receipts go to contacts only: in a group they would tell every member.
+        let receipts = self.settings()?.read_receipts && !crate::groups::is_group_id(&group_id);
         db::in_transaction(&self.db, |db| {
             let unread: Vec<Vec<u8>> = {
                 let mut statement = db.prepare(
                     "SELECT message_id FROM messages WHERE outgoing = 0 AND kind = 'text'
                      AND read_at_ms IS NULL
-                     AND group_id IN (SELECT group_id FROM conversations WHERE contact = ?1)",
+                     AND group_id IN (SELECT group_id FROM conversations WHERE scope = ?1)",
                 )?;
                 statement
-                    .query_map(params![account], |row| row.get(0))?
+                    .query_map(params![scope], |row| row.get(0))?
                     .collect::<Result<_, _>>()?
             };
             db.execute(
                 "UPDATE messages SET read_at_ms = ?1 WHERE outgoing = 0 AND read_at_ms IS NULL
-                 AND group_id IN (SELECT group_id FROM conversations WHERE contact = ?2)",
-                params![now_ms(), account],
+                 AND group_id IN (SELECT group_id FROM conversations WHERE scope = ?2)",
+                params![now_ms(), scope],
             )?;
             if !receipts || unread.is_empty() {
                 return Ok(false);
@@ -988,12 +1015,12 @@ impl Client {
                 "a timer is between 30 seconds and 4 weeks".into(),
             ));
         }
-        let (account, group_id) = self.conversation_of(contact)?;
+        let (scope, group_id) = self.conversation_of(contact)?;
         let body = timer_notice("you", seconds);
         db::in_transaction(&self.db, |db| {
             db.execute(
-                "UPDATE conversations SET timer_s = ?1 WHERE contact = ?2",
-                params![seconds, account],
+                "UPDATE conversations SET timer_s = ?1 WHERE scope = ?2",
+                params![seconds, scope],
             )?;
             let timer = wire::app_message::Body::Timer(wire::Timer { seconds });
             self.queue_app_message_in(db, &group_id, timer, Some(&body))

@@ -16,6 +16,8 @@ use openmls_traits::signatures::{Signer, SignerError};
 
 use crate::identity::AccountKeys;
 
+pub use openmls::prelude::{KeyPackage, MlsGroup};
+
 /// X25519 key exchange, ChaCha20-Poly1305, SHA-256, Ed25519 signatures.
 pub const CIPHERSUITE: Ciphersuite =
     Ciphersuite::MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519;
@@ -229,6 +231,15 @@ pub fn create_group(
         credential_with_key(keys),
     )
     .map_err(state_error)?;
+    if key_packages.is_empty() {
+        // A group of one, which others join later: nobody to welcome.
+        let epoch = group.epoch().as_u64();
+        return Ok(CreatedGroup {
+            group,
+            welcome: Vec::new(),
+            epoch,
+        });
+    }
     let (_commit, welcome, _info) = group
         .add_members(provider, &signer, key_packages)
         .map_err(state_error)?;
@@ -310,6 +321,58 @@ pub fn self_update(
         .map_err(state_error)
 }
 
+/// Starts a commit that adds the devices of `key_packages`; returns the commit and the
+/// Welcome for them. Pending until merged or discarded, as for [`self_update`].
+pub fn add_members(
+    provider: &Provider<'_>,
+    keys: &AccountKeys,
+    group: &mut MlsGroup,
+    key_packages: &[KeyPackage],
+) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
+    let (commit, welcome, _info) = group
+        .add_members(provider, &DeviceSigner(keys), key_packages)
+        .map_err(state_error)?;
+    Ok((
+        commit.tls_serialize_detached().map_err(state_error)?,
+        welcome.tls_serialize_detached().map_err(state_error)?,
+    ))
+}
+
+/// Starts a commit that removes the members at `leaves` (see [`members`]). Pending until
+/// merged or discarded, as for [`self_update`].
+pub fn remove_members(
+    provider: &Provider<'_>,
+    keys: &AccountKeys,
+    group: &mut MlsGroup,
+    leaves: &[u32],
+) -> Result<Vec<u8>, MlsError> {
+    let leaves: Vec<LeafNodeIndex> = leaves
+        .iter()
+        .map(|leaf| LeafNodeIndex::new(*leaf))
+        .collect();
+    let (commit, _welcome, _info) = group
+        .remove_members(provider, &DeviceSigner(keys), &leaves)
+        .map_err(state_error)?;
+    commit.tls_serialize_detached().map_err(state_error)
+}
+
+/// Every member of the group with its leaf index. Leaves whose credential is not a valid
+/// device certificate cannot be in a group this device joined or followed.
+pub fn members(group: &MlsGroup) -> Vec<(u32, VerifiedCertificate)> {
+    group
+        .members()
+        .filter_map(|member| {
+            let certificate = member_certificate(&member.credential, &member.signature_key).ok()?;
+            Some((member.index.u32(), certificate))
+        })
+        .collect()
+}
+
+/// True while this device is a member (false once a commit removed it).
+pub fn is_active(group: &MlsGroup) -> bool {
+    group.is_active()
+}
+
 /// True when the group has a commit of ours waiting for the server's verdict.
 pub fn has_pending_commit(group: &MlsGroup) -> bool {
     group.pending_commit().is_some()
@@ -332,9 +395,16 @@ pub enum Incoming {
         sender: Box<VerifiedCertificate>,
     },
     /// A commit from another member, merged: the group moved to a new epoch.
-    Commit,
+    Commit(Box<CommitSummary>),
     /// A message this device sent itself, echoed back; it cannot be decrypted by its sender.
     Own,
+}
+
+/// Who made a commit and how it changed the members.
+pub struct CommitSummary {
+    pub committer: VerifiedCertificate,
+    pub added: Vec<VerifiedCertificate>,
+    pub removed: Vec<VerifiedCertificate>,
 }
 
 /// Checks a leaf that replaces the one at `index`: valid certificate, same account.
@@ -356,11 +426,13 @@ fn check_replacement(
     Ok(())
 }
 
-/// Decrypts and verifies one message of the group's log.
+/// Decrypts and verifies one message of the group's log. Commits that add or remove members
+/// are refused unless `membership_changes` (a one-to-one conversation keeps its two accounts).
 pub fn process(
     provider: &Provider<'_>,
     group: &mut MlsGroup,
     bytes: &[u8],
+    membership_changes: bool,
 ) -> Result<Incoming, MlsError> {
     let message = MlsMessageIn::tls_deserialize_exact(bytes)
         .map_err(|error| MlsError::Malformed(error.to_string()))?
@@ -391,21 +463,37 @@ pub fn process(
             })
         }
         ProcessedMessageContent::StagedCommitMessage(staged) => {
-            // Conversations have a fixed membership today: a commit may only replace its
-            // sender's own keys. Adds, removals, and joins from outside are refused (and so
-            // never merged) until group membership changes exist.
-            if !matches!(sender_leaf, Sender::Member(_)) {
+            // Joins from outside are refused; in a one-to-one conversation a commit may only
+            // replace its sender's own keys.
+            let Sender::Member(committer_index) = sender_leaf else {
                 return Err(MlsError::BadMember("commit from outside the group"));
-            }
-            if staged.add_proposals().next().is_some() || staged.remove_proposals().next().is_some()
+            };
+            if !membership_changes
+                && (staged.add_proposals().next().is_some()
+                    || staged.remove_proposals().next().is_some())
             {
                 return Err(MlsError::BadMember("commit changes the group's members"));
             }
+            let committer = group
+                .member_at(committer_index)
+                .ok_or(MlsError::BadMember("commit from a leaf not in the group"))?;
+            let committer = member_certificate(&committer.credential, &committer.signature_key)?;
             // Every leaf the commit adds or replaces must carry a valid device certificate,
             // and a replaced leaf must stay with the same account.
+            let mut added = Vec::new();
             for member in staged.add_proposals() {
                 let leaf = member.add_proposal().key_package().leaf_node();
-                member_certificate(leaf.credential(), leaf.signature_key().as_slice())?;
+                added.push(member_certificate(
+                    leaf.credential(),
+                    leaf.signature_key().as_slice(),
+                )?);
+            }
+            let mut removed = Vec::new();
+            for member in staged.remove_proposals() {
+                let leaf = group.member_at(member.remove_proposal().removed()).ok_or(
+                    MlsError::BadMember("a removal names a leaf not in the group"),
+                )?;
+                removed.push(member_certificate(&leaf.credential, &leaf.signature_key)?);
             }
             if let (Some(leaf), Sender::Member(index)) =
                 (staged.update_path_leaf_node(), &sender_leaf)
@@ -420,7 +508,11 @@ pub fn process(
             group
                 .merge_staged_commit(provider, *staged)
                 .map_err(state_error)?;
-            Ok(Incoming::Commit)
+            Ok(Incoming::Commit(Box::new(CommitSummary {
+                committer,
+                added,
+                removed,
+            })))
         }
         // A stored proposal would ride along in this device's next commit (openmls commits
         // every stored proposal), so a peer could use it to make us add someone. Miyu sends
@@ -481,7 +573,7 @@ mod tests {
         assert_eq!(alice_group.epoch().as_u64(), created.epoch);
 
         let ciphertext = encrypt(&bob_mls, &bob, &mut bob_group, b"hello alice").unwrap();
-        match process(&alice_mls, &mut alice_group, &ciphertext).unwrap() {
+        match process(&alice_mls, &mut alice_group, &ciphertext, false).unwrap() {
             Incoming::Application { plaintext, sender } => {
                 assert_eq!(plaintext, b"hello alice");
                 assert_eq!(&*sender, bob.certificate());
@@ -489,11 +581,11 @@ mod tests {
             _ => panic!("expected an application message"),
         }
         assert!(matches!(
-            process(&alice_mls, &mut alice_group, &ciphertext),
+            process(&alice_mls, &mut alice_group, &ciphertext, false),
             Err(MlsError::Rejected(_))
         ));
         assert!(matches!(
-            process(&alice_mls, &mut alice_group, b"garbage"),
+            process(&alice_mls, &mut alice_group, b"garbage", false),
             Err(MlsError::Malformed(_))
         ));
     }
@@ -515,13 +607,13 @@ mod tests {
         assert_ne!(commit, commit_again);
         merge_own_commit(&bob_mls, &mut bob_group).unwrap();
         assert!(matches!(
-            process(&alice_mls, &mut alice_group, &commit_again).unwrap(),
-            Incoming::Commit
+            process(&alice_mls, &mut alice_group, &commit_again, false).unwrap(),
+            Incoming::Commit(_)
         ));
         assert_eq!(alice_group.epoch(), bob_group.epoch());
         let ciphertext = encrypt(&alice_mls, &alice, &mut alice_group, b"after").unwrap();
         assert!(matches!(
-            process(&bob_mls, &mut bob_group, &ciphertext).unwrap(),
+            process(&bob_mls, &mut bob_group, &ciphertext, false).unwrap(),
             Incoming::Application { .. }
         ));
     }
@@ -552,7 +644,7 @@ mod tests {
             .unwrap();
         let epoch = alice_group.epoch();
         assert!(matches!(
-            process(&alice_mls, &mut alice_group, &commit),
+            process(&alice_mls, &mut alice_group, &commit, false),
             Err(MlsError::BadMember(_))
         ));
         assert_eq!(
@@ -575,7 +667,7 @@ mod tests {
             .unwrap();
         let proposal = proposal.tls_serialize_detached().unwrap();
         assert!(matches!(
-            process(&alice_mls, &mut alice_group, &proposal),
+            process(&alice_mls, &mut alice_group, &proposal, false),
             Err(MlsError::Rejected(_))
         ));
         assert_eq!(alice_group.pending_proposals().count(), 0);
@@ -591,6 +683,78 @@ mod tests {
             check_key_package(&provider, &package, alice.certificate()),
             Err(MlsError::BadMember(_))
         ));
+    }
+
+    #[test]
+    fn members_are_added_and_removed_and_the_removed_cannot_read_what_follows() {
+        let (alice_db, bob_db, carol_db, dave_db) =
+            (database(), database(), database(), database());
+        let (alice, bob, carol, dave) = (keys(), keys(), keys(), keys());
+        let (alice_mls, bob_mls, carol_mls, dave_mls) = (
+            Provider::new(&alice_db),
+            Provider::new(&bob_db),
+            Provider::new(&carol_db),
+            Provider::new(&dave_db),
+        );
+        // Alice makes a group of one, then adds Bob, Carol and Dave in one commit.
+        let mut alice_group = create_group(&alice_mls, &alice, &[6; 32], &[])
+            .unwrap()
+            .group;
+        let packages: Vec<KeyPackage> =
+            [(&bob_mls, &bob), (&carol_mls, &carol), (&dave_mls, &dave)]
+                .into_iter()
+                .map(|(provider, keys)| {
+                    let package = new_key_package(provider, keys, false).unwrap();
+                    check_key_package(&alice_mls, &package, keys.certificate()).unwrap()
+                })
+                .collect();
+        let (_commit, welcome) =
+            add_members(&alice_mls, &alice, &mut alice_group, &packages).unwrap();
+        merge_own_commit(&alice_mls, &mut alice_group).unwrap();
+        join_group(&bob_mls, &welcome).unwrap();
+        join_group(&carol_mls, &welcome).unwrap();
+        join_group(&dave_mls, &welcome).unwrap();
+        let mut bob_group = load_group(&bob_mls, &[6; 32]).unwrap().unwrap();
+        let mut carol_group = load_group(&carol_mls, &[6; 32]).unwrap().unwrap();
+        let mut dave_group = load_group(&dave_mls, &[6; 32]).unwrap().unwrap();
+        assert_eq!(members(&alice_group).len(), 4);
+
+        // Alice removes Carol: Bob learns who removed whom, Carol learns she is out.
+        let carol_leaf = members(&alice_group)
+            .into_iter()
+            .find(|(_, certificate)| certificate == carol.certificate())
+            .unwrap()
+            .0;
+        let commit = remove_members(&alice_mls, &alice, &mut alice_group, &[carol_leaf]).unwrap();
+        merge_own_commit(&alice_mls, &mut alice_group).unwrap();
+        // Where membership changes are not allowed (a one-to-one conversation), it is refused.
+        let epoch = dave_group.epoch();
+        assert!(matches!(
+            process(&dave_mls, &mut dave_group, &commit, false),
+            Err(MlsError::BadMember(_))
+        ));
+        assert_eq!(dave_group.epoch(), epoch);
+        match process(&bob_mls, &mut bob_group, &commit, true).unwrap() {
+            Incoming::Commit(summary) => {
+                assert_eq!(&summary.committer, alice.certificate());
+                assert!(summary.added.is_empty());
+                assert_eq!(summary.removed, vec![carol.certificate().clone()]);
+            }
+            _ => panic!("expected a commit"),
+        }
+        assert!(matches!(
+            process(&carol_mls, &mut carol_group, &commit, true).unwrap(),
+            Incoming::Commit(_)
+        ));
+        assert!(!is_active(&carol_group));
+        assert!(is_active(&bob_group));
+
+        let secret = encrypt(&alice_mls, &alice, &mut alice_group, b"after carol").unwrap();
+        assert!(matches!(
+            process(&bob_mls, &mut bob_group, &secret, true).unwrap(),
+            Incoming::Application { .. }
+        ));
+        assert!(process(&carol_mls, &mut carol_group, &secret, true).is_err());
     }
 
     #[test]

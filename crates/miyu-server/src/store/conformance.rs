@@ -1614,12 +1614,25 @@ fn a_member_commit_adds_and_removes_devices_at_the_next_epoch(store: &mut dyn St
         }]
     );
     assert_eq!(store.inbox_entries(&device(4), 0, 10)?.len(), 1);
-    // The removed device no longer reads the group nor may post to it.
+    // The removed device may no longer post, but still reads up to the commit that removed
+    // it (so it learns of it, and gets what was sent before), until it has acknowledged it.
     assert!(matches!(
-        store.group_entries(&group_id, &device(3), 0, 10, NOW),
+        store.append(
+            &group_id,
+            &device(3),
+            Epoch(1),
+            EntryKind::Application,
+            b"x".to_vec(),
+            None,
+            NOW
+        ),
         Err(StoreError::Forbidden)
     ));
-    assert!(store.memberships(&device(3))?.is_empty());
+    assert_eq!(
+        seqs(&store.group_entries(&group_id, &device(3), 0, 10, NOW)?),
+        vec![1, 2]
+    );
+    assert_eq!(store.memberships(&device(3))?.len(), 1);
     // The group moved to epoch 1: an application message at epoch 0 is refused.
     assert!(matches!(
         store.append(
@@ -1647,6 +1660,17 @@ fn a_member_commit_adds_and_removes_devices_at_the_next_epoch(store: &mut dyn St
         seqs(&store.group_entries(&group_id, &device(4), 2, 10, NOW)?),
         vec![3]
     );
+    // Entry 3 is not for the removed device; once it has the commit, it is out for good.
+    assert_eq!(
+        seqs(&store.group_entries(&group_id, &device(3), 0, 10, NOW)?),
+        vec![1, 2]
+    );
+    store.ack_group(&device(3), &group_id, 2)?;
+    assert!(matches!(
+        store.group_entries(&group_id, &device(3), 0, 10, NOW),
+        Err(StoreError::Forbidden)
+    ));
+    assert!(store.memberships(&device(3))?.is_empty());
     Ok(())
 }
 

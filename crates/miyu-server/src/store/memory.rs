@@ -172,6 +172,7 @@ impl Store for MemoryStore {
             .retain(|(claimer, target), _| !devices.contains(claimer) && !devices.contains(target));
         for group in self.groups.values_mut() {
             group.members.retain(|id, _| !devices.contains(id));
+            group.removed.retain(|id, _| !devices.contains(id));
         }
         self.invites
             .retain(|_, invite| invite.account_id != *account_id);
@@ -238,6 +239,7 @@ impl Store for MemoryStore {
                 epoch: group.epoch,
                 next_seq: 1,
                 members: members.iter().map(|member| (*member, 0)).collect(),
+                removed: BTreeMap::new(),
                 log: BTreeMap::new(),
             },
         );
@@ -345,9 +347,12 @@ impl Store for MemoryStore {
             commit.now,
         );
         for device in &commit.remove {
-            group.members.remove(device);
+            if let Some(cursor) = group.members.remove(device) {
+                group.removed.insert(*device, (cursor, seq));
+            }
         }
         for device in &commit.add {
+            group.removed.remove(device);
             group.members.insert(*device, seq);
         }
         Ok(Committed {
@@ -360,12 +365,10 @@ impl Store for MemoryStore {
 
     fn leave_group(&mut self, group_id: &GroupId, device_id: &DeviceId) -> Result<(), StoreError> {
         let group = self.groups.get_mut(group_id).ok_or(StoreError::Forbidden)?;
-        if group.members.remove(device_id).is_none() {
+        if group.members.remove(device_id).is_none() && group.removed.remove(device_id).is_none() {
             return Err(StoreError::Forbidden);
         }
-        if let Some(everyone_has) = group.members.values().min() {
-            group.log = group.log.split_off(&(everyone_has + 1));
-        }
+        group.drop_acknowledged();
         Ok(())
     }
 
@@ -377,14 +380,16 @@ impl Store for MemoryStore {
         limit: usize,
         now: u64,
     ) -> Result<Vec<LogEntry>, StoreError> {
-        let group = self
-            .groups
-            .get(group_id)
-            .filter(|group| group.members.contains_key(device_id))
-            .ok_or(StoreError::Forbidden)?;
+        let group = self.groups.get(group_id).ok_or(StoreError::Forbidden)?;
+        // A removed device reads up to the commit that removed it.
+        let until = match (group.members.get(device_id), group.removed.get(device_id)) {
+            (Some(_), _) => u64::MAX,
+            (None, Some((_, until))) => *until,
+            (None, None) => return Err(StoreError::Forbidden),
+        };
         Ok(group
             .log
-            .range((Bound::Excluded(after_seq), Bound::Unbounded))
+            .range((Bound::Excluded(after_seq), Bound::Included(until)))
             .filter(|(_, stored)| stored.expires_at.is_none_or(|at| at > now))
             .take(limit)
             .map(|(_, stored)| stored.value.clone())
@@ -396,7 +401,11 @@ impl Store for MemoryStore {
             .groups
             .iter()
             .filter_map(|(group_id, group)| {
-                group.members.get(device_id).map(|cursor| Membership {
+                let cursor = group
+                    .members
+                    .get(device_id)
+                    .or_else(|| group.removed.get(device_id).map(|(cursor, _)| cursor))?;
+                Some(Membership {
                     group_id: group_id.clone(),
                     cursor: *cursor,
                 })
@@ -412,14 +421,18 @@ impl Store for MemoryStore {
     ) -> Result<(), StoreError> {
         let group = self.groups.get_mut(group_id).ok_or(StoreError::Forbidden)?;
         let last_seq = group.next_seq - 1;
-        let cursor = group
-            .members
-            .get_mut(device_id)
-            .ok_or(StoreError::Forbidden)?;
-        *cursor = (*cursor).max(seq.min(last_seq));
-        if let Some(everyone_has) = group.members.values().min() {
-            group.log = group.log.split_off(&(everyone_has + 1));
+        if let Some(cursor) = group.members.get_mut(device_id) {
+            *cursor = (*cursor).max(seq.min(last_seq));
+        } else if let Some((cursor, until)) = group.removed.get_mut(device_id) {
+            *cursor = (*cursor).max(seq.min(last_seq));
+            if *cursor >= *until {
+                // It has everything up to its removal: gone for good.
+                group.removed.remove(device_id);
+            }
+        } else {
+            return Err(StoreError::Forbidden);
         }
+        group.drop_acknowledged();
         Ok(())
     }
 
@@ -472,6 +485,15 @@ impl Store for MemoryStore {
                 entry.created_hour >= cutoff_hour && entry.expires_at.is_none_or(|at| at > now)
             });
             removed += before - group.log.len();
+            // Removed devices with nothing left to read up to their removal.
+            let log = &group.log;
+            let before = group.removed.len();
+            group.removed.retain(|_, (cursor, until)| {
+                log.range((Bound::Excluded(*cursor), Bound::Included(*until)))
+                    .next()
+                    .is_some()
+            });
+            removed += before - group.removed.len();
         }
         for device in self.devices.values_mut() {
             let before = device.inbox.len();
@@ -657,6 +679,8 @@ struct Group {
     next_seq: u64,
     /// Each member's cursor.
     members: BTreeMap<DeviceId, u64>,
+    /// Removed devices: cursor, and the commit that removed them, which they still read up to.
+    removed: BTreeMap<DeviceId, (u64, u64)>,
     log: BTreeMap<u64, Stored<LogEntry>>,
 }
 
@@ -673,6 +697,18 @@ struct StoredBlob {
 }
 
 impl Group {
+    /// Deletes the entries every member and every removed device still reading has.
+    fn drop_acknowledged(&mut self) {
+        let everyone_has = self
+            .members
+            .values()
+            .chain(self.removed.values().map(|(cursor, _)| cursor))
+            .min();
+        if let Some(everyone_has) = everyone_has {
+            self.log = self.log.split_off(&(everyone_has + 1));
+        }
+    }
+
     /// The checks of appending one entry: membership and epoch (compare-and-set).
     fn check_append(
         &self,

@@ -339,7 +339,8 @@ impl Store for SqliteStore {
                     "SELECT 1 FROM group_members mine \
                      JOIN group_members theirs ON theirs.group_id = mine.group_id \
                      JOIN devices d ON d.device_id = theirs.device_id \
-                     WHERE mine.device_id = ?1 AND d.account_id = ?2 LIMIT 1",
+                     WHERE mine.device_id = ?1 AND d.account_id = ?2 \
+                     AND mine.until_seq IS NULL AND theirs.until_seq IS NULL LIMIT 1",
                 )?
                 .exists(params![
                     claimer.as_bytes().as_slice(),
@@ -367,11 +368,17 @@ impl Store for SqliteStore {
                 commit.now,
             )?;
             for device in &commit.remove {
+                // It still reads up to this commit, which tells it it was removed.
                 let removed = db
                     .prepare_cached(
-                        "DELETE FROM group_members WHERE group_id = ?1 AND device_id = ?2",
+                        "UPDATE group_members SET until_seq = ?3 \
+                         WHERE group_id = ?1 AND device_id = ?2 AND until_seq IS NULL",
                     )?
-                    .execute(params![group_key, device.as_bytes().as_slice()])?;
+                    .execute(params![
+                        group_key,
+                        device.as_bytes().as_slice(),
+                        clamp_to_sql(seq)
+                    ])?;
                 if removed == 0 {
                     return Err(StoreError::Invalid("a removed device is not a member"));
                 }
@@ -446,13 +453,21 @@ impl Store for SqliteStore {
     ) -> Result<Vec<LogEntry>, StoreError> {
         self.read(|db| {
             let group_key = group_id.as_bytes();
-            if !is_member(db, group_key, device_id)? {
-                return Err(StoreError::Forbidden);
-            }
+            // A removed device reads up to the commit that removed it.
+            let until = db
+                .prepare_cached(
+                    "SELECT until_seq FROM group_members WHERE group_id = ?1 AND device_id = ?2",
+                )?
+                .query_row(params![group_key, device_id.as_bytes().as_slice()], |row| {
+                    row.get::<_, Option<i64>>(0)
+                })
+                .optional()?
+                .ok_or(StoreError::Forbidden)?
+                .unwrap_or(i64::MAX);
             db.prepare_cached(
                 "SELECT seq, epoch, kind, payload FROM group_log \
-                 WHERE group_id = ?1 AND seq > ?2 AND (expires_at IS NULL OR expires_at > ?4) \
-                 ORDER BY seq LIMIT ?3",
+                 WHERE group_id = ?1 AND seq > ?2 AND seq <= ?5 \
+                 AND (expires_at IS NULL OR expires_at > ?4) ORDER BY seq LIMIT ?3",
             )?
             .query_map(
                 params![
@@ -460,6 +475,7 @@ impl Store for SqliteStore {
                     clamp_to_sql(after_seq),
                     i64::try_from(limit).unwrap_or(i64::MAX),
                     clamp_to_sql(now),
+                    until,
                 ],
                 |row| {
                     Ok((
@@ -531,6 +547,12 @@ impl Store for SqliteStore {
             if updated == 0 {
                 return Err(StoreError::Forbidden);
             }
+            // A removed device that has everything up to its removal is gone for good.
+            db.prepare_cached(
+                "DELETE FROM group_members WHERE group_id = ?1 AND device_id = ?2 \
+                 AND until_seq IS NOT NULL AND cursor >= until_seq",
+            )?
+            .execute(params![group_key, device_id.as_bytes().as_slice()])?;
             db.prepare_cached(
                 "DELETE FROM group_log WHERE group_id = ?1 AND seq <= \
                  (SELECT min(cursor) FROM group_members WHERE group_id = ?1)",
@@ -610,11 +632,20 @@ impl Store for SqliteStore {
             ] {
                 removed += db.prepare_cached(sql)?.execute([bound])?;
             }
+            // Removed devices with nothing left to read up to their removal.
+            removed += db
+                .prepare_cached(
+                    "DELETE FROM group_members WHERE until_seq IS NOT NULL AND NOT EXISTS \
+                     (SELECT 1 FROM group_log l WHERE l.group_id = group_members.group_id \
+                     AND l.seq > group_members.cursor AND l.seq <= group_members.until_seq)",
+                )?
+                .execute([])?;
             removed += db
                 .prepare_cached(
                     "DELETE FROM blobs WHERE group_id IN (SELECT group_id FROM groups \
                      WHERE NOT EXISTS (SELECT 1 FROM group_members \
-                     WHERE group_members.group_id = groups.group_id))",
+                     WHERE group_members.group_id = groups.group_id \
+                     AND group_members.until_seq IS NULL))",
                 )?
                 .execute([])?;
             Ok(u64::try_from(removed).unwrap_or(u64::MAX))
@@ -859,7 +890,7 @@ impl SqliteStore {
 /// How long the right to add a device, won by claiming an invite, lasts.
 const GRANT_LIFETIME: u64 = 24 * 3600;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE devices (
@@ -972,24 +1003,29 @@ CREATE INDEX blobs_by_group ON blobs (group_id);
 CREATE INDEX blobs_unfinished_by_hour ON blobs (created_hour) WHERE length < size;
 ";
 
+/// Version 4: a device removed from a group still reads the log up to the commit that removed
+/// it (`until_seq`), so that it learns of its removal and gets what was sent before; the row
+/// goes once it has acknowledged that far.
+const MIGRATION_4: &str = "
+ALTER TABLE group_members ADD COLUMN until_seq INTEGER;
+";
+
 fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     // Immediate, so that two processes opening a new file do not both create the schema.
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let version: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
     match version {
-        0 => {
-            transaction.execute_batch(SCHEMA)?;
-            transaction.execute_batch(MIGRATION_2)?;
-            transaction.execute_batch(MIGRATION_3)?;
-            transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        }
-        1 => {
-            transaction.execute_batch(MIGRATION_2)?;
-            transaction.execute_batch(MIGRATION_3)?;
-            transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        }
-        2 => {
-            transaction.execute_batch(MIGRATION_3)?;
+        0..=3 => {
+            if version == 0 {
+                transaction.execute_batch(SCHEMA)?;
+            }
+            if version < 2 {
+                transaction.execute_batch(MIGRATION_2)?;
+            }
+            if version < 3 {
+                transaction.execute_batch(MIGRATION_3)?;
+            }
+            transaction.execute_batch(MIGRATION_4)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         SCHEMA_VERSION => {}
@@ -1131,10 +1167,13 @@ fn append_entry(
 }
 
 fn members_of(db: &Connection, group_key: &[u8]) -> Result<Vec<DeviceId>, StoreError> {
-    db.prepare_cached("SELECT device_id FROM group_members WHERE group_id = ?1 ORDER BY device_id")?
-        .query_map([group_key], |row| row.get::<_, Vec<u8>>(0))?
-        .map(|device_id| decode_device_id(&device_id?))
-        .collect()
+    db.prepare_cached(
+        "SELECT device_id FROM group_members WHERE group_id = ?1 AND until_seq IS NULL \
+         ORDER BY device_id",
+    )?
+    .query_map([group_key], |row| row.get::<_, Vec<u8>>(0))?
+    .map(|device_id| decode_device_id(&device_id?))
+    .collect()
 }
 
 fn device_exists(db: &Connection, device_id: &DeviceId) -> Result<bool, StoreError> {
@@ -1145,7 +1184,10 @@ fn device_exists(db: &Connection, device_id: &DeviceId) -> Result<bool, StoreErr
 
 fn is_member(db: &Connection, group_id: &[u8], device_id: &DeviceId) -> Result<bool, StoreError> {
     Ok(db
-        .prepare_cached("SELECT 1 FROM group_members WHERE group_id = ?1 AND device_id = ?2")?
+        .prepare_cached(
+            "SELECT 1 FROM group_members WHERE group_id = ?1 AND device_id = ?2 \
+             AND until_seq IS NULL",
+        )?
         .exists(params![group_id, device_id.as_bytes().as_slice()])?)
 }
 

@@ -6,6 +6,7 @@
 
 mod demo;
 mod files;
+mod groups;
 mod privacy;
 
 use std::io::Write;
@@ -199,6 +200,14 @@ enum Command {
         #[command(subcommand)]
         action: privacy::AccountAction,
     },
+    /// Create and manage groups: `group create NAME CONTACT...`, `group add`, `remove`,
+    /// `leave`, `info`, `set`, `role`. Send and read with `send GROUP TEXT`, `messages GROUP`.
+    Group {
+        #[command(subcommand)]
+        action: groups::GroupAction,
+    },
+    /// List your groups.
+    Groups,
     /// Run a server and two clients locally and show an encrypted conversation.
     Demo,
 }
@@ -394,7 +403,10 @@ fn message_line(message: &MessageView) -> String {
     } else {
         String::new()
     };
-    if message.kind == miyu_client::MessageKind::Timer {
+    if matches!(
+        message.kind,
+        miyu_client::MessageKind::Timer | miyu_client::MessageKind::Notice
+    ) {
         return format!(
             "{number}{}  -- {} --",
             format_time(message.sent_at_ms),
@@ -435,6 +447,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Demo => demo::run().await,
+        Command::Group { action } => {
+            let mut client = open(&profile, proxy).await?;
+            groups::run(&mut client, action, cli.json).await
+        }
+        Command::Groups => groups::list(&open(&profile, proxy).await?, cli.json),
         Command::Init {
             server,
             name,

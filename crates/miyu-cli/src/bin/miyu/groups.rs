@@ -1,0 +1,191 @@
+//! The group commands: `miyu group create|add|remove|leave|info|set|role` and `miyu groups`.
+//! Sending and reading use the same commands as one-to-one chats (`send`, `messages`, ...),
+//! with the group's name in place of a contact's.
+
+use clap::Subcommand;
+use miyu_client::Client;
+use miyu_client::groups::{GroupChange, GroupView, Policy, Role};
+
+use crate::{print_json, printable};
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum GroupAction {
+    /// Create a group with some of your contacts; you are its owner. Its name, like
+    /// everything in it, is end-to-end encrypted.
+    Create { name: String, contacts: Vec<String> },
+    /// Add contacts (all their devices). Admins may, or everyone if the group allows it.
+    Add {
+        group: String,
+        #[arg(required = true)]
+        contacts: Vec<String>,
+    },
+    /// Remove members: admins remove members, the owner also admins.
+    Remove {
+        group: String,
+        #[arg(required = true)]
+        members: Vec<String>,
+    },
+    /// Leave the group; its history stays on this device.
+    Leave { group: String },
+    /// Show the group's name, description, permissions and members with their roles.
+    Info { group: String },
+    /// Change the name, description or permissions (admins, or everyone where allowed).
+    Set {
+        group: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Who may add members: admins or everyone.
+        #[arg(long, value_parser = parse_policy)]
+        adding: Option<Policy>,
+        /// Who may post: admins (an announcement-only group) or everyone.
+        #[arg(long, value_parser = parse_policy)]
+        posting: Option<Policy>,
+        /// Who may change the name and description: admins or everyone.
+        #[arg(long, value_parser = parse_policy)]
+        editing: Option<Policy>,
+    },
+    /// Make a member an admin, or an admin a member again (the owner only).
+    Role {
+        group: String,
+        member: String,
+        #[arg(value_parser = parse_role)]
+        role: Role,
+    },
+}
+
+fn parse_policy(text: &str) -> Result<Policy, String> {
+    Policy::parse(text).map_err(|error| error.to_string())
+}
+
+fn parse_role(text: &str) -> Result<Role, String> {
+    Role::parse(text).map_err(|error| error.to_string())
+}
+
+pub(crate) async fn run(
+    client: &mut Client,
+    action: GroupAction,
+    json: bool,
+) -> anyhow::Result<()> {
+    let shown = match action {
+        GroupAction::Create { name, contacts } => {
+            Some(client.create_group(&name, &contacts).await?)
+        }
+        GroupAction::Add { group, contacts } => Some(client.add_to_group(&group, &contacts).await?),
+        GroupAction::Remove { group, members } => {
+            Some(client.remove_from_group(&group, &members).await?)
+        }
+        GroupAction::Leave { group } => {
+            client.leave_group(&group).await?;
+            None
+        }
+        GroupAction::Info { group } => Some(client.group_info(&group)?),
+        GroupAction::Set {
+            group,
+            name,
+            description,
+            adding,
+            posting,
+            editing,
+        } => {
+            let change = GroupChange {
+                title: name,
+                description,
+                adding,
+                posting,
+                editing,
+            };
+            Some(client.change_group(&group, change).await?)
+        }
+        GroupAction::Role {
+            group,
+            member,
+            role,
+        } => Some(client.set_group_role(&group, &member, role).await?),
+    };
+    client.disconnect().await;
+    match shown {
+        Some(group) if json => print_json(&group),
+        Some(group) => {
+            print_group(&group);
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+pub(crate) fn list(client: &Client, json: bool) -> anyhow::Result<()> {
+    let groups = client.groups()?;
+    if json {
+        return print_json(&groups);
+    }
+    for group in &groups {
+        let state = match group.state.as_str() {
+            "active" => String::new(),
+            other => format!(" ({other})"),
+        };
+        println!(
+            "{}  {} members{}",
+            printable(&group.name),
+            group.members.len(),
+            state
+        );
+    }
+    Ok(())
+}
+
+fn policy(policy: Policy) -> &'static str {
+    match policy {
+        Policy::Admins => "admins",
+        Policy::Everyone => "everyone",
+    }
+}
+
+fn role(role: Role) -> &'static str {
+    match role {
+        Role::Owner => "owner",
+        Role::Admin => "admin",
+        Role::Member => "member",
+    }
+}
+
+fn print_group(group: &GroupView) {
+    println!("{}", printable(&group.title));
+    if group.name != group.title {
+        println!("  called here: {}", printable(&group.name));
+    }
+    if !group.description.is_empty() {
+        println!("  {}", printable(&group.description));
+    }
+    if group.state != "active" {
+        println!(
+            "  you {} this group",
+            if group.state == "left" {
+                "left"
+            } else {
+                "were removed from"
+            }
+        );
+    }
+    println!(
+        "  adding: {}, posting: {}, editing: {}",
+        policy(group.adding),
+        policy(group.posting),
+        policy(group.editing)
+    );
+    println!("  {} members:", group.members.len());
+    for member in &group.members {
+        let unapproved = if member.unapproved {
+            "  (added without permission)"
+        } else {
+            ""
+        };
+        println!(
+            "    {}  {}{}",
+            printable(&member.name),
+            role(member.role),
+            unapproved
+        );
+    }
+}

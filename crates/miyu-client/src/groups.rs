@@ -1,0 +1,1753 @@
+//! Groups: conversations of any number of accounts, end-to-end encrypted like every other
+//! (one MLS group; the server keeps the log and which devices belong, nothing else).
+//!
+//! What members share beyond the MLS tree travels inside it: the group's name, description,
+//! roles (owner, admin, member) and permissions are a `GroupInfo` message that an owner or
+//! admin sends whole whenever they change and after adding members (PROTOCOL.md §10.8).
+//! Every member's device checks each change against the roles it holds and refuses what the
+//! sender was not allowed to do, with a notice in the conversation. A commit cannot be refused
+//! that way (every member must follow the log's commits, or the group forks); one that adds
+//! members without the right to is followed, but those members stay "unapproved" and this
+//! device sends nothing to the group until an admin removes them.
+//!
+//! A one-to-one conversation has a 16-byte group id; a group, a 32-byte one. The id is part of
+//! the MLS group context, so nobody can turn one into the other.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use miyu_crypto::mls::{self, CommitSummary, KeyPackage, Provider};
+use miyu_proto::cert::VerifiedCertificate;
+use miyu_proto::wire::{self, client_frame::Body as Request, server_frame::Body as Reply};
+use miyu_proto::{AccountId, DeviceId};
+use prost::Message as _;
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+use crate::privacy::{self, Received};
+use crate::settings::{GroupInvites, Settings};
+use crate::{
+    COMMIT_ATTEMPTS, Client, Error, Event, MessageKind, MessageState, MessageView, Verdict, db,
+    features, files, now_ms, random, settle_own_commit,
+};
+
+/// Bytes of a group's id (a one-to-one conversation's has 16).
+pub const GROUP_ID_LEN: usize = 32;
+/// How the scope of a group's conversation starts (see [`Client::conversation_of`]).
+pub(crate) const SCOPE_PREFIX: &str = "group:";
+/// Longest group name, in characters.
+pub const MAX_TITLE_CHARS: usize = 64;
+/// Longest group description, in characters.
+pub const MAX_DESCRIPTION_CHARS: usize = 512;
+
+pub(crate) fn is_group_id(group_id: &[u8]) -> bool {
+    group_id.len() == GROUP_ID_LEN
+}
+
+pub(crate) fn scope(group_id: &[u8]) -> String {
+    let hex: String = group_id.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("{SCOPE_PREFIX}{hex}")
+}
+
+/// A member's role. Owners and admins may add and remove members and change the group's info;
+/// only owners change roles; admins remove only members, owners also admins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Member,
+    Admin,
+    Owner,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Member => "member",
+            Role::Admin => "admin",
+            Role::Owner => "owner",
+        }
+    }
+
+    fn from_stored(text: &str) -> Role {
+        match text {
+            "owner" => Role::Owner,
+            "admin" => Role::Admin,
+            _ => Role::Member,
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Role, Error> {
+        match text {
+            "admin" => Ok(Role::Admin),
+            "member" => Ok(Role::Member),
+            _ => Err(Error::Usage(
+                "a role is admin or member (a group has one owner, its creator)".into(),
+            )),
+        }
+    }
+}
+
+/// Who may do something in a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    Admins,
+    Everyone,
+}
+
+impl Policy {
+    fn as_str(self) -> &'static str {
+        match self {
+            Policy::Admins => "admins",
+            Policy::Everyone => "everyone",
+        }
+    }
+
+    fn from_stored(text: &str) -> Policy {
+        if text == "everyone" {
+            Policy::Everyone
+        } else {
+            Policy::Admins
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Policy, Error> {
+        match text {
+            "admins" => Ok(Policy::Admins),
+            "everyone" | "all" => Ok(Policy::Everyone),
+            _ => Err(Error::Usage("a permission is admins or everyone".into())),
+        }
+    }
+
+    fn allows(self, role: Role) -> bool {
+        self == Policy::Everyone || role >= Role::Admin
+    }
+
+    fn to_wire(self) -> i32 {
+        match self {
+            Policy::Admins => wire::GroupPolicy::Admins as i32,
+            Policy::Everyone => wire::GroupPolicy::Everyone as i32,
+        }
+    }
+
+    fn from_wire(value: i32) -> Option<Policy> {
+        match wire::GroupPolicy::try_from(value).ok()? {
+            wire::GroupPolicy::Admins => Some(Policy::Admins),
+            wire::GroupPolicy::Everyone => Some(Policy::Everyone),
+        }
+    }
+}
+
+/// A group as front ends show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupView {
+    /// This device's name for the group (what commands take).
+    pub name: String,
+    /// The name its members share.
+    pub title: String,
+    pub description: String,
+    /// Who may add members.
+    pub adding: Policy,
+    /// Who may post (admins: an announcement-only group).
+    pub posting: Policy,
+    /// Who may change the name and description.
+    pub editing: Policy,
+    /// "active", "left" or "removed".
+    pub state: String,
+    pub my_role: Role,
+    pub members: Vec<MemberView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MemberView {
+    /// A contact's name; otherwise the name the member gave, marked with `~`.
+    pub name: String,
+    pub account_id: String,
+    pub role: Role,
+    pub me: bool,
+    /// Added by someone without the right to; nothing is sent while such a member is in.
+    pub unapproved: bool,
+}
+
+/// A change of a group's info; `None` keeps what is.
+#[derive(Debug, Clone, Default)]
+pub struct GroupChange {
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub adding: Option<Policy>,
+    pub posting: Option<Policy>,
+    pub editing: Option<Policy>,
+}
+
+/// What members share about a group (besides the MLS tree).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Info {
+    title: String,
+    description: String,
+    adding: Policy,
+    posting: Policy,
+    editing: Policy,
+    /// Owners and admins by account id; everyone else is a member.
+    roles: BTreeMap<String, Role>,
+}
+
+impl Info {
+    fn to_wire(&self) -> Result<wire::GroupInfo, Error> {
+        let mut roles = Vec::with_capacity(self.roles.len());
+        for (account, role) in &self.roles {
+            let account: AccountId = account
+                .parse()
+                .map_err(|_| Error::Protocol("a stored account id does not parse".into()))?;
+            roles.push(wire::GroupRole {
+                account_id: account.as_bytes().to_vec(),
+                role: match role {
+                    Role::Owner => wire::Role::Owner as i32,
+                    Role::Admin => wire::Role::Admin as i32,
+                    Role::Member => wire::Role::Member as i32,
+                },
+            });
+        }
+        Ok(wire::GroupInfo {
+            name: self.title.clone(),
+            description: self.description.clone(),
+            roles,
+            adding: self.adding.to_wire(),
+            posting: self.posting.to_wire(),
+            editing: self.editing.to_wire(),
+            names: Vec::new(),
+        })
+    }
+
+    /// A received GroupInfo, if well formed: a name, limits kept, known roles and policies.
+    fn from_wire(info: &wire::GroupInfo) -> Option<Info> {
+        let title = clean_title(&info.name).ok()?;
+        if info.description.chars().count() > MAX_DESCRIPTION_CHARS {
+            return None;
+        }
+        let description = clean_description(&info.description);
+        let mut roles = BTreeMap::new();
+        for role in info.roles.iter().take(10_000) {
+            let account = AccountId::from_bytes(&role.account_id).ok()?.to_string();
+            let role = match wire::Role::try_from(role.role).ok()? {
+                wire::Role::Owner => Role::Owner,
+                wire::Role::Admin => Role::Admin,
+                wire::Role::Member => continue,
+            };
+            roles.insert(account, role);
+        }
+        Some(Info {
+            title,
+            description,
+            roles,
+            adding: Policy::from_wire(info.adding)?,
+            posting: Policy::from_wire(info.posting)?,
+            editing: Policy::from_wire(info.editing)?,
+        })
+    }
+
+    fn role_of(&self, account: &str) -> Role {
+        self.roles.get(account).copied().unwrap_or(Role::Member)
+    }
+}
+
+/// The GroupInfo to send: `info` and the names members gave themselves.
+fn info_message(
+    db: &Connection,
+    group_id: &[u8],
+    info: &Info,
+) -> Result<wire::app_message::Body, Error> {
+    let mut message = info.to_wire()?;
+    let mut statement = db.prepare_cached(
+        "SELECT account_id, name FROM group_members WHERE group_id = ?1 AND name IS NOT NULL",
+    )?;
+    for row in statement.query_map(params![group_id], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+    })? {
+        let (account, name) = row?;
+        if let Ok(account) = account.parse::<AccountId>() {
+            message.names.push(wire::MemberName {
+                account_id: account.as_bytes().to_vec(),
+                name,
+            });
+        }
+    }
+    Ok(wire::app_message::Body::GroupInfo(message))
+}
+
+/// Takes the names a GroupInfo relays for members whose own introduction we lack.
+fn learn_names(db: &Connection, group_id: &[u8], info: &wire::GroupInfo) -> Result<(), Error> {
+    for given in info.names.iter().take(10_000) {
+        let Ok(account) = AccountId::from_bytes(&given.account_id) else {
+            continue;
+        };
+        let name = crate::profile_name(&wire::Profile {
+            name: given.name.clone(),
+            invite_proof: Vec::new(),
+        });
+        if name.is_empty() {
+            continue;
+        }
+        db.execute(
+            "UPDATE group_members SET name = ?3 WHERE group_id = ?1 AND account_id = ?2 AND name IS NULL",
+            params![group_id, account.to_string(), name],
+        )?;
+    }
+    Ok(())
+}
+
+/// A group name as it may be shown: printable, trimmed, 1 to 64 characters.
+fn clean_title(text: &str) -> Result<String, Error> {
+    let title: String = text.chars().filter(|c| !c.is_control()).collect();
+    let title = title.trim();
+    if title.is_empty() {
+        return Err(Error::Usage("a group needs a name".into()));
+    }
+    if title.chars().count() > MAX_TITLE_CHARS {
+        return Err(Error::Usage(format!(
+            "a group name has at most {MAX_TITLE_CHARS} characters"
+        )));
+    }
+    Ok(title.to_string())
+}
+
+/// A description without control characters other than line breaks.
+fn clean_description(text: &str) -> String {
+    text.chars()
+        .filter(|c| *c == '\n' || !c.is_control())
+        .take(MAX_DESCRIPTION_CHARS)
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
+fn load_info(db: &Connection, group_id: &[u8]) -> Result<Info, Error> {
+    let (title, description, adding, posting, editing): (String, String, String, String, String) =
+        db.query_row(
+            "SELECT title, description, adding, posting, editing FROM groups WHERE group_id = ?1",
+            params![group_id],
+            |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
+            },
+        )?;
+    let mut roles = BTreeMap::new();
+    let mut statement = db.prepare_cached(
+        "SELECT account_id, role FROM group_members WHERE group_id = ?1 AND role != 'member'",
+    )?;
+    for row in statement.query_map(params![group_id], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+    })? {
+        let (account, role) = row?;
+        roles.insert(account, Role::from_stored(&role));
+    }
+    Ok(Info {
+        title,
+        description,
+        adding: Policy::from_stored(&adding),
+        posting: Policy::from_stored(&posting),
+        editing: Policy::from_stored(&editing),
+        roles,
+    })
+}
+
+/// Stores `info`: the group's fields, and each current member's role (roles of accounts that
+/// are not members are dropped).
+fn save_info(db: &Connection, group_id: &[u8], info: &Info) -> Result<(), Error> {
+    db.execute(
+        "UPDATE groups SET title = ?2, description = ?3, adding = ?4, posting = ?5, editing = ?6
+         WHERE group_id = ?1",
+        params![
+            group_id,
+            info.title,
+            info.description,
+            info.adding.as_str(),
+            info.posting.as_str(),
+            info.editing.as_str()
+        ],
+    )?;
+    db.execute(
+        "UPDATE group_members SET role = 'member' WHERE group_id = ?1",
+        params![group_id],
+    )?;
+    for (account, role) in &info.roles {
+        db.execute(
+            "UPDATE group_members SET role = ?3 WHERE group_id = ?1 AND account_id = ?2",
+            params![group_id, account, role.as_str()],
+        )?;
+    }
+    Ok(())
+}
+
+fn role_of(db: &Connection, group_id: &[u8], account: &str) -> Result<Option<Role>, Error> {
+    Ok(db
+        .prepare_cached("SELECT role FROM group_members WHERE group_id = ?1 AND account_id = ?2")?
+        .query_row(params![group_id, account], |row| row.get::<_, String>(0))
+        .optional()?
+        .map(|role| Role::from_stored(&role)))
+}
+
+fn group_state(db: &Connection, group_id: &[u8]) -> Result<Option<(String, String)>, Error> {
+    Ok(db
+        .prepare_cached("SELECT name, state FROM groups WHERE group_id = ?1")?
+        .query_row(params![group_id], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?)
+}
+
+/// How this device shows an account: a contact's name, else the name it gave in a group
+/// (marked `~`, since nobody checked it), else the start of its id.
+fn display_name(db: &Connection, account: &str) -> Result<String, Error> {
+    let contact: Option<String> = db
+        .prepare_cached("SELECT name FROM contacts WHERE account_id = ?1 AND state = 'accepted'")?
+        .query_row(params![account], |row| row.get(0))
+        .optional()?;
+    if let Some(name) = contact {
+        return Ok(name);
+    }
+    let given: Option<String> = db
+        .prepare_cached(
+            "SELECT name FROM group_members WHERE account_id = ?1 AND name IS NOT NULL LIMIT 1",
+        )?
+        .query_row(params![account], |row| row.get(0))
+        .optional()?;
+    Ok(match given {
+        Some(name) => format!("~{name}"),
+        None => account.get(..8).unwrap_or(account).to_string(),
+    })
+}
+
+/// Display names, looked up once per account.
+pub(crate) struct Names<'a> {
+    db: &'a Connection,
+    cache: HashMap<String, String>,
+}
+
+impl<'a> Names<'a> {
+    pub(crate) fn new(db: &'a Connection) -> Self {
+        Self {
+            db,
+            cache: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn of(&mut self, account: &str) -> Result<String, Error> {
+        if let Some(name) = self.cache.get(account) {
+            return Ok(name.clone());
+        }
+        let name = display_name(self.db, account)?;
+        self.cache.insert(account.to_string(), name.clone());
+        Ok(name)
+    }
+}
+
+/// Stores a notice in the group's conversation and returns it as an event.
+fn notice(
+    db: &Connection,
+    group_id: &[u8],
+    seq: Option<u64>,
+    sender: Option<&str>,
+    text: &str,
+) -> Result<Event, Error> {
+    let (name, _) = group_state(db, group_id)?.unwrap_or_default();
+    let now = now_ms();
+    let outgoing = sender.is_none();
+    db.execute(
+        "INSERT INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq, kind, sender)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7, 'notice', ?8)",
+        params![
+            group_id,
+            random::<16>().to_vec(),
+            outgoing,
+            text,
+            now,
+            if outgoing { "sent" } else { "received" },
+            seq,
+            sender
+        ],
+    )?;
+    Ok(Event::Message(MessageView {
+        id: db.last_insert_rowid(),
+        contact: name,
+        from: if outgoing { "me".into() } else { String::new() },
+        outgoing,
+        body: text.to_string(),
+        sent_at_ms: now,
+        state: if outgoing {
+            MessageState::Sent
+        } else {
+            MessageState::Received
+        },
+        kind: MessageKind::Notice,
+        ..Default::default()
+    }))
+}
+
+/// Brings the member list in line with the MLS tree: accounts that joined are added as
+/// members, accounts with no leaf left are dropped. Returns the accounts added.
+fn reconcile(db: &Connection, group_id: &[u8]) -> Result<Vec<String>, Error> {
+    let provider = Provider::new(db);
+    let Some(group) = mls::load_group(&provider, group_id)? else {
+        return Ok(Vec::new());
+    };
+    let mut present: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for (_, certificate) in mls::members(&group) {
+        present
+            .entry(certificate.account_id().to_string())
+            .or_insert_with(|| certificate.to_compact());
+    }
+    let known: HashSet<String> = {
+        let mut statement =
+            db.prepare_cached("SELECT account_id FROM group_members WHERE group_id = ?1")?;
+        statement
+            .query_map(params![group_id], |row| row.get(0))?
+            .collect::<Result<_, _>>()?
+    };
+    for account in known
+        .iter()
+        .filter(|account| !present.contains_key(*account))
+    {
+        db.execute(
+            "DELETE FROM group_members WHERE group_id = ?1 AND account_id = ?2",
+            params![group_id, account],
+        )?;
+    }
+    let mut added = Vec::new();
+    for (account, certificate) in &present {
+        if !known.contains(account) {
+            db.execute(
+                "INSERT INTO group_members (group_id, account_id, certificate) VALUES (?1, ?2, ?3)",
+                params![group_id, account, certificate],
+            )?;
+            added.push(account.clone());
+        }
+    }
+    Ok(added)
+}
+
+/// After our own commit was accepted: the member list follows the tree.
+pub(crate) fn after_own_commit(db: &Connection, group_id: &[u8]) -> Result<(), Error> {
+    if is_group_id(group_id) {
+        reconcile(db, group_id)?;
+    }
+    Ok(())
+}
+
+/// Joins a group from a Welcome: kept hidden ("pending") until its info arrives and says who
+/// added us, which decides whether we stay (see [`Client::on_group_message`]).
+pub(crate) fn join(db: &Connection, joined: &mls::JoinedGroup, me: AccountId) -> Result<(), Error> {
+    let group_id = joined.group.group_id().as_slice().to_vec();
+    if !joined
+        .members
+        .iter()
+        .any(|member| member.account_id() == me)
+    {
+        return Err(Error::Security("a Welcome to a group we are not in".into()));
+    }
+    let placeholder = db::free_group_name(
+        db,
+        &format!("pending-{}", &scope(&group_id)[6..14]),
+        &group_id,
+    )?;
+    db.execute(
+        "INSERT INTO conversations (group_id, contact, scope, cursor, last_update_ms) VALUES (?1, NULL, ?2, 0, ?3)",
+        params![group_id, scope(&group_id), now_ms()],
+    )?;
+    db.execute(
+        "INSERT INTO groups (group_id, name, state, created_at_ms) VALUES (?1, ?2, 'pending', ?3)",
+        params![group_id, placeholder, now_ms()],
+    )?;
+    reconcile(db, &group_id)?;
+    Ok(())
+}
+
+/// A commit of another member, merged: records who came and went, and says whether the
+/// committer had the right to.
+pub(crate) fn on_commit(
+    db: &Connection,
+    entry: &wire::GroupEntry,
+    group: &mls::MlsGroup,
+    summary: &CommitSummary,
+    me: AccountId,
+) -> Result<Option<Event>, Error> {
+    let group_id = entry.group_id.as_slice();
+    let Some((_, state)) = group_state(db, group_id)? else {
+        return Ok(None);
+    };
+    let committer = summary.committer.account_id().to_string();
+    let committer_name = display_name(db, &committer)?;
+    if !mls::is_active(group) {
+        db.execute(
+            "UPDATE groups SET state = 'removed' WHERE group_id = ?1",
+            params![group_id],
+        )?;
+        mls::delete_group(&Provider::new(db), group_id)?;
+        if state != "active" {
+            return Ok(None);
+        }
+        let text = format!("{committer_name} removed you from the group");
+        return notice(db, group_id, Some(entry.seq), Some(&committer), &text).map(Some);
+    }
+    let committer_role = role_of(db, group_id, &committer)?.unwrap_or(Role::Member);
+    let adding = load_info(db, group_id)?.adding;
+    let mut texts = Vec::new();
+    let me = me.to_string();
+    // Removed accounts, before the member list forgets them.
+    let mut removed_accounts: Vec<String> = summary
+        .removed
+        .iter()
+        .map(|certificate| certificate.account_id().to_string())
+        .collect();
+    removed_accounts.sort();
+    removed_accounts.dedup();
+    let mut departures = Vec::new();
+    for account in &removed_accounts {
+        let (role, leaving): (String, bool) = match db
+            .query_row(
+                "SELECT role, leaving FROM group_members WHERE group_id = ?1 AND account_id = ?2",
+                params![group_id, account],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?
+        {
+            Some(found) => found,
+            None => continue,
+        };
+        let name = display_name(db, account)?;
+        departures.push((account.clone(), name, Role::from_stored(&role), leaving));
+    }
+    let added = reconcile(db, group_id)?;
+    let still_in: HashSet<String> = {
+        let mut statement =
+            db.prepare_cached("SELECT account_id FROM group_members WHERE group_id = ?1")?;
+        statement
+            .query_map(params![group_id], |row| row.get(0))?
+            .collect::<Result<_, _>>()?
+    };
+    for (account, name, role, leaving) in departures {
+        if still_in.contains(&account) || leaving {
+            // One device of several went, or the member had said it leaves.
+            continue;
+        }
+        let allowed = committer_role >= Role::Admin && committer_role > role;
+        texts.push(if allowed {
+            format!("{committer_name} removed {name}")
+        } else {
+            format!("{committer_name} removed {name} without permission")
+        });
+    }
+    if state == "active" {
+        for account in added.iter().filter(|account| **account != me) {
+            let name = display_name(db, account)?;
+            if adding.allows(committer_role) {
+                texts.push(format!("{committer_name} added {name}"));
+            } else {
+                db.execute(
+                    "UPDATE group_members SET unapproved = 1 WHERE group_id = ?1 AND account_id = ?2",
+                    params![group_id, account],
+                )?;
+                texts.push(format!(
+                    "{committer_name} added {name} without permission: nothing is sent to this group until an admin removes them"
+                ));
+            }
+        }
+    }
+    if texts.is_empty() || state != "active" {
+        return Ok(None);
+    }
+    notice(
+        db,
+        group_id,
+        Some(entry.seq),
+        Some(&committer),
+        &texts.join("; "),
+    )
+    .map(Some)
+}
+
+/// Refuses to queue anything but a Leave for a group this device may not send to: not (or no
+/// longer) a member, members added without permission, or a post where only admins post.
+pub(crate) fn check_can_send(
+    db: &Connection,
+    group_id: &[u8],
+    me: &str,
+    body: &wire::app_message::Body,
+) -> Result<(), Error> {
+    if matches!(body, wire::app_message::Body::Leave(_)) {
+        return Ok(());
+    }
+    let Some((name, state)) = group_state(db, group_id)? else {
+        return Err(Error::Usage("no such group".into()));
+    };
+    match state.as_str() {
+        "active" => {}
+        "removed" => return Err(Error::Usage(format!("you were removed from {name}"))),
+        "left" => return Err(Error::Usage(format!("you left {name}"))),
+        _ => return Err(Error::Usage(format!("you are not in {name}"))),
+    }
+    let leaving: bool = db.query_row(
+        "SELECT leaving FROM groups WHERE group_id = ?1",
+        params![group_id],
+        |row| row.get(0),
+    )?;
+    if leaving {
+        return Err(Error::Usage(format!("you are leaving {name}")));
+    }
+    let unapproved: Vec<String> = {
+        let mut statement = db.prepare_cached(
+            "SELECT account_id FROM group_members WHERE group_id = ?1 AND unapproved = 1",
+        )?;
+        statement
+            .query_map(params![group_id], |row| row.get(0))?
+            .collect::<Result<_, _>>()?
+    };
+    if !unapproved.is_empty() {
+        let names = unapproved
+            .iter()
+            .map(|account| display_name(db, account))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Err(Error::Security(format!(
+            "{} joined {name} without an admin's approval; nothing is sent to the group until an admin removes them (`miyu group remove {name} ...`)",
+            names.join(", ")
+        )));
+    }
+    if matches!(
+        body,
+        wire::app_message::Body::Text(_) | wire::app_message::Body::File(_)
+    ) {
+        let role = role_of(db, group_id, me)?.unwrap_or(Role::Member);
+        if !load_info(db, group_id)?.posting.allows(role) {
+            return Err(Error::Usage(format!("only admins may post in {name}")));
+        }
+    }
+    Ok(())
+}
+
+/// Key packages of one contact's devices, checked against the contact's identity.
+struct Claimed {
+    account: String,
+    devices: Vec<DeviceId>,
+    key_packages: Vec<KeyPackage>,
+}
+
+impl Client {
+    fn group_named(&self, name: &str) -> Result<Vec<u8>, Error> {
+        self.db
+            .query_row(
+                "SELECT group_id FROM groups WHERE name = ?1 AND state IN ('active', 'left', 'removed')",
+                params![name],
+                |row| row.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| Error::Usage(format!("no group called {name:?}; `miyu groups` lists them")))
+    }
+
+    fn my_role(&self, group_id: &[u8]) -> Result<Role, Error> {
+        Ok(role_of(&self.db, group_id, &self.account_id().to_string())?.unwrap_or(Role::Member))
+    }
+
+    /// Fetches key packages of every device of `contact` for adding them to a group.
+    async fn claim_contact(&mut self, contact: &str) -> Result<Claimed, Error> {
+        let compact: Vec<u8> = self
+            .db
+            .query_row(
+                "SELECT certificate FROM contacts WHERE name = ?1 AND state = 'accepted'",
+                params![contact],
+                |row| row.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "no contact called {contact:?}; `miyu contacts` lists them"
+                ))
+            })?;
+        let known = VerifiedCertificate::from_compact(&compact)
+            .map_err(|error| Error::Security(format!("stored certificate: {error}")))?;
+        let reply = self
+            .call(Request::ClaimKeyPackages(wire::ClaimKeyPackages {
+                account_id: known.account_id().as_bytes().to_vec(),
+            }))
+            .await?;
+        let Reply::InviteClaimed(claimed) = reply else {
+            return Err(Error::Protocol(format!("unexpected answer: {reply:?}")));
+        };
+        let provider = Provider::new(&self.db);
+        let mut devices = Vec::new();
+        let mut key_packages = Vec::new();
+        for device in &claimed.devices {
+            let certificate = device
+                .certificate
+                .as_ref()
+                .ok_or_else(|| Error::Security("a device came without certificate".into()))
+                .and_then(|c| {
+                    VerifiedCertificate::verify(c)
+                        .map_err(|e| Error::Security(format!("device certificate: {e}")))
+                })?;
+            // The server must not slip in a device of someone else.
+            if certificate.account_id() != known.account_id()
+                || certificate.identity_fingerprint() != known.identity_fingerprint()
+            {
+                return Err(Error::Security(format!(
+                    "the server returned keys that are not {contact}'s; not adding"
+                )));
+            }
+            key_packages.push(mls::check_key_package(
+                &provider,
+                &device.key_package,
+                &certificate,
+            )?);
+            devices.push(certificate.device_id());
+        }
+        if devices.is_empty() {
+            return Err(Error::Protocol(format!(
+                "the server has no keys for {contact}'s devices; ask them to open miyu"
+            )));
+        }
+        Ok(Claimed {
+            account: known.account_id().to_string(),
+            devices,
+            key_packages,
+        })
+    }
+
+    /// Creates a group called `name` with the given contacts; we are its owner.
+    pub async fn create_group(
+        &mut self,
+        name: &str,
+        contacts: &[String],
+    ) -> Result<GroupView, Error> {
+        let title = clean_title(name)?;
+        if self.conversation_of(&title).is_ok() {
+            return Err(Error::Usage(format!(
+                "a contact or group is already called {title:?}"
+            )));
+        }
+        self.connect().await?;
+        let mut claims = Vec::with_capacity(contacts.len());
+        for contact in contacts {
+            let claimed = self.claim_contact(contact).await?;
+            if claimed.account == self.account_id().to_string()
+                || claims
+                    .iter()
+                    .any(|c: &Claimed| c.account == claimed.account)
+            {
+                continue;
+            }
+            claims.push(claimed);
+        }
+        let group_id: [u8; GROUP_ID_LEN] = random();
+        let me = self.account_id().to_string();
+        db::in_transaction(&self.db, |db| {
+            let provider = Provider::new(db);
+            let key_packages: Vec<KeyPackage> = claims
+                .iter()
+                .flat_map(|claimed| claimed.key_packages.iter().cloned())
+                .collect();
+            let created = mls::create_group(&provider, &self.keys, &group_id, &key_packages)?;
+            let devices: Vec<&DeviceId> = claims.iter().flat_map(|c| c.devices.iter()).collect();
+            let announce = wire::CreateGroup {
+                group_id: group_id.to_vec(),
+                epoch: created.epoch,
+                member_devices: devices.iter().map(|d| d.as_bytes().to_vec()).collect(),
+                welcomes: devices
+                    .iter()
+                    .map(|d| wire::InboxMessage {
+                        device_id: d.as_bytes().to_vec(),
+                        payload: created.welcome.clone(),
+                    })
+                    .collect(),
+            };
+            db.execute(
+                "INSERT INTO conversations (group_id, contact, scope, announce, last_update_ms) VALUES (?1, NULL, ?2, ?3, ?4)",
+                params![group_id.as_slice(), scope(&group_id), announce.encode_to_vec(), now_ms()],
+            )?;
+            let local_name = db::free_group_name(db, &title, &group_id)?;
+            db.execute(
+                "INSERT INTO groups (group_id, name, title, state, created_at_ms) VALUES (?1, ?2, ?3, 'active', ?4)",
+                params![group_id.as_slice(), local_name, title, now_ms()],
+            )?;
+            reconcile(db, &group_id)?;
+            db.execute(
+                "UPDATE group_members SET role = 'owner', name = ?3 WHERE group_id = ?1 AND account_id = ?2",
+                params![group_id.as_slice(), me, self.name],
+            )?;
+            let info = load_info(db, &group_id)?;
+            self.queue_app_message_in(db, &group_id, info_message(db, &group_id, &info)?, None)?;
+            self.queue_app_message_in(
+                db,
+                &group_id,
+                wire::app_message::Body::Profile(wire::Profile {
+                    name: self.name.clone(),
+                    invite_proof: Vec::new(),
+                }),
+                None,
+            )?;
+            Ok(())
+        })?;
+        self.announce_pending_groups().await?;
+        self.flush_outbox().await?;
+        let name: String = self.db.query_row(
+            "SELECT name FROM groups WHERE group_id = ?1",
+            params![group_id.as_slice()],
+            |row| row.get(0),
+        )?;
+        self.group_info(&name)
+    }
+
+    /// Adds contacts to a group (all their devices), if our role allows it.
+    pub async fn add_to_group(
+        &mut self,
+        group: &str,
+        contacts: &[String],
+    ) -> Result<GroupView, Error> {
+        let group_id = self.group_named(group)?;
+        self.connect().await?;
+        self.catch_up().await?;
+        self.check_active(&group_id, group)?;
+        let role = self.my_role(&group_id)?;
+        if !load_info(&self.db, &group_id)?.adding.allows(role) {
+            return Err(Error::Usage(format!(
+                "only admins may add members to {group}"
+            )));
+        }
+        let members: HashSet<String> = self.member_accounts(&group_id)?;
+        let mut claims = Vec::new();
+        for contact in contacts {
+            let account: Option<String> = self
+                .db
+                .query_row(
+                    "SELECT account_id FROM contacts WHERE name = ?1 AND state = 'accepted'",
+                    params![contact],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            if account
+                .as_ref()
+                .is_some_and(|account| members.contains(account))
+            {
+                return Err(Error::Usage(format!("{contact} is in {group} already")));
+            }
+            claims.push(self.claim_contact(contact).await?);
+        }
+        if claims.is_empty() {
+            return self.group_info(group);
+        }
+        self.commit_membership(&group_id, &claims, &[]).await?;
+        // The newcomers learn the group's name, roles and permissions from this.
+        let names: Vec<String> = contacts.to_vec();
+        db::in_transaction(&self.db, |db| {
+            let info = load_info(db, &group_id)?;
+            self.queue_app_message_in(db, &group_id, info_message(db, &group_id, &info)?, None)?;
+            notice(
+                db,
+                &group_id,
+                None,
+                None,
+                &format!("you added {}", names.join(", ")),
+            )?;
+            Ok(())
+        })?;
+        self.flush_outbox().await?;
+        self.group_info(group)
+    }
+
+    /// Removes members (all their devices) from a group, if our role allows it.
+    pub async fn remove_from_group(
+        &mut self,
+        group: &str,
+        members: &[String],
+    ) -> Result<GroupView, Error> {
+        let group_id = self.group_named(group)?;
+        self.connect().await?;
+        self.catch_up().await?;
+        self.check_active(&group_id, group)?;
+        let my_role = self.my_role(&group_id)?;
+        let me = self.account_id().to_string();
+        let mut accounts = Vec::new();
+        for member in members {
+            let (account, role) = self.member_named(&group_id, member)?;
+            if account == me {
+                return Err(Error::Usage(format!(
+                    "to leave {group}, use `miyu group leave {group}`"
+                )));
+            }
+            if my_role < Role::Admin || my_role <= role {
+                return Err(Error::Usage(format!(
+                    "you may not remove {member} from {group}: admins remove members, the owner also admins"
+                )));
+            }
+            accounts.push(account);
+        }
+        self.commit_membership(&group_id, &[], &accounts).await?;
+        let names = members.join(", ");
+        db::in_transaction(&self.db, |db| {
+            notice(db, &group_id, None, None, &format!("you removed {names}"))?;
+            Ok(())
+        })?;
+        self.group_info(group)
+    }
+
+    /// Leaves a group: the members are told (an admin's device then removes ours), the server
+    /// stops delivering it, and this device forgets the group's keys. The history stays.
+    pub async fn leave_group(&mut self, group: &str) -> Result<(), Error> {
+        let group_id = self.group_named(group)?;
+        self.check_active(&group_id, group)?;
+        db::in_transaction(&self.db, |db| {
+            db.execute(
+                "UPDATE groups SET state = 'left', leaving = 1 WHERE group_id = ?1",
+                params![group_id],
+            )?;
+            self.queue_app_message_in(
+                db,
+                &group_id,
+                wire::app_message::Body::Leave(wire::Leave {}),
+                None,
+            )?;
+            notice(db, &group_id, None, None, "you left the group")?;
+            Ok(())
+        })?;
+        let queued = |error: Error| {
+            if error.is_transient() {
+                Error::Queued(error.to_string())
+            } else {
+                error
+            }
+        };
+        self.connect().await.map_err(queued)?;
+        self.flush_outbox().await.map_err(queued)
+    }
+
+    /// Changes the group's name, description or permissions.
+    pub async fn change_group(
+        &mut self,
+        group: &str,
+        change: GroupChange,
+    ) -> Result<GroupView, Error> {
+        let group_id = self.group_named(group)?;
+        self.connect().await?;
+        self.catch_up().await?;
+        self.check_active(&group_id, group)?;
+        let role = self.my_role(&group_id)?;
+        let old = load_info(&self.db, &group_id)?;
+        let mut new = old.clone();
+        if let Some(title) = &change.title {
+            new.title = clean_title(title)?;
+        }
+        if let Some(description) = &change.description {
+            if description.chars().count() > MAX_DESCRIPTION_CHARS {
+                return Err(Error::Usage(format!(
+                    "a description has at most {MAX_DESCRIPTION_CHARS} characters"
+                )));
+            }
+            new.description = clean_description(description);
+        }
+        new.adding = change.adding.unwrap_or(old.adding);
+        new.posting = change.posting.unwrap_or(old.posting);
+        new.editing = change.editing.unwrap_or(old.editing);
+        if let Some(refused) = refused_change(&old, &new, role) {
+            return Err(Error::Usage(format!("you may not {refused} in {group}")));
+        }
+        self.publish_info(&group_id, &old, &new).await?;
+        let name: String = self.db.query_row(
+            "SELECT name FROM groups WHERE group_id = ?1",
+            params![group_id],
+            |row| row.get(0),
+        )?;
+        self.group_info(&name)
+    }
+
+    /// Makes a member an admin, or an admin a member again. Only the owner may.
+    pub async fn set_group_role(
+        &mut self,
+        group: &str,
+        member: &str,
+        role: Role,
+    ) -> Result<GroupView, Error> {
+        let group_id = self.group_named(group)?;
+        self.connect().await?;
+        self.catch_up().await?;
+        self.check_active(&group_id, group)?;
+        if self.my_role(&group_id)? != Role::Owner {
+            return Err(Error::Usage(format!(
+                "only the owner of {group} changes roles"
+            )));
+        }
+        let (account, current) = self.member_named(&group_id, member)?;
+        if current == Role::Owner {
+            return Err(Error::Usage("the owner's role cannot change".into()));
+        }
+        let old = load_info(&self.db, &group_id)?;
+        let mut new = old.clone();
+        match role {
+            Role::Member => {
+                new.roles.remove(&account);
+            }
+            role => {
+                new.roles.insert(account, role);
+            }
+        }
+        self.publish_info(&group_id, &old, &new).await?;
+        self.group_info(group)
+    }
+
+    /// Stores and sends a new GroupInfo, with a notice of what changed.
+    async fn publish_info(&mut self, group_id: &[u8], old: &Info, new: &Info) -> Result<(), Error> {
+        if old == new {
+            return Ok(());
+        }
+        db::in_transaction(&self.db, |db| {
+            save_info(db, group_id, new)?;
+            if new.title != old.title {
+                rename_locally(db, group_id, &new.title)?;
+            }
+            self.queue_app_message_in(db, group_id, info_message(db, group_id, new)?, None)?;
+            let mut names = Names::new(db);
+            let text = describe_change(old, new, "you", &mut names)?;
+            notice(db, group_id, None, None, &text)?;
+            Ok(())
+        })?;
+        self.flush_outbox().await
+    }
+
+    fn check_active(&self, group_id: &[u8], group: &str) -> Result<(), Error> {
+        let (_, state) = group_state(&self.db, group_id)?.unwrap_or_default();
+        if state != "active" {
+            return Err(Error::Usage(format!("you are no longer in {group}")));
+        }
+        Ok(())
+    }
+
+    fn member_accounts(&self, group_id: &[u8]) -> Result<HashSet<String>, Error> {
+        let mut statement = self
+            .db
+            .prepare("SELECT account_id FROM group_members WHERE group_id = ?1")?;
+        let accounts = statement
+            .query_map(params![group_id], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(accounts)
+    }
+
+    /// A member by the name `group info` shows (with or without its `~`), or by account id.
+    fn member_named(&self, group_id: &[u8], name: &str) -> Result<(String, Role), Error> {
+        let mut statement = self
+            .db
+            .prepare("SELECT account_id, role FROM group_members WHERE group_id = ?1")?;
+        let rows: Vec<(String, String)> = statement
+            .query_map(params![group_id], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut found = Vec::new();
+        for (account, role) in rows {
+            let shown = display_name(&self.db, &account)?;
+            if shown == name || shown.strip_prefix('~') == Some(name) || account == name {
+                found.push((account, Role::from_stored(&role)));
+            }
+        }
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => Err(Error::Usage(format!(
+                "no member called {name:?}; `miyu group info` lists them"
+            ))),
+            _ => Err(Error::Usage(format!(
+                "more than one member is called {name:?}; use the account id from `miyu group info --json`"
+            ))),
+        }
+    }
+
+    /// Commits adding or removing members, retrying when another member's commit takes the
+    /// epoch first (the server's compare-and-set). Returns once the server has stored it.
+    async fn commit_membership(
+        &mut self,
+        group_id: &[u8],
+        add: &[Claimed],
+        remove: &[String],
+    ) -> Result<(), Error> {
+        for _ in 0..COMMIT_ATTEMPTS {
+            let prepared = db::in_transaction(&self.db, |db| {
+                let provider = Provider::new(db);
+                let mut group = mls::load_group(&provider, group_id)?
+                    .ok_or_else(|| Error::Usage("group state is missing".into()))?;
+                if mls::has_pending_commit(&group) {
+                    mls::discard_own_commit(&provider, &mut group)?;
+                }
+                let members = mls::members(&group);
+                let present: HashSet<String> = members
+                    .iter()
+                    .map(|(_, certificate)| certificate.account_id().to_string())
+                    .collect();
+                // Someone may have done it meanwhile.
+                let adding: Vec<&Claimed> = add
+                    .iter()
+                    .filter(|c| !present.contains(&c.account))
+                    .collect();
+                let leaving: Vec<(u32, DeviceId)> = members
+                    .iter()
+                    .filter(|(_, certificate)| {
+                        remove.contains(&certificate.account_id().to_string())
+                    })
+                    .map(|(leaf, certificate)| (*leaf, certificate.device_id()))
+                    .collect();
+                if adding.is_empty() && leaving.is_empty() {
+                    return Ok(None);
+                }
+                let epoch = group.epoch().as_u64();
+                let (commit, welcome) = if adding.is_empty() {
+                    let leaves: Vec<u32> = leaving.iter().map(|(leaf, _)| *leaf).collect();
+                    (
+                        mls::remove_members(&provider, &self.keys, &mut group, &leaves)?,
+                        None,
+                    )
+                } else {
+                    let packages: Vec<KeyPackage> = adding
+                        .iter()
+                        .flat_map(|c| c.key_packages.iter().cloned())
+                        .collect();
+                    let (commit, welcome) =
+                        mls::add_members(&provider, &self.keys, &mut group, &packages)?;
+                    (commit, Some(welcome))
+                };
+                let hash: [u8; 32] = Sha256::digest(&commit).into();
+                db.execute(
+                    "UPDATE conversations SET pending_commit_hash = ?1 WHERE group_id = ?2",
+                    params![hash.as_slice(), group_id],
+                )?;
+                let added: Vec<DeviceId> = if welcome.is_some() {
+                    adding
+                        .iter()
+                        .flat_map(|c| c.devices.iter().copied())
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let removed: Vec<DeviceId> = if welcome.is_none() {
+                    leaving.iter().map(|(_, device)| *device).collect()
+                } else {
+                    Vec::new()
+                };
+                Ok(Some(wire::Commit {
+                    group_id: group_id.to_vec(),
+                    epoch,
+                    payload: commit,
+                    welcomes: welcome
+                        .map(|welcome| {
+                            added
+                                .iter()
+                                .map(|device| wire::InboxMessage {
+                                    device_id: device.as_bytes().to_vec(),
+                                    payload: welcome.clone(),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    add_devices: added.iter().map(|d| d.as_bytes().to_vec()).collect(),
+                    remove_devices: removed.iter().map(|d| d.as_bytes().to_vec()).collect(),
+                }))
+            })?;
+            let Some(commit) = prepared else {
+                return Ok(());
+            };
+            match self.call(Request::Commit(commit)).await {
+                Ok(Reply::Posted(_)) => {
+                    db::in_transaction(&self.db, |db| {
+                        settle_own_commit(db, group_id, Verdict::Accepted)
+                    })?;
+                    return Ok(());
+                }
+                Ok(other) => return Err(Error::Protocol(format!("unexpected answer: {other:?}"))),
+                Err(Error::Server(error)) if error.code == wire::ErrorCode::EpochMismatch => {
+                    // Another member's commit took the epoch: follow it, then try again.
+                    db::in_transaction(&self.db, |db| {
+                        settle_own_commit(db, group_id, Verdict::Lost)
+                    })?;
+                    self.wait_for_epoch(group_id, error.current_epoch).await?;
+                }
+                // Its fate is learnt when caught up on the next connection.
+                Err(error) if error.is_transient() => return Err(error),
+                Err(error) => {
+                    db::in_transaction(&self.db, |db| {
+                        settle_own_commit(db, group_id, Verdict::Lost)
+                    })?;
+                    return Err(error);
+                }
+            }
+        }
+        Err(Error::Network(
+            "the group kept changing while committing; try again".into(),
+        ))
+    }
+
+    /// Commits the removal of members who said they leave, where we are an admin.
+    pub(crate) async fn remove_leavers(&mut self) -> Result<(), Error> {
+        let me = self.account_id().to_string();
+        let leavers: Vec<(Vec<u8>, String)> = {
+            let mut statement = self.db.prepare(
+                "SELECT m.group_id, m.account_id FROM group_members m JOIN groups g ON g.group_id = m.group_id
+                 WHERE m.leaving = 1 AND g.state = 'active' AND g.leaving = 0
+                 AND EXISTS (SELECT 1 FROM group_members a WHERE a.group_id = m.group_id
+                             AND a.account_id = ?1 AND a.role IN ('owner', 'admin'))",
+            )?;
+            statement
+                .query_map(params![me], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        for (group_id, account) in leavers {
+            match self.commit_membership(&group_id, &[], &[account]).await {
+                Ok(()) => {}
+                Err(error) if error.is_transient() => return Err(error),
+                Err(error) => tracing::warn!("could not remove a member who left: {error}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the server about groups we left (or declined) once the Leave is posted, and
+    /// forgets their keys.
+    pub(crate) async fn finish_leaving(&mut self) -> Result<(), Error> {
+        let leaving: Vec<Vec<u8>> = {
+            let mut statement = self.db.prepare_cached(
+                "SELECT group_id FROM groups g WHERE leaving = 1
+                 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.group_id = g.group_id)",
+            )?;
+            statement
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        for group_id in leaving {
+            match self
+                .call(Request::LeaveGroup(wire::LeaveGroup {
+                    group_id: group_id.clone(),
+                }))
+                .await
+            {
+                Ok(_) => {}
+                // Removed already, or never announced: nothing to end.
+                Err(Error::Server(error))
+                    if matches!(
+                        error.code,
+                        wire::ErrorCode::Forbidden | wire::ErrorCode::NotFound
+                    ) => {}
+                Err(error) => return Err(error),
+            }
+            db::in_transaction(&self.db, |db| {
+                mls::delete_group(&Provider::new(db), &group_id)?;
+                db.execute(
+                    "UPDATE groups SET leaving = 0,
+                     state = CASE state WHEN 'pending' THEN 'declined' ELSE state END
+                     WHERE group_id = ?1",
+                    params![group_id],
+                )?;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The groups this device is or was in (not those it declined).
+    pub fn groups(&self) -> Result<Vec<GroupView>, Error> {
+        let names: Vec<String> = {
+            let mut statement = self.db.prepare(
+                "SELECT name FROM groups WHERE state IN ('active', 'left', 'removed') ORDER BY created_at_ms",
+            )?;
+            statement
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        names.iter().map(|name| self.group_info(name)).collect()
+    }
+
+    pub fn group_info(&self, group: &str) -> Result<GroupView, Error> {
+        let group_id = self.group_named(group)?;
+        let info = load_info(&self.db, &group_id)?;
+        let (name, state) = group_state(&self.db, &group_id)?.unwrap_or_default();
+        let me = self.account_id().to_string();
+        let rows: Vec<(String, String, bool)> = {
+            let mut statement = self.db.prepare(
+                "SELECT account_id, role, unapproved FROM group_members WHERE group_id = ?1",
+            )?;
+            statement
+                .query_map(params![group_id], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })?
+                .collect::<Result<_, _>>()?
+        };
+        let mut names = Names::new(&self.db);
+        let mut members = Vec::with_capacity(rows.len());
+        for (account, role, unapproved) in rows {
+            members.push(MemberView {
+                name: if account == me {
+                    "me".into()
+                } else {
+                    names.of(&account)?
+                },
+                me: account == me,
+                account_id: account,
+                role: Role::from_stored(&role),
+                unapproved,
+            });
+        }
+        // Roles first, then this device's account, then by name.
+        members.sort_by(|a, b| {
+            b.role
+                .cmp(&a.role)
+                .then_with(|| b.me.cmp(&a.me))
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        let my_role = members
+            .iter()
+            .find(|member| member.me)
+            .map_or(Role::Member, |member| member.role);
+        Ok(GroupView {
+            name,
+            title: info.title,
+            description: info.description,
+            adding: info.adding,
+            posting: info.posting,
+            editing: info.editing,
+            state,
+            my_role,
+            members,
+        })
+    }
+
+    /// An application message in a group, from `sender` (a member, as MLS proved).
+    pub(crate) fn on_group_message(
+        &self,
+        db: &Connection,
+        entry: &wire::GroupEntry,
+        sender: &VerifiedCertificate,
+        plaintext: &[u8],
+    ) -> Result<Option<Event>, Error> {
+        let Ok(message) = wire::AppMessage::decode(plaintext) else {
+            tracing::debug!("dropped a message that is not a Miyu message");
+            return Ok(None);
+        };
+        if i64::try_from(message.sent_at_ms).is_err() {
+            return Ok(None);
+        }
+        let group_id = entry.group_id.as_slice();
+        let account = sender.account_id().to_string();
+        if privacy::is_blocked(db, &account)? {
+            return Ok(None);
+        }
+        let Some((group_name, state)) = group_state(db, group_id)? else {
+            return Ok(None);
+        };
+        let sender_name = display_name(db, &account)?;
+        let role = role_of(db, group_id, &account)?.unwrap_or(Role::Member);
+        let received = Received {
+            group_id,
+            seq: entry.seq,
+            contact_account: &account,
+            contact_name: &sender_name,
+            conversation_name: &group_name,
+            sender: Some(&account),
+            message_id: &message.message_id,
+            sent_at_ms: message.sent_at_ms,
+            expires_in_s: message.expires_in_s,
+        };
+        if state == "pending" {
+            return match message.body {
+                Some(wire::app_message::Body::GroupInfo(info)) => {
+                    self.on_first_info(db, &received, &info)
+                }
+                // Nothing is kept from a group before we know who added us.
+                _ => Ok(None),
+            };
+        }
+        if state != "active" {
+            return Ok(None);
+        }
+        let refuse = |what: &str| {
+            notice(
+                db,
+                group_id,
+                Some(entry.seq),
+                Some(&account),
+                &format!("{sender_name} may not {what} in this group; refused"),
+            )
+            .map(Some)
+        };
+        let posting = load_info(db, group_id)?.posting;
+        match message.body {
+            Some(wire::app_message::Body::GroupInfo(info)) => on_info(db, &received, role, &info),
+            Some(wire::app_message::Body::Leave(_)) => {
+                let changed = db.execute(
+                    "UPDATE group_members SET leaving = 1 WHERE group_id = ?1 AND account_id = ?2 AND leaving = 0",
+                    params![group_id, account],
+                )?;
+                if changed == 0 {
+                    return Ok(None);
+                }
+                notice(
+                    db,
+                    group_id,
+                    Some(entry.seq),
+                    Some(&account),
+                    &format!("{sender_name} left the group"),
+                )
+                .map(Some)
+            }
+            Some(wire::app_message::Body::Profile(profile)) => {
+                let name = crate::profile_name(&profile);
+                if !name.is_empty() {
+                    db.execute(
+                        "UPDATE group_members SET name = ?3 WHERE group_id = ?1 AND account_id = ?2",
+                        params![group_id, account, name],
+                    )?;
+                }
+                Ok(None)
+            }
+            Some(wire::app_message::Body::Text(_) | wire::app_message::Body::File(_))
+                if !posting.allows(role) =>
+            {
+                refuse("post")
+            }
+            Some(wire::app_message::Body::Text(text)) => privacy::store_text(db, &received, &text),
+            Some(wire::app_message::Body::File(file)) => files::store_file(db, &received, &file),
+            Some(wire::app_message::Body::Reaction(reaction)) => {
+                features::on_reaction(db, &received, &reaction)
+            }
+            Some(wire::app_message::Body::Edit(edit)) => features::on_edit(db, &received, &edit),
+            Some(wire::app_message::Body::Delete(delete)) => {
+                features::on_delete(db, &received, &delete)
+            }
+            Some(wire::app_message::Body::Timer(timer)) => {
+                if !load_info(db, group_id)?.editing.allows(role) {
+                    return refuse("change the disappearing-message timer");
+                }
+                on_group_timer(db, &received, timer.seconds)
+            }
+            // Receipts, typing and presence are between contacts only.
+            _ => Ok(None),
+        }
+    }
+
+    /// The first GroupInfo of a group we were added to: it says who added us, which decides,
+    /// by the "who can add me to groups" setting, whether we stay or decline.
+    fn on_first_info(
+        &self,
+        db: &Connection,
+        received: &Received<'_>,
+        wire_info: &wire::GroupInfo,
+    ) -> Result<Option<Event>, Error> {
+        let Some(info) = Info::from_wire(wire_info) else {
+            return Ok(None);
+        };
+        let adder = received.contact_account;
+        // The sender must be entitled to add by the very info it sends.
+        if !info.adding.allows(info.role_of(adder)) {
+            return Ok(None);
+        }
+        let is_contact: bool = db
+            .query_row(
+                "SELECT 1 FROM contacts WHERE account_id = ?1 AND state = 'accepted'",
+                params![adder],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        let allowed = match Settings::load(db)?.group_invites {
+            GroupInvites::Nobody => false,
+            GroupInvites::Contacts => is_contact,
+            GroupInvites::Everyone => true,
+        };
+        let group_id = received.group_id;
+        if !allowed {
+            tracing::debug!("declined a group: its adder may not add us");
+            db.execute(
+                "UPDATE groups SET leaving = 1 WHERE group_id = ?1",
+                params![group_id],
+            )?;
+            self.queue_app_message_in(
+                db,
+                group_id,
+                wire::app_message::Body::Leave(wire::Leave {}),
+                None,
+            )?;
+            self.queued_while_processing.set(true);
+            return Ok(None);
+        }
+        let name = db::free_group_name(db, &info.title, group_id)?;
+        db.execute(
+            "UPDATE groups SET state = 'active', name = ?2 WHERE group_id = ?1",
+            params![group_id, name],
+        )?;
+        save_info(db, group_id, &info)?;
+        learn_names(db, group_id, wire_info)?;
+        self.queue_app_message_in(
+            db,
+            group_id,
+            wire::app_message::Body::Profile(wire::Profile {
+                name: self.name.clone(),
+                invite_proof: Vec::new(),
+            }),
+            None,
+        )?;
+        self.queued_while_processing.set(true);
+        let text = format!("{} added you to {}", received.contact_name, info.title);
+        notice(db, group_id, Some(received.seq), Some(adder), &text).map(Some)
+    }
+}
+
+/// What a change of `old` into `new` would need that `role` does not have, if anything.
+fn refused_change(old: &Info, new: &Info, role: Role) -> Option<&'static str> {
+    if (new.title != old.title || new.description != old.description) && !old.editing.allows(role) {
+        return Some("change the group's name or description");
+    }
+    if (new.adding, new.posting, new.editing) != (old.adding, old.posting, old.editing)
+        && role < Role::Admin
+    {
+        return Some("change who may add, post or edit");
+    }
+    let owners = |info: &Info| -> Vec<String> {
+        info.roles
+            .iter()
+            .filter(|(_, role)| **role == Role::Owner)
+            .map(|(account, _)| account.clone())
+            .collect()
+    };
+    if owners(old) != owners(new) {
+        return Some("change the owner");
+    }
+    if old.roles != new.roles && role != Role::Owner {
+        return Some("change roles");
+    }
+    None
+}
+
+/// Says what changed between two infos, as `who` did it.
+fn describe_change(
+    old: &Info,
+    new: &Info,
+    who: &str,
+    names: &mut Names<'_>,
+) -> Result<String, Error> {
+    let mut parts = Vec::new();
+    if new.title != old.title {
+        parts.push(format!("renamed the group to {}", new.title));
+    }
+    if new.description != old.description {
+        parts.push("changed the description".to_string());
+    }
+    let policy = |policy: Policy| match policy {
+        Policy::Admins => "admins",
+        Policy::Everyone => "everyone",
+    };
+    if new.adding != old.adding {
+        parts.push(format!("let {} add members", policy(new.adding)));
+    }
+    if new.posting != old.posting {
+        parts.push(format!("let {} post", policy(new.posting)));
+    }
+    if new.editing != old.editing {
+        parts.push(format!(
+            "let {} change the name and description",
+            policy(new.editing)
+        ));
+    }
+    let accounts: std::collections::BTreeSet<&String> =
+        old.roles.keys().chain(new.roles.keys()).collect();
+    for account in accounts {
+        let (before, after) = (old.role_of(account), new.role_of(account));
+        if before != after {
+            parts.push(format!("made {} {}", names.of(account)?, after.as_str()));
+        }
+    }
+    if parts.is_empty() {
+        parts.push("sent the group's info again".into());
+    }
+    Ok(format!("{who} {}", parts.join(", ")))
+}
+
+fn rename_locally(db: &Connection, group_id: &[u8], title: &str) -> Result<(), Error> {
+    let name = db::free_group_name(db, title, group_id)?;
+    db.execute(
+        "UPDATE groups SET name = ?2 WHERE group_id = ?1",
+        params![group_id, name],
+    )?;
+    Ok(())
+}
+
+/// A GroupInfo in an active group: applied if the sender's role allows every change in it,
+/// refused whole otherwise.
+fn on_info(
+    db: &Connection,
+    received: &Received<'_>,
+    role: Role,
+    info: &wire::GroupInfo,
+) -> Result<Option<Event>, Error> {
+    let Some(mut new) = Info::from_wire(info) else {
+        return Ok(None);
+    };
+    let group_id = received.group_id;
+    learn_names(db, group_id, info)?;
+    let old = load_info(db, group_id)?;
+    // Roles of accounts that are not (or no longer) members mean nothing here.
+    let members: HashSet<String> = {
+        let mut statement =
+            db.prepare_cached("SELECT account_id FROM group_members WHERE group_id = ?1")?;
+        statement
+            .query_map(params![group_id], |row| row.get(0))?
+            .collect::<Result<_, _>>()?
+    };
+    new.roles.retain(|account, _| members.contains(account));
+    if new == old {
+        return Ok(None);
+    }
+    if let Some(refused) = refused_change(&old, &new, role) {
+        let text = format!(
+            "{} tried to {refused} without permission; the change was refused",
+            received.contact_name
+        );
+        return notice(db, group_id, Some(received.seq), received.sender, &text).map(Some);
+    }
+    save_info(db, group_id, &new)?;
+    if new.title != old.title {
+        rename_locally(db, group_id, &new.title)?;
+    }
+    let mut names = Names::new(db);
+    let text = describe_change(&old, &new, received.contact_name, &mut names)?;
+    notice(db, group_id, Some(received.seq), received.sender, &text).map(Some)
+}
+
+/// A member set the group's disappearing-message timer.
+fn on_group_timer(
+    db: &Connection,
+    received: &Received<'_>,
+    seconds: u32,
+) -> Result<Option<Event>, Error> {
+    if !privacy::valid_timer(seconds) {
+        return Ok(None);
+    }
+    db.execute(
+        "UPDATE conversations SET timer_s = ?1 WHERE group_id = ?2",
+        params![seconds, received.group_id],
+    )?;
+    let body = privacy::timer_notice(received.contact_name, seconds);
+    let inserted = db.execute(
+        "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq, kind, sender)
+         VALUES (?1, ?2, 0, ?3, ?4, ?5, 'received', ?6, 'timer', ?7)",
+        params![
+            received.group_id,
+            received.message_id,
+            body,
+            received.sent_at_ms,
+            now_ms(),
+            received.seq,
+            received.sender
+        ],
+    )?;
+    Ok((inserted > 0).then(|| {
+        Event::Message(MessageView {
+            id: db.last_insert_rowid(),
+            contact: received.conversation_name.to_string(),
+            from: received.contact_name.to_string(),
+            body,
+            sent_at_ms: received.sent_at_ms,
+            state: MessageState::Received,
+            kind: MessageKind::Timer,
+            ..Default::default()
+        })
+    }))
+}
