@@ -180,3 +180,126 @@ fn a_group_grows_and_shrinks_and_the_server_never_sees_its_name_or_texts() {
         );
     }
 }
+
+#[test]
+fn two_admins_adding_at_the_same_moment_do_not_fork_the_group() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let alice = root.path().join("alice");
+    miyu_ok(
+        &alice,
+        &["init", "--server", &server.address, "--name", "alice"],
+    );
+    let bob = contact_of(root.path(), &server.address, &alice, "alice", "bob");
+    let carol = contact_of(root.path(), &server.address, &alice, "alice", "carol");
+    let dave = contact_of(root.path(), &server.address, &bob, "bob", "dave");
+    miyu_ok(&alice, &["group", "create", "Relay", "bob"]);
+    miyu_ok(&alice, &["group", "role", "Relay", "bob", "admin"]);
+    miyu_ok(&bob, &["sync"]);
+
+    // Both commit on the same epoch; the server takes one, the other follows it and retries.
+    let spawn = |profile: &Path, contact: &str| {
+        common::miyu_command()
+            .arg("--profile")
+            .arg(profile)
+            .args(["group", "add", "Relay", contact])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let by_alice = spawn(&alice, "carol");
+    let by_bob = spawn(&bob, "dave");
+    for child in [by_alice, by_bob] {
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    for profile in [&carol, &dave] {
+        let joined = miyu_ok(profile, &["sync"]);
+        assert!(joined.contains("added you to Relay"), "{joined}");
+    }
+    // One group, one epoch: everyone reads everyone.
+    miyu_ok(&carol, &["send", "Relay", "carol here"]);
+    miyu_ok(&dave, &["send", "Relay", "dave here"]);
+    for profile in [&alice, &bob, &carol, &dave] {
+        miyu_ok(profile, &["sync"]);
+        assert_eq!(members(profile, "Relay").len(), 4);
+    }
+    for (profile, wanted) in [
+        (&alice, vec!["carol here", "dave here"]),
+        (&bob, vec!["carol here", "dave here"]),
+        (&carol, vec!["dave here"]),
+        (&dave, vec!["carol here"]),
+    ] {
+        let lines = conversation(profile, "Relay").join("\n");
+        for text in wanted {
+            assert!(
+                lines.contains(text),
+                "{text:?} missing from {profile:?}: {lines}"
+            );
+        }
+    }
+}
+
+#[test]
+fn who_may_add_me_is_enforced_by_my_device_and_a_left_member_is_removed() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let alice = root.path().join("alice");
+    miyu_ok(
+        &alice,
+        &["init", "--server", &server.address, "--name", "alice"],
+    );
+    let bob = contact_of(root.path(), &server.address, &alice, "alice", "bob");
+    let carol = contact_of(root.path(), &server.address, &alice, "alice", "carol");
+
+    // Bob lets nobody add him: the group never shows, and his device leaves it.
+    miyu_ok(&bob, &["settings", "set", "group_invites", "nobody"]);
+    miyu_ok(&alice, &["group", "create", "Kitchen", "bob", "carol"]);
+    let seen = miyu_ok(&bob, &["sync"]);
+    assert!(!seen.contains("Kitchen"), "{seen}");
+    assert_eq!(miyu_ok(&bob, &["groups"]).trim(), "");
+    let (code, _) = failure(&bob, &["messages", "Kitchen"]);
+    assert_eq!(code, Some(2));
+    // Alice's device, the owner's, removes the leaver's leaf; the server stops delivering.
+    miyu_ok(&alice, &["sync"]);
+    let names: Vec<String> = members(&alice, "Kitchen")
+        .into_iter()
+        .map(|m| m.0)
+        .collect();
+    assert_eq!(names, ["me", "carol"]);
+
+    // An announcement-only group: Carol may read but not post; her device says so.
+    miyu_ok(&carol, &["sync"]);
+    miyu_ok(&alice, &["group", "set", "Kitchen", "--posting", "admins"]);
+    miyu_ok(&carol, &["sync"]);
+    let (code, error) = failure(&carol, &["send", "Kitchen", "may I?"]);
+    assert_eq!(code, Some(2), "{error}");
+    assert!(error.contains("only admins may post"), "{error}");
+    miyu_ok(&alice, &["send", "Kitchen", "dinner at eight"]);
+    miyu_ok(&carol, &["sync"]);
+    assert!(
+        conversation(&carol, "Kitchen")
+            .join("\n")
+            .contains("alice: dinner at eight")
+    );
+
+    // Carol leaves; Alice's device removes her, and she gets nothing more.
+    miyu_ok(&carol, &["group", "leave", "Kitchen"]);
+    let told = miyu_ok(&alice, &["sync"]);
+    assert!(told.contains("carol left the group"), "{told}");
+    miyu_ok(&alice, &["send", "Kitchen", "after carol left"]);
+    miyu_ok(&carol, &["sync"]);
+    let lines = conversation(&carol, "Kitchen").join("\n");
+    assert!(lines.contains("you left the group"), "{lines}");
+    assert!(!lines.contains("after carol left"), "{lines}");
+    let names: Vec<String> = members(&alice, "Kitchen")
+        .into_iter()
+        .map(|m| m.0)
+        .collect();
+    assert_eq!(names, ["me"]);
+}

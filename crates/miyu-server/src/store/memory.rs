@@ -301,13 +301,6 @@ impl Store for MemoryStore {
             .ok_or(StoreError::NotFound)?;
         group.check_append(&commit.committer, commit.epoch, EntryKind::Commit)?;
         if commit
-            .remove
-            .iter()
-            .any(|device| !group.members.contains_key(device))
-        {
-            return Err(StoreError::Invalid("a removed device is not a member"));
-        }
-        if commit
             .add
             .iter()
             .any(|device| group.members.contains_key(device))
@@ -346,9 +339,13 @@ impl Store for MemoryStore {
             None,
             commit.now,
         );
+        // Devices that left by themselves are gone already; the commit still takes their
+        // leaves out of the MLS tree.
+        let mut removed_now = Vec::new();
         for device in &commit.remove {
             if let Some(cursor) = group.members.remove(device) {
                 group.removed.insert(*device, (cursor, seq));
+                removed_now.push(*device);
             }
         }
         for device in &commit.add {
@@ -358,7 +355,7 @@ impl Store for MemoryStore {
         Ok(Committed {
             seq,
             members: group.members.keys().copied().collect(),
-            removed: commit.remove,
+            removed: removed_now,
             welcomed: welcomed.into_iter().collect(),
         })
     }

@@ -101,7 +101,7 @@ pub struct Committed {
     pub seq: u64,
     /// The members after the commit, the added ones included.
     pub members: Vec<DeviceId>,
-    /// The removed devices (the commit is still pushed to those connected).
+    /// The devices that stopped being members (the commit is still pushed to them).
     pub removed: Vec<DeviceId>,
     /// The devices whose inbox got a Welcome.
     pub welcomed: Vec<DeviceId>,
@@ -292,9 +292,10 @@ pub trait Store: Send + 'static {
     /// step. `NotFound` if there is no such group, `EpochMismatch` as for `append`,
     /// `Forbidden` if the committer is not a member, an added device has no grant to the
     /// committer (grants are consumed) or a Welcome goes to a device not being added,
-    /// `Invalid` if a removed device is not a member, is the committer, or a device is both
-    /// added and removed, or an added device is a member already. Added devices start
-    /// reading after the commit.
+    /// `Invalid` if a device is named twice, both added and removed, the committer, or added
+    /// while a member already. A removed device that is no longer a member (it left) is
+    /// skipped. Added devices start reading after the commit; removed ones still read up to
+    /// it, until they acknowledge it.
     fn commit_members(&mut self, commit: NewCommit) -> Result<Committed, StoreError>;
 
     /// Ends a device's membership of a group. `Forbidden` if it is not a member.

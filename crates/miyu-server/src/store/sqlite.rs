@@ -367,6 +367,9 @@ impl Store for SqliteStore {
                 None,
                 commit.now,
             )?;
+            // Devices that left by themselves are gone already; the commit still takes their
+            // leaves out of the MLS tree.
+            let mut removed_now = Vec::new();
             for device in &commit.remove {
                 // It still reads up to this commit, which tells it it was removed.
                 let removed = db
@@ -379,8 +382,8 @@ impl Store for SqliteStore {
                         device.as_bytes().as_slice(),
                         clamp_to_sql(seq)
                     ])?;
-                if removed == 0 {
-                    return Err(StoreError::Invalid("a removed device is not a member"));
+                if removed == 1 {
+                    removed_now.push(*device);
                 }
             }
             let now = clamp_to_sql(commit.now);
@@ -418,7 +421,7 @@ impl Store for SqliteStore {
             Ok(Committed {
                 seq,
                 members: members_of(db, group_key)?,
-                removed: commit.remove.clone(),
+                removed: removed_now,
                 welcomed: welcomed.into_iter().collect(),
             })
         })
