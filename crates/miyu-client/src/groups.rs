@@ -1751,3 +1751,214 @@ fn on_group_timer(
         })
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use miyu_crypto::identity::AccountKeys;
+
+    fn database(folder: &tempfile::TempDir, name: &str) -> Connection {
+        let mut db = Connection::open(folder.path().join(name)).unwrap();
+        crate::db::configure(&mut db).unwrap();
+        db
+    }
+
+    fn keys() -> AccountKeys {
+        AccountKeys::generate(&mut rand::rngs::OsRng)
+    }
+
+    fn account(keys: &AccountKeys) -> String {
+        keys.certificate().account_id().to_string()
+    }
+
+    /// A group in `db` as this device would hold it after joining: `owner` owns it, `admin`
+    /// administers it, `member` is a member.
+    fn known_group(db: &Connection, group_id: &[u8], owner: &str, admin: &str, member: &str) {
+        db.execute(
+            "INSERT INTO conversations (group_id, contact, scope) VALUES (?1, NULL, ?2)",
+            params![group_id, scope(group_id)],
+        )
+        .unwrap();
+        db.execute(
+            "INSERT INTO groups (group_id, name, title, state, created_at_ms) VALUES (?1, 'club', 'club', 'active', 0)",
+            params![group_id],
+        )
+        .unwrap();
+        for (account, role) in [(owner, "owner"), (admin, "admin"), (member, "member")] {
+            db.execute(
+                "INSERT INTO group_members (group_id, account_id, role, certificate) VALUES (?1, ?2, ?3, x'00')",
+                params![group_id, account, role],
+            )
+            .unwrap();
+        }
+    }
+
+    fn received<'a>(group_id: &'a [u8], sender: &'a str) -> Received<'a> {
+        Received {
+            group_id,
+            seq: 7,
+            contact_account: sender,
+            contact_name: "someone",
+            conversation_name: "club",
+            sender: Some(sender),
+            message_id: &[1; 16],
+            sent_at_ms: 1,
+            expires_in_s: 0,
+        }
+    }
+
+    #[test]
+    fn each_change_of_the_group_info_is_checked_against_the_senders_role() {
+        let folder = tempfile::tempdir().unwrap();
+        let db = database(&folder, "miyu.db");
+        let (owner, admin, member) = (account(&keys()), account(&keys()), account(&keys()));
+        let group_id = [3u8; GROUP_ID_LEN];
+        known_group(&db, &group_id, &owner, &admin, &member);
+        let current = load_info(&db, &group_id).unwrap();
+        let with = |change: &dyn Fn(&mut Info)| {
+            let mut info = load_info(&db, &group_id).unwrap();
+            change(&mut info);
+            info.to_wire().unwrap()
+        };
+        let refused = |event: Option<Event>| match event {
+            Some(Event::Message(message)) => message.body.contains("was refused"),
+            _ => false,
+        };
+
+        // A member may not rename (editing: admins), change permissions, or make itself admin.
+        let rename = with(&|info| info.title = "mine now".into());
+        let event = on_info(&db, &received(&group_id, &member), Role::Member, &rename).unwrap();
+        assert!(refused(event));
+        let open_up = with(&|info| info.posting = Policy::Admins);
+        let event = on_info(&db, &received(&group_id, &member), Role::Member, &open_up).unwrap();
+        assert!(refused(event));
+        let promote_self = with(&|info| {
+            info.roles.insert(member.clone(), Role::Admin);
+        });
+        let event = on_info(
+            &db,
+            &received(&group_id, &member),
+            Role::Member,
+            &promote_self,
+        )
+        .unwrap();
+        assert!(refused(event));
+        assert_eq!(load_info(&db, &group_id).unwrap(), current);
+
+        // An admin may rename, but not change roles or the owner.
+        let event = on_info(
+            &db,
+            &received(&group_id, &admin),
+            Role::Admin,
+            &promote_self,
+        )
+        .unwrap();
+        assert!(refused(event));
+        let usurp = with(&|info| {
+            info.roles.insert(admin.clone(), Role::Owner);
+        });
+        let event = on_info(&db, &received(&group_id, &admin), Role::Admin, &usurp).unwrap();
+        assert!(refused(event));
+        let event = on_info(&db, &received(&group_id, &admin), Role::Admin, &rename).unwrap();
+        assert!(!refused(event));
+        assert_eq!(load_info(&db, &group_id).unwrap().title, "mine now");
+
+        // The owner changes roles.
+        let event = on_info(
+            &db,
+            &received(&group_id, &owner),
+            Role::Owner,
+            &promote_self,
+        )
+        .unwrap();
+        assert!(!refused(event));
+        assert_eq!(role_of(&db, &group_id, &member).unwrap(), Some(Role::Admin));
+        // Even the owner cannot hand the group over by a GroupInfo.
+        let event = on_info(&db, &received(&group_id, &owner), Role::Owner, &usurp).unwrap();
+        assert!(refused(event));
+    }
+
+    #[test]
+    fn members_added_by_a_member_without_the_right_block_sending_until_removed() {
+        let folder = tempfile::tempdir().unwrap();
+        let (alice_db, mallory_db, bob_db, eve_db) = (
+            database(&folder, "alice.db"),
+            database(&folder, "mallory.db"),
+            database(&folder, "bob.db"),
+            database(&folder, "eve.db"),
+        );
+        let (alice, mallory, bob, eve) = (keys(), keys(), keys(), keys());
+        let group_id = [4u8; GROUP_ID_LEN];
+        // Alice makes the group with Mallory and Bob; Bob's device knows her as the owner.
+        let package = |db: &Connection, of: &AccountKeys| {
+            let bytes = mls::new_key_package(&Provider::new(db), of, false).unwrap();
+            mls::check_key_package(&Provider::new(&alice_db), &bytes, of.certificate()).unwrap()
+        };
+        let packages = [package(&mallory_db, &mallory), package(&bob_db, &bob)];
+        let created =
+            mls::create_group(&Provider::new(&alice_db), &alice, &group_id, &packages).unwrap();
+        for (db, of) in [(&bob_db, &bob), (&mallory_db, &mallory)] {
+            let joined = mls::join_group(&Provider::new(db), &created.welcome).unwrap();
+            join(db, &joined, of.certificate().account_id()).unwrap();
+            db.execute("UPDATE groups SET state = 'active'", [])
+                .unwrap();
+            db.execute(
+                "UPDATE group_members SET role = 'owner' WHERE account_id = ?1",
+                params![account(&alice)],
+            )
+            .unwrap();
+        }
+
+        // Mallory, a member, adds Eve although only admins may.
+        let eve_package = {
+            let bytes = mls::new_key_package(&Provider::new(&eve_db), &eve, false).unwrap();
+            mls::check_key_package(&Provider::new(&mallory_db), &bytes, eve.certificate()).unwrap()
+        };
+        let mallory_mls = Provider::new(&mallory_db);
+        let mut mallory_group = mls::load_group(&mallory_mls, &group_id).unwrap().unwrap();
+        let (commit, _welcome) =
+            mls::add_members(&mallory_mls, &mallory, &mut mallory_group, &[eve_package]).unwrap();
+
+        // Bob's device follows the commit (or the group would fork) but flags Eve.
+        let bob_mls = Provider::new(&bob_db);
+        let mut bob_group = mls::load_group(&bob_mls, &group_id).unwrap().unwrap();
+        let mls::Incoming::Commit(summary) =
+            mls::process(&bob_mls, &mut bob_group, &commit, true).unwrap()
+        else {
+            panic!("expected a commit");
+        };
+        let entry = wire::GroupEntry {
+            group_id: group_id.to_vec(),
+            seq: 5,
+            ..Default::default()
+        };
+        let event = on_commit(
+            &bob_db,
+            &entry,
+            &bob_group,
+            &summary,
+            bob.certificate().account_id(),
+        )
+        .unwrap();
+        let Some(Event::Message(message)) = event else {
+            panic!("expected a notice");
+        };
+        assert!(
+            message.body.contains("without permission"),
+            "{}",
+            message.body
+        );
+        let text = wire::app_message::Body::Text(wire::Text {
+            body: "hello".into(),
+            ..Default::default()
+        });
+        let refused = check_can_send(&bob_db, &group_id, &account(&bob), &text);
+        assert!(
+            matches!(&refused, Err(Error::Security(reason)) if reason.contains("without an admin's approval")),
+            "{refused:?}"
+        );
+        // Leaving stays possible.
+        let leave = wire::app_message::Body::Leave(wire::Leave {});
+        assert!(check_can_send(&bob_db, &group_id, &account(&bob), &leave).is_ok());
+    }
+}
