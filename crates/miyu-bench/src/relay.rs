@@ -290,6 +290,7 @@ impl Pair {
                 group_id: group_id.clone(),
                 epoch: 1,
                 member_devices: vec![receiver.id.as_bytes().to_vec()],
+                welcome: Vec::new(),
                 welcomes: vec![wire::InboxMessage {
                     device_id: receiver.id.as_bytes().to_vec(),
                     payload: random_bytes(DUMMY_BYTES),

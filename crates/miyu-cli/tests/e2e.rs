@@ -463,6 +463,7 @@ fn a_device_can_neither_impersonate_nor_touch_a_group_it_is_not_in() {
                 group_id: vec![7; 16],
                 epoch: 1,
                 member_devices: vec![bob_device.clone()],
+                welcome: Vec::new(),
                 welcomes: vec![wire::InboxMessage {
                     device_id: bob_device.clone(),
                     payload: b"spam".to_vec(),

@@ -303,3 +303,96 @@ fn who_may_add_me_is_enforced_by_my_device_and_a_left_member_is_removed() {
         .collect();
     assert_eq!(names, ["me"]);
 }
+
+/// Issue acceptance: a 50-member group with several members posting at the same time; every
+/// member gets every message once, in the same order (the server log's).
+#[test]
+fn fifty_members_with_concurrent_posters_see_every_message_once_in_one_order() {
+    const MEMBERS: usize = 50;
+    const POSTERS: usize = 6;
+    const POSTS: usize = 3;
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let owner = root.path().join("m00");
+    miyu_ok(
+        &owner,
+        &["init", "--server", &server.address, "--name", "m00"],
+    );
+    let names: Vec<String> = (1..MEMBERS).map(|n| format!("m{n:02}")).collect();
+    let profiles: Vec<PathBuf> = names
+        .iter()
+        .map(|name| contact_of(root.path(), &server.address, &owner, "m00", name))
+        .collect();
+    let mut create = vec!["group", "create", "Fifty"];
+    create.extend(names.iter().map(String::as_str));
+    miyu_ok(&owner, &create);
+    for profile in &profiles {
+        miyu_ok(profile, &["sync"]);
+    }
+
+    // Posters (the owner among them) post at the same time, each its messages in turn.
+    let mut everyone = vec![owner.clone()];
+    everyone.extend(profiles.iter().cloned());
+    std::thread::scope(|scope| {
+        for (number, profile) in everyone.iter().take(POSTERS).enumerate() {
+            scope.spawn(move || {
+                for post in 0..POSTS {
+                    miyu_ok(
+                        profile,
+                        &["send", "Fifty", &format!("p{number} says {post}")],
+                    );
+                }
+            });
+        }
+    });
+
+    // What each member received from the others, in its order.
+    let received = |profile: &Path| -> Vec<String> {
+        let json: serde_json::Value =
+            serde_json::from_str(&miyu_ok(profile, &["--json", "messages", "Fifty"])).unwrap();
+        json.as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["kind"] == "text" && m["outgoing"] == false)
+            .map(|m| m["body"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let sent = |number: usize| -> Vec<String> {
+        (0..POSTS)
+            .map(|post| format!("p{number} says {post}"))
+            .collect()
+    };
+    let mut reference: Option<Vec<String>> = None;
+    for (number, profile) in everyone.iter().enumerate().rev() {
+        miyu_ok(profile, &["sync"]);
+        let got = received(profile);
+        let own = if number < POSTERS {
+            sent(number)
+        } else {
+            Vec::new()
+        };
+        let reference = reference.get_or_insert_with(|| {
+            // A member who did not post got everything: the log's order.
+            assert_eq!(got.len(), POSTERS * POSTS, "{got:?}");
+            let mut unique = got.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), got.len(), "a message arrived twice: {got:?}");
+            got.clone()
+        });
+        let expected: Vec<String> = reference
+            .iter()
+            .filter(|body| !own.contains(body))
+            .cloned()
+            .collect();
+        assert_eq!(got, expected, "member {number}");
+        // Each poster's own messages went out in order, once each.
+        for (index, body) in own.iter().enumerate() {
+            let position = reference.iter().position(|b| b == body).unwrap();
+            if index > 0 {
+                let before = reference.iter().position(|b| *b == own[index - 1]).unwrap();
+                assert!(before < position, "{reference:?}");
+            }
+        }
+    }
+}

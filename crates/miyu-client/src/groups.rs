@@ -847,17 +847,13 @@ impl Client {
                 .collect();
             let created = mls::create_group(&provider, &self.keys, &group_id, &key_packages)?;
             let devices: Vec<&DeviceId> = claims.iter().flat_map(|c| c.devices.iter()).collect();
+            // One copy of the Welcome for all: the server hands it to each device.
             let announce = wire::CreateGroup {
                 group_id: group_id.to_vec(),
                 epoch: created.epoch,
                 member_devices: devices.iter().map(|d| d.as_bytes().to_vec()).collect(),
-                welcomes: devices
-                    .iter()
-                    .map(|d| wire::InboxMessage {
-                        device_id: d.as_bytes().to_vec(),
-                        payload: created.welcome.clone(),
-                    })
-                    .collect(),
+                welcomes: Vec::new(),
+                welcome: created.welcome,
             };
             db.execute(
                 "INSERT INTO conversations (group_id, contact, scope, announce, last_update_ms) VALUES (?1, NULL, ?2, ?3, ?4)",
@@ -887,6 +883,33 @@ impl Client {
             Ok(())
         })?;
         self.announce_pending_groups().await?;
+        let broken: Option<String> = self.db.query_row(
+            "SELECT broken FROM conversations WHERE group_id = ?1",
+            params![group_id.as_slice()],
+            |row| row.get(0),
+        )?;
+        if let Some(reason) = broken {
+            // The server refused the group: it exists nowhere but here. Forget it.
+            db::in_transaction(&self.db, |db| {
+                mls::delete_group(&Provider::new(db), &group_id)?;
+                db.execute(
+                    "DELETE FROM outbox WHERE group_id = ?1",
+                    params![group_id.as_slice()],
+                )?;
+                db.execute(
+                    "DELETE FROM groups WHERE group_id = ?1",
+                    params![group_id.as_slice()],
+                )?;
+                db.execute(
+                    "DELETE FROM conversations WHERE group_id = ?1",
+                    params![group_id.as_slice()],
+                )?;
+                Ok(())
+            })?;
+            return Err(Error::Protocol(format!(
+                "the group could not be created: {reason}"
+            )));
+        }
         self.flush_outbox().await?;
         let name: String = self.db.query_row(
             "SELECT name FROM groups WHERE group_id = ?1",
@@ -1229,17 +1252,8 @@ impl Client {
                     group_id: group_id.to_vec(),
                     epoch,
                     payload: commit,
-                    welcomes: welcome
-                        .map(|welcome| {
-                            added
-                                .iter()
-                                .map(|device| wire::InboxMessage {
-                                    device_id: device.as_bytes().to_vec(),
-                                    payload: welcome.clone(),
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+                    welcomes: Vec::new(),
+                    welcome: welcome.unwrap_or_default(),
                     add_devices: added.iter().map(|d| d.as_bytes().to_vec()).collect(),
                     remove_devices: removed.iter().map(|d| d.as_bytes().to_vec()).collect(),
                 }))

@@ -1362,6 +1362,7 @@ impl Client {
                 group_id: group_id.to_vec(),
                 epoch: created.epoch,
                 member_devices: devices.iter().map(|d| d.as_bytes().to_vec()).collect(),
+                welcome: Vec::new(),
                 welcomes: devices
                     .iter()
                     .map(|d| wire::InboxMessage {

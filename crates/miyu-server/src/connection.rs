@@ -48,6 +48,12 @@ const INVITE_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Invite claims one connection may make per minute: tokens are unguessable, this only keeps
 /// a hostile client from turning the server into a key-package pump.
 const CLAIMS_PER_MINUTE: f64 = 20.0;
+
+/// Contact key-package claims (for adding contacts to a group) one connection may make: enough
+/// to create a group with a thousand contacts at once, then one a second. Each claim takes a
+/// key package of every device of a contact, who shares a group with the claimer already.
+const CONTACT_CLAIMS_BURST: f64 = 1000.0;
+const CONTACT_CLAIMS_PER_SECOND: f64 = 1.0;
 /// Username lookups one device may make: a burst of this many, then one every
 /// `LOOKUP_REFILL`. Registering is free, so the server-wide budget below is what really bounds
 /// how many names anyone can test.
@@ -215,6 +221,7 @@ struct Session {
     phase: Phase,
     requests: TokenBucket,
     claims: TokenBucket,
+    contact_claims: TokenBucket,
     bad_frames: u32,
     /// Told by the delivery task when it stops for a reason other than the peer leaving.
     delivery_failed: Arc<tokio::sync::Notify>,
@@ -256,6 +263,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         phase: Phase::New,
         requests: TokenBucket::new(rate, rate * 2.0, now),
         claims: TokenBucket::new(CLAIMS_PER_MINUTE / 60.0, CLAIMS_PER_MINUTE, now),
+        contact_claims: TokenBucket::new(CONTACT_CLAIMS_PER_SECOND, CONTACT_CLAIMS_BURST, now),
         bad_frames: 0,
         delivery_failed: Arc::new(tokio::sync::Notify::new()),
         stalled: false,
@@ -886,7 +894,7 @@ impl Session {
                 });
             }
             Request::ClaimKeyPackages(claim) => {
-                if !self.claims.try_take(Instant::now()) {
+                if !self.contact_claims.try_take(Instant::now()) {
                     return self
                         .send(error_frame(
                             id,
@@ -1079,14 +1087,15 @@ fn claimed_reply(claimed: Vec<crate::store::ClaimedKeyPackage>) -> Reply {
     Reply::InviteClaimed(wire::InviteClaimed { devices })
 }
 
-fn parse_new_group(create: wire::CreateGroup, creator: DeviceId, now: u64) -> Option<NewGroup> {
-    let members = create
-        .member_devices
-        .iter()
-        .map(|bytes| DeviceId::from_bytes(bytes).ok())
-        .collect::<Option<Vec<_>>>()?;
-    let welcomes = create
-        .welcomes
+/// The Welcomes of a request: each of `welcomes` to its device, and `shared` (unless empty)
+/// to each of `devices` but the poster.
+fn welcomes_of(
+    welcomes: Vec<wire::InboxMessage>,
+    shared: Vec<u8>,
+    devices: &[DeviceId],
+    poster: DeviceId,
+) -> Option<Vec<(DeviceId, Vec<u8>)>> {
+    let mut all = welcomes
         .into_iter()
         .map(|welcome| {
             Some((
@@ -1095,6 +1104,24 @@ fn parse_new_group(create: wire::CreateGroup, creator: DeviceId, now: u64) -> Op
             ))
         })
         .collect::<Option<Vec<_>>>()?;
+    if !shared.is_empty() {
+        all.extend(
+            devices
+                .iter()
+                .filter(|device| **device != poster)
+                .map(|device| (*device, shared.clone())),
+        );
+    }
+    Some(all)
+}
+
+fn parse_new_group(create: wire::CreateGroup, creator: DeviceId, now: u64) -> Option<NewGroup> {
+    let members = create
+        .member_devices
+        .iter()
+        .map(|bytes| DeviceId::from_bytes(bytes).ok())
+        .collect::<Option<Vec<_>>>()?;
+    let welcomes = welcomes_of(create.welcomes, create.welcome, &members, creator)?;
     Some(NewGroup {
         group_id: GroupId::from_bytes(&create.group_id).ok()?,
         epoch: Epoch(create.epoch),
@@ -1114,22 +1141,14 @@ fn parse_commit(commit: wire::Commit, committer: DeviceId, now: u64) -> Option<N
     if commit.payload.is_empty() {
         return None;
     }
-    let welcomes = commit
-        .welcomes
-        .into_iter()
-        .map(|welcome| {
-            Some((
-                DeviceId::from_bytes(&welcome.device_id).ok()?,
-                welcome.payload,
-            ))
-        })
-        .collect::<Option<Vec<_>>>()?;
+    let add = devices(&commit.add_devices)?;
+    let welcomes = welcomes_of(commit.welcomes, commit.welcome, &add, committer)?;
     Some(NewCommit {
         group_id: GroupId::from_bytes(&commit.group_id).ok()?,
         committer,
         epoch: Epoch(commit.epoch),
         payload: commit.payload,
-        add: devices(&commit.add_devices)?,
+        add,
         remove: devices(&commit.remove_devices)?,
         welcomes,
         now,
