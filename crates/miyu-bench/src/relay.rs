@@ -291,6 +291,7 @@ impl Pair {
                 epoch: 1,
                 member_devices: vec![receiver.id.as_bytes().to_vec()],
                 welcome: Vec::new(),
+                posting_key: Vec::new(),
                 welcomes: vec![wire::InboxMessage {
                     device_id: receiver.id.as_bytes().to_vec(),
                     payload: random_bytes(DUMMY_BYTES),
@@ -356,6 +357,7 @@ async fn send(
                     kind: wire::EntryKind::Application as i32,
                     payload,
                     expires_at: 0,
+                    next_posting_key: Vec::new(),
                 }))
                 .await
                 .context("posting")?;

@@ -355,6 +355,7 @@ fn malformed_oversized_and_unauthenticated_frames_get_errors_while_others_chat()
                 kind: wire::EntryKind::Application as i32,
                 payload: vec![1],
                 expires_at: 0,
+                next_posting_key: Vec::new(),
             }))
             .await
             .unwrap();
@@ -413,6 +414,7 @@ fn a_device_can_neither_impersonate_nor_touch_a_group_it_is_not_in() {
                     kind: wire::EntryKind::Application as i32,
                     payload: b"forged".to_vec(),
                     expires_at: 0,
+                    next_posting_key: Vec::new(),
                 })
             )
             .await,
@@ -464,6 +466,7 @@ fn a_device_can_neither_impersonate_nor_touch_a_group_it_is_not_in() {
                 epoch: 1,
                 member_devices: vec![bob_device.clone()],
                 welcome: Vec::new(),
+                posting_key: Vec::new(),
                 welcomes: vec![wire::InboxMessage {
                     device_id: bob_device.clone(),
                     payload: b"spam".to_vec(),

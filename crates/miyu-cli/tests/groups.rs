@@ -36,6 +36,15 @@ fn members(profile: &Path, group: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Sends to a group and checks that the post went out without naming its sender to the
+/// server (the client warns when it has to fall back to an attributed post).
+fn post(profile: &Path, group: &str, text: &str) {
+    let output = miyu(profile, &["send", group, text]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("attributed"), "{stderr}");
+}
+
 fn failure(profile: &Path, args: &[&str]) -> (Option<i32>, String) {
     let output = miyu(profile, args);
     assert!(!output.status.success(), "miyu {args:?} succeeded");
@@ -78,11 +87,8 @@ fn a_group_grows_and_shrinks_and_the_server_never_sees_its_name_or_texts() {
             .map(|(name, role)| (name.to_string(), role.to_string()))
     );
 
-    miyu_ok(
-        &alice,
-        &["send", "Quiet Harbor Club", "lanterns at dusk on friday"],
-    );
-    miyu_ok(&bob, &["send", "Quiet Harbor Club", "bringing the map"]);
+    post(&alice, "Quiet Harbor Club", "lanterns at dusk on friday");
+    post(&bob, "Quiet Harbor Club", "bringing the map");
     miyu_ok(&carol, &["sync"]);
     assert_eq!(
         conversation(&carol, "Quiet Harbor Club")
@@ -111,7 +117,7 @@ fn a_group_grows_and_shrinks_and_the_server_never_sees_its_name_or_texts() {
     miyu_ok(&alice, &["group", "add", "Quiet Harbor Club", "dave"]);
     let joined = miyu_ok(&dave, &["sync"]);
     assert!(joined.contains("alice added you"), "{joined}");
-    miyu_ok(&alice, &["send", "Quiet Harbor Club", "welcome dave"]);
+    post(&alice, "Quiet Harbor Club", "welcome dave");
     miyu_ok(&dave, &["sync"]);
     let at_dave = conversation(&dave, "Quiet Harbor Club").join("\n");
     assert!(at_dave.contains("alice: welcome dave"), "{at_dave}");
@@ -121,10 +127,7 @@ fn a_group_grows_and_shrinks_and_the_server_never_sees_its_name_or_texts() {
     miyu_ok(&alice, &["group", "remove", "Quiet Harbor Club", "carol"]);
     let told = miyu_ok(&carol, &["sync"]);
     assert!(told.contains("alice removed you"), "{told}");
-    miyu_ok(
-        &alice,
-        &["send", "Quiet Harbor Club", "the cove, not the pier"],
-    );
+    post(&alice, "Quiet Harbor Club", "the cove, not the pier");
     miyu_ok(&carol, &["sync"]);
     let at_carol = conversation(&carol, "Quiet Harbor Club").join("\n");
     assert!(!at_carol.contains("the cove"), "{at_carol}");
@@ -223,8 +226,8 @@ fn two_admins_adding_at_the_same_moment_do_not_fork_the_group() {
         assert!(joined.contains("added you to Relay"), "{joined}");
     }
     // One group, one epoch: everyone reads everyone.
-    miyu_ok(&carol, &["send", "Relay", "carol here"]);
-    miyu_ok(&dave, &["send", "Relay", "dave here"]);
+    post(&carol, "Relay", "carol here");
+    post(&dave, "Relay", "dave here");
     for profile in [&alice, &bob, &carol, &dave] {
         miyu_ok(profile, &["sync"]);
         assert_eq!(members(profile, "Relay").len(), 4);
@@ -395,4 +398,98 @@ fn fifty_members_with_concurrent_posters_see_every_message_once_in_one_order() {
             }
         }
     }
+}
+
+/// The server takes a group post from a connection that never authenticated, if it is signed
+/// with the epoch's posting key; it cannot tell which member sent it.
+#[test]
+fn a_group_post_names_no_poster_and_needs_the_posting_key_of_the_epoch() {
+    use ed25519_dalek::{Signer, SigningKey};
+    use miyu_proto::wire::{
+        self, ErrorCode, client_frame::Body as Request, server_frame::Body as Reply,
+    };
+
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let address: miyu_proto::ServerAddress = server.address.parse().unwrap();
+    let group_id = vec![5u8; 32];
+    let posting = SigningKey::from_bytes(&[9; 32]);
+    let signed = |key: &SigningKey, epoch: u64, payload: &[u8]| wire::GroupPost {
+        group_id: group_id.clone(),
+        epoch,
+        payload: payload.to_vec(),
+        expires_at: 0,
+        signature: key
+            .sign(&miyu_proto::cert::group_post_payload(
+                &group_id, epoch, 0, payload,
+            ))
+            .to_bytes()
+            .to_vec(),
+    };
+    let code = |error: wire::Error| ErrorCode::try_from(error.code).unwrap();
+    common::runtime().block_on(async {
+        let (mut member, _keys) = common::register(&address).await;
+        let id = member
+            .send(Request::CreateGroup(wire::CreateGroup {
+                group_id: group_id.clone(),
+                epoch: 0,
+                posting_key: posting.verifying_key().to_bytes().to_vec(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        assert!(matches!(
+            common::answer(&mut member, id).await,
+            Ok(Reply::Done(_))
+        ));
+
+        let mut anonymous = miyu_client::net::Connection::open(&address, None)
+            .await
+            .unwrap();
+        let id = anonymous
+            .send(Request::GroupPost(signed(&posting, 0, b"from a member")))
+            .await
+            .unwrap();
+        let Ok(Reply::Posted(posted)) = common::answer(&mut anonymous, id).await else {
+            panic!("the signed post was refused");
+        };
+        // The member gets it like any entry: not marked as its own.
+        loop {
+            let frame = member.receive().await.unwrap();
+            if let Some(Reply::Delivery(wire::Delivery {
+                entry: Some(wire::delivery::Entry::GroupEntry(entry)),
+            })) = frame.body
+            {
+                assert_eq!(entry.seq, posted.seq);
+                assert_eq!(entry.payload, b"from a member");
+                assert!(!entry.own);
+                break;
+            }
+        }
+
+        // Another key, another epoch, an unknown group: refused.
+        let stranger = SigningKey::from_bytes(&[8; 32]);
+        for (post, expected) in [
+            (signed(&stranger, 0, b"x"), ErrorCode::Forbidden),
+            (signed(&posting, 1, b"x"), ErrorCode::EpochMismatch),
+            (
+                wire::GroupPost {
+                    group_id: vec![6; 32],
+                    ..signed(&posting, 0, b"x")
+                },
+                ErrorCode::NotFound,
+            ),
+        ] {
+            let id = anonymous.send(Request::GroupPost(post)).await.unwrap();
+            let error = common::answer(&mut anonymous, id).await.unwrap_err();
+            assert_eq!(code(error), expected);
+        }
+        // On an authenticated connection it would say who posts: refused.
+        let id = member
+            .send(Request::GroupPost(signed(&posting, 0, b"x")))
+            .await
+            .unwrap();
+        let error = common::answer(&mut member, id).await.unwrap_err();
+        assert_eq!(code(error), ErrorCode::BadSequence);
+    });
 }

@@ -854,6 +854,9 @@ impl Client {
                 member_devices: devices.iter().map(|d| d.as_bytes().to_vec()).collect(),
                 welcomes: Vec::new(),
                 welcome: created.welcome,
+                posting_key: mls::PostingKey::current(&provider, &created.group)?
+                    .public()
+                    .to_vec(),
             };
             db.execute(
                 "INSERT INTO conversations (group_id, contact, scope, announce, last_update_ms) VALUES (?1, NULL, ?2, ?3, ?4)",
@@ -1230,6 +1233,9 @@ impl Client {
                         mls::add_members(&provider, &self.keys, &mut group, &packages)?;
                     (commit, Some(welcome))
                 };
+                let next_posting_key = mls::PostingKey::next(&provider, &group)?
+                    .map(|key| key.public().to_vec())
+                    .unwrap_or_default();
                 let hash: [u8; 32] = Sha256::digest(&commit).into();
                 db.execute(
                     "UPDATE conversations SET pending_commit_hash = ?1 WHERE group_id = ?2",
@@ -1254,6 +1260,7 @@ impl Client {
                     payload: commit,
                     welcomes: Vec::new(),
                     welcome: welcome.unwrap_or_default(),
+                    next_posting_key,
                     add_devices: added.iter().map(|d| d.as_bytes().to_vec()).collect(),
                     remove_devices: removed.iter().map(|d| d.as_bytes().to_vec()).collect(),
                 }))

@@ -299,6 +299,8 @@ pub struct Client {
     outbox_waiting: bool,
     /// Processing an entry queued a message (a group introduction, say).
     queued_while_processing: std::cell::Cell<bool>,
+    /// A connection that never authenticates, for posting to groups without saying who posts.
+    unattributed: Option<net::Connection>,
     _lock: File,
 }
 
@@ -430,6 +432,7 @@ impl Client {
             events: VecDeque::new(),
             outbox_waiting: false,
             queued_while_processing: std::cell::Cell::new(false),
+            unattributed: None,
             _lock: lock,
         };
         client.connect().await?;
@@ -495,6 +498,7 @@ impl Client {
             events: VecDeque::new(),
             outbox_waiting: false,
             queued_while_processing: std::cell::Cell::new(false),
+            unattributed: None,
             _lock: lock,
         };
         client.delete_expired()?;
@@ -1363,6 +1367,7 @@ impl Client {
                 epoch: created.epoch,
                 member_devices: devices.iter().map(|d| d.as_bytes().to_vec()).collect(),
                 welcome: Vec::new(),
+                posting_key: Vec::new(),
                 welcomes: devices
                     .iter()
                     .map(|d| wire::InboxMessage {
@@ -1535,6 +1540,9 @@ impl Client {
                 )
                 .optional()?;
             let Some((id, group_id, epoch, ciphertext, message_row, expires_at_ms)) = next else {
+                if let Some(connection) = self.unattributed.take() {
+                    connection.close().await;
+                }
                 return self.finish_leaving().await;
             };
             if expires_at_ms.is_some_and(|at| at <= now_ms()) {
@@ -1543,15 +1551,45 @@ impl Client {
                     .execute("DELETE FROM outbox WHERE id = ?1", params![id])?;
                 continue;
             }
-            let result = self
-                .post(
+            let expires_at = expires_at_ms.map_or(0, |at| at.div_ceil(1000));
+            let result = if groups::is_group_id(&group_id) {
+                // In a group the server is not told which member posts (PROTOCOL.md §4.4).
+                match self
+                    .post_unattributed(&group_id, epoch, ciphertext.clone(), expires_at)
+                    .await
+                {
+                    Err(Error::Server(error)) if error.code == wire::ErrorCode::Forbidden => {
+                        // The server holds no (or a wrong) posting key for this epoch. Post
+                        // as ourselves this once, and replace our keys before the next text,
+                        // which registers a fresh posting key.
+                        tracing::warn!(
+                            "the server refused the group's posting key; this message goes out attributed"
+                        );
+                        self.db.execute(
+                            "UPDATE conversations SET last_update_ms = 0 WHERE group_id = ?1",
+                            params![group_id],
+                        )?;
+                        self.post(
+                            &group_id,
+                            epoch,
+                            wire::EntryKind::Application,
+                            ciphertext,
+                            expires_at,
+                        )
+                        .await
+                    }
+                    other => other,
+                }
+            } else {
+                self.post(
                     &group_id,
                     epoch,
                     wire::EntryKind::Application,
                     ciphertext,
-                    expires_at_ms.map_or(0, |at| at.div_ceil(1000)),
+                    expires_at,
                 )
-                .await;
+                .await
+            };
             match result {
                 Ok(Reply::Posted(posted)) => {
                     // If a power cut undid this, the outbox would post the same ciphertext
@@ -1596,6 +1634,58 @@ impl Client {
         Ok(())
     }
 
+    /// Posts an application message to a group on a connection that never authenticated,
+    /// signed with the epoch's posting key: the server checks it comes from a member without
+    /// learning which.
+    async fn post_unattributed(
+        &mut self,
+        group_id: &[u8],
+        epoch: u64,
+        payload: Vec<u8>,
+        expires_at: u64,
+    ) -> Result<Reply, Error> {
+        let signature = {
+            let provider = Provider::new(&self.db);
+            let group = mls::load_group(&provider, group_id)?
+                .ok_or_else(|| Error::Usage("conversation state is missing".into()))?;
+            if group.epoch().as_u64() != epoch {
+                // Stale: let the server say which epoch it is at, as for any post.
+                [0u8; 64]
+            } else {
+                mls::PostingKey::current(&provider, &group)?
+                    .sign_post(group_id, epoch, expires_at, &payload)
+            }
+        };
+        let request = Request::GroupPost(wire::GroupPost {
+            group_id: group_id.to_vec(),
+            epoch,
+            payload,
+            expires_at,
+            signature: signature.to_vec(),
+        });
+        if self.unattributed.is_none() {
+            self.unattributed =
+                Some(net::Connection::open(&self.server, self.proxy.as_ref()).await?);
+        }
+        let connection = self
+            .unattributed
+            .as_mut()
+            .ok_or_else(|| Error::Network("not connected".into()))?;
+        match tokio::time::timeout(REQUEST_TIMEOUT, connection.call(request)).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(error)) => {
+                if error.is_transient() {
+                    self.unattributed = None;
+                }
+                Err(error)
+            }
+            Err(_) => {
+                self.unattributed = None;
+                Err(Error::Network("the server stopped answering".into()))
+            }
+        }
+    }
+
     async fn post(
         &mut self,
         group_id: &[u8],
@@ -1610,6 +1700,7 @@ impl Client {
             kind: kind as i32,
             payload,
             expires_at,
+            next_posting_key: Vec::new(),
         }))
         .await
     }
@@ -1700,7 +1791,7 @@ impl Client {
         self.connect().await?;
         self.catch_up().await?;
         for _ in 0..COMMIT_ATTEMPTS {
-            let (commit, epoch) = db::in_transaction(&self.db, |db| {
+            let commit = db::in_transaction(&self.db, |db| {
                 let provider = Provider::new(db);
                 let mut group = mls::load_group(&provider, &group_id)?
                     .ok_or_else(|| Error::Usage("conversation state is missing".into()))?;
@@ -1709,15 +1800,26 @@ impl Client {
                 }
                 let epoch = group.epoch().as_u64();
                 let commit = mls::self_update(&provider, &self.keys, &mut group)?;
+                let next_posting_key = mls::PostingKey::next(&provider, &group)?
+                    .map(|key| key.public().to_vec())
+                    .unwrap_or_default();
                 let hash: [u8; 32] = Sha256::digest(&commit).into();
                 db.execute(
                     "UPDATE conversations SET pending_commit_hash = ?1 WHERE group_id = ?2",
                     params![hash.as_slice(), group_id],
                 )?;
-                Ok((commit, epoch))
+                Ok((commit, epoch, next_posting_key))
             })?;
+            let (commit, epoch, next_posting_key) = commit;
             let result = self
-                .post(&group_id, epoch, wire::EntryKind::Commit, commit, 0)
+                .call(Request::Post(wire::Post {
+                    group_id: group_id.clone(),
+                    epoch,
+                    kind: wire::EntryKind::Commit as i32,
+                    payload: commit,
+                    expires_at: 0,
+                    next_posting_key,
+                }))
                 .await;
             match result {
                 Ok(Reply::Posted(_)) => {

@@ -373,6 +373,64 @@ pub fn is_active(group: &MlsGroup) -> bool {
     group.is_active()
 }
 
+/// The label of the MLS exporter secret a group's posting key is made from.
+const POSTING_KEY_LABEL: &str = "miyu posting key v1";
+
+/// A group's posting key for one epoch: an Ed25519 key every member derives from the epoch's
+/// MLS exporter secret, so that the server can check that a post comes from a member without
+/// learning which (PROTOCOL.md §4.4).
+pub struct PostingKey(ed25519_dalek::SigningKey);
+
+impl PostingKey {
+    fn from_exported(secret: Vec<u8>) -> Result<Self, MlsError> {
+        let secret = zeroize::Zeroizing::new(secret);
+        let seed: [u8; 32] = secret
+            .as_slice()
+            .try_into()
+            .map_err(|_| MlsError::State("exporter returned a short secret".into()))?;
+        Ok(Self(ed25519_dalek::SigningKey::from_bytes(&seed)))
+    }
+
+    /// The key of the group's current epoch.
+    pub fn current(provider: &Provider<'_>, group: &MlsGroup) -> Result<Self, MlsError> {
+        let secret = group
+            .export_secret(provider.crypto(), POSTING_KEY_LABEL, &[], 32)
+            .map_err(state_error)?;
+        Self::from_exported(secret)
+    }
+
+    /// The key of the epoch our pending commit would start, if there is one.
+    pub fn next(provider: &Provider<'_>, group: &MlsGroup) -> Result<Option<Self>, MlsError> {
+        let Some(staged) = group.pending_commit() else {
+            return Ok(None);
+        };
+        let secret = staged
+            .export_secret(provider.crypto(), POSTING_KEY_LABEL, &[], 32)
+            .map_err(state_error)?;
+        Self::from_exported(secret).map(Some)
+    }
+
+    pub fn public(&self) -> [u8; 32] {
+        self.0.verifying_key().to_bytes()
+    }
+
+    /// Signs a `GroupPost`.
+    pub fn sign_post(
+        &self,
+        group_id: &[u8],
+        epoch: u64,
+        expires_at: u64,
+        payload: &[u8],
+    ) -> [u8; 64] {
+        use ed25519_dalek::Signer as _;
+        self.0
+            .sign(&miyu_proto::cert::group_post_payload(
+                group_id, epoch, expires_at, payload,
+            ))
+            .to_bytes()
+    }
+}
+
 /// True when the group has a commit of ours waiting for the server's verdict.
 pub fn has_pending_commit(group: &MlsGroup) -> bool {
     group.pending_commit().is_some()
@@ -755,6 +813,55 @@ mod tests {
             Incoming::Application { .. }
         ));
         assert!(process(&carol_mls, &mut carol_group, &secret, true).is_err());
+    }
+
+    #[test]
+    fn every_member_derives_the_same_posting_key_and_the_committer_knows_the_next_one() {
+        let (alice_db, bob_db, alice, bob, welcome) = bob_invites_alice(7);
+        let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
+        join_group(&alice_mls, &welcome).unwrap();
+        let mut alice_group = load_group(&alice_mls, &[7; 16]).unwrap().unwrap();
+        let mut bob_group = load_group(&bob_mls, &[7; 16]).unwrap().unwrap();
+        let key = |provider: &Provider<'_>, group: &MlsGroup| {
+            PostingKey::current(provider, group).unwrap().public()
+        };
+        assert_eq!(key(&alice_mls, &alice_group), key(&bob_mls, &bob_group));
+        assert!(PostingKey::next(&bob_mls, &bob_group).unwrap().is_none());
+
+        // Bob commits: before the server takes it he knows the key of the epoch it starts.
+        let before = key(&bob_mls, &bob_group);
+        let commit = self_update(&bob_mls, &bob, &mut bob_group).unwrap();
+        let next = PostingKey::next(&bob_mls, &bob_group)
+            .unwrap()
+            .unwrap()
+            .public();
+        assert_ne!(next, before);
+        merge_own_commit(&bob_mls, &mut bob_group).unwrap();
+        process(&alice_mls, &mut alice_group, &commit, false).unwrap();
+        assert_eq!(key(&alice_mls, &alice_group), next);
+        assert_eq!(key(&bob_mls, &bob_group), next);
+
+        // A signature by Alice's copy verifies under the key Bob registered.
+        let signature = PostingKey::current(&alice_mls, &alice_group)
+            .unwrap()
+            .sign_post(&[7; 16], 2, 0, b"ciphertext");
+        assert!(miyu_proto::cert::verify_group_post(
+            &next,
+            &[7; 16],
+            2,
+            0,
+            b"ciphertext",
+            &signature
+        ));
+        assert!(!miyu_proto::cert::verify_group_post(
+            &next,
+            &[7; 16],
+            2,
+            0,
+            b"other bytes",
+            &signature
+        ));
+        let _ = alice;
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub const CERTIFICATE_CONTEXT: &[u8] = b"miyu device certificate v1";
 /// What an authentication signature covers, after this prefix: the server certificate's
 /// SHA-256 then the connection's nonce.
 pub const AUTH_CONTEXT: &[u8] = b"miyu auth v1";
+/// What a group's posting key signs for an unattributed post, after this prefix.
+pub const GROUP_POST_CONTEXT: &[u8] = b"miyu group post v1";
 /// Bytes of a certificate in its compact form: identity key, device key, signature.
 pub const CERTIFICATE_LEN: usize = 32 + 32 + 64;
 
@@ -33,6 +35,41 @@ pub fn certificate_payload(identity_key: &[u8; 32], device_key: &[u8; 32]) -> Ve
 /// The bytes a device key signs to authenticate a connection.
 pub fn auth_payload(server_certificate_sha256: &[u8; 32], nonce: &[u8]) -> Vec<u8> {
     [AUTH_CONTEXT, server_certificate_sha256, nonce].concat()
+}
+
+/// The bytes a group's posting key signs for a `GroupPost`: the group id (with its length),
+/// the epoch, the expiry and the SHA-256 of the payload.
+pub fn group_post_payload(group_id: &[u8], epoch: u64, expires_at: u64, payload: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut bytes = GROUP_POST_CONTEXT.to_vec();
+    bytes.push(u8::try_from(group_id.len()).unwrap_or(u8::MAX));
+    bytes.extend_from_slice(group_id);
+    bytes.extend_from_slice(&epoch.to_be_bytes());
+    bytes.extend_from_slice(&expires_at.to_be_bytes());
+    bytes.extend_from_slice(&Sha256::digest(payload));
+    bytes
+}
+
+/// Checks a posting key's signature over a `GroupPost`.
+pub fn verify_group_post(
+    posting_key: &[u8; 32],
+    group_id: &[u8],
+    epoch: u64,
+    expires_at: u64,
+    payload: &[u8],
+    signature: &[u8],
+) -> bool {
+    let Ok(key) = VerifyingKey::from_bytes(posting_key) else {
+        return false;
+    };
+    let Ok(signature) = <[u8; 64]>::try_from(signature) else {
+        return false;
+    };
+    key.verify_strict(
+        &group_post_payload(group_id, epoch, expires_at, payload),
+        &Signature::from_bytes(&signature),
+    )
+    .is_ok()
 }
 
 /// A device certificate whose signature has been checked.

@@ -44,6 +44,7 @@ fn derive(kind: &str) -> String {
                 kind: wire::EntryKind::Application as i32,
                 payload: vec![0x77; 4],
                 expires_at: 0,
+                next_posting_key: Vec::new(),
             })),
         })),
         "username_hash" => hex(&"@Miyu_Test".parse::<miyu_proto::Username>().unwrap().hash()),

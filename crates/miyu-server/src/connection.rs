@@ -412,6 +412,16 @@ impl Session {
                 let nonce = *nonce;
                 self.authenticate(id, nonce, authenticate).await;
             }
+            (Phase::Challenged { .. }, Request::GroupPost(post)) => self.group_post(id, post).await,
+            (Phase::Authenticated(_), Request::GroupPost(_)) => {
+                // Sent here it would say who posted: refuse rather than quietly attribute it.
+                self.bad_frame(error_frame(
+                    id,
+                    ErrorCode::BadSequence,
+                    "post unattributed messages on a connection that has not authenticated",
+                ))
+                .await;
+            }
             (Phase::Challenged { .. }, Request::Hello(_)) => {
                 self.bad_frame(error_frame(
                     id,
@@ -843,18 +853,16 @@ impl Session {
                         .await;
                 }
                 let epoch = Epoch(post.epoch);
-                // Rounded up to the minute: the stored time then says less about when the
-                // message was sent. Never later than the longest timer allows.
-                // Commits never expire: a member offline past the expiry would fall out of
-                // the group.
-                // An expiry already past (the sender's clock is behind) is moved to the next
-                // minute, so that members online now and members fetching now agree.
-                let expires_at = (post.expires_at != 0 && kind == EntryKind::Application)
-                    .then(|| {
-                        post.expires_at
-                            .clamp(now.saturating_add(1), now.saturating_add(MAX_EXPIRY))
-                    })
-                    .map(|at| at.div_ceil(60).saturating_mul(60));
+                let expires_at = stored_expiry(post.expires_at, kind, now);
+                let Ok(next_posting_key) = posting_key_of(&post.next_posting_key) else {
+                    return self
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "a posting key is 32 bytes",
+                        ))
+                        .await;
+                };
                 let payload = post.payload;
                 let connection = context.connection;
                 let group = group_id.clone();
@@ -872,6 +880,9 @@ impl Session {
                             expires_at,
                             now,
                         )?;
+                        if kind == EntryKind::Commit && next_posting_key.is_some() {
+                            store.set_posting_key(&group, Epoch(epoch.0 + 1), next_posting_key)?;
+                        }
                         let pushed = Arc::new(PushedEntry {
                             entry: crate::store::LogEntry {
                                 seq: appended.seq,
@@ -992,10 +1003,80 @@ impl Session {
             Request::Hello(_)
             | Request::Register(_)
             | Request::Authenticate(_)
+            | Request::GroupPost(_)
             | Request::Ping(_) => {
                 // Routed elsewhere by `handle`.
             }
         }
+    }
+
+    /// An application message from a connection that has not authenticated, signed with the
+    /// group's posting key: a member posted it, the server does not learn which.
+    async fn group_post(&mut self, id: u64, post: wire::GroupPost) {
+        let Some(group_id) = self.group_id(id, &post.group_id).await else {
+            return;
+        };
+        if post.payload.is_empty() || post.signature.len() != 64 {
+            return self
+                .bad_frame(error_frame(
+                    id,
+                    ErrorCode::InvalidArgument,
+                    "an empty payload or a signature that is not 64 bytes",
+                ))
+                .await;
+        }
+        let now = unix_now();
+        let epoch = Epoch(post.epoch);
+        let expires_at = stored_expiry(post.expires_at, EntryKind::Application, now);
+        let signed_expires_at = post.expires_at;
+        let payload = post.payload;
+        let signature = post.signature;
+        let connection = self.connection;
+        let group = group_id.clone();
+        let shared = Arc::clone(&self.shared);
+        let store = self.shared.store.clone();
+        let pending = store.submit_then(
+            move |store| {
+                let appended = store.append_unattributed(
+                    &group,
+                    epoch,
+                    payload.clone(),
+                    expires_at,
+                    signed_expires_at,
+                    &signature,
+                    now,
+                )?;
+                let pushed = Arc::new(PushedEntry {
+                    entry: crate::store::LogEntry {
+                        seq: appended.seq,
+                        epoch,
+                        kind: EntryKind::Application,
+                        payload,
+                    },
+                    poster_connection: connection,
+                });
+                Ok((appended, pushed))
+            },
+            move |(appended, pushed)| {
+                shared
+                    .hub
+                    .notify_group(&group_id, &appended.members, Some(pushed));
+            },
+        );
+        // Queued in arrival order here; answered once durable, without holding up the next.
+        let pending = pending.await;
+        let outbound = self.outbound.clone();
+        tokio::spawn(async move {
+            let result = match pending {
+                Ok(pending) => pending.await,
+                Err(error) => Err(error),
+            };
+            let bytes = match result {
+                Ok((appended, _)) => encode(id, Reply::Posted(wire::Posted { seq: appended.seq })),
+                Err(error) => store_error_frame(id, &error),
+            };
+            let _ = tokio::time::timeout(STALL_TIMEOUT, outbound.send(bytes)).await;
+        });
     }
 
     /// A username hash from a request, once it is well formed and the device's and the
@@ -1123,6 +1204,7 @@ fn parse_new_group(create: wire::CreateGroup, creator: DeviceId, now: u64) -> Op
         .collect::<Option<Vec<_>>>()?;
     let welcomes = welcomes_of(create.welcomes, create.welcome, &members, creator)?;
     Some(NewGroup {
+        posting_key: posting_key_of(&create.posting_key).ok()?,
         group_id: GroupId::from_bytes(&create.group_id).ok()?,
         epoch: Epoch(create.epoch),
         creator,
@@ -1130,6 +1212,25 @@ fn parse_new_group(create: wire::CreateGroup, creator: DeviceId, now: u64) -> Op
         welcomes,
         now,
     })
+}
+
+/// When an entry's ciphertext is deleted, from the expiry a client asked for: rounded up to
+/// the minute (the stored time then says less about when the message was sent), never later
+/// than the longest timer allows, and moved to the next minute if already past (the sender's
+/// clock is behind), so that members online now and members fetching later agree. Commits never
+/// expire: a member offline past the expiry would fall out of the group.
+fn stored_expiry(expires_at: u64, kind: EntryKind, now: u64) -> Option<u64> {
+    (expires_at != 0 && kind == EntryKind::Application)
+        .then(|| expires_at.clamp(now.saturating_add(1), now.saturating_add(MAX_EXPIRY)))
+        .map(|at| at.div_ceil(60).saturating_mul(60))
+}
+
+/// A posting key from a request: empty for none, else 32 bytes.
+fn posting_key_of(bytes: &[u8]) -> Result<Option<[u8; 32]>, ()> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    <[u8; 32]>::try_from(bytes).map(Some).map_err(|_| ())
 }
 
 fn parse_commit(commit: wire::Commit, committer: DeviceId, now: u64) -> Option<NewCommit> {
@@ -1144,6 +1245,7 @@ fn parse_commit(commit: wire::Commit, committer: DeviceId, now: u64) -> Option<N
     let add = devices(&commit.add_devices)?;
     let welcomes = welcomes_of(commit.welcomes, commit.welcome, &add, committer)?;
     Some(NewCommit {
+        next_posting_key: posting_key_of(&commit.next_posting_key).ok()?,
         group_id: GroupId::from_bytes(&commit.group_id).ok()?,
         committer,
         epoch: Epoch(commit.epoch),

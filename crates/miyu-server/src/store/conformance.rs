@@ -94,6 +94,7 @@ conformance_suite! {
     adding_a_device_needs_a_grant_and_welcomes_go_only_to_added_devices
     a_member_commit_refuses_impossible_changes
     a_device_that_leaves_gets_nothing_more_and_no_longer_holds_entries_back
+    an_unattributed_post_needs_the_posting_key_of_the_current_epoch
 }
 
 /// What the suite needs beyond the contract: a state that no operation reaches yet.
@@ -180,6 +181,7 @@ fn new_group(number: u8, creator: DeviceId, members: &[DeviceId]) -> NewGroup {
         creator,
         members: members.to_vec(),
         welcomes: Vec::new(),
+        posting_key: None,
         now: NOW,
     }
 }
@@ -1561,6 +1563,7 @@ fn member_commit(
             .iter()
             .map(|number| (device(*number), vec![b'w', *number]))
             .collect(),
+        next_posting_key: None,
         now: NOW,
     }
 }
@@ -1805,5 +1808,101 @@ fn a_device_that_leaves_gets_nothing_more_and_no_longer_holds_entries_back(
         ),
         Err(StoreError::Forbidden)
     ));
+    Ok(())
+}
+
+fn an_unattributed_post_needs_the_posting_key_of_the_current_epoch(
+    store: &mut dyn Store,
+) -> Outcome {
+    use ed25519_dalek::{Signer, SigningKey};
+    let group_id = group_of_three(store)?;
+    let (first, second) = (
+        SigningKey::from_bytes(&[1; 32]),
+        SigningKey::from_bytes(&[2; 32]),
+    );
+    let post = |store: &mut dyn Store, key: &SigningKey, epoch: u64, payload: &[u8]| {
+        let signature = key.sign(&miyu_proto::cert::group_post_payload(
+            group_id.as_bytes(),
+            epoch,
+            0,
+            payload,
+        ));
+        store.append_unattributed(
+            &group_id,
+            Epoch(epoch),
+            payload.to_vec(),
+            None,
+            0,
+            &signature.to_bytes(),
+            NOW,
+        )
+    };
+    // No key registered yet.
+    assert!(matches!(
+        post(store, &first, 0, b"a"),
+        Err(StoreError::Forbidden)
+    ));
+    assert!(matches!(
+        store.set_posting_key(&group_id, Epoch(1), Some(first.verifying_key().to_bytes())),
+        Err(StoreError::EpochMismatch { current: Epoch(0) })
+    ));
+    store.set_posting_key(&group_id, Epoch(0), Some(first.verifying_key().to_bytes()))?;
+    let appended = post(store, &first, 0, b"a")?;
+    assert_eq!(appended.seq, 1);
+    assert_eq!(appended.members.len(), 3);
+    // Another key, another epoch, or bytes other than those signed: refused.
+    assert!(matches!(
+        post(store, &second, 0, b"b"),
+        Err(StoreError::Forbidden)
+    ));
+    assert!(matches!(
+        post(store, &first, 1, b"b"),
+        Err(StoreError::EpochMismatch { current: Epoch(0) })
+    ));
+    let signature = first.sign(&miyu_proto::cert::group_post_payload(
+        group_id.as_bytes(),
+        0,
+        0,
+        b"b",
+    ));
+    assert!(matches!(
+        store.append_unattributed(
+            &group_id,
+            Epoch(0),
+            b"c".to_vec(),
+            None,
+            0,
+            &signature.to_bytes(),
+            NOW
+        ),
+        Err(StoreError::Forbidden)
+    ));
+    // A commit that names no key leaves none; one that does brings it.
+    store.append(
+        &group_id,
+        &device(1),
+        Epoch(0),
+        EntryKind::Commit,
+        b"c".to_vec(),
+        None,
+        NOW,
+    )?;
+    assert!(matches!(
+        post(store, &first, 1, b"d"),
+        Err(StoreError::Forbidden)
+    ));
+    let mut commit = member_commit(&group_id, 2, 1, &[], &[3]);
+    commit.next_posting_key = Some(second.verifying_key().to_bytes());
+    store.commit_members(commit)?;
+    assert!(matches!(
+        post(store, &first, 2, b"e"),
+        Err(StoreError::Forbidden)
+    ));
+    let appended = post(store, &second, 2, b"e")?;
+    assert_eq!(appended.members.len(), 2);
+    store.commit()?;
+    // The log holds the entries with no trace of who posted them.
+    let entries = store.group_entries(&group_id, &device(1), 0, 10, NOW)?;
+    assert_eq!(seqs(&entries), vec![1, 2, 3, 4]);
     Ok(())
 }

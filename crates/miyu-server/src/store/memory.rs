@@ -240,6 +240,7 @@ impl Store for MemoryStore {
                 next_seq: 1,
                 members: members.iter().map(|member| (*member, 0)).collect(),
                 removed: BTreeMap::new(),
+                posting_key: group.posting_key,
                 log: BTreeMap::new(),
             },
         );
@@ -352,11 +353,65 @@ impl Store for MemoryStore {
             group.removed.remove(device);
             group.members.insert(*device, seq);
         }
+        group.posting_key = commit.next_posting_key;
         Ok(Committed {
             seq,
             members: group.members.keys().copied().collect(),
             removed: removed_now,
             welcomed: welcomed.into_iter().collect(),
+        })
+    }
+
+    fn set_posting_key(
+        &mut self,
+        group_id: &GroupId,
+        epoch: Epoch,
+        posting_key: Option<[u8; 32]>,
+    ) -> Result<(), StoreError> {
+        let group = self.groups.get_mut(group_id).ok_or(StoreError::NotFound)?;
+        if group.epoch != epoch {
+            return Err(StoreError::EpochMismatch {
+                current: group.epoch,
+            });
+        }
+        group.posting_key = posting_key;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append_unattributed(
+        &mut self,
+        group_id: &GroupId,
+        epoch: Epoch,
+        payload: Vec<u8>,
+        expires_at: Option<u64>,
+        signed_expires_at: u64,
+        signature: &[u8],
+        now: u64,
+    ) -> Result<Appended, StoreError> {
+        let group = self.groups.get_mut(group_id).ok_or(StoreError::NotFound)?;
+        if group.epoch != epoch {
+            return Err(StoreError::EpochMismatch {
+                current: group.epoch,
+            });
+        }
+        let Some(posting_key) = group.posting_key else {
+            return Err(StoreError::Forbidden);
+        };
+        if !miyu_proto::cert::verify_group_post(
+            &posting_key,
+            group_id.as_bytes(),
+            epoch.0,
+            signed_expires_at,
+            &payload,
+            signature,
+        ) {
+            return Err(StoreError::Forbidden);
+        }
+        let seq = group.append(epoch, EntryKind::Application, payload, expires_at, now);
+        Ok(Appended {
+            seq,
+            members: group.members.keys().copied().collect(),
         })
     }
 
@@ -678,6 +733,8 @@ struct Group {
     members: BTreeMap<DeviceId, u64>,
     /// Removed devices: cursor, and the commit that removed them, which they still read up to.
     removed: BTreeMap<DeviceId, (u64, u64)>,
+    /// The public posting key of the current epoch.
+    posting_key: Option<[u8; 32]>,
     log: BTreeMap<u64, Stored<LogEntry>>,
 }
 
@@ -753,6 +810,8 @@ impl Group {
         self.next_seq += 1;
         if kind == EntryKind::Commit {
             self.epoch = Epoch(self.epoch.0 + 1);
+            // A commit that names no key for its epoch leaves none: the old one is stale.
+            self.posting_key = None;
         }
         seq
     }

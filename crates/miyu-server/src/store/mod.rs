@@ -68,6 +68,8 @@ pub struct NewGroup {
     pub members: Vec<DeviceId>,
     /// Welcome messages, each to the inbox of one member.
     pub welcomes: Vec<(DeviceId, Vec<u8>)>,
+    /// The public posting key of the first epoch, for unattributed posts.
+    pub posting_key: Option<[u8; 32]>,
     pub now: u64,
 }
 
@@ -93,6 +95,8 @@ pub struct NewCommit {
     pub remove: Vec<DeviceId>,
     /// Welcome messages, each to the inbox of one added device.
     pub welcomes: Vec<(DeviceId, Vec<u8>)>,
+    /// The public posting key of the epoch the commit starts.
+    pub next_posting_key: Option<[u8; 32]>,
     pub now: u64,
 }
 
@@ -297,6 +301,32 @@ pub trait Store: Send + 'static {
     /// skipped. Added devices start reading after the commit; removed ones still read up to
     /// it, until they acknowledge it.
     fn commit_members(&mut self, commit: NewCommit) -> Result<Committed, StoreError>;
+
+    /// Sets the public posting key of the group's current epoch (`None`: no unattributed posts
+    /// until the next). `NotFound` if there is no such group, `EpochMismatch` unless the group
+    /// is at `epoch`.
+    fn set_posting_key(
+        &mut self,
+        group_id: &GroupId,
+        epoch: Epoch,
+        posting_key: Option<[u8; 32]>,
+    ) -> Result<(), StoreError>;
+
+    /// Appends an application message whose poster is not known: it is accepted if
+    /// `signature` verifies under the group's posting key for `epoch` (PROTOCOL.md §4.4).
+    /// `NotFound` if there is no such group, `EpochMismatch` if `epoch` is not the current
+    /// one, `Forbidden` if the epoch has no posting key or the signature does not verify.
+    #[allow(clippy::too_many_arguments)] // One per field of the request.
+    fn append_unattributed(
+        &mut self,
+        group_id: &GroupId,
+        epoch: Epoch,
+        payload: Vec<u8>,
+        expires_at: Option<u64>,
+        signed_expires_at: u64,
+        signature: &[u8],
+        now: u64,
+    ) -> Result<Appended, StoreError>;
 
     /// Ends a device's membership of a group. `Forbidden` if it is not a member.
     fn leave_group(&mut self, group_id: &GroupId, device_id: &DeviceId) -> Result<(), StoreError>;

@@ -258,10 +258,14 @@ impl Store for SqliteStore {
             let group_id = group.group_id.as_bytes();
             let inserted = db
                 .prepare_cached(
-                    "INSERT INTO groups (group_id, epoch, next_seq) VALUES (?1, ?2, 1) \
-                     ON CONFLICT (group_id) DO NOTHING",
+                    "INSERT INTO groups (group_id, epoch, next_seq, posting_key) \
+                     VALUES (?1, ?2, 1, ?3) ON CONFLICT (group_id) DO NOTHING",
                 )?
-                .execute(params![group_id, epoch_to_sql(group.epoch)])?;
+                .execute(params![
+                    group_id,
+                    epoch_to_sql(group.epoch),
+                    group.posting_key.map(|key| key.to_vec())
+                ])?;
             if inserted == 0 {
                 return Err(StoreError::AlreadyExists);
             }
@@ -418,11 +422,73 @@ impl Store for SqliteStore {
                 push_to_inbox(db, device_id, welcome, commit.now)?;
                 welcomed.insert(*device_id);
             }
+            set_posting_key(db, group_key, commit.next_posting_key)?;
             Ok(Committed {
                 seq,
                 members: members_of(db, group_key)?,
                 removed: removed_now,
                 welcomed: welcomed.into_iter().collect(),
+            })
+        })
+    }
+
+    fn set_posting_key(
+        &mut self,
+        group_id: &GroupId,
+        epoch: Epoch,
+        posting_key: Option<[u8; 32]>,
+    ) -> Result<(), StoreError> {
+        self.write(|db| {
+            let current = group_epoch_and_key(db, group_id.as_bytes())?.0;
+            if current != epoch {
+                return Err(StoreError::EpochMismatch { current });
+            }
+            set_posting_key(db, group_id.as_bytes(), posting_key)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append_unattributed(
+        &mut self,
+        group_id: &GroupId,
+        epoch: Epoch,
+        payload: Vec<u8>,
+        expires_at: Option<u64>,
+        signed_expires_at: u64,
+        signature: &[u8],
+        now: u64,
+    ) -> Result<Appended, StoreError> {
+        self.write(|db| {
+            let group_key = group_id.as_bytes();
+            let (current, posting_key) = group_epoch_and_key(db, group_key)?;
+            if current != epoch {
+                return Err(StoreError::EpochMismatch { current });
+            }
+            let Some(posting_key) = posting_key else {
+                return Err(StoreError::Forbidden);
+            };
+            if !miyu_proto::cert::verify_group_post(
+                &posting_key,
+                group_key,
+                epoch.0,
+                signed_expires_at,
+                &payload,
+                signature,
+            ) {
+                return Err(StoreError::Forbidden);
+            }
+            let seq = insert_entry(
+                db,
+                group_key,
+                current,
+                EntryKind::Application,
+                &payload,
+                expires_at,
+                now,
+            )?;
+            Ok(Appended {
+                seq,
+                members: members_of(db, group_key)?,
             })
         })
     }
@@ -1009,8 +1075,11 @@ CREATE INDEX blobs_unfinished_by_hour ON blobs (created_hour) WHERE length < siz
 /// Version 4: a device removed from a group still reads the log up to the commit that removed
 /// it (`until_seq`), so that it learns of its removal and gets what was sent before; the row
 /// goes once it has acknowledged that far.
+/// It also added the posting key of each group's current epoch, which checks that an
+/// unattributed post comes from a member.
 const MIGRATION_4: &str = "
 ALTER TABLE group_members ADD COLUMN until_seq INTEGER;
+ALTER TABLE groups ADD COLUMN posting_key BLOB;
 ";
 
 fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
@@ -1125,23 +1194,70 @@ fn append_entry(
     now: u64,
 ) -> Result<u64, StoreError> {
     let group_key = group_id.as_bytes();
-    let (current, seq) = db
-        .prepare_cached("SELECT epoch, next_seq FROM groups WHERE group_id = ?1")?
-        .query_row([group_key], |row| {
-            Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
-        })
-        .optional()?
-        .ok_or(StoreError::NotFound)?;
+    let (current, _) = group_epoch_and_key(db, group_key)?;
     if !is_member(db, group_key, poster)? {
         return Err(StoreError::Forbidden);
     }
-    let next_seq = seq.checked_add(1).ok_or(StoreError::Corrupt(
-        "a group's sequence number is exhausted",
-    ))?;
-    let current = epoch_from_sql(current);
     if epoch != current {
         return Err(StoreError::EpochMismatch { current });
     }
+    let seq = insert_entry(db, group_key, current, kind, payload, expires_at, now)?;
+    if kind == EntryKind::Commit {
+        // A commit that names no key for its epoch leaves none: the old one is stale.
+        set_posting_key(db, group_key, None)?;
+    }
+    Ok(seq)
+}
+
+/// The group's current epoch and its posting key. `NotFound` if there is no such group.
+fn group_epoch_and_key(
+    db: &Connection,
+    group_key: &[u8],
+) -> Result<(Epoch, Option<[u8; 32]>), StoreError> {
+    let (epoch, key) = db
+        .prepare_cached("SELECT epoch, posting_key FROM groups WHERE group_id = ?1")?
+        .query_row([group_key], |row| {
+            Ok((row.get::<_, i64>(0)?, row.get::<_, Option<Vec<u8>>>(1)?))
+        })
+        .optional()?
+        .ok_or(StoreError::NotFound)?;
+    let key = match key {
+        Some(bytes) => Some(
+            <[u8; 32]>::try_from(bytes.as_slice())
+                .map_err(|_| StoreError::Corrupt("a posting key is not 32 bytes"))?,
+        ),
+        None => None,
+    };
+    Ok((epoch_from_sql(epoch), key))
+}
+
+fn set_posting_key(
+    db: &Connection,
+    group_key: &[u8],
+    posting_key: Option<[u8; 32]>,
+) -> Result<(), StoreError> {
+    db.prepare_cached("UPDATE groups SET posting_key = ?2 WHERE group_id = ?1")?
+        .execute(params![group_key, posting_key.map(|key| key.to_vec())])?;
+    Ok(())
+}
+
+/// Stores an entry at the group's next sequence number; a commit moves the group from
+/// `current` to the next epoch. The caller has checked the poster and the epoch.
+fn insert_entry(
+    db: &Connection,
+    group_key: &[u8],
+    current: Epoch,
+    kind: EntryKind,
+    payload: &[u8],
+    expires_at: Option<u64>,
+    now: u64,
+) -> Result<u64, StoreError> {
+    let seq: i64 = db
+        .prepare_cached("SELECT next_seq FROM groups WHERE group_id = ?1")?
+        .query_row([group_key], |row| row.get(0))?;
+    let next_seq = seq.checked_add(1).ok_or(StoreError::Corrupt(
+        "a group's sequence number is exhausted",
+    ))?;
     let next_epoch = match kind {
         EntryKind::Application => current,
         EntryKind::Commit => Epoch(
@@ -1365,6 +1481,7 @@ mod tests {
             creator: device_id,
             members: Vec::new(),
             welcomes: Vec::new(),
+            posting_key: None,
             now: NOW,
         })?;
         Ok((device_id, group_id))
@@ -1558,6 +1675,7 @@ mod tests {
                 creator: device_id,
                 members: Vec::new(),
                 welcomes: Vec::new(),
+                posting_key: None,
                 now: NOW,
             })?;
             store.create_blob(
