@@ -16,6 +16,7 @@
 
 mod embedded;
 mod files;
+mod group_sizes;
 mod latency;
 mod machine;
 mod relay;
@@ -65,6 +66,16 @@ enum Scenario {
     /// MLS group operations at thousands of members, openmls alone in this process with its
     /// in-memory storage (no server, no SQLite).
     MlsScale(MlsScaleArgs),
+    /// Miyu's own MLS code path (device certificates, SQLite provider) at growing group sizes,
+    /// and whether its Welcomes and commits fit in one frame.
+    GroupSizes(GroupSizesArgs),
+}
+
+#[derive(Debug, Args)]
+struct GroupSizesArgs {
+    /// Group sizes in members, committer included.
+    #[arg(long, value_delimiter = ',', default_value = "50,500,2000")]
+    sizes: Vec<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -203,6 +214,7 @@ async fn run(cli: Cli) -> Result<()> {
         Scenario::Latency(args) => latency(args, machine, epoch, cli.json).await,
         Scenario::Files(args) => files(args, machine, cli.json),
         Scenario::MlsScale(args) => mls_scale(args, machine, cli.json),
+        Scenario::GroupSizes(args) => group_sizes(args, cli.json),
     }
 }
 
@@ -537,6 +549,45 @@ struct ScaleReport {
     /// The 1, 5 and 15 minute load averages when the run started.
     load_average: Option<String>,
     runs: Vec<ScaleOutcome>,
+}
+
+/// Runs on this thread, like `mls_scale`.
+fn group_sizes(args: GroupSizesArgs, json: bool) -> Result<()> {
+    ensure!(!args.sizes.is_empty(), "give at least one --sizes value");
+    let mut runs = Vec::new();
+    for &members in &args.sizes {
+        ensure!(
+            (2..=MAX_MEMBERS).contains(&members),
+            "--sizes must be between 2 and {MAX_MEMBERS}"
+        );
+        let run =
+            group_sizes::run(members).with_context(|| format!("measuring a group of {members}"))?;
+        if !json {
+            println!(
+                "{:>6} members: check key packages {}, create {} (Welcome {}), join {}; \
+                 add: build {} commit {} Welcome {} processed {}; remove: build {} commit {} \
+                 processed {}; fits in a frame: {}",
+                run.members,
+                format_seconds(run.check_key_packages_seconds),
+                format_seconds(run.create_seconds),
+                format_bytes(run.create_welcome_bytes),
+                format_seconds(run.join_seconds),
+                format_seconds(run.add_build_ms / 1e3),
+                format_bytes(run.add_commit_bytes),
+                format_bytes(run.add_welcome_bytes),
+                format_seconds(run.add_process_ms / 1e3),
+                format_seconds(run.remove_build_ms / 1e3),
+                format_bytes(run.remove_commit_bytes),
+                format_seconds(run.remove_process_ms / 1e3),
+                if run.fits_in_a_frame { "yes" } else { "NO" },
+            );
+        }
+        runs.push(run);
+    }
+    if json {
+        println!("{}", serde_json::to_string(&runs).context("writing JSON")?);
+    }
+    Ok(())
 }
 
 /// Runs on this thread: openmls is synchronous and the runtime is idle.
