@@ -122,6 +122,17 @@ fn a_group_grows_and_shrinks_and_the_server_never_sees_its_name_or_texts() {
     let at_dave = conversation(&dave, "Quiet Harbor Club").join("\n");
     assert!(at_dave.contains("alice: welcome dave"), "{at_dave}");
     assert!(!at_dave.contains("lanterns"), "{at_dave}");
+    // A mention is marked for the one it names only.
+    post(&alice, "Quiet Harbor Club", "@dave, glad you came");
+    let told = miyu_ok(&dave, &["sync"]);
+    assert!(
+        told.contains("alice: @dave, glad you came (mentions you)"),
+        "{told}"
+    );
+    miyu_ok(&bob, &["sync"]);
+    let at_bob = conversation(&bob, "Quiet Harbor Club").join("\n");
+    assert!(at_bob.contains("alice: @dave, glad you came"), "{at_bob}");
+    assert!(!at_bob.contains("mentions you"), "{at_bob}");
 
     // Carol is removed: she is told, and cannot read or post what follows.
     miyu_ok(&alice, &["group", "remove", "Quiet Harbor Club", "carol"]);

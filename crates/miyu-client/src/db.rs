@@ -216,6 +216,8 @@ CREATE TABLE group_members (
 );
 -- The group member who wrote an incoming group message (NULL in one-to-one conversations).
 ALTER TABLE messages ADD COLUMN sender TEXT;
+-- An incoming group text that mentions this account.
+ALTER TABLE messages ADD COLUMN mentions_me INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// Opens (or creates) the profile database, encrypted with `key`. A wrong key is reported as

@@ -348,6 +348,7 @@ impl Client {
                 body: text.to_string(),
                 reply_to: quoted.message_id,
                 forwarded: false,
+                mentions: Vec::new(),
             },
         )
         .await
@@ -461,6 +462,7 @@ impl Client {
                 body: original.body,
                 reply_to: Vec::new(),
                 forwarded: true,
+                mentions: Vec::new(),
             },
         )
         .await

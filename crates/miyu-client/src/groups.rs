@@ -725,6 +725,44 @@ pub(crate) fn check_can_send(
     Ok(())
 }
 
+/// The members a group text mentions: each `@name` that is a member's name as this device
+/// shows it (a contact's name, or the name the member gave, with or without its `~`).
+pub(crate) fn mentions_in(
+    db: &Connection,
+    group_id: &[u8],
+    text: &str,
+    me: AccountId,
+) -> Result<Vec<Vec<u8>>, Error> {
+    let wanted: Vec<&str> = text
+        .split_whitespace()
+        .filter_map(|word| word.strip_prefix('@'))
+        .map(|name| name.trim_end_matches(|c: char| c.is_ascii_punctuation()))
+        .filter(|name| !name.is_empty())
+        .collect();
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let accounts: Vec<String> = {
+        let mut statement =
+            db.prepare_cached("SELECT account_id FROM group_members WHERE group_id = ?1")?;
+        statement
+            .query_map(params![group_id], |row| row.get(0))?
+            .collect::<Result<_, _>>()?
+    };
+    let me = me.to_string();
+    let mut mentioned = Vec::new();
+    for account in accounts.iter().filter(|account| **account != me) {
+        let shown = display_name(db, account)?;
+        let bare = shown.strip_prefix('~').unwrap_or(&shown);
+        if wanted.iter().any(|name| *name == shown || *name == bare)
+            && let Ok(id) = account.parse::<AccountId>()
+        {
+            mentioned.push(id.as_bytes().to_vec());
+        }
+    }
+    Ok(mentioned)
+}
+
 /// Key packages of one contact's devices, checked against the contact's identity.
 struct Claimed {
     account: String,
@@ -1524,7 +1562,20 @@ impl Client {
             {
                 refuse("post")
             }
-            Some(wire::app_message::Body::Text(text)) => privacy::store_text(db, &received, &text),
+            Some(wire::app_message::Body::Text(text)) => {
+                let mut event = privacy::store_text(db, &received, &text)?;
+                let me = self.account_id();
+                if text.mentions.iter().any(|m| m.as_slice() == me.as_bytes())
+                    && let Some(Event::Message(view)) = &mut event
+                {
+                    db.execute(
+                        "UPDATE messages SET mentions_me = 1 WHERE id = ?1",
+                        params![view.id],
+                    )?;
+                    view.mentions_me = true;
+                }
+                Ok(event)
+            }
             Some(wire::app_message::Body::File(file)) => files::store_file(db, &received, &file),
             Some(wire::app_message::Body::Reaction(reaction)) => {
                 features::on_reaction(db, &received, &reaction)

@@ -174,6 +174,8 @@ pub struct MessageView {
     /// Deleted for everyone by its author; `body` is empty.
     pub deleted: bool,
     pub reactions: Vec<features::ReactionView>,
+    /// A group text that mentions us.
+    pub mentions_me: bool,
 }
 
 /// Something front ends may want to show.
@@ -1878,6 +1880,10 @@ impl Client {
             return Err(Error::Usage("the message is empty".into()));
         }
         let (_, group_id) = self.conversation_of(contact)?;
+        let mut message = message;
+        if groups::is_group_id(&group_id) {
+            message.mentions = groups::mentions_in(&self.db, &group_id, text, self.account_id())?;
+        }
         let (last_update_ms, pending_commit, broken): (u64, bool, Option<String>) = self.db.query_row(
             "SELECT last_update_ms, pending_commit_hash IS NOT NULL, broken FROM conversations WHERE group_id = ?1",
             params![group_id],

@@ -471,7 +471,7 @@ pub(crate) fn history(
     let mut statement = db.prepare(
         "SELECT m.outgoing, m.body, m.sent_at_ms, m.state, m.kind, m.expires_at_ms, f.id, f.size,
                 m.id, (SELECT r.id FROM messages r WHERE r.group_id = m.group_id AND r.message_id = m.reply_to),
-                m.forwarded, m.edited_at_ms, m.deleted, m.sender
+                m.forwarded, m.edited_at_ms, m.deleted, m.sender, m.mentions_me
          FROM messages m LEFT JOIN files f ON f.message_row = m.id
          WHERE m.group_id IN (SELECT group_id FROM conversations WHERE scope = ?1)
          AND (m.expires_at_ms IS NULL OR m.expires_at_ms > ?2) ORDER BY m.id",
@@ -509,6 +509,7 @@ pub(crate) fn history(
                 edited_at_ms: row.get(11)?,
                 deleted: row.get(12)?,
                 reactions: Vec::new(),
+                mentions_me: row.get(14)?,
             };
             Ok((message, row.get(13)?))
         })?

@@ -387,6 +387,9 @@ fn message_line(message: &MessageView) -> String {
     if message.edited_at_ms.is_some() && !message.deleted {
         state.push_str(" (edited)");
     }
+    if message.mentions_me {
+        state.push_str(" (mentions you)");
+    }
     if let Some(expires_at_ms) = message.expires_at_ms {
         state.push_str(&format!(" (disappears {})", format_time(expires_at_ms)));
     }
