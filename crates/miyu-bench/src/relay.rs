@@ -254,6 +254,7 @@ impl Pair {
             &mut receiver.connection,
             Request::CreateInvite(wire::CreateInvite {
                 token_hash: Sha256::digest(&token).to_vec(),
+                uses: 1,
             }),
         )
         .await

@@ -613,6 +613,7 @@ fn a_server_that_makes_up_an_invite_cannot_make_up_a_contact() {
             account,
             identity: certificate.identity_fingerprint(),
             token,
+            group: false,
         }
     };
     let _server = Server::start(&server_data, &listen, &[]);

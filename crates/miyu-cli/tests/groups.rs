@@ -504,3 +504,65 @@ fn a_group_post_names_no_poster_and_needs_the_posting_key_of_the_epoch() {
         assert_eq!(code(error), ErrorCode::BadSequence);
     });
 }
+
+#[test]
+fn a_group_link_lets_people_ask_to_join_with_or_without_approval() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let init = |name: &str| {
+        let profile = root.path().join(name);
+        miyu_ok(
+            &profile,
+            &["init", "--server", &server.address, "--name", name],
+        );
+        profile
+    };
+    let (alice, erin, frank, gina) = (init("alice"), init("erin"), init("frank"), init("gina"));
+    miyu_ok(&alice, &["group", "create", "Open Door"]);
+
+    // A link that needs Alice's approval. Erin lets nobody add her, but she asked for this.
+    miyu_ok(&erin, &["settings", "set", "group_invites", "nobody"]);
+    let link = miyu_ok(&alice, &["group", "invite", "Open Door", "--approval"]);
+    let asked = miyu_ok(&erin, &["accept", link.trim()]);
+    assert!(asked.contains("asked to join their group"), "{asked}");
+    let told = miyu_ok(&alice, &["sync"]);
+    assert!(told.contains("erin asks to join"), "{told}");
+    assert!(miyu_ok(&alice, &["group", "requests", "Open Door"]).contains("erin"));
+    miyu_ok(&erin, &["sync"]);
+    assert_eq!(
+        miyu_ok(&erin, &["groups"]).trim(),
+        "",
+        "added before approval"
+    );
+    miyu_ok(&alice, &["group", "approve", "Open Door", "erin"]);
+    let joined = miyu_ok(&erin, &["sync"]);
+    assert!(joined.contains("alice added you to Open Door"), "{joined}");
+    assert_eq!(
+        miyu_ok(&alice, &["group", "requests", "Open Door"]).trim(),
+        ""
+    );
+
+    // A link for two, without approval: each is added at Alice's next sync; a third is refused.
+    let link = miyu_ok(&alice, &["group", "invite", "Open Door", "--uses", "2"]);
+    miyu_ok(&frank, &["accept", link.trim()]);
+    miyu_ok(&gina, &["accept", link.trim()]);
+    miyu_ok(&alice, &["sync"]);
+    for profile in [&frank, &gina] {
+        let joined = miyu_ok(profile, &["sync"]);
+        assert!(joined.contains("added you to Open Door"), "{joined}");
+    }
+    let harry = init("harry");
+    let (code, error) = failure(&harry, &["accept", link.trim()]);
+    assert_eq!(code, Some(2), "{error}");
+    assert!(error.contains("already used"), "{error}");
+    post(&gina, "Open Door", "hello all");
+    for profile in [&alice, &erin, &frank] {
+        miyu_ok(profile, &["sync"]);
+        assert!(
+            conversation(profile, "Open Door")
+                .join("\n")
+                .contains("hello all")
+        );
+    }
+    assert_eq!(members(&alice, "Open Door").len(), 4);
+}

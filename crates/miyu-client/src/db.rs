@@ -218,6 +218,26 @@ CREATE TABLE group_members (
 ALTER TABLE messages ADD COLUMN sender TEXT;
 -- An incoming group text that mentions this account.
 ALTER TABLE messages ADD COLUMN mentions_me INTEGER NOT NULL DEFAULT 0;
+-- A group's invite link: whoever connects through it asks to join that group, added at once
+-- or once this device's user approves. It serves `uses_left` more people.
+ALTER TABLE invites ADD COLUMN group_id BLOB;
+ALTER TABLE invites ADD COLUMN uses_left INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE invites ADD COLUMN approval INTEGER NOT NULL DEFAULT 0;
+-- People who asked to join a group through its link: 'waiting' for approval, or 'approved'
+-- (added at the next sync).
+CREATE TABLE group_requests (
+    group_id BLOB NOT NULL REFERENCES groups(group_id) ON DELETE CASCADE,
+    account_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    requested_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (group_id, account_id)
+);
+-- Accounts whose group we asked to join through its link: their adding us is welcome whatever
+-- the `group_invites` setting says, until `until_ms`.
+CREATE TABLE expected_groups (
+    account_id TEXT PRIMARY KEY,
+    until_ms INTEGER NOT NULL
+);
 ";
 
 /// Opens (or creates) the profile database, encrypted with `key`. A wrong key is reported as

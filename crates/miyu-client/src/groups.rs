@@ -763,6 +763,58 @@ pub(crate) fn mentions_in(
     Ok(mentioned)
 }
 
+/// Someone connected through one of our invite links (and became a contact); if it was a
+/// group's link, they ask to join it: added at the next sync, or once approved.
+pub(crate) fn on_join_request(
+    db: &Connection,
+    token: &[u8],
+    account: &str,
+    name: &str,
+) -> Result<Option<Event>, Error> {
+    let link: Option<(Option<Vec<u8>>, bool)> = db
+        .query_row(
+            "SELECT group_id, approval FROM invites WHERE token = ?1",
+            params![token],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+    let Some((Some(group_id), approval)) = link else {
+        return Ok(None);
+    };
+    let Some((_, state)) = group_state(db, &group_id)? else {
+        return Ok(None);
+    };
+    if state != "active" {
+        return Ok(None);
+    }
+    db.execute(
+        "INSERT OR IGNORE INTO group_requests (group_id, account_id, state, requested_at_ms) VALUES (?1, ?2, ?3, ?4)",
+        params![group_id, account, if approval { "waiting" } else { "approved" }, now_ms()],
+    )?;
+    if !approval {
+        return Ok(None);
+    }
+    let (group_name, _) = group_state(db, &group_id)?.unwrap_or_default();
+    notice(
+        db,
+        &group_id,
+        None,
+        Some(account),
+        &format!(
+            "{name} asks to join through the group's link: `miyu group approve {group_name} {name}` or `group deny`"
+        ),
+    )
+    .map(Some)
+}
+
+/// A request to join a group through its link, as `group requests` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct JoinRequest {
+    pub name: String,
+    pub account_id: String,
+    pub requested_at_ms: u64,
+}
+
 /// Key packages of one contact's devices, checked against the contact's identity.
 struct Claimed {
     account: String,
@@ -1336,6 +1388,133 @@ impl Client {
         ))
     }
 
+    /// Makes an invite link for the group: whoever uses it becomes our contact and asks to
+    /// join; with `approval` we decide (`approve_request`), else they are added at our next
+    /// sync. The link serves `uses` people (1 to 1,000) for 30 days.
+    pub async fn group_invite(
+        &mut self,
+        group: &str,
+        uses: u32,
+        approval: bool,
+    ) -> Result<miyu_proto::InviteLink, Error> {
+        let group_id = self.group_named(group)?;
+        self.check_active(&group_id, group)?;
+        if !(1..=1000).contains(&uses) {
+            return Err(Error::Usage("a link serves 1 to 1,000 people".into()));
+        }
+        let role = self.my_role(&group_id)?;
+        if !load_info(&self.db, &group_id)?.adding.allows(role) {
+            return Err(Error::Usage(format!("only admins may invite to {group}")));
+        }
+        self.create_invite(uses, Some(&group_id), approval).await
+    }
+
+    /// Who asked to join the group through our links and waits for our answer.
+    pub fn join_requests(&self, group: &str) -> Result<Vec<JoinRequest>, Error> {
+        let group_id = self.group_named(group)?;
+        let rows: Vec<(String, u64)> = {
+            let mut statement = self.db.prepare(
+                "SELECT account_id, requested_at_ms FROM group_requests
+                 WHERE group_id = ?1 AND state = 'waiting' ORDER BY requested_at_ms",
+            )?;
+            statement
+                .query_map(params![group_id], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        rows.into_iter()
+            .map(|(account_id, requested_at_ms)| {
+                Ok(JoinRequest {
+                    name: display_name(&self.db, &account_id)?,
+                    account_id,
+                    requested_at_ms,
+                })
+            })
+            .collect()
+    }
+
+    fn request_named(&self, group_id: &[u8], name: &str) -> Result<String, Error> {
+        let waiting: Vec<String> = {
+            let mut statement = self.db.prepare(
+                "SELECT account_id FROM group_requests WHERE group_id = ?1 AND state = 'waiting'",
+            )?;
+            statement
+                .query_map(params![group_id], |row| row.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        for account in waiting {
+            if display_name(&self.db, &account)? == name || account == name {
+                return Ok(account);
+            }
+        }
+        Err(Error::Usage(format!(
+            "{name} has not asked to join; `miyu group requests` lists who has"
+        )))
+    }
+
+    /// Adds someone who asked to join through the group's link.
+    pub async fn approve_request(&mut self, group: &str, name: &str) -> Result<GroupView, Error> {
+        let group_id = self.group_named(group)?;
+        let account = self.request_named(&group_id, name)?;
+        let contact: String = self.db.query_row(
+            "SELECT name FROM contacts WHERE account_id = ?1 AND state = 'accepted'",
+            params![account],
+            |row| row.get(0),
+        )?;
+        let view = self
+            .add_to_group(group, std::slice::from_ref(&contact))
+            .await?;
+        self.db.execute(
+            "DELETE FROM group_requests WHERE group_id = ?1 AND account_id = ?2",
+            params![group_id, account],
+        )?;
+        Ok(view)
+    }
+
+    /// Refuses someone who asked to join; they are not told (they stay a contact).
+    pub fn deny_request(&self, group: &str, name: &str) -> Result<(), Error> {
+        let group_id = self.group_named(group)?;
+        let account = self.request_named(&group_id, name)?;
+        self.db.execute(
+            "DELETE FROM group_requests WHERE group_id = ?1 AND account_id = ?2",
+            params![group_id, account],
+        )?;
+        Ok(())
+    }
+
+    /// Adds those who joined through a link that needs no approval.
+    pub(crate) async fn admit_requests(&mut self) -> Result<(), Error> {
+        let approved: Vec<(Vec<u8>, String, String, String)> = {
+            let mut statement = self.db.prepare(
+                "SELECT r.group_id, r.account_id, g.name, c.name FROM group_requests r
+                 JOIN groups g ON g.group_id = r.group_id
+                 JOIN contacts c ON c.account_id = r.account_id AND c.state = 'accepted'
+                 WHERE r.state = 'approved' AND g.state = 'active' AND g.leaving = 0",
+            )?;
+            statement
+                .query_map([], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                })?
+                .collect::<Result<_, _>>()?
+        };
+        for (group_id, account, group, contact) in approved {
+            match self
+                .add_to_group(&group, std::slice::from_ref(&contact))
+                .await
+            {
+                Ok(_) => {}
+                Err(error) if error.is_transient() => return Err(error),
+                Err(error) => {
+                    tracing::warn!("could not add someone who used a group link: {error}")
+                }
+            }
+            self.db.execute(
+                "DELETE FROM group_requests WHERE group_id = ?1 AND account_id = ?2",
+                params![group_id, account],
+            )?;
+        }
+        Ok(())
+    }
+
     /// Commits the removal of members who said they leave, where we are an admin.
     pub(crate) async fn remove_leavers(&mut self) -> Result<(), Error> {
         let me = self.account_id().to_string();
@@ -1619,11 +1798,21 @@ impl Client {
             )
             .optional()?
             .is_some();
-        let allowed = match Settings::load(db)?.group_invites {
-            GroupInvites::Nobody => false,
-            GroupInvites::Contacts => is_contact,
-            GroupInvites::Everyone => true,
-        };
+        // We asked this account to add us, through its group's link.
+        let expected: bool = db
+            .query_row(
+                "SELECT 1 FROM expected_groups WHERE account_id = ?1 AND until_ms > ?2",
+                params![adder, now_ms()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        let allowed = expected
+            || match Settings::load(db)?.group_invites {
+                GroupInvites::Nobody => false,
+                GroupInvites::Contacts => is_contact,
+                GroupInvites::Everyone => true,
+            };
         let group_id = received.group_id;
         if !allowed {
             tracing::debug!("declined a group: its adder may not add us");
@@ -1639,6 +1828,12 @@ impl Client {
             )?;
             self.queued_while_processing.set(true);
             return Ok(None);
+        }
+        if expected {
+            db.execute(
+                "DELETE FROM expected_groups WHERE account_id = ?1",
+                params![adder],
+            )?;
         }
         let name = db::free_group_name(db, &info.title, group_id)?;
         db.execute(

@@ -301,6 +301,8 @@ pub struct Client {
     outbox_waiting: bool,
     /// Processing an entry queued a message (a group introduction, say).
     queued_while_processing: std::cell::Cell<bool>,
+    /// Events found while processing an entry besides the one it returns.
+    extra_events: std::cell::RefCell<Vec<Event>>,
     /// A connection that never authenticates, for posting to groups without saying who posts.
     unattributed: Option<net::Connection>,
     _lock: File,
@@ -434,6 +436,7 @@ impl Client {
             events: VecDeque::new(),
             outbox_waiting: false,
             queued_while_processing: std::cell::Cell::new(false),
+            extra_events: std::cell::RefCell::new(Vec::new()),
             unattributed: None,
             _lock: lock,
         };
@@ -500,6 +503,7 @@ impl Client {
             events: VecDeque::new(),
             outbox_waiting: false,
             queued_while_processing: std::cell::Cell::new(false),
+            extra_events: std::cell::RefCell::new(Vec::new()),
             unattributed: None,
             _lock: lock,
         };
@@ -707,6 +711,7 @@ impl Client {
             self.pump().await?;
         }
         self.remove_leavers().await?;
+        self.admit_requests().await?;
         self.refresh_presence().await?;
         self.delete_expired()?;
         events.extend(self.events.drain(..));
@@ -943,6 +948,8 @@ impl Client {
         if self.queued_while_processing.take() {
             self.outbox_waiting = true;
         }
+        let extra = self.extra_events.take();
+        self.events.extend(extra);
         if let Some(event) = event {
             if matches!(event, Event::ContactAdded(_)) {
                 // Our introduction was queued with the acceptance; it is posted by the next
@@ -1154,10 +1161,11 @@ impl Client {
                 )
             })
         });
-        let redeemed = match answered {
+        let redeemed = match &answered {
             Some(token) => {
                 db.execute(
-                    "UPDATE invites SET used = 1 WHERE token = ?1",
+                    "UPDATE invites SET uses_left = uses_left - 1,
+                     used = CASE WHEN uses_left <= 1 THEN 1 ELSE 0 END WHERE token = ?1",
                     params![token],
                 )?;
                 true
@@ -1187,6 +1195,11 @@ impl Client {
             invite_proof: Vec::new(),
         });
         self.queue_app_message_in(db, group_id, profile, None)?;
+        if let Some(token) = &answered
+            && let Some(event) = groups::on_join_request(db, token, contact_account, &name)?
+        {
+            self.extra_events.borrow_mut().push(event);
+        }
         Ok(Some(Event::ContactAdded(Contact {
             name,
             account_id: contact_account.to_string(),
@@ -1202,21 +1215,34 @@ impl Client {
 
     /// Creates a one-time invite link. Whoever holds it can become a contact.
     pub async fn invite(&mut self) -> Result<InviteLink, Error> {
+        self.create_invite(1, None, false).await
+    }
+
+    /// Creates an invite link for `uses` people; with a group, those who use it ask to join
+    /// it (and become contacts, like with any invite).
+    pub(crate) async fn create_invite(
+        &mut self,
+        uses: u32,
+        group_id: Option<&[u8]>,
+        approval: bool,
+    ) -> Result<InviteLink, Error> {
         self.connect().await?;
         let token: [u8; 32] = random();
         self.call(Request::CreateInvite(wire::CreateInvite {
             token_hash: miyu_crypto::invite::claim_hash(&token).to_vec(),
+            uses,
         }))
         .await?;
         self.db.execute(
-            "INSERT INTO invites (token, created_at_ms) VALUES (?1, ?2)",
-            params![token.as_slice(), now_ms()],
+            "INSERT INTO invites (token, created_at_ms, group_id, uses_left, approval) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![token.as_slice(), now_ms(), group_id, uses.max(1), approval],
         )?;
         Ok(InviteLink {
             server: self.server.clone(),
             account: self.account_id(),
             identity: self.keys.certificate().identity_fingerprint(),
             token,
+            group: group_id.is_some(),
         })
     }
 
@@ -1256,8 +1282,18 @@ impl Client {
             }
             Err(error) => return Err(error),
         };
-        self.start_conversation(claimed, Some(link), name, None)
-            .await
+        let contact = self
+            .start_conversation(claimed, Some(link), name, None)
+            .await?;
+        if link.group {
+            // We asked to join their group: its Welcome is welcome, whatever `group_invites`
+            // says, for a week.
+            self.db.execute(
+                "INSERT OR REPLACE INTO expected_groups (account_id, until_ms) VALUES (?1, ?2)",
+                params![account, now_ms() + 7 * 24 * 3600 * 1000],
+            )?;
+        }
+        Ok(contact)
     }
 
     /// Refuses to start a second conversation with a contact, a message request or a blocked

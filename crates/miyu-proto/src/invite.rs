@@ -5,6 +5,9 @@
 //! The link names the inviter's server (and pins its certificate), the inviter's account and
 //! the fingerprint of their identity key, and carries a one-time token that authorises fetching
 //! the inviter's key packages. It is a secret until used: whoever holds it can connect.
+//!
+//! A group's invite link is the same with `&group=1` at the end: connecting through it asks
+//! the inviter (an admin) to add us to the group the link was made for.
 
 use std::fmt;
 use std::str::FromStr;
@@ -40,6 +43,8 @@ pub struct InviteLink {
     pub account: AccountId,
     pub identity: IdentityFingerprint,
     pub token: [u8; 32],
+    /// A group's invite link: using it asks to join that group.
+    pub group: bool,
 }
 
 impl fmt::Debug for InviteLink {
@@ -49,6 +54,7 @@ impl fmt::Debug for InviteLink {
             .field("server", &self.server)
             .field("account", &self.account)
             .field("identity", &self.identity)
+            .field("group", &self.group)
             .finish_non_exhaustive()
     }
 }
@@ -63,7 +69,11 @@ impl fmt::Display for InviteLink {
             self.account,
             self.identity,
             text::encode(&self.token)
-        )
+        )?;
+        if self.group {
+            f.write_str("&group=1")?;
+        }
+        Ok(())
     }
 }
 
@@ -84,6 +94,7 @@ impl FromStr for InviteLink {
         let mut account = None;
         let mut key = None;
         let mut token = None;
+        let mut group = None;
         for pair in query.split('&') {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             let slot = match name {
@@ -93,6 +104,7 @@ impl FromStr for InviteLink {
                 "account" => &mut account,
                 "key" => &mut key,
                 "token" => &mut token,
+                "group" => &mut group,
                 // Parts from later versions are ignored, so old clients read new links.
                 _ => continue,
             };
@@ -121,6 +133,11 @@ impl FromStr for InviteLink {
                 .map_err(|_| InviteError::Invalid("key"))?,
             token: text::decode_array(token.ok_or(InviteError::Missing("token"))?)
                 .ok_or(InviteError::Invalid("token"))?,
+            group: match group {
+                None | Some("0") => false,
+                Some("1") => true,
+                Some(_) => return Err(InviteError::Invalid("group")),
+            },
         })
     }
 }
@@ -135,6 +152,7 @@ mod tests {
             account: AccountId::from_identity_key(&[2; 32]),
             identity: IdentityFingerprint::of(&[2; 32]),
             token: [4; 32],
+            group: false,
         }
     }
 
@@ -142,6 +160,12 @@ mod tests {
     fn round_trips() {
         let text = link().to_string();
         assert_eq!(text.parse::<InviteLink>().unwrap(), link());
+        let group = InviteLink {
+            group: true,
+            ..link()
+        };
+        assert!(group.to_string().ends_with("&group=1"));
+        assert_eq!(group.to_string().parse::<InviteLink>().unwrap(), group);
     }
 
     #[test]

@@ -28,6 +28,7 @@ fn derive(kind: &str) -> String {
             account: AccountId::from_identity_key(&identity_key),
             identity: IdentityFingerprint::of(&identity_key),
             token: [0x55; 32],
+            group: false,
         }
         .to_string(),
         "hello_frame" => hex(&frame::encode(&wire::ClientFrame {

@@ -43,6 +43,8 @@ const PAGE: usize = 256;
 const MAX_BAD_FRAMES: u32 = 32;
 /// Key packages one request may upload.
 const MAX_KEY_PACKAGES_PER_UPLOAD: usize = 200;
+/// How many times one invite (a group's invite link) can be claimed.
+const MAX_INVITE_USES: u32 = 1000;
 /// How long an unused invite stays valid.
 const INVITE_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Invite claims one connection may make per minute: tokens are unguessable, this only keeps
@@ -734,11 +736,21 @@ impl Session {
                         ))
                         .await;
                 };
+                if invite.uses > MAX_INVITE_USES {
+                    return self
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "an invite can be used at most 1,000 times",
+                        ))
+                        .await;
+                }
                 let account = context.account;
                 // Rounded to the hour, like every time the server stores.
                 let expires = crate::store::coarse_hour(now) + 3600 + INVITE_LIFETIME.as_secs();
-                let pending =
-                    store.submit(move |store| store.create_invite(&account, token_hash, expires));
+                let uses = invite.uses;
+                let pending = store
+                    .submit(move |store| store.create_invite(&account, token_hash, expires, uses));
                 self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
             }
             Request::ClaimInvite(claim) => {

@@ -41,6 +41,7 @@ conformance_suite! {
     adding_a_last_resort_package_replaces_the_old_one
     a_device_without_key_packages_is_left_out_of_a_claim
     claiming_consumes_the_invite
+    an_invite_for_several_uses_is_gone_after_the_last
     an_expired_invite_is_not_found
     creating_an_invite_twice_fails
     a_claim_returns_one_key_package_per_device_of_the_account
@@ -170,7 +171,7 @@ fn claim(
     account_number: u8,
     token: u8,
 ) -> Result<Vec<ClaimedKeyPackage>, StoreError> {
-    store.create_invite(&account(account_number), [token; 32], NOW + DAY)?;
+    store.create_invite(&account(account_number), [token; 32], NOW + DAY, 1)?;
     store.claim_invite(&[token; 32], &claimer, NOW)
 }
 
@@ -361,6 +362,20 @@ fn a_device_without_key_packages_is_left_out_of_a_claim(store: &mut dyn Store) -
     Ok(())
 }
 
+fn an_invite_for_several_uses_is_gone_after_the_last(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2, 3, 4])?;
+    store.create_invite(&account(1), [9; 32], NOW + DAY, 2)?;
+    assert_eq!(store.claim_invite(&[9; 32], &device(2), NOW)?.len(), 1);
+    store.commit()?;
+    assert_eq!(store.claim_invite(&[9; 32], &device(3), NOW)?.len(), 1);
+    store.commit()?;
+    assert!(matches!(
+        store.claim_invite(&[9; 32], &device(4), NOW),
+        Err(StoreError::NotFound)
+    ));
+    Ok(())
+}
+
 fn claiming_consumes_the_invite(store: &mut dyn Store) -> Outcome {
     register(store, &[1, 2])?;
     claim(store, device(1), 2, 7)?;
@@ -378,7 +393,7 @@ fn claiming_consumes_the_invite(store: &mut dyn Store) -> Outcome {
 
 fn an_expired_invite_is_not_found(store: &mut dyn Store) -> Outcome {
     register(store, &[1, 2])?;
-    store.create_invite(&account(2), [7; 32], NOW + HOUR)?;
+    store.create_invite(&account(2), [7; 32], NOW + HOUR, 1)?;
     assert!(matches!(
         store.claim_invite(&[7; 32], &device(1), NOW + HOUR),
         Err(StoreError::NotFound)
@@ -394,9 +409,9 @@ fn an_expired_invite_is_not_found(store: &mut dyn Store) -> Outcome {
 }
 
 fn creating_an_invite_twice_fails(store: &mut dyn Store) -> Outcome {
-    store.create_invite(&account(2), [7; 32], NOW + DAY)?;
+    store.create_invite(&account(2), [7; 32], NOW + DAY, 1)?;
     assert!(matches!(
-        store.create_invite(&account(3), [7; 32], NOW + DAY),
+        store.create_invite(&account(3), [7; 32], NOW + DAY, 1),
         Err(StoreError::AlreadyExists)
     ));
     Ok(())
@@ -428,7 +443,7 @@ fn a_claim_returns_one_key_package_per_device_of_the_account(store: &mut dyn Sto
 
 fn an_unknown_device_cannot_claim(store: &mut dyn Store) -> Outcome {
     register(store, &[1, 2])?;
-    store.create_invite(&account(2), [7; 32], NOW + DAY)?;
+    store.create_invite(&account(2), [7; 32], NOW + DAY, 1)?;
     assert!(matches!(
         store.claim_invite(&[7; 32], &device(9), NOW),
         Err(StoreError::Forbidden)
@@ -989,8 +1004,8 @@ fn expire_deletes_old_entries_and_expired_invites_and_grants(store: &mut dyn Sto
         None,
         NOW + 2 * HOUR,
     )?;
-    store.create_invite(&account(2), [10; 32], NOW + HOUR)?;
-    store.create_invite(&account(2), [11; 32], NOW + 10 * DAY)?;
+    store.create_invite(&account(2), [10; 32], NOW + HOUR, 1)?;
+    store.create_invite(&account(2), [11; 32], NOW + 10 * DAY, 1)?;
     claim(store, device(1), 3, 3)?;
     store.commit()?;
 
@@ -1130,7 +1145,7 @@ fn deleting_an_account_leaves_nothing_of_it_and_the_others_carry_on(
 ) -> Outcome {
     let group_id = group_of_three(store)?;
     store.set_username(&account(2), Some([7; 32]))?;
-    store.create_invite(&account(2), [20; 32], NOW + DAY)?;
+    store.create_invite(&account(2), [20; 32], NOW + DAY, 1)?;
     claim(store, device(2), 3, 30)?;
     append_message(store, &group_id, b"before")?;
     store.commit()?;

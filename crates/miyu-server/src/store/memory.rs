@@ -91,6 +91,7 @@ impl Store for MemoryStore {
         account_id: &AccountId,
         token_hash: [u8; 32],
         expires_at: u64,
+        uses: u32,
     ) -> Result<(), StoreError> {
         if self.invites.contains_key(&token_hash) {
             return Err(StoreError::AlreadyExists);
@@ -100,6 +101,7 @@ impl Store for MemoryStore {
             Invite {
                 account_id: *account_id,
                 expires_at,
+                uses_left: uses.max(1),
             },
         );
         Ok(())
@@ -119,7 +121,12 @@ impl Store for MemoryStore {
             return Err(StoreError::Forbidden);
         }
         let account_id = invite.account_id;
-        self.invites.remove(token_hash);
+        if let Some(invite) = self.invites.get_mut(token_hash) {
+            invite.uses_left -= 1;
+            if invite.uses_left == 0 {
+                self.invites.remove(token_hash);
+            }
+        }
         Ok(self.claim_account(account_id, claimer, now))
     }
 
@@ -724,6 +731,7 @@ struct Device {
 struct Invite {
     account_id: AccountId,
     expires_at: u64,
+    uses_left: u32,
 }
 
 struct Group {

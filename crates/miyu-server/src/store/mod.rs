@@ -224,15 +224,17 @@ pub trait Store: Send + 'static {
     /// How many one-time key packages the device has left.
     fn key_package_count(&mut self, device_id: &DeviceId) -> Result<u32, StoreError>;
 
-    /// Registers a one-time invite of `account`, known only by the hash of its token.
+    /// Registers an invite of `account`, known only by the hash of its token, that can be
+    /// claimed `uses` times (at least once).
     fn create_invite(
         &mut self,
         account_id: &AccountId,
         token_hash: [u8; 32],
         expires_at: u64,
+        uses: u32,
     ) -> Result<(), StoreError>;
 
-    /// Redeems an invite: deletes it, takes one key package of every device of its account (a
+    /// Redeems an invite: uses it up (deletes it after its last use), takes one key package of every device of its account (a
     /// one-time one if any is left, else the last-resort one, which is kept) and grants the
     /// claiming device the right to add each of those devices to one group. `NotFound` if the
     /// invite does not exist or has expired.

@@ -140,17 +140,19 @@ impl Store for SqliteStore {
         account_id: &AccountId,
         token_hash: [u8; 32],
         expires_at: u64,
+        uses: u32,
     ) -> Result<(), StoreError> {
         self.write(|db| {
             let inserted = db
                 .prepare_cached(
-                    "INSERT INTO invites (token_hash, account_id, expires_at) VALUES (?1, ?2, ?3) \
-                     ON CONFLICT (token_hash) DO NOTHING",
+                    "INSERT INTO invites (token_hash, account_id, expires_at, uses_left) \
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (token_hash) DO NOTHING",
                 )?
                 .execute(params![
                     token_hash.as_slice(),
                     account_id.as_bytes().as_slice(),
                     clamp_to_sql(expires_at),
+                    uses.max(1),
                 ])?;
             if inserted == 0 {
                 return Err(StoreError::AlreadyExists);
@@ -166,15 +168,18 @@ impl Store for SqliteStore {
         now: u64,
     ) -> Result<Vec<ClaimedKeyPackage>, StoreError> {
         self.write(|db| {
-            // An expired invite stays until `expire`: the savepoint undoes this deletion.
+            // An expired invite stays until `expire`: the savepoint undoes this change.
             let invite = db
                 .prepare_cached(
-                    "DELETE FROM invites WHERE token_hash = ?1 RETURNING account_id, expires_at",
+                    "UPDATE invites SET uses_left = uses_left - 1 WHERE token_hash = ?1 \
+                     RETURNING account_id, expires_at",
                 )?
                 .query_row([token_hash.as_slice()], |row| {
                     Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, i64>(1)?))
                 })
                 .optional()?;
+            db.prepare_cached("DELETE FROM invites WHERE token_hash = ?1 AND uses_left <= 0")?
+                .execute([token_hash.as_slice()])?;
             let Some((account_id, expires_at)) = invite else {
                 return Err(StoreError::NotFound);
             };
@@ -1080,6 +1085,8 @@ CREATE INDEX blobs_unfinished_by_hour ON blobs (created_hour) WHERE length < siz
 const MIGRATION_4: &str = "
 ALTER TABLE group_members ADD COLUMN until_seq INTEGER;
 ALTER TABLE groups ADD COLUMN posting_key BLOB;
+-- How many more times an invite can be claimed (a group's invite link serves many).
+ALTER TABLE invites ADD COLUMN uses_left INTEGER NOT NULL DEFAULT 1;
 ";
 
 fn migrate(connection: &mut Connection) -> Result<(), StoreError> {

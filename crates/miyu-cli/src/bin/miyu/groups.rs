@@ -46,6 +46,24 @@ pub(crate) enum GroupAction {
         #[arg(long, value_parser = parse_policy)]
         editing: Option<Policy>,
     },
+    /// Print an invite link for the group (admins, or everyone if the group allows adding).
+    /// Whoever uses it (`miyu accept LINK`) becomes your contact and is added at your next
+    /// sync, or waits for `group approve` with --approval.
+    Invite {
+        group: String,
+        /// How many people the link serves (1 to 1,000); it expires after 30 days.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Add people only once you approve them.
+        #[arg(long)]
+        approval: bool,
+    },
+    /// List who asked to join through your links and waits for your answer.
+    Requests { group: String },
+    /// Add someone who asked to join.
+    Approve { group: String, name: String },
+    /// Refuse someone who asked to join (they are not told).
+    Deny { group: String, name: String },
     /// Make a member an admin, or an admin a member again (the owner only).
     Role {
         group: String,
@@ -103,6 +121,39 @@ pub(crate) async fn run(
             member,
             role,
         } => Some(client.set_group_role(&group, &member, role).await?),
+        GroupAction::Invite {
+            group,
+            uses,
+            approval,
+        } => {
+            let link = client.group_invite(&group, uses, approval).await?;
+            client.disconnect().await;
+            if json {
+                return print_json(&serde_json::json!({ "link": link.to_string() }));
+            }
+            println!("{link}");
+            return Ok(());
+        }
+        GroupAction::Requests { group } => {
+            let requests = client.join_requests(&group)?;
+            if json {
+                return print_json(&requests);
+            }
+            for request in &requests {
+                println!(
+                    "{}  {}  asked {}",
+                    printable(&request.name),
+                    request.account_id,
+                    crate::format_time(request.requested_at_ms)
+                );
+            }
+            return Ok(());
+        }
+        GroupAction::Approve { group, name } => Some(client.approve_request(&group, &name).await?),
+        GroupAction::Deny { group, name } => {
+            client.deny_request(&group, &name)?;
+            None
+        }
     };
     client.disconnect().await;
     match shown {

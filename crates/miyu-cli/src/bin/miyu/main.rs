@@ -521,6 +521,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "added {} ({}); chat is end-to-end encrypted",
                     contact.name, contact.account_id
                 );
+                if link.group {
+                    println!("asked to join their group; you are in once they add you");
+                }
                 Ok(())
             }
         }
