@@ -177,6 +177,17 @@ fn a_group_grows_and_shrinks_and_the_server_never_sees_its_name_or_texts() {
     miyu_ok(&alice, &["sync"]);
     assert_eq!(members(&alice, "Harbor").len(), 2);
 
+    // Dave can be added again; his history stays.
+    miyu_ok(&dave, &["sync"]);
+    miyu_ok(&alice, &["group", "add", "Harbor", "dave"]);
+    let joined = miyu_ok(&dave, &["sync"]);
+    assert!(joined.contains("alice added you to Harbor"), "{joined}");
+    post(&alice, "Harbor", "welcome back");
+    miyu_ok(&dave, &["sync"]);
+    let at_dave = conversation(&dave, "Harbor").join("\n");
+    assert!(at_dave.contains("alice: welcome dave"), "{at_dave}");
+    assert!(at_dave.contains("alice: welcome back"), "{at_dave}");
+
     // The server's files hold neither the group's names nor anything said in it.
     let files = server.files();
     for needle in [

@@ -546,19 +546,45 @@ pub(crate) fn join(db: &Connection, joined: &mls::JoinedGroup, me: AccountId) ->
     {
         return Err(Error::Security("a Welcome to a group we are not in".into()));
     }
-    let placeholder = db::free_group_name(
-        db,
-        &format!("pending-{}", &scope(&group_id)[6..14]),
-        &group_id,
-    )?;
-    db.execute(
-        "INSERT INTO conversations (group_id, contact, scope, cursor, last_update_ms) VALUES (?1, NULL, ?2, 0, ?3)",
-        params![group_id, scope(&group_id), now_ms()],
-    )?;
-    db.execute(
-        "INSERT INTO groups (group_id, name, state, created_at_ms) VALUES (?1, ?2, 'pending', ?3)",
-        params![group_id, placeholder, now_ms()],
-    )?;
+    match group_state(db, &group_id)? {
+        // Removed, left or declined before, and added again: the history stays, the group
+        // waits for its info as a new one does.
+        Some((_, state)) if matches!(state.as_str(), "removed" | "left" | "declined") => {
+            db.execute(
+                "UPDATE groups SET state = 'pending', leaving = 0 WHERE group_id = ?1",
+                params![group_id],
+            )?;
+            db.execute(
+                "UPDATE conversations SET broken = NULL, pending_commit_hash = NULL, announce = NULL
+                 WHERE group_id = ?1",
+                params![group_id],
+            )?;
+            db.execute(
+                "DELETE FROM group_members WHERE group_id = ?1",
+                params![group_id],
+            )?;
+        }
+        Some(_) => {
+            return Err(Error::Security(
+                "a Welcome to a group this device is in already".into(),
+            ));
+        }
+        None => {
+            let placeholder = db::free_group_name(
+                db,
+                &format!("pending-{}", &scope(&group_id)[6..14]),
+                &group_id,
+            )?;
+            db.execute(
+                "INSERT INTO conversations (group_id, contact, scope, cursor, last_update_ms) VALUES (?1, NULL, ?2, 0, ?3)",
+                params![group_id, scope(&group_id), now_ms()],
+            )?;
+            db.execute(
+                "INSERT INTO groups (group_id, name, state, created_at_ms) VALUES (?1, ?2, 'pending', ?3)",
+                params![group_id, placeholder, now_ms()],
+            )?;
+        }
+    }
     reconcile(db, &group_id)?;
     Ok(())
 }

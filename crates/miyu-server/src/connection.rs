@@ -1180,15 +1180,17 @@ fn claimed_reply(claimed: Vec<crate::store::ClaimedKeyPackage>) -> Reply {
     Reply::InviteClaimed(wire::InviteClaimed { devices })
 }
 
-/// The Welcomes of a request: each of `welcomes` to its device, and `shared` (unless empty)
-/// to each of `devices` but the poster.
-fn welcomes_of(
-    welcomes: Vec<wire::InboxMessage>,
-    shared: Vec<u8>,
-    devices: &[DeviceId],
-    poster: DeviceId,
-) -> Option<Vec<(DeviceId, Vec<u8>)>> {
-    let mut all = welcomes
+/// Devices one `CreateGroup` or `Commit` may name: bounds the work a request makes the store
+/// do (a 1 MiB frame could otherwise list some 50,000).
+const MAX_DEVICES_PER_REQUEST: usize = 10_000;
+
+/// The per-device Welcomes of a request. The shared `welcome` stays one copy: the store hands
+/// it to each device once the request's checks pass.
+fn welcomes_of(welcomes: Vec<wire::InboxMessage>) -> Option<Vec<(DeviceId, Vec<u8>)>> {
+    if welcomes.len() > MAX_DEVICES_PER_REQUEST {
+        return None;
+    }
+    welcomes
         .into_iter()
         .map(|welcome| {
             Some((
@@ -1196,25 +1198,20 @@ fn welcomes_of(
                 welcome.payload,
             ))
         })
-        .collect::<Option<Vec<_>>>()?;
-    if !shared.is_empty() {
-        all.extend(
-            devices
-                .iter()
-                .filter(|device| **device != poster)
-                .map(|device| (*device, shared.clone())),
-        );
-    }
-    Some(all)
+        .collect()
 }
 
 fn parse_new_group(create: wire::CreateGroup, creator: DeviceId, now: u64) -> Option<NewGroup> {
+    if create.member_devices.len() > MAX_DEVICES_PER_REQUEST {
+        return None;
+    }
     let members = create
         .member_devices
         .iter()
         .map(|bytes| DeviceId::from_bytes(bytes).ok())
         .collect::<Option<Vec<_>>>()?;
-    let welcomes = welcomes_of(create.welcomes, create.welcome, &members, creator)?;
+    let welcomes = welcomes_of(create.welcomes)?;
+    let welcome = Some(create.welcome).filter(|welcome| !welcome.is_empty());
     Some(NewGroup {
         posting_key: posting_key_of(&create.posting_key).ok()?,
         group_id: GroupId::from_bytes(&create.group_id).ok()?,
@@ -1222,6 +1219,7 @@ fn parse_new_group(create: wire::CreateGroup, creator: DeviceId, now: u64) -> Op
         creator,
         members,
         welcomes,
+        welcome,
         now,
     })
 }
@@ -1254,8 +1252,12 @@ fn parse_commit(commit: wire::Commit, committer: DeviceId, now: u64) -> Option<N
     if commit.payload.is_empty() {
         return None;
     }
+    if commit.add_devices.len() + commit.remove_devices.len() > MAX_DEVICES_PER_REQUEST {
+        return None;
+    }
     let add = devices(&commit.add_devices)?;
-    let welcomes = welcomes_of(commit.welcomes, commit.welcome, &add, committer)?;
+    let welcomes = welcomes_of(commit.welcomes)?;
+    let welcome = Some(commit.welcome).filter(|welcome| !welcome.is_empty());
     Some(NewCommit {
         next_posting_key: posting_key_of(&commit.next_posting_key).ok()?,
         group_id: GroupId::from_bytes(&commit.group_id).ok()?,
@@ -1265,6 +1267,7 @@ fn parse_commit(commit: wire::Commit, committer: DeviceId, now: u64) -> Option<N
         add,
         remove: devices(&commit.remove_devices)?,
         welcomes,
+        welcome,
         now,
     })
 }

@@ -96,6 +96,8 @@ conformance_suite! {
     a_member_commit_refuses_impossible_changes
     a_device_that_leaves_gets_nothing_more_and_no_longer_holds_entries_back
     an_unattributed_post_needs_the_posting_key_of_the_current_epoch
+    a_removed_device_can_be_added_again_before_it_read_its_removal
+    one_shared_welcome_reaches_every_new_member_but_the_poster
 }
 
 /// What the suite needs beyond the contract: a state that no operation reaches yet.
@@ -182,6 +184,7 @@ fn new_group(number: u8, creator: DeviceId, members: &[DeviceId]) -> NewGroup {
         creator,
         members: members.to_vec(),
         welcomes: Vec::new(),
+        welcome: None,
         posting_key: None,
         now: NOW,
     }
@@ -1578,6 +1581,7 @@ fn member_commit(
             .iter()
             .map(|number| (device(*number), vec![b'w', *number]))
             .collect(),
+        welcome: None,
         next_posting_key: None,
         now: NOW,
     }
@@ -1919,5 +1923,62 @@ fn an_unattributed_post_needs_the_posting_key_of_the_current_epoch(
     // The log holds the entries with no trace of who posted them.
     let entries = store.group_entries(&group_id, &device(1), 0, 10, NOW)?;
     assert_eq!(seqs(&entries), vec![1, 2, 3, 4]);
+    Ok(())
+}
+
+fn a_removed_device_can_be_added_again_before_it_read_its_removal(
+    store: &mut dyn Store,
+) -> Outcome {
+    let group_id = group_of_three(store)?;
+    store.commit_members(member_commit(&group_id, 1, 0, &[], &[3]))?;
+    // Device 3 has not acknowledged its removal; it is added again with a new grant.
+    claim(store, device(1), 3, 9)?;
+    let committed = store.commit_members(member_commit(&group_id, 1, 1, &[3], &[]))?;
+    store.commit()?;
+    assert_eq!(committed.members.len(), 3);
+    // It reads from the commit that added it back, and may post again.
+    assert_eq!(
+        store.memberships(&device(3))?,
+        vec![Membership {
+            group_id: group_id.clone(),
+            cursor: committed.seq
+        }]
+    );
+    store.append(
+        &group_id,
+        &device(3),
+        Epoch(2),
+        EntryKind::Application,
+        b"back".to_vec(),
+        None,
+        NOW,
+    )?;
+    Ok(())
+}
+
+fn one_shared_welcome_reaches_every_new_member_but_the_poster(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2, 3, 4])?;
+    claim(store, device(1), 2, 2)?;
+    claim(store, device(1), 3, 3)?;
+    let mut group = new_group(1, device(1), &[device(2), device(3)]);
+    group.welcome = Some(b"one welcome".to_vec());
+    let created = store.create_group(group)?;
+    assert_eq!(created.welcomed, vec![device(2), device(3)]);
+    claim(store, device(2), 4, 4)?;
+    let mut commit = member_commit(&group(1), 2, 0, &[4], &[]);
+    commit.welcomes.clear();
+    commit.welcome = Some(b"another".to_vec());
+    assert_eq!(store.commit_members(commit)?.welcomed, vec![device(4)]);
+    store.commit()?;
+    for (number, payload) in [
+        (2, &b"one welcome"[..]),
+        (3, b"one welcome"),
+        (4, b"another"),
+    ] {
+        let entries = store.inbox_entries(&device(number), 0, 10)?;
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].payload, payload);
+    }
+    assert!(store.inbox_entries(&device(1), 0, 10)?.is_empty());
     Ok(())
 }

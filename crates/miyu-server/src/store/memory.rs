@@ -234,7 +234,13 @@ impl Store for MemoryStore {
             self.grants.remove(&(group.creator, *member));
         }
         let mut welcomed = BTreeSet::new();
-        for (device_id, welcome) in group.welcomes {
+        let shared = group.welcome.iter().flat_map(|welcome| {
+            members
+                .iter()
+                .filter(|member| **member != group.creator)
+                .map(|member| (*member, welcome.clone()))
+        });
+        for (device_id, welcome) in group.welcomes.into_iter().chain(shared) {
             if let Some(device) = self.devices.get_mut(&device_id) {
                 device.push_to_inbox(welcome, group.now);
                 welcomed.insert(device_id);
@@ -330,7 +336,11 @@ impl Store for MemoryStore {
             self.grants.remove(&(commit.committer, *device));
         }
         let mut welcomed = BTreeSet::new();
-        for (device_id, welcome) in commit.welcomes {
+        let shared = commit
+            .welcome
+            .iter()
+            .flat_map(|welcome| commit.add.iter().map(|device| (*device, welcome.clone())));
+        for (device_id, welcome) in commit.welcomes.into_iter().chain(shared) {
             if let Some(device) = self.devices.get_mut(&device_id) {
                 device.push_to_inbox(welcome, commit.now);
                 welcomed.insert(device_id);

@@ -68,6 +68,9 @@ pub struct NewGroup {
     pub members: Vec<DeviceId>,
     /// Welcome messages, each to the inbox of one member.
     pub welcomes: Vec<(DeviceId, Vec<u8>)>,
+    /// One Welcome for the inbox of every member but the creator (kept as one copy until
+    /// the checks pass).
+    pub welcome: Option<Vec<u8>>,
     /// The public posting key of the first epoch, for unattributed posts.
     pub posting_key: Option<[u8; 32]>,
     pub now: u64,
@@ -95,6 +98,8 @@ pub struct NewCommit {
     pub remove: Vec<DeviceId>,
     /// Welcome messages, each to the inbox of one added device.
     pub welcomes: Vec<(DeviceId, Vec<u8>)>,
+    /// One Welcome for the inbox of every added device.
+    pub welcome: Option<Vec<u8>>,
     /// The public posting key of the epoch the commit starts.
     pub next_posting_key: Option<[u8; 32]>,
     pub now: u64,

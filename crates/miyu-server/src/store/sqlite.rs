@@ -309,6 +309,12 @@ impl Store for SqliteStore {
                 push_to_inbox(db, device_id, welcome, group.now)?;
                 welcomed.insert(*device_id);
             }
+            if let Some(welcome) = &group.welcome {
+                for member in members.iter().filter(|member| **member != group.creator) {
+                    push_to_inbox(db, member, welcome, group.now)?;
+                    welcomed.insert(*member);
+                }
+            }
             Ok(GroupCreated {
                 members: members.into_iter().collect(),
                 welcomed: welcomed.into_iter().collect(),
@@ -414,7 +420,11 @@ impl Store for SqliteStore {
                     return Err(StoreError::Forbidden);
                 }
                 db.prepare_cached(
-                    "INSERT INTO group_members (group_id, device_id, cursor) VALUES (?1, ?2, ?3)",
+                    // Removed earlier (and not done reading up to it) and added again: it
+                    // starts afresh after this commit.
+                    "INSERT INTO group_members (group_id, device_id, cursor) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (group_id, device_id) DO UPDATE \
+                     SET cursor = excluded.cursor, until_seq = NULL",
                 )?
                 .execute(params![
                     group_key,
@@ -426,6 +436,12 @@ impl Store for SqliteStore {
             for (device_id, welcome) in &commit.welcomes {
                 push_to_inbox(db, device_id, welcome, commit.now)?;
                 welcomed.insert(*device_id);
+            }
+            if let Some(welcome) = &commit.welcome {
+                for device_id in &commit.add {
+                    push_to_inbox(db, device_id, welcome, commit.now)?;
+                    welcomed.insert(*device_id);
+                }
             }
             set_posting_key(db, group_key, commit.next_posting_key)?;
             Ok(Committed {
@@ -1488,6 +1504,7 @@ mod tests {
             creator: device_id,
             members: Vec::new(),
             welcomes: Vec::new(),
+            welcome: None,
             posting_key: None,
             now: NOW,
         })?;
@@ -1682,6 +1699,7 @@ mod tests {
                 creator: device_id,
                 members: Vec::new(),
                 welcomes: Vec::new(),
+                welcome: None,
                 posting_key: None,
                 now: NOW,
             })?;
