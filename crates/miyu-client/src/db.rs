@@ -196,6 +196,9 @@ CREATE TABLE groups (
     state TEXT NOT NULL,
     -- A Leave is queued; the server is told once it is posted.
     leaving INTEGER NOT NULL DEFAULT 0,
+    -- Who added this device (signed the Welcome): the only member whose GroupInfo counts
+    -- while the group is pending.
+    adder TEXT,
     created_at_ms INTEGER NOT NULL
 );
 -- The accounts in each group as this device knows them (the MLS tree is the truth).

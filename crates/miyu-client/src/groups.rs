@@ -551,8 +551,8 @@ pub(crate) fn join(db: &Connection, joined: &mls::JoinedGroup, me: AccountId) ->
         // waits for its info as a new one does.
         Some((_, state)) if matches!(state.as_str(), "removed" | "left" | "declined") => {
             db.execute(
-                "UPDATE groups SET state = 'pending', leaving = 0 WHERE group_id = ?1",
-                params![group_id],
+                "UPDATE groups SET state = 'pending', leaving = 0, adder = ?2 WHERE group_id = ?1",
+                params![group_id, joined.sender.account_id().to_string()],
             )?;
             db.execute(
                 "UPDATE conversations SET broken = NULL, pending_commit_hash = NULL, announce = NULL
@@ -580,8 +580,8 @@ pub(crate) fn join(db: &Connection, joined: &mls::JoinedGroup, me: AccountId) ->
                 params![group_id, scope(&group_id), now_ms()],
             )?;
             db.execute(
-                "INSERT INTO groups (group_id, name, state, created_at_ms) VALUES (?1, ?2, 'pending', ?3)",
-                params![group_id, placeholder, now_ms()],
+                "INSERT INTO groups (group_id, name, state, created_at_ms, adder) VALUES (?1, ?2, 'pending', ?3, ?4)",
+                params![group_id, placeholder, now_ms(), joined.sender.account_id().to_string()],
             )?;
         }
     }
@@ -1812,6 +1812,17 @@ impl Client {
             return Ok(None);
         };
         let adder = received.contact_account;
+        // Only the member who signed our Welcome speaks for the group while we wait: another
+        // member racing to post first cannot make us decline, nor dictate the roles. Once we
+        // decline, nothing changes our mind.
+        let (expected_adder, leaving): (Option<String>, bool) = db.query_row(
+            "SELECT adder, leaving FROM groups WHERE group_id = ?1",
+            params![received.group_id],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        if leaving || expected_adder.as_deref() != Some(adder) {
+            return Ok(None);
+        }
         // The sender must be entitled to add by the very info it sends.
         if !info.adding.allows(info.role_of(adder)) {
             return Ok(None);

@@ -257,6 +257,8 @@ pub fn create_group(
 pub struct JoinedGroup {
     pub group: MlsGroup,
     pub members: Vec<VerifiedCertificate>,
+    /// The member who signed the Welcome's GroupInfo: who added us.
+    pub sender: VerifiedCertificate,
 }
 
 /// Joins a group from a Welcome. Fails, leaving no group behind, if any member's credential is
@@ -273,8 +275,16 @@ pub fn join_group(provider: &Provider<'_>, welcome: &[u8]) -> Result<JoinedGroup
         .members()
         .map(|member| member_certificate(&member.credential, &member.signature_key))
         .collect::<Result<Vec<_>, _>>()?;
+    let sender = staged
+        .welcome_sender()
+        .map_err(|error| MlsError::Rejected(error.to_string()))?;
+    let sender = member_certificate(sender.credential(), sender.signature_key().as_slice())?;
     let group = staged.into_group(provider).map_err(state_error)?;
-    Ok(JoinedGroup { group, members })
+    Ok(JoinedGroup {
+        group,
+        members,
+        sender,
+    })
 }
 
 /// Loads a group's state from storage.

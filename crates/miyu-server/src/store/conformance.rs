@@ -1960,9 +1960,9 @@ fn one_shared_welcome_reaches_every_new_member_but_the_poster(store: &mut dyn St
     register(store, &[1, 2, 3, 4])?;
     claim(store, device(1), 2, 2)?;
     claim(store, device(1), 3, 3)?;
-    let mut group = new_group(1, device(1), &[device(2), device(3)]);
-    group.welcome = Some(b"one welcome".to_vec());
-    let created = store.create_group(group)?;
+    let mut new = new_group(1, device(1), &[device(2), device(3)]);
+    new.welcome = Some(b"one welcome".to_vec());
+    let created = store.create_group(new)?;
     assert_eq!(created.welcomed, vec![device(2), device(3)]);
     claim(store, device(2), 4, 4)?;
     let mut commit = member_commit(&group(1), 2, 0, &[4], &[]);
