@@ -174,7 +174,10 @@ CREATE TABLE conversations_4 (
     last_update_ms INTEGER NOT NULL DEFAULT 0,
     pending_commit_hash BLOB,
     broken TEXT,
-    timer_s INTEGER NOT NULL DEFAULT 0
+    timer_s INTEGER NOT NULL DEFAULT 0,
+    -- The server refused this group's posting key: nothing is posted to the group until a key
+    -- update registers a new one (posting attributed instead would tell the server who posts).
+    posting_refused INTEGER NOT NULL DEFAULT 0
 );
 INSERT INTO conversations_4 (group_id, contact, scope, cursor, announce, last_update_ms, pending_commit_hash, broken, timer_s)
     SELECT group_id, contact, contact, cursor, announce, last_update_ms, pending_commit_hash, broken, timer_s FROM conversations;

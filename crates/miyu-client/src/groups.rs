@@ -605,10 +605,14 @@ pub(crate) fn on_commit(
     let committer = summary.committer.account_id().to_string();
     let committer_name = display_name(db, &committer)?;
     if !mls::is_active(group) {
+        // A group never shown stays unshown; one we left stays left.
         db.execute(
-            "UPDATE groups SET state = 'removed' WHERE group_id = ?1",
+            "UPDATE groups SET state = CASE state WHEN 'active' THEN 'removed'
+             WHEN 'pending' THEN 'declined' ELSE state END, leaving = 0 WHERE group_id = ?1",
             params![group_id],
         )?;
+        // Nothing queued for it may go out later, to whoever is in it then.
+        db.execute("DELETE FROM outbox WHERE group_id = ?1", params![group_id])?;
         mls::delete_group(&Provider::new(db), group_id)?;
         if state != "active" {
             return Ok(None);
@@ -1048,6 +1052,7 @@ impl Client {
         self.connect().await?;
         self.catch_up().await?;
         self.check_active(&group_id, group)?;
+        self.check_can_inform(&group_id)?;
         let role = self.my_role(&group_id)?;
         if !load_info(&self.db, &group_id)?.adding.allows(role) {
             return Err(Error::Usage(format!(
@@ -1171,6 +1176,7 @@ impl Client {
         self.connect().await?;
         self.catch_up().await?;
         self.check_active(&group_id, group)?;
+        self.check_can_inform(&group_id)?;
         let role = self.my_role(&group_id)?;
         let old = load_info(&self.db, &group_id)?;
         let mut new = old.clone();
@@ -1211,6 +1217,7 @@ impl Client {
         self.connect().await?;
         self.catch_up().await?;
         self.check_active(&group_id, group)?;
+        self.check_can_inform(&group_id)?;
         if self.my_role(&group_id)? != Role::Owner {
             return Err(Error::Usage(format!(
                 "only the owner of {group} changes roles"
@@ -1251,6 +1258,13 @@ impl Client {
             Ok(())
         })?;
         self.flush_outbox().await
+    }
+
+    /// Refuses a change that would have to send the group's info while members added without
+    /// permission are in (it would reach them), before anything is committed.
+    fn check_can_inform(&self, group_id: &[u8]) -> Result<(), Error> {
+        let info = wire::app_message::Body::GroupInfo(wire::GroupInfo::default());
+        check_can_send(&self.db, group_id, &self.account_id().to_string(), &info)
     }
 
     fn check_active(&self, group_id: &[u8], group: &str) -> Result<(), Error> {

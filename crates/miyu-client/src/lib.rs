@@ -64,6 +64,9 @@ const KEY_UPDATE_INTERVAL: Duration = Duration::from_secs(7 * 24 * 3600);
 const KEEPALIVE: Duration = Duration::from_secs(60);
 /// Attempts at winning an epoch for a commit before giving up.
 const COMMIT_ATTEMPTS: usize = 5;
+/// How long an invite this device made can be answered: the server's 30 days, and its
+/// rounding to the hour.
+const INVITE_LIFETIME_MS: u64 = (30 * 24 + 2) * 3600 * 1000;
 
 /// Errors, sorted by who must act.
 #[derive(Debug, thiserror::Error)]
@@ -303,8 +306,9 @@ pub struct Client {
     queued_while_processing: std::cell::Cell<bool>,
     /// Events found while processing an entry besides the one it returns.
     extra_events: std::cell::RefCell<Vec<Event>>,
-    /// A connection that never authenticates, for posting to groups without saying who posts.
-    unattributed: Option<net::Connection>,
+    /// A connection that never authenticates, for posting to one group without saying who
+    /// posts; never reused for another group, so the server cannot link posts across groups.
+    unattributed: Option<(Vec<u8>, net::Connection)>,
     _lock: File,
 }
 
@@ -712,6 +716,7 @@ impl Client {
         }
         self.remove_leavers().await?;
         self.admit_requests().await?;
+        self.refresh_posting_keys().await?;
         self.refresh_presence().await?;
         self.delete_expired()?;
         events.extend(self.events.drain(..));
@@ -1146,9 +1151,14 @@ impl Client {
         profile: &wire::Profile,
     ) -> Result<Option<Event>, Error> {
         let unused: Vec<Vec<u8>> = {
-            let mut statement = db.prepare("SELECT token FROM invites WHERE used = 0")?;
+            // Links expire on the server after 30 days (and an hour): so here.
+            let mut statement =
+                db.prepare("SELECT token FROM invites WHERE used = 0 AND created_at_ms > ?1")?;
             statement
-                .query_map([], |row| row.get(0))?
+                .query_map(
+                    params![now_ms().saturating_sub(INVITE_LIFETIME_MS)],
+                    |row| row.get(0),
+                )?
                 .collect::<Result<_, _>>()?
         };
         let answered = unused.into_iter().find(|token| {
@@ -1561,7 +1571,7 @@ impl Client {
                 .prepare_cached(
                     "SELECT o.id, o.group_id, o.epoch, o.ciphertext, o.message_row, o.expires_at_ms FROM outbox o
                      JOIN conversations c ON c.group_id = o.group_id
-                     WHERE c.broken IS NULL ORDER BY o.id LIMIT 1",
+                     WHERE c.broken IS NULL AND c.posting_refused = 0 ORDER BY o.id LIMIT 1",
                 )?
                 .query_row(
                     [],
@@ -1578,7 +1588,7 @@ impl Client {
                 )
                 .optional()?;
             let Some((id, group_id, epoch, ciphertext, message_row, expires_at_ms)) = next else {
-                if let Some(connection) = self.unattributed.take() {
+                if let Some((_, connection)) = self.unattributed.take() {
                     connection.close().await;
                 }
                 return self.finish_leaving().await;
@@ -1593,28 +1603,21 @@ impl Client {
             let result = if groups::is_group_id(&group_id) {
                 // In a group the server is not told which member posts (PROTOCOL.md §4.4).
                 match self
-                    .post_unattributed(&group_id, epoch, ciphertext.clone(), expires_at)
+                    .post_unattributed(&group_id, epoch, ciphertext, expires_at)
                     .await
                 {
                     Err(Error::Server(error)) if error.code == wire::ErrorCode::Forbidden => {
-                        // The server holds no (or a wrong) posting key for this epoch. Post
-                        // as ourselves this once, and replace our keys before the next text,
-                        // which registers a fresh posting key.
+                        // The server holds no (or a wrong) posting key for this epoch. Posting
+                        // as ourselves would tell it who posts: hold the group's outbox until
+                        // a key update registers a fresh key (`refresh_posting_keys`).
                         tracing::warn!(
-                            "the server refused the group's posting key; this message goes out attributed"
+                            "the server refused the group's posting key; its messages wait for a key update"
                         );
                         self.db.execute(
-                            "UPDATE conversations SET last_update_ms = 0 WHERE group_id = ?1",
+                            "UPDATE conversations SET posting_refused = 1 WHERE group_id = ?1",
                             params![group_id],
                         )?;
-                        self.post(
-                            &group_id,
-                            epoch,
-                            wire::EntryKind::Application,
-                            ciphertext,
-                            expires_at,
-                        )
-                        .await
+                        continue;
                     }
                     other => other,
                 }
@@ -1701,11 +1704,19 @@ impl Client {
             expires_at,
             signature: signature.to_vec(),
         });
-        if self.unattributed.is_none() {
-            self.unattributed =
-                Some(net::Connection::open(&self.server, self.proxy.as_ref()).await?);
+        if self
+            .unattributed
+            .as_ref()
+            .is_some_and(|(group, _)| group.as_slice() != group_id)
+            && let Some((_, connection)) = self.unattributed.take()
+        {
+            connection.close().await;
         }
-        let connection = self
+        if self.unattributed.is_none() {
+            let connection = net::Connection::open(&self.server, self.proxy.as_ref()).await?;
+            self.unattributed = Some((group_id.to_vec(), connection));
+        }
+        let (_, connection) = self
             .unattributed
             .as_mut()
             .ok_or_else(|| Error::Network("not connected".into()))?;
@@ -1826,6 +1837,35 @@ impl Client {
     /// by itself every week before sending.
     pub async fn update_keys(&mut self, contact: &str) -> Result<(), Error> {
         let (_, group_id) = self.conversation_of(contact)?;
+        self.update_keys_of(&group_id).await
+    }
+
+    /// Key updates for the groups whose posting key the server refused: each registers a
+    /// fresh key, and their held messages go out.
+    async fn refresh_posting_keys(&mut self) -> Result<(), Error> {
+        let refused: Vec<Vec<u8>> = {
+            let mut statement = self.db.prepare(
+                "SELECT group_id FROM conversations WHERE posting_refused = 1 AND broken IS NULL",
+            )?;
+            statement
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        if refused.is_empty() {
+            return Ok(());
+        }
+        for group_id in refused {
+            match self.update_keys_of(&group_id).await {
+                Err(error) if error.is_transient() => return Err(error),
+                Err(error) => tracing::warn!("could not register a new posting key: {error}"),
+                Ok(()) => {}
+            }
+        }
+        self.flush_outbox().await
+    }
+
+    async fn update_keys_of(&mut self, group_id: &[u8]) -> Result<(), Error> {
+        let group_id = group_id.to_vec();
         self.connect().await?;
         self.catch_up().await?;
         for _ in 0..COMMIT_ATTEMPTS {
@@ -1865,7 +1905,7 @@ impl Client {
                     db::in_transaction(&self.db, |db| {
                         settle_own_commit(db, &group_id, Verdict::Accepted)?;
                         db.execute(
-                            "UPDATE conversations SET last_update_ms = ?1 WHERE group_id = ?2",
+                            "UPDATE conversations SET last_update_ms = ?1, posting_refused = 0 WHERE group_id = ?2",
                             params![now_ms(), group_id],
                         )?;
                         Ok(())
@@ -1920,10 +1960,10 @@ impl Client {
         if groups::is_group_id(&group_id) {
             message.mentions = groups::mentions_in(&self.db, &group_id, text, self.account_id())?;
         }
-        let (last_update_ms, pending_commit, broken): (u64, bool, Option<String>) = self.db.query_row(
-            "SELECT last_update_ms, pending_commit_hash IS NOT NULL, broken FROM conversations WHERE group_id = ?1",
+        let (last_update_ms, pending_commit, broken, posting_refused): (u64, bool, Option<String>, bool) = self.db.query_row(
+            "SELECT last_update_ms, pending_commit_hash IS NOT NULL, broken, posting_refused FROM conversations WHERE group_id = ?1",
             params![group_id],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
         )?;
         if let Some(reason) = broken {
             return Err(Error::Protocol(format!(
@@ -1936,7 +1976,9 @@ impl Client {
             self.connect().await?;
             self.catch_up().await?;
         }
-        if now_ms().saturating_sub(last_update_ms) > KEY_UPDATE_INTERVAL.as_millis() as u64 {
+        if posting_refused
+            || now_ms().saturating_sub(last_update_ms) > KEY_UPDATE_INTERVAL.as_millis() as u64
+        {
             // Best effort: offline, the message still goes into the outbox, and the keys are
             // updated next time.
             match self.update_keys(contact).await {
@@ -1970,6 +2012,8 @@ impl Client {
         };
         self.connect().await.map_err(queued)?;
         self.flush_outbox().await.map_err(queued)?;
+        // A refused posting key holds the group's messages: register a new one and try again.
+        self.refresh_posting_keys().await.map_err(queued)?;
         let (state, sent_at_ms, expires_at_ms): (String, u64, Option<u64>) = self.db.query_row(
             "SELECT state, sent_at_ms, expires_at_ms FROM messages WHERE id = ?1",
             params![row],

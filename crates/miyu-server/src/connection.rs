@@ -51,9 +51,10 @@ const INVITE_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 /// a hostile client from turning the server into a key-package pump.
 const CLAIMS_PER_MINUTE: f64 = 20.0;
 
-/// Contact key-package claims (for adding contacts to a group) one connection may make: enough
-/// to create a group with a thousand contacts at once, then one a second. Each claim takes a
-/// key package of every device of a contact, who shares a group with the claimer already.
+/// Contact key-package claims (for adding contacts to a group) one device may make: enough to
+/// create a group with a thousand contacts at once, then one a second. Each claim takes a key
+/// package of every device of an account that shares a group with the claimer already. Kept
+/// per device (not per connection), so reconnecting does not refill it.
 const CONTACT_CLAIMS_BURST: f64 = 1000.0;
 const CONTACT_CLAIMS_PER_SECOND: f64 = 1.0;
 /// Username lookups one device may make: a burst of this many, then one every
@@ -80,6 +81,7 @@ pub(crate) struct Shared {
     pub(crate) registration_token: Option<String>,
     pub(crate) registrations: Mutex<TokenBucket>,
     pub(crate) lookups: Mutex<Lookups>,
+    pub(crate) contact_claims: Mutex<DeviceBudgets>,
     pub(crate) requests_per_second: u32,
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Encrypted file blobs: where they live, their limits and bookkeeping.
@@ -111,6 +113,34 @@ impl Lookups {
         // The device's budget is spent even when the server's is empty: otherwise a device
         // could keep trying for free while others use the server's budget up.
         bucket.try_take(now) && self.server.try_take(now)
+    }
+}
+
+/// One token bucket per device, forgetting full (idle) ones when there are too many.
+pub(crate) struct DeviceBudgets {
+    rate: f64,
+    burst: f64,
+    devices: HashMap<DeviceId, TokenBucket>,
+}
+
+impl DeviceBudgets {
+    pub(crate) fn contact_claims() -> Self {
+        Self {
+            rate: CONTACT_CLAIMS_PER_SECOND,
+            burst: CONTACT_CLAIMS_BURST,
+            devices: HashMap::new(),
+        }
+    }
+
+    fn try_take(&mut self, device: DeviceId, now: Instant) -> bool {
+        if self.devices.len() >= MAX_LOOKUP_BUCKETS {
+            self.devices.retain(|_, bucket| !bucket.is_full(now));
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        self.devices
+            .entry(device)
+            .or_insert_with(|| TokenBucket::new(rate, burst, now))
+            .try_take(now)
     }
 }
 
@@ -223,7 +253,6 @@ struct Session {
     phase: Phase,
     requests: TokenBucket,
     claims: TokenBucket,
-    contact_claims: TokenBucket,
     bad_frames: u32,
     /// Told by the delivery task when it stops for a reason other than the peer leaving.
     delivery_failed: Arc<tokio::sync::Notify>,
@@ -265,7 +294,6 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         phase: Phase::New,
         requests: TokenBucket::new(rate, rate * 2.0, now),
         claims: TokenBucket::new(CLAIMS_PER_MINUTE / 60.0, CLAIMS_PER_MINUTE, now),
-        contact_claims: TokenBucket::new(CONTACT_CLAIMS_PER_SECOND, CONTACT_CLAIMS_BURST, now),
         bad_frames: 0,
         delivery_failed: Arc::new(tokio::sync::Notify::new()),
         stalled: false,
@@ -917,7 +945,13 @@ impl Session {
                 });
             }
             Request::ClaimKeyPackages(claim) => {
-                if !self.contact_claims.try_take(Instant::now()) {
+                let allowed = self
+                    .shared
+                    .contact_claims
+                    .lock()
+                    .map(|mut budgets| budgets.try_take(device, Instant::now()))
+                    .unwrap_or(false);
+                if !allowed {
                     return self
                         .send(error_frame(
                             id,

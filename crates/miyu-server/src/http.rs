@@ -142,6 +142,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             Instant::now(),
         )),
         lookups: Mutex::new(crate::connection::Lookups::new(Instant::now())),
+        contact_claims: Mutex::new(crate::connection::DeviceBudgets::contact_claims()),
         requests_per_second: config.requests_per_second,
         shutdown: stop_signal.clone(),
         blobs,
