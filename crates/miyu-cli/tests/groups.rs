@@ -6,10 +6,16 @@ use std::path::{Path, PathBuf};
 
 use common::{Server, conversation, miyu, miyu_ok};
 
-/// Makes `name` a profile on `server` and a contact of `hub` (and `hub` of it).
-fn contact_of(root: &Path, server: &str, hub: &Path, hub_name: &str, name: &str) -> PathBuf {
+/// A new account called `name` on `server`, in `root/name`.
+fn profile(root: &Path, server: &str, name: &str) -> PathBuf {
     let profile = root.join(name);
     miyu_ok(&profile, &["init", "--server", server, "--name", name]);
+    profile
+}
+
+/// Makes `name` a profile on `server` and a contact of `hub` (and `hub` of it).
+fn contact_of(root: &Path, server: &str, hub: &Path, hub_name: &str, name: &str) -> PathBuf {
+    let profile = profile(root, server, name);
     let link = miyu_ok(hub, &["invite"]);
     miyu_ok(&profile, &["accept", link.trim(), "--name", hub_name]);
     miyu_ok(hub, &["sync"]);
@@ -58,11 +64,7 @@ fn failure(profile: &Path, args: &[&str]) -> (Option<i32>, String) {
 fn a_group_grows_and_shrinks_and_the_server_never_sees_its_name_or_texts() {
     let root = tempfile::tempdir().unwrap();
     let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
-    let alice = root.path().join("alice");
-    miyu_ok(
-        &alice,
-        &["init", "--server", &server.address, "--name", "alice"],
-    );
+    let alice = profile(root.path(), &server.address, "alice");
     let bob = contact_of(root.path(), &server.address, &alice, "alice", "bob");
     let carol = contact_of(root.path(), &server.address, &alice, "alice", "carol");
     let dave = contact_of(root.path(), &server.address, &alice, "alice", "dave");
@@ -210,11 +212,7 @@ fn a_group_grows_and_shrinks_and_the_server_never_sees_its_name_or_texts() {
 fn two_admins_adding_at_the_same_moment_do_not_fork_the_group() {
     let root = tempfile::tempdir().unwrap();
     let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
-    let alice = root.path().join("alice");
-    miyu_ok(
-        &alice,
-        &["init", "--server", &server.address, "--name", "alice"],
-    );
+    let alice = profile(root.path(), &server.address, "alice");
     let bob = contact_of(root.path(), &server.address, &alice, "alice", "bob");
     let carol = contact_of(root.path(), &server.address, &alice, "alice", "carol");
     let dave = contact_of(root.path(), &server.address, &bob, "bob", "dave");
@@ -274,11 +272,7 @@ fn two_admins_adding_at_the_same_moment_do_not_fork_the_group() {
 fn who_may_add_me_is_enforced_by_my_device_and_a_left_member_is_removed() {
     let root = tempfile::tempdir().unwrap();
     let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
-    let alice = root.path().join("alice");
-    miyu_ok(
-        &alice,
-        &["init", "--server", &server.address, "--name", "alice"],
-    );
+    let alice = profile(root.path(), &server.address, "alice");
     let bob = contact_of(root.path(), &server.address, &alice, "alice", "bob");
     let carol = contact_of(root.path(), &server.address, &alice, "alice", "carol");
 
@@ -338,11 +332,7 @@ fn fifty_members_with_concurrent_posters_see_every_message_once_in_one_order() {
     const POSTS: usize = 3;
     let root = tempfile::tempdir().unwrap();
     let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
-    let owner = root.path().join("m00");
-    miyu_ok(
-        &owner,
-        &["init", "--server", &server.address, "--name", "m00"],
-    );
+    let owner = profile(root.path(), &server.address, "m00");
     let names: Vec<String> = (1..MEMBERS).map(|n| format!("m{n:02}")).collect();
     let profiles: Vec<PathBuf> = names
         .iter()
@@ -520,14 +510,7 @@ fn a_group_post_names_no_poster_and_needs_the_posting_key_of_the_epoch() {
 fn a_group_link_lets_people_ask_to_join_with_or_without_approval() {
     let root = tempfile::tempdir().unwrap();
     let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
-    let init = |name: &str| {
-        let profile = root.path().join(name);
-        miyu_ok(
-            &profile,
-            &["init", "--server", &server.address, "--name", name],
-        );
-        profile
-    };
+    let init = |name: &str| profile(root.path(), &server.address, name);
     let (alice, erin, frank, gina) = (init("alice"), init("erin"), init("frank"), init("gina"));
     miyu_ok(&alice, &["group", "create", "Open Door"]);
 

@@ -1048,10 +1048,7 @@ impl Client {
         group: &str,
         contacts: &[String],
     ) -> Result<GroupView, Error> {
-        let group_id = self.group_named(group)?;
-        self.connect().await?;
-        self.catch_up().await?;
-        self.check_active(&group_id, group)?;
+        let group_id = self.group_to_change(group).await?;
         self.check_can_inform(&group_id)?;
         let role = self.my_role(&group_id)?;
         if !load_info(&self.db, &group_id)?.adding.allows(role) {
@@ -1106,10 +1103,7 @@ impl Client {
         group: &str,
         members: &[String],
     ) -> Result<GroupView, Error> {
-        let group_id = self.group_named(group)?;
-        self.connect().await?;
-        self.catch_up().await?;
-        self.check_active(&group_id, group)?;
+        let group_id = self.group_to_change(group).await?;
         let my_role = self.my_role(&group_id)?;
         let me = self.account_id().to_string();
         let mut accounts = Vec::new();
@@ -1172,10 +1166,7 @@ impl Client {
         group: &str,
         change: GroupChange,
     ) -> Result<GroupView, Error> {
-        let group_id = self.group_named(group)?;
-        self.connect().await?;
-        self.catch_up().await?;
-        self.check_active(&group_id, group)?;
+        let group_id = self.group_to_change(group).await?;
         self.check_can_inform(&group_id)?;
         let role = self.my_role(&group_id)?;
         let old = load_info(&self.db, &group_id)?;
@@ -1213,10 +1204,7 @@ impl Client {
         member: &str,
         role: Role,
     ) -> Result<GroupView, Error> {
-        let group_id = self.group_named(group)?;
-        self.connect().await?;
-        self.catch_up().await?;
-        self.check_active(&group_id, group)?;
+        let group_id = self.group_to_change(group).await?;
         self.check_can_inform(&group_id)?;
         if self.my_role(&group_id)? != Role::Owner {
             return Err(Error::Usage(format!(
@@ -1258,6 +1246,16 @@ impl Client {
             Ok(())
         })?;
         self.flush_outbox().await
+    }
+
+    /// The group called `group`, once caught up with it, for a change: refused unless this
+    /// device is still in it.
+    async fn group_to_change(&mut self, group: &str) -> Result<Vec<u8>, Error> {
+        let group_id = self.group_named(group)?;
+        self.connect().await?;
+        self.catch_up().await?;
+        self.check_active(&group_id, group)?;
+        Ok(group_id)
     }
 
     /// Refuses a change that would have to send the group's info while members added without
