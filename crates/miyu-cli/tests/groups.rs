@@ -174,6 +174,30 @@ fn a_group_grows_and_shrinks_and_the_server_never_sees_its_name_or_texts() {
     let at_bob = info(&bob, "Harbor");
     assert_eq!(at_bob["description"], "sea and maps");
     assert_eq!(at_bob["my_role"], "admin");
+    // A picture, end-to-end encrypted like the name: Bob saves the same image.
+    let picture =
+        image::RgbImage::from_fn(24, 16, |x, y| image::Rgb([x as u8 * 9, y as u8 * 13, 200]));
+    let png = root.path().join("harbor.png");
+    picture.save(&png).unwrap();
+    miyu_ok(
+        &alice,
+        &["group", "set", "Harbor", "--avatar", png.to_str().unwrap()],
+    );
+    miyu_ok(&bob, &["sync"]);
+    assert_eq!(info(&bob, "Harbor")["avatar_mime"], "image/png");
+    let saved = root.path().join("saved.png");
+    miyu_ok(
+        &bob,
+        &[
+            "group",
+            "avatar",
+            "Harbor",
+            "--out",
+            saved.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(image::open(&saved).unwrap().to_rgb8(), picture);
+    let png_bytes = std::fs::read(&png).unwrap();
     // Now Bob may remove Dave.
     miyu_ok(&bob, &["group", "remove", "Harbor", "~dave"]);
     miyu_ok(&alice, &["sync"]);
@@ -192,6 +216,11 @@ fn a_group_grows_and_shrinks_and_the_server_never_sees_its_name_or_texts() {
 
     // The server's files hold neither the group's names nor anything said in it.
     let files = server.files();
+    assert_eq!(
+        common::count_in_files(&files, &png_bytes[8..40]),
+        0,
+        "the picture"
+    );
     for needle in [
         "Quiet Harbor Club",
         "Harbor",

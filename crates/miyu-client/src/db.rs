@@ -194,6 +194,9 @@ CREATE TABLE groups (
     adding TEXT NOT NULL DEFAULT 'admins',
     posting TEXT NOT NULL DEFAULT 'everyone',
     editing TEXT NOT NULL DEFAULT 'admins',
+    -- The group's picture (a small image without metadata) and its MIME type.
+    avatar BLOB,
+    avatar_mime TEXT,
     -- 'pending': joined from a Welcome, the group's info has not arrived (not shown);
     -- 'active'; 'declined' (the adder was not allowed to add us); 'left'; 'removed'.
     state TEXT NOT NULL,

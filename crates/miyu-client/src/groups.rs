@@ -38,6 +38,8 @@ pub(crate) const SCOPE_PREFIX: &str = "group:";
 pub const MAX_TITLE_CHARS: usize = 64;
 /// Longest group description, in characters.
 pub const MAX_DESCRIPTION_CHARS: usize = 512;
+/// Largest group picture, in bytes, once its metadata is gone.
+pub const MAX_AVATAR_BYTES: usize = 64 * 1024;
 
 pub(crate) fn is_group_id(group_id: &[u8]) -> bool {
     group_id.len() == GROUP_ID_LEN
@@ -149,8 +151,11 @@ pub struct GroupView {
     pub adding: Policy,
     /// Who may post (admins: an announcement-only group).
     pub posting: Policy,
-    /// Who may change the name and description.
+    /// Who may change the name, description and picture.
     pub editing: Policy,
+    /// The group's picture: its size and type (`group avatar` saves it).
+    pub avatar_bytes: usize,
+    pub avatar_mime: Option<String>,
     /// "active", "left" or "removed".
     pub state: String,
     pub my_role: Role,
@@ -173,6 +178,8 @@ pub struct MemberView {
 pub struct GroupChange {
     pub title: Option<String>,
     pub description: Option<String>,
+    /// A new picture (the bytes of a JPEG, PNG or WebP file), or `Some(empty)` for none.
+    pub avatar: Option<Vec<u8>>,
     pub adding: Option<Policy>,
     pub posting: Option<Policy>,
     pub editing: Option<Policy>,
@@ -188,6 +195,8 @@ struct Info {
     editing: Policy,
     /// Owners and admins by account id; everyone else is a member.
     roles: BTreeMap<String, Role>,
+    avatar: Vec<u8>,
+    avatar_mime: String,
 }
 
 impl Info {
@@ -214,6 +223,8 @@ impl Info {
             posting: self.posting.to_wire(),
             editing: self.editing.to_wire(),
             names: Vec::new(),
+            avatar: self.avatar.clone(),
+            avatar_mime: self.avatar_mime.clone(),
         })
     }
 
@@ -234,10 +245,24 @@ impl Info {
             };
             roles.insert(account, role);
         }
+        // A picture must be a small image of the type it claims.
+        if !info.avatar.is_empty()
+            && (info.avatar.len() > MAX_AVATAR_BYTES
+                || crate::strip::sniff(&info.avatar).map(|kind| kind.mime())
+                    != Some(info.avatar_mime.as_str()))
+        {
+            return None;
+        }
         Some(Info {
             title,
             description,
             roles,
+            avatar: info.avatar.clone(),
+            avatar_mime: if info.avatar.is_empty() {
+                String::new()
+            } else {
+                info.avatar_mime.clone()
+            },
             adding: Policy::from_wire(info.adding)?,
             posting: Policy::from_wire(info.posting)?,
             editing: Policy::from_wire(info.editing)?,
@@ -320,20 +345,31 @@ fn clean_description(text: &str) -> String {
 }
 
 fn load_info(db: &Connection, group_id: &[u8]) -> Result<Info, Error> {
-    let (title, description, adding, posting, editing): (String, String, String, String, String) =
-        db.query_row(
-            "SELECT title, description, adding, posting, editing FROM groups WHERE group_id = ?1",
-            params![group_id],
-            |row| {
-                Ok((
-                    row.get(0)?,
-                    row.get(1)?,
-                    row.get(2)?,
-                    row.get(3)?,
-                    row.get(4)?,
-                ))
-            },
-        )?;
+    type Row = (
+        String,
+        String,
+        String,
+        String,
+        String,
+        Option<Vec<u8>>,
+        Option<String>,
+    );
+    let (title, description, adding, posting, editing, avatar, avatar_mime): Row = db.query_row(
+        "SELECT title, description, adding, posting, editing, avatar, avatar_mime FROM groups
+         WHERE group_id = ?1",
+        params![group_id],
+        |row| {
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+                row.get(5)?,
+                row.get(6)?,
+            ))
+        },
+    )?;
     let mut roles = BTreeMap::new();
     let mut statement = db.prepare_cached(
         "SELECT account_id, role FROM group_members WHERE group_id = ?1 AND role != 'member'",
@@ -351,6 +387,8 @@ fn load_info(db: &Connection, group_id: &[u8]) -> Result<Info, Error> {
         posting: Policy::from_stored(&posting),
         editing: Policy::from_stored(&editing),
         roles,
+        avatar: avatar.unwrap_or_default(),
+        avatar_mime: avatar_mime.unwrap_or_default(),
     })
 }
 
@@ -358,15 +396,17 @@ fn load_info(db: &Connection, group_id: &[u8]) -> Result<Info, Error> {
 /// are not members are dropped).
 fn save_info(db: &Connection, group_id: &[u8], info: &Info) -> Result<(), Error> {
     db.execute(
-        "UPDATE groups SET title = ?2, description = ?3, adding = ?4, posting = ?5, editing = ?6
-         WHERE group_id = ?1",
+        "UPDATE groups SET title = ?2, description = ?3, adding = ?4, posting = ?5, editing = ?6,
+         avatar = ?7, avatar_mime = ?8 WHERE group_id = ?1",
         params![
             group_id,
             info.title,
             info.description,
             info.adding.as_str(),
             info.posting.as_str(),
-            info.editing.as_str()
+            info.editing.as_str(),
+            (!info.avatar.is_empty()).then_some(&info.avatar),
+            (!info.avatar.is_empty()).then_some(&info.avatar_mime)
         ],
     )?;
     db.execute(
@@ -1174,6 +1214,9 @@ impl Client {
         if let Some(title) = &change.title {
             new.title = clean_title(title)?;
         }
+        if let Some(avatar) = change.avatar {
+            (new.avatar, new.avatar_mime) = clean_avatar(avatar)?;
+        }
         if let Some(description) = &change.description {
             if description.chars().count() > MAX_DESCRIPTION_CHARS {
                 return Err(Error::Usage(format!(
@@ -1619,6 +1662,13 @@ impl Client {
         Ok(())
     }
 
+    /// The group's picture and its MIME type, if it has one.
+    pub fn group_avatar(&self, group: &str) -> Result<Option<(Vec<u8>, String)>, Error> {
+        let group_id = self.group_named(group)?;
+        let info = load_info(&self.db, &group_id)?;
+        Ok((!info.avatar.is_empty()).then_some((info.avatar, info.avatar_mime)))
+    }
+
     /// The groups this device is or was in (not those it declined).
     pub fn groups(&self) -> Result<Vec<GroupView>, Error> {
         let names: Vec<String> = {
@@ -1675,6 +1725,8 @@ impl Client {
             .map_or(Role::Member, |member| member.role);
         Ok(GroupView {
             name,
+            avatar_bytes: info.avatar.len(),
+            avatar_mime: (!info.avatar.is_empty()).then_some(info.avatar_mime),
             title: info.title,
             description: info.description,
             adding: info.adding,
@@ -1906,10 +1958,34 @@ impl Client {
     }
 }
 
+/// A picture as it may be sent: a JPEG, PNG or WebP without its metadata, at most 64 KiB.
+fn clean_avatar(bytes: Vec<u8>) -> Result<(Vec<u8>, String), Error> {
+    if bytes.is_empty() {
+        return Ok((Vec::new(), String::new()));
+    }
+    let kind = crate::strip::sniff(&bytes)
+        .ok_or_else(|| Error::Usage("a group picture is a JPEG, PNG or WebP image".into()))?;
+    if bytes.len() as u64 > crate::strip::MAX_STRIP_BYTES {
+        return Err(Error::Usage("that picture is far too large".into()));
+    }
+    let clean = crate::strip::strip_metadata(kind, bytes)
+        .map_err(|error| Error::Usage(format!("that picture cannot be read: {error}")))?;
+    if clean.len() > MAX_AVATAR_BYTES {
+        return Err(Error::Usage(format!(
+            "a group picture is at most {} KiB; this one is {} KiB",
+            MAX_AVATAR_BYTES / 1024,
+            clean.len().div_ceil(1024)
+        )));
+    }
+    Ok((clean, kind.mime().to_string()))
+}
+
 /// What a change of `old` into `new` would need that `role` does not have, if anything.
 fn refused_change(old: &Info, new: &Info, role: Role) -> Option<&'static str> {
-    if (new.title != old.title || new.description != old.description) && !old.editing.allows(role) {
-        return Some("change the group's name or description");
+    if (new.title != old.title || new.description != old.description || new.avatar != old.avatar)
+        && !old.editing.allows(role)
+    {
+        return Some("change the group's name, description or picture");
     }
     if (new.adding, new.posting, new.editing) != (old.adding, old.posting, old.editing)
         && role < Role::Admin
@@ -1945,6 +2021,13 @@ fn describe_change(
     }
     if new.description != old.description {
         parts.push("changed the description".to_string());
+    }
+    if new.avatar != old.avatar {
+        parts.push(if new.avatar.is_empty() {
+            "removed the group's picture".to_string()
+        } else {
+            "changed the group's picture".to_string()
+        });
     }
     let policy = |policy: Policy| match policy {
         Policy::Admins => "admins",

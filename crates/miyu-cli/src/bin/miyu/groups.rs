@@ -36,6 +36,13 @@ pub(crate) enum GroupAction {
         name: Option<String>,
         #[arg(long)]
         description: Option<String>,
+        /// A picture for the group: a JPEG, PNG or WebP of at most 64 KiB once its metadata
+        /// (GPS position, camera, time) is removed, which happens first.
+        #[arg(long, value_name = "PATH", conflicts_with = "no_avatar")]
+        avatar: Option<std::path::PathBuf>,
+        /// Remove the group's picture.
+        #[arg(long)]
+        no_avatar: bool,
         /// Who may add members: admins or everyone.
         #[arg(long, value_parser = parse_policy)]
         adding: Option<Policy>,
@@ -45,6 +52,13 @@ pub(crate) enum GroupAction {
         /// Who may change the name and description: admins or everyone.
         #[arg(long, value_parser = parse_policy)]
         editing: Option<Policy>,
+    },
+    /// Save the group's picture (default: GROUP and its type's extension, in the current
+    /// folder; an existing file is never replaced).
+    Avatar {
+        group: String,
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
     /// Print an invite link for the group (admins, or everyone if the group allows adding).
     /// Whoever uses it (`miyu accept LINK`) becomes your contact and is added at your next
@@ -103,13 +117,24 @@ pub(crate) async fn run(
             group,
             name,
             description,
+            avatar,
+            no_avatar,
             adding,
             posting,
             editing,
         } => {
+            let avatar = match (avatar, no_avatar) {
+                (Some(path), _) => Some(
+                    std::fs::read(&path)
+                        .map_err(|error| anyhow::anyhow!("reading {}: {error}", path.display()))?,
+                ),
+                (None, true) => Some(Vec::new()),
+                (None, false) => None,
+            };
             let change = GroupChange {
                 title: name,
                 description,
+                avatar,
                 adding,
                 posting,
                 editing,
@@ -132,6 +157,31 @@ pub(crate) async fn run(
                 return print_json(&serde_json::json!({ "link": link.to_string() }));
             }
             println!("{link}");
+            return Ok(());
+        }
+        GroupAction::Avatar { group, out } => {
+            let Some((bytes, mime)) = client.group_avatar(&group)? else {
+                return Err(crate::Usage(format!("{group} has no picture")).into());
+            };
+            let extension = mime.rsplit('/').next().unwrap_or("img");
+            let out = out.unwrap_or_else(|| {
+                let base: String = group
+                    .chars()
+                    .map(|c| if c.is_alphanumeric() { c } else { '-' })
+                    .collect();
+                std::path::PathBuf::from(format!("{base}.{extension}"))
+            });
+            use std::io::Write as _;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&out)
+                .map_err(|error| anyhow::anyhow!("writing {}: {error}", out.display()))?;
+            file.write_all(&bytes)?;
+            if json {
+                return print_json(&serde_json::json!({ "saved": out, "mime": mime }));
+            }
+            println!("{}", out.display());
             return Ok(());
         }
         GroupAction::Requests { group } => {
@@ -208,6 +258,12 @@ fn print_group(group: &GroupView) {
     }
     if !group.description.is_empty() {
         println!("  {}", printable(&group.description));
+    }
+    if let Some(mime) = &group.avatar_mime {
+        println!(
+            "  picture: {} KiB {mime} (`miyu group avatar` saves it)",
+            group.avatar_bytes.div_ceil(1024)
+        );
     }
     if group.state != "active" {
         println!(
