@@ -58,7 +58,7 @@ fn setup() -> Target {
     let application =
         mls::encrypt(&bob_mls, &bob, &mut bob_group, b"hello alice").expect("encrypts");
     assert!(matches!(
-        mls::process(&alice_mls, &mut group, &application),
+        mls::process(&alice_mls, &mut group, &application, false),
         Ok(mls::Incoming::Application { .. })
     ));
 
@@ -73,7 +73,7 @@ fn setup() -> Target {
     Box::new(move |data: &[u8]| {
         // Bob's side is kept only so that its leaked database stays reachable.
         let _ = &bob_mls;
-        let _ = mls::process(&alice_mls, &mut group, data);
+        let _ = mls::process(&alice_mls, &mut group, data, true);
         let _ = mls::join_group(&carol_mls, data);
     })
 }

@@ -333,6 +333,11 @@ pub fn self_update(
 
 /// Starts a commit that adds the devices of `key_packages`; returns the commit and the
 /// Welcome for them. Pending until merged or discarded, as for [`self_update`].
+///
+/// The commit carries no update path (RFC 9420 §12.4 allows it for adds): it holds the new
+/// key packages rather than one ciphertext per member, so its size and every member's cost
+/// to process it no longer grow with the group. The committer's own keys are refreshed by
+/// the weekly self-update instead.
 pub fn add_members(
     provider: &Provider<'_>,
     keys: &AccountKeys,
@@ -340,7 +345,7 @@ pub fn add_members(
     key_packages: &[KeyPackage],
 ) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
     let (commit, welcome, _info) = group
-        .add_members(provider, &DeviceSigner(keys), key_packages)
+        .add_members_without_update(provider, &DeviceSigner(keys), key_packages)
         .map_err(state_error)?;
     Ok((
         commit.tls_serialize_detached().map_err(state_error)?,
