@@ -51,6 +51,20 @@ fn post(profile: &Path, group: &str, text: &str) {
     assert!(!stderr.contains("posting key"), "{stderr}");
 }
 
+/// This device's number for the message of `conversation` whose body is `body`.
+fn id_of(profile: &Path, conversation: &str, body: &str) -> String {
+    let json: serde_json::Value =
+        serde_json::from_str(&miyu_ok(profile, &["--json", "messages", conversation])).unwrap();
+    json.as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["body"] == body)
+        .unwrap_or_else(|| panic!("no {body:?} in {conversation}"))["id"]
+        .as_i64()
+        .unwrap()
+        .to_string()
+}
+
 fn failure(profile: &Path, args: &[&str]) -> (Option<i32>, String) {
     let output = miyu(profile, args);
     assert!(!output.status.success(), "miyu {args:?} succeeded");
@@ -101,6 +115,55 @@ fn a_group_grows_and_shrinks_and_the_server_never_sees_its_name_or_texts() {
             "alice: lanterns at dusk on friday",
             "~bob: bringing the map"
         ]
+    );
+
+    // Replies, reactions, edits and deletions work in a group as between two people, and
+    // each member may change only what it wrote.
+    let map_at_carol = id_of(&carol, "Quiet Harbor Club", "bringing the map");
+    miyu_ok(&carol, &["react", "Quiet Harbor Club", &map_at_carol, "👍"]);
+    miyu_ok(
+        &carol,
+        &["reply", "Quiet Harbor Club", &map_at_carol, "which map?"],
+    );
+    let (code, _) = failure(
+        &carol,
+        &["edit", "Quiet Harbor Club", &map_at_carol, "no map"],
+    );
+    assert_eq!(code, Some(2));
+    let map_at_bob = id_of(&bob, "Quiet Harbor Club", "bringing the map");
+    miyu_ok(
+        &bob,
+        &[
+            "edit",
+            "Quiet Harbor Club",
+            &map_at_bob,
+            "bringing the old map",
+        ],
+    );
+    for profile in [&alice, &bob] {
+        miyu_ok(profile, &["sync"]);
+    }
+    let at_alice = conversation(&alice, "Quiet Harbor Club").join("\n");
+    assert!(
+        at_alice.contains("bob: bringing the old map (edited) [👍 carol]"),
+        "{at_alice}"
+    );
+    let map_at_alice = id_of(&alice, "Quiet Harbor Club", "bringing the old map");
+    assert!(
+        at_alice.contains(&format!("carol: (reply to #{map_at_alice}) which map?")),
+        "{at_alice}"
+    );
+    let at_bob = conversation(&bob, "Quiet Harbor Club").join("\n");
+    assert!(
+        at_bob.contains("me: bringing the old map (edited) [👍 ~carol]"),
+        "{at_bob}"
+    );
+    let which = id_of(&bob, "Quiet Harbor Club", "which map?");
+    let (code, _) = failure(&bob, &["delete", "Quiet Harbor Club", &which, "--everyone"]);
+    assert_eq!(
+        code,
+        Some(2),
+        "deleting someone else's message for everyone"
     );
 
     // A member may not add, remove or rename; the owner may.

@@ -483,6 +483,45 @@ mod tests {
     }
 
     #[test]
+    fn in_a_group_a_member_edits_and_deletes_only_what_that_member_wrote() {
+        let folder = tempfile::tempdir().unwrap();
+        let mut db = Connection::open(folder.path().join("miyu.db")).unwrap();
+        crate::db::configure(&mut db).unwrap();
+        db.execute(
+            "INSERT INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, sender)
+             VALUES (x'02', x'cc', 0, 'by ann', 0, 0, 'received', 'ann')",
+            [],
+        )
+        .unwrap();
+        let from = |sender: &'static str| Received {
+            group_id: &[2],
+            seq: 1,
+            contact_account: sender,
+            contact_name: sender,
+            conversation_name: "club",
+            sender: Some(sender),
+            message_id: &[9],
+            sent_at_ms: 5,
+            expires_in_s: 0,
+        };
+        let edit = wire::Edit {
+            message_id: vec![0xcc],
+            body: "by ben".into(),
+        };
+        let delete = wire::Delete {
+            message_id: vec![0xcc],
+        };
+        // Ben, another member, can neither rewrite nor delete Ann's words.
+        assert!(on_edit(&db, &from("ben"), &edit).unwrap().is_none());
+        assert!(on_delete(&db, &from("ben"), &delete).unwrap().is_none());
+        assert_eq!(body_and_deleted(&db, 0xcc), ("by ann".into(), false));
+        // Ann can.
+        assert!(on_edit(&db, &from("ann"), &edit).unwrap().is_some());
+        assert!(on_delete(&db, &from("ann"), &delete).unwrap().is_some());
+        assert_eq!(body_and_deleted(&db, 0xcc), (String::new(), true));
+    }
+
+    #[test]
     fn a_contact_edits_and_deletes_only_what_it_wrote() {
         let folder = tempfile::tempdir().unwrap();
         let mut db = Connection::open(folder.path().join("miyu.db")).unwrap();
