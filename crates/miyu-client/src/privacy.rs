@@ -907,6 +907,11 @@ impl Client {
             return Ok(false);
         }
         let (_, group_id) = self.conversation_of(contact)?;
+        if crate::groups::is_group_id(&group_id) {
+            return Err(Error::Usage(
+                "typing indicators are between contacts, not in groups".into(),
+            ));
+        }
         let typing = wire::app_message::Body::Typing(wire::Typing { active });
         self.queue_app_message(&group_id, typing, None)?;
         self.flush().await?;
