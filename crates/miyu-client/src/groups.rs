@@ -803,10 +803,16 @@ pub(crate) fn mentions_in(
     text: &str,
     me: AccountId,
 ) -> Result<Vec<Vec<u8>>, Error> {
+    // `@bob,` names bob; `@bob_` may be a member called bob_: try the word as it is too.
     let wanted: Vec<&str> = text
         .split_whitespace()
         .filter_map(|word| word.strip_prefix('@'))
-        .map(|name| name.trim_end_matches(|c: char| c.is_ascii_punctuation()))
+        .flat_map(|name| {
+            [
+                name,
+                name.trim_end_matches(|c: char| c.is_ascii_punctuation()),
+            ]
+        })
         .filter(|name| !name.is_empty())
         .collect();
     if wanted.is_empty() {
@@ -1541,9 +1547,13 @@ impl Client {
             params![account],
             |row| row.get(0),
         )?;
-        let view = self
-            .add_to_group(group, std::slice::from_ref(&contact))
-            .await?;
+        let already_in = self.member_accounts(&group_id)?.contains(&account);
+        let view = if already_in {
+            self.group_info(group)?
+        } else {
+            self.add_to_group(group, std::slice::from_ref(&contact))
+                .await?
+        };
         self.db.execute(
             "DELETE FROM group_requests WHERE group_id = ?1 AND account_id = ?2",
             params![group_id, account],
@@ -1582,16 +1592,22 @@ impl Client {
                 .add_to_group(&group, std::slice::from_ref(&contact))
                 .await
             {
-                Ok(_) => {}
+                Ok(_) => {
+                    self.db.execute(
+                        "DELETE FROM group_requests WHERE group_id = ?1 AND account_id = ?2",
+                        params![group_id, account],
+                    )?;
+                }
                 Err(error) if error.is_transient() => return Err(error),
                 Err(error) => {
-                    tracing::warn!("could not add someone who used a group link: {error}")
+                    // Left for the user to answer (`group requests`), not dropped.
+                    tracing::warn!("could not add someone who used a group link: {error}");
+                    self.db.execute(
+                        "UPDATE group_requests SET state = 'waiting' WHERE group_id = ?1 AND account_id = ?2",
+                        params![group_id, account],
+                    )?;
                 }
             }
-            self.db.execute(
-                "DELETE FROM group_requests WHERE group_id = ?1 AND account_id = ?2",
-                params![group_id, account],
-            )?;
         }
         Ok(())
     }
@@ -1864,6 +1880,22 @@ impl Client {
         }
     }
 
+    /// Leaves a group we were added to without ever showing it.
+    fn decline(&self, db: &Connection, group_id: &[u8]) -> Result<(), Error> {
+        db.execute(
+            "UPDATE groups SET leaving = 1 WHERE group_id = ?1",
+            params![group_id],
+        )?;
+        self.queue_app_message_in(
+            db,
+            group_id,
+            wire::app_message::Body::Leave(wire::Leave {}),
+            None,
+        )?;
+        self.queued_while_processing.set(true);
+        Ok(())
+    }
+
     /// The first GroupInfo of a group we were added to: it says who added us, which decides,
     /// by the "who can add me to groups" setting, whether we stay or decline.
     fn on_first_info(
@@ -1872,9 +1904,6 @@ impl Client {
         received: &Received<'_>,
         wire_info: &wire::GroupInfo,
     ) -> Result<Option<Event>, Error> {
-        let Some(info) = Info::from_wire(wire_info) else {
-            return Ok(None);
-        };
         let adder = received.contact_account;
         // Only the member who signed our Welcome speaks for the group while we wait: another
         // member racing to post first cannot make us decline, nor dictate the roles. Once we
@@ -1887,10 +1916,14 @@ impl Client {
         if leaving || expected_adder.as_deref() != Some(adder) {
             return Ok(None);
         }
-        // The sender must be entitled to add by the very info it sends.
-        if !info.adding.allows(info.role_of(adder)) {
-            return Ok(None);
-        }
+        // The adder's info must be well formed and entitle it to add by its own account;
+        // otherwise the group would never be shown: decline it.
+        let info =
+            Info::from_wire(wire_info).filter(|info| info.adding.allows(info.role_of(adder)));
+        let Some(info) = info else {
+            tracing::debug!("declined a group whose adder sent an unusable GroupInfo");
+            return self.decline(db, received.group_id).map(|()| None);
+        };
         let is_contact: bool = db
             .query_row(
                 "SELECT 1 FROM contacts WHERE account_id = ?1 AND state = 'accepted'",
@@ -1917,18 +1950,7 @@ impl Client {
         let group_id = received.group_id;
         if !allowed {
             tracing::debug!("declined a group: its adder may not add us");
-            db.execute(
-                "UPDATE groups SET leaving = 1 WHERE group_id = ?1",
-                params![group_id],
-            )?;
-            self.queue_app_message_in(
-                db,
-                group_id,
-                wire::app_message::Body::Leave(wire::Leave {}),
-                None,
-            )?;
-            self.queued_while_processing.set(true);
-            return Ok(None);
+            return self.decline(db, group_id).map(|()| None);
         }
         if expected {
             db.execute(

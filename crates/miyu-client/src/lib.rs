@@ -1845,7 +1845,9 @@ impl Client {
     async fn refresh_posting_keys(&mut self) -> Result<(), Error> {
         let refused: Vec<Vec<u8>> = {
             let mut statement = self.db.prepare(
-                "SELECT group_id FROM conversations WHERE posting_refused = 1 AND broken IS NULL",
+                // Groups we are no longer in have nothing to renew.
+                "SELECT c.group_id FROM conversations c JOIN groups g ON g.group_id = c.group_id
+                 WHERE c.posting_refused = 1 AND c.broken IS NULL AND g.state = 'active'",
             )?;
             statement
                 .query_map([], |row| row.get(0))?
@@ -2020,11 +2022,16 @@ impl Client {
             |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
         )?;
         if state == "pending" {
-            let reason: Option<String> = self.db.query_row(
-                "SELECT broken FROM conversations WHERE group_id = ?1",
+            let (reason, held): (Option<String>, bool) = self.db.query_row(
+                "SELECT broken, posting_refused FROM conversations WHERE group_id = ?1",
                 params![group_id],
-                |row| row.get(0),
+                |row| Ok((row.get(0)?, row.get(1)?)),
             )?;
+            if held && reason.is_none() {
+                return Err(Error::Queued(
+                    "the server refuses the group's posting key; the message waits for a key update and goes out with the next sync".into(),
+                ));
+            }
             return Err(Error::Protocol(format!(
                 "the conversation with {contact} fell out of sync; the message was not sent: {}",
                 reason.unwrap_or_default()

@@ -96,7 +96,7 @@ conformance_suite! {
     a_member_commit_refuses_impossible_changes
     a_device_that_leaves_gets_nothing_more_and_no_longer_holds_entries_back
     an_unattributed_post_needs_the_posting_key_of_the_current_epoch
-    a_removed_device_can_be_added_again_before_it_read_its_removal
+    a_removed_device_can_be_added_again_once_it_read_its_removal
     one_shared_welcome_reaches_every_new_member_but_the_poster
 }
 
@@ -1744,7 +1744,8 @@ fn adding_a_device_needs_a_grant_and_welcomes_go_only_to_added_devices(
     assert!(store.inbox_entries(&device(3), 0, 10)?.is_empty());
     // The grant survived the failed attempts, and is consumed by the one that succeeds.
     store.commit_members(member_commit(&group_id, 2, 0, &[4], &[]))?;
-    store.commit_members(member_commit(&group_id, 2, 1, &[], &[4]))?;
+    let removal = store.commit_members(member_commit(&group_id, 2, 1, &[], &[4]))?;
+    store.ack_group(&device(4), &group_id, removal.seq)?;
     assert!(matches!(
         store.commit_members(member_commit(&group_id, 2, 2, &[4], &[])),
         Err(StoreError::Forbidden)
@@ -1926,13 +1927,16 @@ fn an_unattributed_post_needs_the_posting_key_of_the_current_epoch(
     Ok(())
 }
 
-fn a_removed_device_can_be_added_again_before_it_read_its_removal(
-    store: &mut dyn Store,
-) -> Outcome {
+fn a_removed_device_can_be_added_again_once_it_read_its_removal(store: &mut dyn Store) -> Outcome {
     let group_id = group_of_three(store)?;
-    store.commit_members(member_commit(&group_id, 1, 0, &[], &[3]))?;
-    // Device 3 has not acknowledged its removal; it is added again with a new grant.
+    let removal = store.commit_members(member_commit(&group_id, 1, 0, &[], &[3]))?;
     claim(store, device(1), 3, 9)?;
+    // Device 3 has not read its removal: its own state still says it is in.
+    assert!(matches!(
+        store.commit_members(member_commit(&group_id, 1, 1, &[3], &[])),
+        Err(StoreError::Invalid(_))
+    ));
+    store.ack_group(&device(3), &group_id, removal.seq)?;
     let committed = store.commit_members(member_commit(&group_id, 1, 1, &[3], &[]))?;
     store.commit()?;
     assert_eq!(committed.members.len(), 3);

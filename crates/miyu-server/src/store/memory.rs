@@ -321,6 +321,15 @@ impl Store for MemoryStore {
         {
             return Err(StoreError::Invalid("an added device is a member already"));
         }
+        if commit
+            .add
+            .iter()
+            .any(|device| group.removed.contains_key(device))
+        {
+            return Err(StoreError::Invalid(
+                "an added device has not yet read its removal; try again later",
+            ));
+        }
         let granted = |device: &DeviceId| {
             self.devices.contains_key(device)
                 && self

@@ -406,6 +406,19 @@ impl Store for SqliteStore {
                 if is_member(db, group_key, device)? {
                     return Err(StoreError::Invalid("an added device is a member already"));
                 }
+                // Until it has read the commit that removed it, its own state still says it
+                // is in: a Welcome now would find it "in the group already" and be lost.
+                let unread_removal = db
+                    .prepare_cached(
+                        "SELECT 1 FROM group_members WHERE group_id = ?1 AND device_id = ?2 \
+                         AND until_seq IS NOT NULL",
+                    )?
+                    .exists(params![group_key, device.as_bytes().as_slice()])?;
+                if unread_removal {
+                    return Err(StoreError::Invalid(
+                        "an added device has not yet read its removal; try again later",
+                    ));
+                }
                 let consumed = db
                     .prepare_cached(
                         "DELETE FROM add_grants WHERE claimer = ?1 AND target = ?2 \
