@@ -641,6 +641,29 @@ fn a_group_link_lets_people_ask_to_join_with_or_without_approval() {
     let (code, error) = failure(&harry, &["accept", link.trim()]);
     assert_eq!(code, Some(2), "{error}");
     assert!(error.contains("already used"), "{error}");
+    // A revoked link makes its user a stranger (a message request), not someone to add.
+    miyu_ok(&alice, &["group", "invite", "Open Door", "--uses", "5"]);
+    let listed = miyu_ok(&alice, &["--json", "group", "links", "Open Door"]);
+    let links: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let links = links.as_array().unwrap();
+    assert_eq!(links.len(), 1, "{listed}");
+    let id = links[0]["id"].as_i64().unwrap().to_string();
+    let link = {
+        // The link itself is printed only when made: make another and revoke the first.
+        miyu_ok(&alice, &["group", "revoke-link", "Open Door", &id]);
+        assert_eq!(miyu_ok(&alice, &["group", "links", "Open Door"]).trim(), "");
+        let fresh = miyu_ok(&alice, &["group", "invite", "Open Door"]);
+        let listed: serde_json::Value =
+            serde_json::from_str(&miyu_ok(&alice, &["--json", "group", "links", "Open Door"]))
+                .unwrap();
+        let fresh_id = listed[0]["id"].as_i64().unwrap().to_string();
+        miyu_ok(&alice, &["group", "revoke-link", "Open Door", &fresh_id]);
+        fresh
+    };
+    miyu_ok(&harry, &["accept", link.trim()]);
+    let told = miyu_ok(&alice, &["sync"]);
+    assert!(told.contains("message request"), "{told}");
+    assert!(!told.contains("asks to join"), "{told}");
     post(&gina, "Open Door", "hello all");
     for profile in [&alice, &erin, &frank] {
         miyu_ok(profile, &["sync"]);

@@ -883,6 +883,16 @@ pub(crate) fn on_join_request(
     .map(Some)
 }
 
+/// One of this device's invite links for a group that can still be used.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupLink {
+    /// This device's number for the link, for `group revoke-link`.
+    pub id: i64,
+    pub created_at_ms: u64,
+    pub uses_left: u32,
+    pub approval: bool,
+}
+
 /// A request to join a group through its link, as `group requests` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct JoinRequest {
@@ -1559,6 +1569,46 @@ impl Client {
             params![group_id, account],
         )?;
         Ok(view)
+    }
+
+    /// The group's invite links this device made that can still be used.
+    pub fn group_links(&self, group: &str) -> Result<Vec<GroupLink>, Error> {
+        let group_id = self.group_named(group)?;
+        let mut statement = self.db.prepare(
+            "SELECT rowid, created_at_ms, uses_left, approval FROM invites
+             WHERE group_id = ?1 AND used = 0 AND created_at_ms > ?2 ORDER BY rowid",
+        )?;
+        let links = statement
+            .query_map(
+                params![group_id, now_ms().saturating_sub(crate::INVITE_LIFETIME_MS)],
+                |row| {
+                    Ok(GroupLink {
+                        id: row.get(0)?,
+                        created_at_ms: row.get(1)?,
+                        uses_left: row.get(2)?,
+                        approval: row.get(3)?,
+                    })
+                },
+            )?
+            .collect::<Result<_, _>>()?;
+        Ok(links)
+    }
+
+    /// Revokes one of the group's links at once: whoever uses it afterwards is a stranger to
+    /// this device (a message request), not someone asking to join. The server still lets
+    /// the link be claimed until it is used up or expires, which spends key packages.
+    pub fn revoke_group_link(&self, group: &str, id: i64) -> Result<(), Error> {
+        let group_id = self.group_named(group)?;
+        let revoked = self.db.execute(
+            "UPDATE invites SET used = 1, uses_left = 0 WHERE rowid = ?1 AND group_id = ?2 AND used = 0",
+            params![id, group_id],
+        )?;
+        if revoked == 0 {
+            return Err(Error::Usage(format!(
+                "no usable link #{id} for {group}; `miyu group links {group}` lists them"
+            )));
+        }
+        Ok(())
     }
 
     /// Refuses someone who asked to join; they are not told (they stay a contact).

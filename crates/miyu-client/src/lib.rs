@@ -66,7 +66,7 @@ const KEEPALIVE: Duration = Duration::from_secs(60);
 const COMMIT_ATTEMPTS: usize = 5;
 /// How long an invite this device made can be answered: the server's 30 days, and its
 /// rounding to the hour.
-const INVITE_LIFETIME_MS: u64 = (30 * 24 + 2) * 3600 * 1000;
+pub(crate) const INVITE_LIFETIME_MS: u64 = (30 * 24 + 2) * 3600 * 1000;
 
 /// Errors, sorted by who must act.
 #[derive(Debug, thiserror::Error)]

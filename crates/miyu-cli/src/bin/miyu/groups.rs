@@ -72,6 +72,11 @@ pub(crate) enum GroupAction {
         #[arg(long)]
         approval: bool,
     },
+    /// List the group's invite links you made that can still be used.
+    Links { group: String },
+    /// Revoke one of your links (its number from `group links`): whoever uses it from now on
+    /// is a stranger to you, not someone asking to join.
+    RevokeLink { group: String, id: i64 },
     /// List who asked to join through your links and waits for your answer.
     Requests { group: String },
     /// Add someone who asked to join.
@@ -202,6 +207,31 @@ pub(crate) async fn run(
         GroupAction::Approve { group, name } => Some(client.approve_request(&group, &name).await?),
         GroupAction::Deny { group, name } => {
             client.deny_request(&group, &name)?;
+            None
+        }
+        GroupAction::Links { group } => {
+            let links = client.group_links(&group)?;
+            if json {
+                return print_json(&links);
+            }
+            for link in &links {
+                println!(
+                    "#{}  made {}  {} use{} left{}",
+                    link.id,
+                    crate::format_time(link.created_at_ms),
+                    link.uses_left,
+                    if link.uses_left == 1 { "" } else { "s" },
+                    if link.approval {
+                        ", needs your approval"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            return Ok(());
+        }
+        GroupAction::RevokeLink { group, id } => {
+            client.revoke_group_link(&group, id)?;
             None
         }
     };
