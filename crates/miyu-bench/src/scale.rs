@@ -393,27 +393,11 @@ fn validate_key_package(provider: &OpenMlsRustCrypto, bytes: &[u8]) -> Result<Ke
         .context("validating a key package")
 }
 
-/// Miyu's group configuration (see `miyu_crypto::mls`): tree inside the Welcome, padding.
-fn create_config() -> MlsGroupCreateConfig {
-    MlsGroupCreateConfig::builder()
-        .ciphersuite(CIPHERSUITE)
-        .use_ratchet_tree_extension(true)
-        .padding_size(PADDING)
-        .build()
-}
-
-fn join_config() -> MlsGroupJoinConfig {
-    MlsGroupJoinConfig::builder()
-        .use_ratchet_tree_extension(true)
-        .padding_size(PADDING)
-        .build()
-}
-
 fn new_group(committer: &Member, group_id: &[u8]) -> Result<MlsGroup> {
     MlsGroup::new_with_group_id(
         &committer.provider,
         &committer.signer,
-        &create_config(),
+        &miyu_crypto::mls::create_config(),
         GroupId::from_slice(group_id),
         committer.credential.clone(),
     )
@@ -548,8 +532,9 @@ fn join(provider: &OpenMlsRustCrypto, welcome: &[u8], tree: Option<&[u8]>) -> Re
         .map(RatchetTreeIn::tls_deserialize_exact)
         .transpose()
         .context("parsing the ratchet tree")?;
-    let staged = StagedWelcome::new_from_welcome(provider, &join_config(), welcome, tree)
-        .context("processing a Welcome")?;
+    let staged =
+        StagedWelcome::new_from_welcome(provider, &miyu_crypto::mls::join_config(), welcome, tree)
+            .context("processing a Welcome")?;
     staged.into_group(provider).context("joining")
 }
 

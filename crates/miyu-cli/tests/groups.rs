@@ -4,7 +4,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Server, conversation, miyu, miyu_ok};
+use common::{Server, conversation, id_of, miyu, miyu_ok};
 
 /// A new account called `name` on `server`, in `root/name`.
 fn profile(root: &Path, server: &str, name: &str) -> PathBuf {
@@ -49,20 +49,6 @@ fn post(profile: &Path, group: &str, text: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(!stderr.contains("posting key"), "{stderr}");
-}
-
-/// This device's number for the message of `conversation` whose body is `body`.
-fn id_of(profile: &Path, conversation: &str, body: &str) -> String {
-    let json: serde_json::Value =
-        serde_json::from_str(&miyu_ok(profile, &["--json", "messages", conversation])).unwrap();
-    json.as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["body"] == body)
-        .unwrap_or_else(|| panic!("no {body:?} in {conversation}"))["id"]
-        .as_i64()
-        .unwrap()
-        .to_string()
 }
 
 fn failure(profile: &Path, args: &[&str]) -> (Option<i32>, String) {

@@ -3,26 +3,7 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{Chat, Server, connect_pair, conversation, miyu, miyu_ok};
-
-fn messages(profile: &Path, contact: &str) -> Vec<serde_json::Value> {
-    let json: serde_json::Value =
-        serde_json::from_str(&miyu_ok(profile, &["--json", "messages", contact])).unwrap();
-    json.as_array().unwrap().clone()
-}
-
-/// This device's number for the message whose body is `body`.
-fn id_of(profile: &Path, contact: &str, body: &str) -> String {
-    messages(profile, contact)
-        .iter()
-        .find(|m| m["body"] == body)
-        .unwrap_or_else(|| panic!("no {body:?} with {contact}"))["id"]
-        .as_i64()
-        .unwrap()
-        .to_string()
-}
+use common::{Chat, Server, connect_pair, conversation, id_of, messages, miyu, miyu_ok};
 
 #[test]
 fn replies_edits_reactions_deletions_and_forwards_reach_the_other_side() {

@@ -344,6 +344,27 @@ fn clean_description(text: &str) -> String {
         .to_string()
 }
 
+/// Who may add, post and edit: the part of the group's info that every incoming message and
+/// every send consults (without the roles and the picture that `load_info` reads).
+struct Policies {
+    adding: Policy,
+    posting: Policy,
+    editing: Policy,
+}
+
+fn load_policies(db: &Connection, group_id: &[u8]) -> Result<Policies, Error> {
+    let (adding, posting, editing): (String, String, String) = db
+        .prepare_cached("SELECT adding, posting, editing FROM groups WHERE group_id = ?1")?
+        .query_row(params![group_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })?;
+    Ok(Policies {
+        adding: Policy::from_stored(&adding),
+        posting: Policy::from_stored(&posting),
+        editing: Policy::from_stored(&editing),
+    })
+}
+
 fn load_info(db: &Connection, group_id: &[u8]) -> Result<Info, Error> {
     type Row = (
         String,
@@ -661,7 +682,7 @@ pub(crate) fn on_commit(
         return notice(db, group_id, Some(entry.seq), Some(&committer), &text).map(Some);
     }
     let committer_role = role_of(db, group_id, &committer)?.unwrap_or(Role::Member);
-    let adding = load_info(db, group_id)?.adding;
+    let adding = load_policies(db, group_id)?.adding;
     let mut texts = Vec::new();
     let me = me.to_string();
     // Removed accounts, before the member list forgets them.
@@ -788,7 +809,7 @@ pub(crate) fn check_can_send(
         wire::app_message::Body::Text(_) | wire::app_message::Body::File(_)
     ) {
         let role = role_of(db, group_id, me)?.unwrap_or(Role::Member);
-        if !load_info(db, group_id)?.posting.allows(role) {
+        if !load_policies(db, group_id)?.posting.allows(role) {
             return Err(Error::Usage(format!("only admins may post in {name}")));
         }
     }
@@ -1107,7 +1128,7 @@ impl Client {
         let group_id = self.group_to_change(group).await?;
         self.check_can_inform(&group_id)?;
         let role = self.my_role(&group_id)?;
-        if !load_info(&self.db, &group_id)?.adding.allows(role) {
+        if !load_policies(&self.db, &group_id)?.adding.allows(role) {
             return Err(Error::Usage(format!(
                 "only admins may add members to {group}"
             )));
@@ -1500,7 +1521,7 @@ impl Client {
             return Err(Error::Usage("a link serves 1 to 1,000 people".into()));
         }
         let role = self.my_role(&group_id)?;
-        if !load_info(&self.db, &group_id)?.adding.allows(role) {
+        if !load_policies(&self.db, &group_id)?.adding.allows(role) {
             return Err(Error::Usage(format!("only admins may invite to {group}")));
         }
         self.create_invite(uses, Some(&group_id), approval).await
@@ -1862,7 +1883,7 @@ impl Client {
             )
             .map(Some)
         };
-        let posting = load_info(db, group_id)?.posting;
+        let posting = load_policies(db, group_id)?.posting;
         match message.body {
             Some(wire::app_message::Body::GroupInfo(info)) => on_info(db, &received, role, &info),
             Some(wire::app_message::Body::Leave(_)) => {
@@ -1920,7 +1941,7 @@ impl Client {
                 features::on_delete(db, &received, &delete)
             }
             Some(wire::app_message::Body::Timer(timer)) => {
-                if !load_info(db, group_id)?.editing.allows(role) {
+                if !load_policies(db, group_id)?.editing.allows(role) {
                     return refuse("change the disappearing-message timer");
                 }
                 on_group_timer(db, &received, timer.seconds)

@@ -144,7 +144,8 @@ fn state_error(error: impl std::fmt::Display) -> MlsError {
     MlsError::State(error.to_string())
 }
 
-fn create_config() -> MlsGroupCreateConfig {
+/// Miyu's group configuration: its ciphersuite, the ratchet tree inside the Welcome, padding.
+pub fn create_config() -> MlsGroupCreateConfig {
     MlsGroupCreateConfig::builder()
         .ciphersuite(CIPHERSUITE)
         .use_ratchet_tree_extension(true)
@@ -152,7 +153,8 @@ fn create_config() -> MlsGroupCreateConfig {
         .build()
 }
 
-fn join_config() -> MlsGroupJoinConfig {
+/// How Miyu joins a group: the tree from the Welcome, padding.
+pub fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
         .use_ratchet_tree_extension(true)
         .padding_size(PADDING)

@@ -921,7 +921,11 @@ impl Session {
                             now,
                         )?;
                         if kind == EntryKind::Commit && next_posting_key.is_some() {
-                            store.set_posting_key(&group, Epoch(epoch.0 + 1), next_posting_key)?;
+                            store.set_posting_key(
+                                &group,
+                                Epoch(epoch.0.saturating_add(1)),
+                                next_posting_key,
+                            )?;
                         }
                         let pushed = Arc::new(PushedEntry {
                             entry: crate::store::LogEntry {

@@ -182,6 +182,24 @@ pub fn miyu_ok(profile: &Path, args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// A conversation (a contact's or a group's) as `miyu --json messages` gives it.
+pub fn messages(profile: &Path, conversation: &str) -> Vec<serde_json::Value> {
+    let json: serde_json::Value =
+        serde_json::from_str(&miyu_ok(profile, &["--json", "messages", conversation])).unwrap();
+    json.as_array().unwrap().clone()
+}
+
+/// This device's number for the message of `conversation` whose body is `body`.
+pub fn id_of(profile: &Path, conversation: &str, body: &str) -> String {
+    messages(profile, conversation)
+        .iter()
+        .find(|m| m["body"] == body)
+        .unwrap_or_else(|| panic!("no {body:?} in {conversation}"))["id"]
+        .as_i64()
+        .unwrap()
+        .to_string()
+}
+
 /// Two accounts on one server that have connected through an invite and both processed it.
 pub struct Pair {
     pub alice: PathBuf,

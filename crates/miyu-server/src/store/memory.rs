@@ -416,24 +416,15 @@ impl Store for MemoryStore {
         now: u64,
     ) -> Result<Appended, StoreError> {
         let group = self.groups.get_mut(group_id).ok_or(StoreError::NotFound)?;
-        if group.epoch != epoch {
-            return Err(StoreError::EpochMismatch {
-                current: group.epoch,
-            });
-        }
-        let Some(posting_key) = group.posting_key else {
-            return Err(StoreError::Forbidden);
-        };
-        if !miyu_proto::cert::verify_group_post(
-            &posting_key,
-            group_id.as_bytes(),
-            epoch.0,
+        super::check_unattributed(
+            group_id,
+            group.epoch,
+            group.posting_key,
+            epoch,
             signed_expires_at,
             &payload,
             signature,
-        ) {
-            return Err(StoreError::Forbidden);
-        }
+        )?;
         let seq = group.append(epoch, EntryKind::Application, payload, expires_at, now);
         Ok(Appended {
             seq,

@@ -428,6 +428,37 @@ pub trait Store: Send + 'static {
     fn live_blob_ids(&mut self) -> Result<Vec<BlobId>, StoreError>;
 }
 
+/// The checks of [`Store::append_unattributed`], given the group's current epoch and posting
+/// key: the post must be for the current epoch and signed with its key.
+#[allow(clippy::too_many_arguments)] // The stored state, then the request's fields.
+fn check_unattributed(
+    group_id: &GroupId,
+    current: Epoch,
+    posting_key: Option<[u8; 32]>,
+    epoch: Epoch,
+    signed_expires_at: u64,
+    payload: &[u8],
+    signature: &[u8],
+) -> Result<(), StoreError> {
+    if current != epoch {
+        return Err(StoreError::EpochMismatch { current });
+    }
+    let Some(posting_key) = posting_key else {
+        return Err(StoreError::Forbidden);
+    };
+    if !miyu_proto::cert::verify_group_post(
+        &posting_key,
+        group_id.as_bytes(),
+        epoch.0,
+        signed_expires_at,
+        payload,
+        signature,
+    ) {
+        return Err(StoreError::Forbidden);
+    }
+    Ok(())
+}
+
 /// The checks of [`Store::commit_members`] that need no stored data.
 fn check_commit_shape(commit: &NewCommit) -> Result<(), StoreError> {
     use std::collections::BTreeSet;

@@ -495,22 +495,15 @@ impl Store for SqliteStore {
         self.write(|db| {
             let group_key = group_id.as_bytes();
             let (current, posting_key) = group_epoch_and_key(db, group_key)?;
-            if current != epoch {
-                return Err(StoreError::EpochMismatch { current });
-            }
-            let Some(posting_key) = posting_key else {
-                return Err(StoreError::Forbidden);
-            };
-            if !miyu_proto::cert::verify_group_post(
-                &posting_key,
-                group_key,
-                epoch.0,
+            super::check_unattributed(
+                group_id,
+                current,
+                posting_key,
+                epoch,
                 signed_expires_at,
                 &payload,
                 signature,
-            ) {
-                return Err(StoreError::Forbidden);
-            }
+            )?;
             let seq = insert_entry(
                 db,
                 group_key,
