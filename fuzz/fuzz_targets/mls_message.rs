@@ -1,6 +1,7 @@
 //! MLS bytes as a client receives them from the server: `miyu_crypto::mls::process` (a group
-//! log entry) and `miyu_crypto::mls::join_group` (an inbox entry). Both must return, never
-//! panic, whatever the bytes.
+//! log entry), `miyu_crypto::mls::join_group` (an inbox entry), and the sealed ratchet tree a
+//! group's Welcome names (downloaded from the server). All must return, never panic, whatever
+//! the bytes.
 //!
 //! The two clients are set up once per process, like the 1:1 conversation of the unit test in
 //! `crates/miyu-crypto/src/mls.rs`: Bob creates a group with Alice's key package and Alice
@@ -31,17 +32,25 @@ fn keys(seed: u8) -> AccountKeys {
 
 fn setup() -> Target {
     let (alice, bob, carol) = (keys(1), keys(2), keys(3));
+    let carol_db = database();
     let (alice_mls, bob_mls, carol_mls) = (
         Provider::new(database()),
         Provider::new(database()),
-        Provider::new(database()),
+        Provider::new(carol_db),
     );
 
     let package = mls::new_key_package(&alice_mls, &alice, false).expect("key package");
     let package = mls::check_key_package(&bob_mls, &package, alice.certificate())
         .expect("key package checks");
-    let created = mls::create_group(&bob_mls, &bob, &[9; 16], &[package]).expect("group created");
-    let mut group = mls::join_group(&alice_mls, &created.welcome)
+    let created = mls::create_group(
+        &bob_mls,
+        &bob,
+        &[9; 16],
+        &[package],
+        mls::Tree::InWelcome,
+    )
+    .expect("group created");
+    let mut group = mls::join_group(&alice_mls, &created.welcome, None)
         .expect("Alice joins")
         .group;
     // Carol holds a key package no Welcome has used yet, so a Welcome's lookup has something
@@ -49,9 +58,21 @@ fn setup() -> Target {
     let package = mls::new_key_package(&carol_mls, &carol, false).expect("key package");
     let package = mls::check_key_package(&bob_mls, &package, carol.certificate())
         .expect("key package checks");
-    let welcome = mls::create_group(&bob_mls, &bob, &[10; 16], &[package])
-        .expect("group created")
-        .welcome;
+    let welcome = mls::create_group(
+        &bob_mls,
+        &bob,
+        &[10; 16],
+        std::slice::from_ref(&package),
+        mls::Tree::InWelcome,
+    )
+    .expect("group created")
+    .welcome;
+    // And a group's Welcome whose tree is served apart, to which each input is offered as the
+    // downloaded tree.
+    let served = mls::create_group(&bob_mls, &bob, &[11; 32], &[package], mls::Tree::Served)
+        .expect("group created");
+    let served_welcome = served.welcome;
+    let served_len = served.tree.as_ref().expect("a served tree").plaintext_len;
 
     // A message the harness knows Alice accepts, to check the setup and to serve as a seed.
     let mut bob_group = created.group;
@@ -74,7 +95,22 @@ fn setup() -> Target {
         // Bob's side is kept only so that its leaked database stays reachable.
         let _ = &bob_mls;
         let _ = mls::process(&alice_mls, &mut group, data, true);
-        let _ = mls::join_group(&carol_mls, data);
+        // As the client does with a failed join, every join is rolled back, so that Carol's
+        // key package stays for the next input.
+        carol_db.execute_batch("SAVEPOINT attempt").expect("savepoint");
+        let _ = mls::join_group(&carol_mls, data, None);
+        carol_db
+            .execute_batch("ROLLBACK TO attempt; RELEASE attempt")
+            .expect("rollback");
+        carol_db.execute_batch("SAVEPOINT attempt").expect("savepoint");
+        let tree = mls::SealedTree {
+            ciphertext: data,
+            plaintext_len: served_len.min(data.len().saturating_sub(16) as u64),
+        };
+        let _ = mls::join_group(&carol_mls, &served_welcome, Some(tree));
+        carol_db
+            .execute_batch("ROLLBACK TO attempt; RELEASE attempt")
+            .expect("rollback");
     })
 }
 

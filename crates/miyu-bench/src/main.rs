@@ -74,7 +74,7 @@ enum Scenario {
 #[derive(Debug, Args)]
 struct GroupSizesArgs {
     /// Group sizes in members, committer included.
-    #[arg(long, value_delimiter = ',', default_value = "50,500,2000")]
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
     sizes: Vec<usize>,
 }
 
@@ -564,18 +564,24 @@ fn group_sizes(args: GroupSizesArgs, json: bool) -> Result<()> {
             group_sizes::run(members).with_context(|| format!("measuring a group of {members}"))?;
         if !json {
             println!(
-                "{:>6} members: check key packages {}, create {} (Welcome {}), join {}; \
-                 add: build {} commit {} Welcome {} processed {}; remove: build {} commit {} \
-                 processed {}; fits in a frame: {}",
+                "{:>6} members: check key packages {}, create {} in {} batches (largest request \
+                 {}), tree {}; add one: build {} commit {} Welcome {} processed {}, newcomer \
+                 ready {}; self-update: build {} commit {} processed {}; remove: build {} \
+                 commit {} processed {}; fits in a frame: {}",
                 run.members,
                 format_seconds(run.check_key_packages_seconds),
                 format_seconds(run.create_seconds),
-                format_bytes(run.create_welcome_bytes),
-                format_seconds(run.join_seconds),
+                run.create_batches,
+                format_bytes(run.create_largest_request_bytes),
+                format_bytes(run.tree_bytes),
                 format_seconds(run.add_build_ms / 1e3),
                 format_bytes(run.add_commit_bytes),
                 format_bytes(run.add_welcome_bytes),
                 format_seconds(run.add_process_ms / 1e3),
+                format_seconds(run.join_seconds),
+                format_seconds(run.update_build_ms / 1e3),
+                format_bytes(run.update_commit_bytes),
+                format_seconds(run.update_process_ms / 1e3),
                 format_seconds(run.remove_build_ms / 1e3),
                 format_bytes(run.remove_commit_bytes),
                 format_seconds(run.remove_process_ms / 1e3),

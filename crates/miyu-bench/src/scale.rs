@@ -397,7 +397,7 @@ fn new_group(committer: &Member, group_id: &[u8]) -> Result<MlsGroup> {
     MlsGroup::new_with_group_id(
         &committer.provider,
         &committer.signer,
-        &miyu_crypto::mls::create_config(),
+        &miyu_crypto::mls::create_config(miyu_crypto::mls::Tree::InWelcome),
         GroupId::from_slice(group_id),
         committer.credential.clone(),
     )
@@ -532,9 +532,13 @@ fn join(provider: &OpenMlsRustCrypto, welcome: &[u8], tree: Option<&[u8]>) -> Re
         .map(RatchetTreeIn::tls_deserialize_exact)
         .transpose()
         .context("parsing the ratchet tree")?;
-    let staged =
-        StagedWelcome::new_from_welcome(provider, &miyu_crypto::mls::join_config(), welcome, tree)
-            .context("processing a Welcome")?;
+    let staged = StagedWelcome::new_from_welcome(
+        provider,
+        &miyu_crypto::mls::join_config(miyu_crypto::mls::Tree::InWelcome),
+        welcome,
+        tree,
+    )
+    .context("processing a Welcome")?;
     staged.into_group(provider).context("joining")
 }
 

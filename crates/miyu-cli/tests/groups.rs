@@ -74,6 +74,36 @@ fn a_group_grows_and_shrinks_and_the_server_never_sees_its_name_or_texts() {
         &["group", "create", "Quiet Harbor Club", "bob", "carol"],
     );
     assert!(created.contains("Quiet Harbor Club"), "{created}");
+    // The group's ratchet tree went to the server apart from the Welcome, as a sealed blob of
+    // the group: Bob's and Carol's inboxes hold one small Welcome naming it.
+    {
+        use prost::Message as _;
+        let db = rusqlite::Connection::open(server.data.join("miyu.sqlite3")).unwrap();
+        let payloads: Vec<Vec<u8>> = db
+            .prepare("SELECT payload FROM inbox")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let packages: Vec<miyu_proto::wire::WelcomePackage> = payloads
+            .iter()
+            .map(|payload| miyu_proto::wire::WelcomePackage::decode(payload.as_slice()).unwrap())
+            .filter(|package| !package.tree_blob.is_empty())
+            .collect();
+        assert_eq!(packages.len(), 2);
+        assert_eq!(packages[0], packages[1]);
+        assert!(packages[0].welcome.len() < 4096);
+        let (group_id, size): (Vec<u8>, u64) = db
+            .query_row(
+                "SELECT group_id, size FROM blobs WHERE blob_id = ?1",
+                [&packages[0].tree_blob],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(group_id.len(), 32);
+        assert!(size > packages[0].tree_size);
+    }
     let joined = miyu_ok(&bob, &["sync"]);
     assert!(
         joined.contains("alice added you to Quiet Harbor Club"),
@@ -343,6 +373,37 @@ fn two_admins_adding_at_the_same_moment_do_not_fork_the_group() {
                 "{text:?} missing from {profile:?}: {lines}"
             );
         }
+    }
+
+    // The owner may leave only once she has handed the group over; the new owner's device
+    // then commits her removal.
+    let (code, stderr) = failure(&alice, &["group", "leave", "Relay"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("hand it over"), "{stderr}");
+    miyu_ok(&alice, &["group", "role", "Relay", "carol", "owner"]);
+    let told = miyu_ok(&carol, &["sync"]);
+    assert!(told.contains("owner"), "{told}");
+    miyu_ok(&dave, &["sync"]);
+    let roles = |profile: &Path| -> Vec<String> {
+        let mut roles: Vec<String> = members(profile, "Relay")
+            .into_iter()
+            .map(|(_, role)| role)
+            .collect();
+        roles.sort();
+        roles
+    };
+    assert_eq!(roles(&dave), ["admin", "admin", "member", "owner"]);
+    let owner_at_dave: Vec<String> = members(&dave, "Relay")
+        .into_iter()
+        .filter(|(_, role)| role == "owner")
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(owner_at_dave, ["~carol"]);
+    miyu_ok(&alice, &["group", "leave", "Relay"]);
+    miyu_ok(&carol, &["sync"]);
+    for profile in [&bob, &dave] {
+        miyu_ok(profile, &["sync"]);
+        assert_eq!(roles(profile), ["admin", "member", "owner"]);
     }
 }
 
@@ -660,4 +721,72 @@ fn a_group_link_lets_people_ask_to_join_with_or_without_approval() {
         );
     }
     assert_eq!(members(&alice, "Open Door").len(), 4);
+}
+
+/// When the server refuses a group's posting key (here: it holds a wrong one), the sender's
+/// messages wait while its device registers a fresh key with a key update, then go out
+/// unattributed; they are never posted as the sender.
+#[test]
+fn a_refused_posting_key_is_renewed_and_the_held_message_goes_out() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let alice = profile(root.path(), &server.address, "alice");
+    let bob = contact_of(root.path(), &server.address, &alice, "alice", "bob");
+    miyu_ok(&alice, &["group", "create", "Desk", "bob"]);
+    miyu_ok(&bob, &["sync"]);
+    post(&alice, "Desk", "before");
+
+    let database = rusqlite::Connection::open(server.data.join("miyu.sqlite3")).unwrap();
+    database
+        .busy_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    let epoch = |database: &rusqlite::Connection| -> u64 {
+        database
+            .query_row(
+                "SELECT epoch FROM groups WHERE length(group_id) = 32",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap()
+    };
+    let before = epoch(&database);
+    assert_eq!(
+        database
+            .execute(
+                "UPDATE groups SET posting_key = ?1 WHERE length(group_id) = 32",
+                [vec![7u8; 32]],
+            )
+            .unwrap(),
+        1
+    );
+    let output = miyu(&alice, &["send", "Desk", "held, then sent"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // A key update moved the group on and registered a key the members derive.
+    assert_eq!(epoch(&database), before + 1);
+    let key: Vec<u8> = database
+        .query_row(
+            "SELECT posting_key FROM groups WHERE length(group_id) = 32",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_ne!(key, vec![7u8; 32]);
+    miyu_ok(&bob, &["sync"]);
+    let lines = conversation(&bob, "Desk");
+    assert!(
+        lines.iter().any(|line| line == "alice: held, then sent"),
+        "{lines:?}"
+    );
+    // Bob's own post uses the renewed key at once.
+    post(&bob, "Desk", "bob after");
+    miyu_ok(&alice, &["sync"]);
+    assert!(
+        conversation(&alice, "Desk")
+            .iter()
+            .any(|line| line.ends_with("bob after"))
+    );
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, StreamBody, combinators::BoxBody};
+use http_body_util::{BodyExt, Empty, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request as HttpRequest, Response, StatusCode};
 use miyu_crypto::file::{self, FileCipher, FileKey, Layout, Opener};
@@ -374,6 +374,102 @@ impl<'a> BlobClient<'a> {
         Err(Error::Security(
             "the server refused this device's signature".into(),
         ))
+    }
+}
+
+impl BlobClient<'_> {
+    /// Uploads a small blob held in memory (a group's sealed ratchet tree) in one request, to
+    /// the group `group_id`; returns its id once the server holds all of it durably.
+    pub(crate) async fn upload_whole(
+        &mut self,
+        group_id: &[u8],
+        blob: Vec<u8>,
+    ) -> Result<BlobId, Error> {
+        let size = blob.len() as u64;
+        let headers = [
+            (
+                "miyu-group",
+                miyu_proto::GroupId::from_bytes(group_id)
+                    .map_err(|error| Error::Protocol(error.to_string()))?
+                    .to_string(),
+            ),
+            ("miyu-size", size.to_string()),
+        ];
+        let response = self.send(Method::POST, "/v1/blobs", &headers, None).await?;
+        if response.status() != StatusCode::CREATED {
+            return Err(refusal(response).await);
+        }
+        let blob_id: BlobId = response
+            .headers()
+            .get("miyu-blob")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::Protocol("the server named no blob".into()))?;
+        let body = Full::new(Bytes::from(blob))
+            .map_err(|never| match never {})
+            .boxed();
+        let response = self
+            .send(
+                Method::PATCH,
+                &format!("/v1/blobs/{blob_id}"),
+                &[("upload-offset", "0".to_string())],
+                Some(body),
+            )
+            .await?;
+        if response.status() != StatusCode::NO_CONTENT
+            || header_u64(&response, "upload-offset") != Some(size)
+        {
+            return Err(refusal(response).await);
+        }
+        Ok(blob_id)
+    }
+
+    /// Downloads the first `len` bytes of a blob into memory; fewer is an error, and nothing
+    /// past them is read.
+    pub(crate) async fn download_whole(
+        &mut self,
+        blob_id: &BlobId,
+        len: u64,
+    ) -> Result<Vec<u8>, Error> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let response = self
+            .send(
+                Method::GET,
+                &format!("/v1/blobs/{blob_id}"),
+                &[("range", format!("bytes=0-{}", len - 1))],
+                None,
+            )
+            .await?;
+        match response.status() {
+            StatusCode::OK | StatusCode::PARTIAL_CONTENT => {}
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                return Err(Error::Security(
+                    "the blob on the server is truncated".into(),
+                ));
+            }
+            _ => return Err(refusal(response).await),
+        }
+        let mut bytes = Vec::with_capacity(len as usize);
+        let mut body = response.into_body();
+        while (bytes.len() as u64) < len {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        let take = data.len().min((len - bytes.len() as u64) as usize);
+                        bytes.extend_from_slice(&data[..take]);
+                    }
+                }
+                Some(Err(error)) => {
+                    return Err(Error::Network(format!("the download broke off: {error}")));
+                }
+                None => {
+                    return Err(Error::Network("the download broke off".into()));
+                }
+            }
+        }
+        Ok(bytes)
     }
 }
 

@@ -34,6 +34,56 @@ use crate::{
 pub const GROUP_ID_LEN: usize = 32;
 /// How the scope of a group's conversation starts (see [`Client::conversation_of`]).
 pub(crate) const SCOPE_PREFIX: &str = "group:";
+
+/// The most devices one commit adds. Each brings its key package (about 420 bytes) into the
+/// commit and a sealed secret (about 100 bytes) into the Welcome, which travel together in one
+/// request under the 1 MiB frame limit.
+pub const ADD_BATCH_DEVICES: usize = 1000;
+
+/// The most key package bytes one commit adds, whatever their number: room is left for the
+/// Welcome's secrets and the commit's own fields.
+const ADD_BATCH_BYTES: usize = 640 * 1024;
+
+/// Splits contacts to add into batches of at most [`ADD_BATCH_DEVICES`] devices and
+/// [`ADD_BATCH_BYTES`] of key packages, keeping each contact's devices together (a contact
+/// over either bound goes alone).
+fn add_batches(add: &[Claimed]) -> Vec<&[Claimed]> {
+    let mut batches = Vec::new();
+    let (mut start, mut devices, mut bytes) = (0, 0, 0);
+    for (index, claimed) in add.iter().enumerate() {
+        let claimed_bytes: usize = claimed.key_packages.iter().map(mls::key_package_len).sum();
+        if index > start
+            && (devices + claimed.devices.len() > ADD_BATCH_DEVICES
+                || bytes + claimed_bytes > ADD_BATCH_BYTES)
+        {
+            batches.push(&add[start..index]);
+            (start, devices, bytes) = (index, 0, 0);
+        }
+        devices += claimed.devices.len();
+        bytes += claimed_bytes;
+    }
+    if start < add.len() {
+        batches.push(&add[start..]);
+    }
+    batches
+}
+
+/// How long a group we were added to waits for its adder's GroupInfo before we decline it.
+pub(crate) const PENDING_DAYS: u64 = 7;
+
+/// Groups still waiting for their adder's GroupInfo since before `now_ms` minus
+/// [`PENDING_DAYS`].
+fn silent_groups(db: &Connection, now_ms: u64) -> Result<Vec<Vec<u8>>, Error> {
+    let cutoff = now_ms.saturating_sub(PENDING_DAYS * 24 * 3600 * 1000);
+    let mut statement = db.prepare(
+        "SELECT group_id FROM groups WHERE state = 'pending' AND leaving = 0 AND created_at_ms < ?1",
+    )?;
+    let groups = statement
+        .query_map(params![cutoff], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(groups)
+}
+
 /// Longest group name, in characters.
 pub const MAX_TITLE_CHARS: usize = 64;
 /// Longest group description, in characters.
@@ -79,10 +129,11 @@ impl Role {
 
     pub fn parse(text: &str) -> Result<Role, Error> {
         match text {
+            "owner" => Ok(Role::Owner),
             "admin" => Ok(Role::Admin),
             "member" => Ok(Role::Member),
             _ => Err(Error::Usage(
-                "a role is admin or member (a group has one owner, its creator)".into(),
+                "a role is owner (handing the group over), admin or member".into(),
             )),
         }
     }
@@ -612,8 +663,9 @@ pub(crate) fn join(db: &Connection, joined: &mls::JoinedGroup, me: AccountId) ->
         // waits for its info as a new one does.
         Some((_, state)) if matches!(state.as_str(), "removed" | "left" | "declined") => {
             db.execute(
-                "UPDATE groups SET state = 'pending', leaving = 0, adder = ?2 WHERE group_id = ?1",
-                params![group_id, joined.sender.account_id().to_string()],
+                "UPDATE groups SET state = 'pending', leaving = 0, adder = ?2, created_at_ms = ?3
+                 WHERE group_id = ?1",
+                params![group_id, joined.sender.account_id().to_string(), now_ms()],
             )?;
             db.execute(
                 "UPDATE conversations SET broken = NULL, pending_commit_hash = NULL, announce = NULL
@@ -1036,21 +1088,18 @@ impl Client {
         }
         let group_id: [u8; GROUP_ID_LEN] = random();
         let me = self.account_id().to_string();
+        // A group of one first; the members come in with commits like any later addition, in
+        // batches that fit a request, and their tree is served apart from the Welcome.
         db::in_transaction(&self.db, |db| {
             let provider = Provider::new(db);
-            let key_packages: Vec<KeyPackage> = claims
-                .iter()
-                .flat_map(|claimed| claimed.key_packages.iter().cloned())
-                .collect();
-            let created = mls::create_group(&provider, &self.keys, &group_id, &key_packages)?;
-            let devices: Vec<&DeviceId> = claims.iter().flat_map(|c| c.devices.iter()).collect();
-            // One copy of the Welcome for all: the server hands it to each device.
+            let created =
+                mls::create_group(&provider, &self.keys, &group_id, &[], mls::Tree::Served)?;
             let announce = wire::CreateGroup {
                 group_id: group_id.to_vec(),
                 epoch: created.epoch,
-                member_devices: devices.iter().map(|d| d.as_bytes().to_vec()).collect(),
+                member_devices: Vec::new(),
                 welcomes: Vec::new(),
-                welcome: created.welcome,
+                welcome: Vec::new(),
                 posting_key: mls::PostingKey::current(&provider, &created.group)?
                     .public()
                     .to_vec(),
@@ -1068,17 +1117,6 @@ impl Client {
             db.execute(
                 "UPDATE group_members SET role = 'owner', name = ?3 WHERE group_id = ?1 AND account_id = ?2",
                 params![group_id.as_slice(), me, self.name],
-            )?;
-            let info = load_info(db, &group_id)?;
-            self.queue_app_message_in(db, &group_id, info_message(db, &group_id, &info)?, None)?;
-            self.queue_app_message_in(
-                db,
-                &group_id,
-                wire::app_message::Body::Profile(wire::Profile {
-                    name: self.name.clone(),
-                    invite_proof: Vec::new(),
-                }),
-                None,
             )?;
             Ok(())
         })?;
@@ -1110,6 +1148,24 @@ impl Client {
                 "the group could not be created: {reason}"
             )));
         }
+        if !claims.is_empty() {
+            self.commit_membership(&group_id, &claims, &[]).await?;
+        }
+        // The members learn the group's name, roles and permissions, and our name, from these.
+        db::in_transaction(&self.db, |db| {
+            let info = load_info(db, &group_id)?;
+            self.queue_app_message_in(db, &group_id, info_message(db, &group_id, &info)?, None)?;
+            self.queue_app_message_in(
+                db,
+                &group_id,
+                wire::app_message::Body::Profile(wire::Profile {
+                    name: self.name.clone(),
+                    invite_proof: Vec::new(),
+                }),
+                None,
+            )?;
+            Ok(())
+        })?;
         self.flush_outbox().await?;
         let name: String = self.db.query_row(
             "SELECT name FROM groups WHERE group_id = ?1",
@@ -1212,6 +1268,12 @@ impl Client {
     pub async fn leave_group(&mut self, group: &str) -> Result<(), Error> {
         let group_id = self.group_named(group)?;
         self.check_active(&group_id, group)?;
+        // A group whose owner left would have nobody to change roles: hand it over first.
+        if self.my_role(&group_id)? == Role::Owner && self.member_accounts(&group_id)?.len() > 1 {
+            return Err(Error::Usage(format!(
+                "you own {group}: hand it over first with `miyu group role {group} MEMBER owner`"
+            )));
+        }
         db::in_transaction(&self.db, |db| {
             db.execute(
                 "UPDATE groups SET state = 'left', leaving = 1 WHERE group_id = ?1",
@@ -1293,7 +1355,9 @@ impl Client {
         }
         let (account, current) = self.member_named(&group_id, member)?;
         if current == Role::Owner {
-            return Err(Error::Usage("the owner's role cannot change".into()));
+            return Err(Error::Usage(
+                "the owner's role changes only by handing the group over to another member".into(),
+            ));
         }
         let old = load_info(&self.db, &group_id)?;
         let mut new = old.clone();
@@ -1301,8 +1365,13 @@ impl Client {
             Role::Member => {
                 new.roles.remove(&account);
             }
-            role => {
-                new.roles.insert(account, role);
+            Role::Owner => {
+                // Handing over: we stay as an admin.
+                new.roles.insert(account, Role::Owner);
+                new.roles.insert(self.account_id().to_string(), Role::Admin);
+            }
+            Role::Admin => {
+                new.roles.insert(account, Role::Admin);
             }
         }
         self.publish_info(&group_id, &old, &new).await?;
@@ -1391,7 +1460,23 @@ impl Client {
 
     /// Commits adding or removing members, retrying when another member's commit takes the
     /// epoch first (the server's compare-and-set). Returns once the server has stored it.
+    /// Additions go in batches of at most [`ADD_BATCH_DEVICES`] devices, one commit each.
     async fn commit_membership(
+        &mut self,
+        group_id: &[u8],
+        add: &[Claimed],
+        remove: &[String],
+    ) -> Result<(), Error> {
+        if add.is_empty() {
+            return self.commit_membership_once(group_id, &[], remove).await;
+        }
+        for batch in add_batches(add) {
+            self.commit_membership_once(group_id, batch, remove).await?;
+        }
+        Ok(())
+    }
+
+    async fn commit_membership_once(
         &mut self,
         group_id: &[u8],
         add: &[Claimed],
@@ -1437,9 +1522,8 @@ impl Client {
                         .iter()
                         .flat_map(|c| c.key_packages.iter().cloned())
                         .collect();
-                    let (commit, welcome) =
-                        mls::add_members(&provider, &self.keys, &mut group, &packages)?;
-                    (commit, Some(welcome))
+                    let added = mls::add_members(&provider, &self.keys, &mut group, &packages)?;
+                    (added.commit, Some((added.welcome, added.tree)))
                 };
                 let next_posting_key = mls::PostingKey::next(&provider, &group)?
                     .map(|key| key.public().to_vec())
@@ -1462,20 +1546,45 @@ impl Client {
                 } else {
                     Vec::new()
                 };
-                Ok(Some(wire::Commit {
-                    group_id: group_id.to_vec(),
-                    epoch,
-                    payload: commit,
-                    welcomes: Vec::new(),
-                    welcome: welcome.unwrap_or_default(),
-                    next_posting_key,
-                    add_devices: added.iter().map(|d| d.as_bytes().to_vec()).collect(),
-                    remove_devices: removed.iter().map(|d| d.as_bytes().to_vec()).collect(),
-                }))
+                Ok(Some((
+                    wire::Commit {
+                        group_id: group_id.to_vec(),
+                        epoch,
+                        payload: commit,
+                        welcomes: Vec::new(),
+                        welcome: Vec::new(),
+                        next_posting_key,
+                        add_devices: added.iter().map(|d| d.as_bytes().to_vec()).collect(),
+                        remove_devices: removed.iter().map(|d| d.as_bytes().to_vec()).collect(),
+                    },
+                    welcome,
+                )))
             })?;
-            let Some(commit) = prepared else {
+            let Some((mut commit, welcome)) = prepared else {
                 return Ok(());
             };
+            if let Some((welcome, tree)) = welcome {
+                // The newcomers' tree goes up first, so that it is there when they read the
+                // Welcome; only members of the group (they, once added) may download it.
+                let uploaded = files::BlobClient::new(&self.keys, &self.server, self.proxy)
+                    .upload_whole(group_id, tree.blob)
+                    .await;
+                let blob_id = match uploaded {
+                    Ok(blob_id) => blob_id,
+                    Err(error) => {
+                        db::in_transaction(&self.db, |db| {
+                            settle_own_commit(db, group_id, Verdict::Lost)
+                        })?;
+                        return Err(error);
+                    }
+                };
+                commit.welcome = wire::WelcomePackage {
+                    welcome,
+                    tree_blob: blob_id.0.to_vec(),
+                    tree_size: tree.plaintext_len,
+                }
+                .encode_to_vec();
+            }
             match self.call(Request::Commit(commit)).await {
                 Ok(Reply::Posted(_)) => {
                     db::in_transaction(&self.db, |db| {
@@ -1705,6 +1814,23 @@ impl Client {
             }
         }
         Ok(())
+    }
+
+    /// Declines the groups we were added to whose adder never said what they are: without its
+    /// GroupInfo within [`PENDING_DAYS`] days the device would stay a silent member for good,
+    /// receiving the group's traffic.
+    pub(crate) async fn decline_silent_groups(&mut self) -> Result<(), Error> {
+        let stale = silent_groups(&self.db, now_ms())?;
+        if stale.is_empty() {
+            return Ok(());
+        }
+        db::in_transaction(&self.db, |db| {
+            for group_id in &stale {
+                self.decline(db, group_id)?;
+            }
+            Ok(())
+        })?;
+        self.flush_outbox().await
     }
 
     /// Tells the server about groups we left (or declined) once the Leave is posted, and
@@ -2092,7 +2218,9 @@ fn refused_change(old: &Info, new: &Info, role: Role) -> Option<&'static str> {
             .map(|(account, _)| account.clone())
             .collect()
     };
-    if owners(old) != owners(new) {
+    // Only the owner hands the group over, to exactly one member (roles of non-members were
+    // dropped before), and stays in it as an admin or a member.
+    if owners(old) != owners(new) && (role != Role::Owner || owners(new).len() != 1) {
         return Some("change the owner");
     }
     if old.roles != new.roles && role != Role::Owner {
@@ -2365,9 +2493,101 @@ mod tests {
         .unwrap();
         assert!(!refused(event));
         assert_eq!(role_of(&db, &group_id, &member).unwrap(), Some(Role::Admin));
-        // Even the owner cannot hand the group over by a GroupInfo.
+        // Nor can the owner make a second owner.
         let event = on_info(&db, &received(&group_id, &owner), Role::Owner, &usurp).unwrap();
         assert!(refused(event));
+        // Handing the group over, to exactly one member, is the owner's alone.
+        let hand_over = with(&|info| {
+            info.roles.insert(admin.clone(), Role::Owner);
+            info.roles.insert(owner.clone(), Role::Admin);
+        });
+        let event = on_info(&db, &received(&group_id, &admin), Role::Admin, &hand_over).unwrap();
+        assert!(refused(event));
+        let to_a_stranger = with(&|info| {
+            info.roles.insert(account(&keys()), Role::Owner);
+            info.roles.insert(owner.clone(), Role::Admin);
+        });
+        let event = on_info(
+            &db,
+            &received(&group_id, &owner),
+            Role::Owner,
+            &to_a_stranger,
+        )
+        .unwrap();
+        assert!(refused(event));
+        let event = on_info(&db, &received(&group_id, &owner), Role::Owner, &hand_over).unwrap();
+        assert!(!refused(event));
+        assert_eq!(role_of(&db, &group_id, &admin).unwrap(), Some(Role::Owner));
+        assert_eq!(role_of(&db, &group_id, &owner).unwrap(), Some(Role::Admin));
+    }
+
+    #[test]
+    fn additions_go_in_batches_that_keep_each_contact_whole() {
+        let folder = tempfile::tempdir().unwrap();
+        let db = database(&folder, "kp.db");
+        let who = keys();
+        let bytes = mls::new_key_package(&Provider::new(&db), &who, false).unwrap();
+        let package =
+            mls::check_key_package(&Provider::new(&db), &bytes, who.certificate()).unwrap();
+        let contact = |devices: usize, packages: usize| Claimed {
+            account: String::new(),
+            devices: vec![DeviceId::from_bytes(&[1; 16]).unwrap(); devices],
+            key_packages: vec![package.clone(); packages],
+        };
+        let sizes = |add: &[Claimed]| -> Vec<usize> {
+            add_batches(add).iter().map(|batch| batch.len()).collect()
+        };
+        // By devices: 600 + 600 is over the bound, 600 + 300 is not; 1,500 goes alone.
+        assert_eq!(
+            sizes(&[contact(600, 1), contact(600, 1), contact(300, 1)]),
+            [1, 2]
+        );
+        assert_eq!(
+            sizes(&[contact(1, 1), contact(1500, 1), contact(1, 1)]),
+            [1, 1, 1]
+        );
+        // By bytes: key packages past 640 KiB start a new batch.
+        let per_contact = ADD_BATCH_BYTES / mls::key_package_len(&package) / 2 + 1;
+        assert_eq!(
+            sizes(&[
+                contact(1, per_contact),
+                contact(1, per_contact),
+                contact(1, 1)
+            ]),
+            [1, 2]
+        );
+        assert!(add_batches(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_group_whose_adder_stays_silent_for_a_week_is_declined() {
+        let folder = tempfile::tempdir().unwrap();
+        let db = database(&folder, "me.db");
+        let day = 24 * 3600 * 1000;
+        let now = 100 * day;
+        for (id, state, since) in [
+            (1u8, "pending", now - 8 * day),
+            (2, "pending", now - 6 * day),
+            (3, "active", now - 30 * day),
+        ] {
+            let group_id = [id; GROUP_ID_LEN];
+            db.execute(
+                "INSERT INTO conversations (group_id, contact, scope) VALUES (?1, NULL, ?2)",
+                params![group_id.as_slice(), scope(&group_id)],
+            )
+            .unwrap();
+            db.execute(
+                "INSERT INTO groups (group_id, name, state, created_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![group_id.as_slice(), format!("g{id}"), state, since],
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            silent_groups(&db, now).unwrap(),
+            vec![vec![1u8; GROUP_ID_LEN]]
+        );
+        db.execute("UPDATE groups SET leaving = 1", []).unwrap();
+        assert!(silent_groups(&db, now).unwrap().is_empty());
     }
 
     #[test]
@@ -2387,10 +2607,18 @@ mod tests {
             mls::check_key_package(&Provider::new(&alice_db), &bytes, of.certificate()).unwrap()
         };
         let packages = [package(&mallory_db, &mallory), package(&bob_db, &bob)];
-        let created =
-            mls::create_group(&Provider::new(&alice_db), &alice, &group_id, &packages).unwrap();
+        let created = mls::create_group(
+            &Provider::new(&alice_db),
+            &alice,
+            &group_id,
+            &packages,
+            mls::Tree::Served,
+        )
+        .unwrap();
+        let tree = created.tree.as_ref().unwrap();
         for (db, of) in [(&bob_db, &bob), (&mallory_db, &mallory)] {
-            let joined = mls::join_group(&Provider::new(db), &created.welcome).unwrap();
+            let joined =
+                mls::join_group(&Provider::new(db), &created.welcome, Some(tree.sealed())).unwrap();
             join(db, &joined, of.certificate().account_id()).unwrap();
             db.execute("UPDATE groups SET state = 'active'", [])
                 .unwrap();
@@ -2408,8 +2636,9 @@ mod tests {
         };
         let mallory_mls = Provider::new(&mallory_db);
         let mut mallory_group = mls::load_group(&mallory_mls, &group_id).unwrap().unwrap();
-        let (commit, _welcome) =
-            mls::add_members(&mallory_mls, &mallory, &mut mallory_group, &[eve_package]).unwrap();
+        let commit = mls::add_members(&mallory_mls, &mallory, &mut mallory_group, &[eve_package])
+            .unwrap()
+            .commit;
 
         // Bob's device follows the commit (or the group would fork) but flags Eve.
         let bob_mls = Provider::new(&bob_db);

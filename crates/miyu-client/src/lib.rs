@@ -37,6 +37,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use miyu_crypto::identity::AccountKeys;
 use miyu_crypto::mls::{self, Incoming, MlsError, Provider};
+use miyu_proto::blob::BlobId;
 use miyu_proto::cert::VerifiedCertificate;
 use miyu_proto::wire::{self, client_frame::Body as Request, server_frame::Body as Reply};
 use miyu_proto::{AccountId, InviteLink, ServerAddress};
@@ -289,6 +290,9 @@ type KeyPackages = (Vec<Vec<u8>>, Option<Vec<u8>>);
 /// An outbox row: id, group, epoch, ciphertext, the message row it delivers (if shown) and
 /// when it disappears.
 type OutboxRow = (i64, Vec<u8>, u64, Vec<u8>, Option<i64>, Option<u64>);
+
+/// A Welcome and, when its group serves the tree apart, the tree's ciphertext and length.
+type FetchedWelcome = (Vec<u8>, Option<(Vec<u8>, u64)>);
 
 /// A profile: one device of one account, with its local state.
 pub struct Client {
@@ -715,6 +719,7 @@ impl Client {
             self.pump().await?;
         }
         self.remove_leavers().await?;
+        self.decline_silent_groups().await?;
         self.admit_requests().await?;
         self.refresh_posting_keys().await?;
         self.refresh_presence().await?;
@@ -830,11 +835,29 @@ impl Client {
                     row.get(0)
                 })?;
         if entry.seq > cursor {
+            // A group's tree comes apart from its Welcome: fetched first, the only network
+            // step. A failure the next sync may not see again is kept for it.
+            let fetched = match self.fetch_welcome(&entry.payload).await {
+                Ok(fetched) => Ok(fetched),
+                Err(error) if error.is_transient() => return Err(error),
+                Err(error) => Err(error.to_string()),
+            };
             let joined = db::in_transaction(&self.db, |db| {
                 // A Welcome that fails its checks must leave no trace, not even the one-time
                 // key package it consumed, while the inbox cursor still moves past it.
                 db.execute_batch("SAVEPOINT welcome")?;
-                let joined = self.join_from_welcome(db, &entry.payload);
+                let joined = match &fetched {
+                    Ok((welcome, tree)) => self.join_from_welcome(
+                        db,
+                        welcome,
+                        tree.as_ref()
+                            .map(|(ciphertext, plaintext_len)| mls::SealedTree {
+                                ciphertext,
+                                plaintext_len: *plaintext_len,
+                            }),
+                    ),
+                    Err(reason) => Err(Error::Security(reason.clone())),
+                };
                 if joined.is_err() {
                     db.execute_batch("ROLLBACK TO welcome")?;
                 }
@@ -860,11 +883,46 @@ impl Client {
             .await
     }
 
+    /// Reads a Welcome inbox entry and downloads the group's tree if it is served apart:
+    /// the MLS Welcome, and the tree's ciphertext with its length.
+    async fn fetch_welcome(&mut self, payload: &[u8]) -> Result<FetchedWelcome, Error> {
+        let package = wire::WelcomePackage::decode(payload)
+            .map_err(|error| Error::Protocol(format!("a malformed invitation: {error}")))?;
+        if package.tree_blob.is_empty() {
+            return Ok((package.welcome, None));
+        }
+        if package.tree_size > mls::MAX_TREE_BYTES {
+            return Err(Error::Security(
+                "an invitation whose group tree is too large".into(),
+            ));
+        }
+        let blob_id = BlobId(
+            package
+                .tree_blob
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::Protocol("an invitation names a malformed blob".into()))?,
+        );
+        let ciphertext_len =
+            miyu_crypto::file::Layout::new(package.tree_size, miyu_crypto::file::DEFAULT_CHUNK)
+                .map_err(|error| Error::Protocol(error.to_string()))?
+                .ciphertext_len();
+        let ciphertext = files::BlobClient::new(&self.keys, &self.server, self.proxy)
+            .download_whole(&blob_id, ciphertext_len)
+            .await?;
+        Ok((package.welcome, Some((ciphertext, package.tree_size))))
+    }
+
     /// Joins a conversation from a Welcome. Local failures (database, MLS state) are retried;
     /// any other error means the Welcome failed its checks and is dropped.
-    fn join_from_welcome(&self, db: &Connection, welcome: &[u8]) -> Result<(), Error> {
+    fn join_from_welcome(
+        &self,
+        db: &Connection,
+        welcome: &[u8],
+        tree: Option<mls::SealedTree<'_>>,
+    ) -> Result<(), Error> {
         let provider = Provider::new(db);
-        let joined = mls::join_group(&provider, welcome)?;
+        let joined = mls::join_group(&provider, welcome, tree)?;
         if groups::is_group_id(joined.group.group_id().as_slice()) {
             return groups::join(db, &joined, self.account_id());
         }
@@ -1404,7 +1462,18 @@ impl Client {
         let named_locally = name.is_some();
         let contact = db::in_transaction(&self.db, |db| {
             let provider = Provider::new(db);
-            let created = mls::create_group(&provider, &self.keys, &group_id, &key_packages)?;
+            let created = mls::create_group(
+                &provider,
+                &self.keys,
+                &group_id,
+                &key_packages,
+                mls::Tree::InWelcome,
+            )?;
+            let welcome = wire::WelcomePackage {
+                welcome: created.welcome,
+                ..Default::default()
+            }
+            .encode_to_vec();
             let contact_name = db::free_contact_name(db, &wanted, &account)?;
             db.execute(
                 "INSERT INTO contacts (account_id, name, named_locally, certificate, added_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -1420,7 +1489,7 @@ impl Client {
                     .iter()
                     .map(|d| wire::InboxMessage {
                         device_id: d.as_bytes().to_vec(),
-                        payload: created.welcome.clone(),
+                        payload: welcome.clone(),
                     })
                     .collect(),
             };

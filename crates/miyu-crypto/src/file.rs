@@ -249,6 +249,50 @@ impl FileCipher {
     }
 }
 
+/// Seals a whole plaintext held in memory (a group's ratchet tree, PROTOCOL.md §10.9) in
+/// [`DEFAULT_CHUNK`] chunks: the blob to upload, random padding to [`padme`] included.
+pub fn seal_all(key: &FileKey, plaintext: &[u8]) -> Result<Vec<u8>, FileError> {
+    let layout = Layout::new(plaintext.len() as u64, DEFAULT_CHUNK)?;
+    let cipher = FileCipher::new(key, layout);
+    let mut blob = Vec::with_capacity(layout.padded_len() as usize);
+    for index in 0..layout.chunks() {
+        let start = layout.plaintext_offset(index) as usize;
+        let end = start + layout.plaintext_chunk_len(index) as usize;
+        let mut chunk = plaintext[start..end].to_vec();
+        cipher.seal(index, &mut chunk)?;
+        blob.extend_from_slice(&chunk);
+    }
+    let mut padding = vec![0u8; (layout.padded_len() - layout.ciphertext_len()) as usize];
+    rand::rngs::OsRng.fill_bytes(&mut padding);
+    blob.extend_from_slice(&padding);
+    Ok(blob)
+}
+
+/// Opens the ciphertext [`seal_all`] made of a `plaintext_len`-byte plaintext: exactly the
+/// ciphertext, without its padding.
+pub fn open_all(
+    key: &FileKey,
+    plaintext_len: u64,
+    ciphertext: &[u8],
+) -> Result<Vec<u8>, FileError> {
+    let layout = Layout::new(plaintext_len, DEFAULT_CHUNK)?;
+    match (ciphertext.len() as u64).cmp(&layout.ciphertext_len()) {
+        std::cmp::Ordering::Less => return Err(FileError::Truncated),
+        std::cmp::Ordering::Greater => return Err(FileError::TrailingData),
+        std::cmp::Ordering::Equal => {}
+    }
+    let cipher = FileCipher::new(key, layout);
+    let mut plaintext = Vec::with_capacity(plaintext_len as usize);
+    for index in 0..layout.chunks() {
+        let start = layout.ciphertext_offset(index) as usize;
+        let end = layout.ciphertext_offset(index + 1) as usize;
+        let mut chunk = ciphertext[start..end].to_vec();
+        cipher.open(index, &mut chunk)?;
+        plaintext.extend_from_slice(&chunk);
+    }
+    Ok(plaintext)
+}
+
 /// Receives each opened chunk: its index and plaintext (handed over, not copied). An error
 /// stops the stream.
 pub type ChunkSink<'a> = dyn FnMut(u64, Vec<u8>) -> Result<(), String> + 'a;
@@ -507,5 +551,40 @@ mod tests {
             cipher.open(0, &mut vec![0; 3]),
             Err(FileError::WrongLength(0))
         );
+    }
+
+    #[test]
+    fn a_blob_sealed_in_memory_opens_whole_and_fails_when_altered_or_cut() {
+        let key = FileKey::random();
+        for len in [0usize, 1, 65_536, 65_537, 200_000] {
+            let plaintext: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let blob = seal_all(&key, &plaintext).unwrap();
+            let layout = Layout::new(len as u64, DEFAULT_CHUNK).unwrap();
+            assert_eq!(blob.len() as u64, layout.padded_len());
+            let ciphertext = &blob[..layout.ciphertext_len() as usize];
+            // The streaming opener reads the same format.
+            assert_eq!(decrypt(&key, layout, ciphertext, 4096).unwrap(), plaintext);
+            assert_eq!(open_all(&key, len as u64, ciphertext).unwrap(), plaintext);
+            assert_eq!(
+                open_all(&key, len as u64, &ciphertext[..ciphertext.len() - 1]),
+                Err(FileError::Truncated)
+            );
+            if blob.len() > ciphertext.len() {
+                assert_eq!(
+                    open_all(&key, len as u64, &blob[..ciphertext.len() + 1]),
+                    Err(FileError::TrailingData)
+                );
+            }
+            let mut altered = ciphertext.to_vec();
+            altered[0] ^= 1;
+            assert!(matches!(
+                open_all(&key, len as u64, &altered),
+                Err(FileError::Tampered(0))
+            ));
+            assert!(matches!(
+                open_all(&FileKey::random(), len as u64, ciphertext),
+                Err(FileError::Tampered(0))
+            ));
+        }
     }
 }

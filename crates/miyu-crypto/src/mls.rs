@@ -144,21 +144,101 @@ fn state_error(error: impl std::fmt::Display) -> MlsError {
     MlsError::State(error.to_string())
 }
 
-/// Miyu's group configuration: its ciphersuite, the ratchet tree inside the Welcome, padding.
-pub fn create_config() -> MlsGroupCreateConfig {
+/// Where a new member of a group finds its ratchet tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tree {
+    /// Inside the Welcome: one-to-one conversations, whose tree is two leaves.
+    InWelcome,
+    /// Sealed apart under a key from the new epoch's exporter and served as a blob
+    /// (PROTOCOL.md §10.9): groups, whose tree takes about 300 bytes a member and would
+    /// otherwise make every Welcome as large as the group.
+    Served,
+}
+
+/// The exporter label of the key that seals a served ratchet tree.
+const TREE_KEY_LABEL: &str = "miyu ratchet tree v1";
+
+/// The largest served ratchet tree a device accepts: about 200,000 members.
+pub const MAX_TREE_BYTES: u64 = 64 << 20;
+
+/// Miyu's group configuration: its ciphersuite, where the tree travels, padding.
+pub fn create_config(tree: Tree) -> MlsGroupCreateConfig {
     MlsGroupCreateConfig::builder()
         .ciphersuite(CIPHERSUITE)
-        .use_ratchet_tree_extension(true)
+        .use_ratchet_tree_extension(tree == Tree::InWelcome)
         .padding_size(PADDING)
         .build()
 }
 
-/// How Miyu joins a group: the tree from the Welcome, padding.
-pub fn join_config() -> MlsGroupJoinConfig {
+/// How Miyu joins a group: where the tree travels in the Welcomes it sends later, padding.
+pub fn join_config(tree: Tree) -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
-        .use_ratchet_tree_extension(true)
+        .use_ratchet_tree_extension(tree == Tree::InWelcome)
         .padding_size(PADDING)
         .build()
+}
+
+/// A ratchet tree sealed for the members a Welcome adds: the blob to upload (padded) and the
+/// length of the tree inside it.
+pub struct ServedTree {
+    pub blob: Vec<u8>,
+    pub plaintext_len: u64,
+}
+
+impl ServedTree {
+    /// The blob without its padding, as a newcomer downloads it.
+    pub fn sealed(&self) -> SealedTree<'_> {
+        let end = crate::file::Layout::new(self.plaintext_len, crate::file::DEFAULT_CHUNK)
+            .map(|layout| layout.ciphertext_len() as usize)
+            .unwrap_or(self.blob.len())
+            .min(self.blob.len());
+        SealedTree {
+            ciphertext: &self.blob[..end],
+            plaintext_len: self.plaintext_len,
+        }
+    }
+}
+
+/// The served tree as a newcomer downloaded it: the ciphertext without padding.
+pub struct SealedTree<'a> {
+    pub ciphertext: &'a [u8],
+    pub plaintext_len: u64,
+}
+
+fn tree_key(secret: Vec<u8>) -> Result<crate::file::FileKey, MlsError> {
+    let secret = zeroize::Zeroizing::new(secret);
+    let bytes: [u8; 32] = secret
+        .as_slice()
+        .try_into()
+        .map_err(|_| MlsError::State("exporter returned a short secret".into()))?;
+    Ok(crate::file::FileKey::from_bytes(bytes))
+}
+
+fn seal_tree(
+    tree: &openmls::treesync::RatchetTree,
+    secret: Vec<u8>,
+) -> Result<ServedTree, MlsError> {
+    let plaintext = tree.tls_serialize_detached().map_err(state_error)?;
+    let blob = crate::file::seal_all(&tree_key(secret)?, &plaintext).map_err(state_error)?;
+    Ok(ServedTree {
+        blob,
+        plaintext_len: plaintext.len() as u64,
+    })
+}
+
+/// The tree of the epoch our pending commit starts, sealed for its newcomers.
+fn pending_tree(provider: &Provider<'_>, group: &MlsGroup) -> Result<ServedTree, MlsError> {
+    let staged = group
+        .pending_commit()
+        .ok_or_else(|| MlsError::State("no pending commit".into()))?;
+    let tree = staged
+        .export_ratchet_tree(provider.crypto(), group.export_ratchet_tree())
+        .map_err(state_error)?
+        .ok_or_else(|| MlsError::State("a pending commit without a tree".into()))?;
+    let secret = staged
+        .export_secret(provider.crypto(), TREE_KEY_LABEL, &[], 32)
+        .map_err(state_error)?;
+    seal_tree(&tree, secret)
 }
 
 /// Makes a key package for this device, serialised for upload. Its private half stays in the
@@ -184,6 +264,12 @@ pub fn new_key_package(
         .key_package()
         .tls_serialize_detached()
         .map_err(state_error)
+}
+
+/// How many bytes a key package takes in a commit.
+pub fn key_package_len(key_package: &KeyPackage) -> usize {
+    use openmls::prelude::tls_codec::Size as _;
+    key_package.tls_serialized_len()
 }
 
 /// Parses and validates a key package a server handed out, and checks that it belongs to the
@@ -214,6 +300,8 @@ pub fn check_key_package(
 pub struct CreatedGroup {
     pub group: MlsGroup,
     pub welcome: Vec<u8>,
+    /// The tree for the Welcome's newcomers, when it does not travel inside it.
+    pub tree: Option<ServedTree>,
     pub epoch: u64,
 }
 
@@ -223,12 +311,13 @@ pub fn create_group(
     keys: &AccountKeys,
     group_id: &[u8],
     key_packages: &[KeyPackage],
+    tree: Tree,
 ) -> Result<CreatedGroup, MlsError> {
     let signer = DeviceSigner(keys);
     let mut group = MlsGroup::new_with_group_id(
         provider,
         &signer,
-        &create_config(),
+        &create_config(tree),
         GroupId::from_slice(group_id),
         credential_with_key(keys),
     )
@@ -239,18 +328,24 @@ pub fn create_group(
         return Ok(CreatedGroup {
             group,
             welcome: Vec::new(),
+            tree: None,
             epoch,
         });
     }
     let (_commit, welcome, _info) = group
         .add_members(provider, &signer, key_packages)
         .map_err(state_error)?;
+    let tree = match tree {
+        Tree::Served => Some(pending_tree(provider, &group)?),
+        Tree::InWelcome => None,
+    };
     group.merge_pending_commit(provider).map_err(state_error)?;
     let welcome = welcome.tls_serialize_detached().map_err(state_error)?;
     let epoch = group.epoch().as_u64();
     Ok(CreatedGroup {
         group,
         welcome,
+        tree,
         epoch,
     })
 }
@@ -263,15 +358,47 @@ pub struct JoinedGroup {
     pub sender: VerifiedCertificate,
 }
 
-/// Joins a group from a Welcome. Fails, leaving no group behind, if any member's credential is
-/// not a valid device certificate.
-pub fn join_group(provider: &Provider<'_>, welcome: &[u8]) -> Result<JoinedGroup, MlsError> {
+/// Joins a group from a Welcome, with the tree the group served apart if it did (opened under
+/// the joined epoch's exporter and checked against the tree hash the Welcome's signed
+/// GroupInfo holds). Fails, leaving no group behind, if any member's credential is not a valid
+/// device certificate.
+pub fn join_group(
+    provider: &Provider<'_>,
+    welcome: &[u8],
+    served: Option<SealedTree<'_>>,
+) -> Result<JoinedGroup, MlsError> {
     let message = MlsMessageIn::tls_deserialize_exact(welcome)
         .map_err(|error| MlsError::Malformed(error.to_string()))?;
     let MlsMessageBodyIn::Welcome(welcome) = message.extract() else {
         return Err(MlsError::Malformed("not a Welcome".into()));
     };
-    let staged = StagedWelcome::new_from_welcome(provider, &join_config(), welcome, None)
+    let tree_mode = if served.is_some() {
+        Tree::Served
+    } else {
+        Tree::InWelcome
+    };
+    let processed = ProcessedWelcome::new_from_welcome(provider, &join_config(tree_mode), welcome)
+        .map_err(|error| MlsError::Rejected(error.to_string()))?;
+    let tree = match served {
+        None => None,
+        Some(served) => {
+            if served.plaintext_len > MAX_TREE_BYTES {
+                return Err(MlsError::Malformed("the group's tree is too large".into()));
+            }
+            let secret = processed
+                .export_secret(provider.crypto(), TREE_KEY_LABEL, &[], 32)
+                .map_err(state_error)?;
+            let bytes =
+                crate::file::open_all(&tree_key(secret)?, served.plaintext_len, served.ciphertext)
+                    .map_err(|error| MlsError::Rejected(format!("the group's tree: {error}")))?;
+            Some(
+                RatchetTreeIn::tls_deserialize_exact(&bytes)
+                    .map_err(|error| MlsError::Malformed(format!("the group's tree: {error}")))?,
+            )
+        }
+    };
+    let staged = processed
+        .into_staged_welcome(provider, tree)
         .map_err(|error| MlsError::Rejected(error.to_string()))?;
     let members = staged
         .members()
@@ -345,14 +472,24 @@ pub fn add_members(
     keys: &AccountKeys,
     group: &mut MlsGroup,
     key_packages: &[KeyPackage],
-) -> Result<(Vec<u8>, Vec<u8>), MlsError> {
+) -> Result<Added, MlsError> {
     let (commit, welcome, _info) = group
         .add_members_without_update(provider, &DeviceSigner(keys), key_packages)
         .map_err(state_error)?;
-    Ok((
-        commit.tls_serialize_detached().map_err(state_error)?,
-        welcome.tls_serialize_detached().map_err(state_error)?,
-    ))
+    Ok(Added {
+        commit: commit.tls_serialize_detached().map_err(state_error)?,
+        welcome: welcome.tls_serialize_detached().map_err(state_error)?,
+        tree: pending_tree(provider, group)?,
+    })
+}
+
+/// A pending commit adding members: the commit, the Welcome for the newcomers, and the tree
+/// they need, sealed to be served apart (see [`Tree`]; a group created with the tree in its
+/// Welcomes has it there too, and its newcomers ignore the served copy).
+pub struct Added {
+    pub commit: Vec<u8>,
+    pub welcome: Vec<u8>,
+    pub tree: ServedTree,
 }
 
 /// Starts a commit that removes the members at `leaves` (see [`members`]). Pending until
@@ -624,7 +761,7 @@ mod tests {
             let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
             let package = new_key_package(&alice_mls, &alice, false).unwrap();
             let package = check_key_package(&bob_mls, &package, alice.certificate()).unwrap();
-            create_group(&bob_mls, &bob, &[id; 16], &[package])
+            create_group(&bob_mls, &bob, &[id; 16], &[package], Tree::InWelcome)
                 .unwrap()
                 .welcome
         };
@@ -639,10 +776,10 @@ mod tests {
 
         let package = new_key_package(&alice_mls, &alice, false).unwrap();
         let package = check_key_package(&bob_mls, &package, alice.certificate()).unwrap();
-        let created = create_group(&bob_mls, &bob, &[9; 16], &[package]).unwrap();
+        let created = create_group(&bob_mls, &bob, &[9; 16], &[package], Tree::InWelcome).unwrap();
         let mut bob_group = created.group;
 
-        let joined = join_group(&alice_mls, &created.welcome).unwrap();
+        let joined = join_group(&alice_mls, &created.welcome, None).unwrap();
         assert!(joined.members.contains(bob.certificate()));
         let mut alice_group = load_group(&alice_mls, &[9; 16]).unwrap().unwrap();
         assert_eq!(alice_group.epoch().as_u64(), created.epoch);
@@ -669,7 +806,7 @@ mod tests {
     fn a_self_update_moves_both_sides_to_the_next_epoch() {
         let (alice_db, bob_db, alice, bob, welcome) = bob_invites_alice(3);
         let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
-        join_group(&alice_mls, &welcome).unwrap();
+        join_group(&alice_mls, &welcome, None).unwrap();
         let mut alice_group = load_group(&alice_mls, &[3; 16]).unwrap().unwrap();
         let mut bob_group = load_group(&bob_mls, &[3; 16]).unwrap().unwrap();
 
@@ -698,7 +835,7 @@ mod tests {
         let (alice_db, bob_db, _alice, bob, welcome) = bob_invites_alice(4);
         let mallory = keys();
         let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
-        join_group(&alice_mls, &welcome).unwrap();
+        join_group(&alice_mls, &welcome, None).unwrap();
         let mut alice_group = load_group(&alice_mls, &[4; 16]).unwrap().unwrap();
         let mut bob_group = load_group(&bob_mls, &[4; 16]).unwrap().unwrap();
 
@@ -733,7 +870,7 @@ mod tests {
     fn stand_alone_proposals_are_refused_and_never_stored() {
         let (alice_db, bob_db, _alice, bob, welcome) = bob_invites_alice(5);
         let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
-        join_group(&alice_mls, &welcome).unwrap();
+        join_group(&alice_mls, &welcome, None).unwrap();
         let mut alice_group = load_group(&alice_mls, &[5; 16]).unwrap().unwrap();
         let mut bob_group = load_group(&bob_mls, &[5; 16]).unwrap().unwrap();
 
@@ -772,7 +909,7 @@ mod tests {
             Provider::new(&dave_db),
         );
         // Alice makes a group of one, then adds Bob, Carol and Dave in one commit.
-        let mut alice_group = create_group(&alice_mls, &alice, &[6; 32], &[])
+        let mut alice_group = create_group(&alice_mls, &alice, &[6; 32], &[], Tree::Served)
             .unwrap()
             .group;
         let packages: Vec<KeyPackage> =
@@ -783,12 +920,12 @@ mod tests {
                     check_key_package(&alice_mls, &package, keys.certificate()).unwrap()
                 })
                 .collect();
-        let (_commit, welcome) =
-            add_members(&alice_mls, &alice, &mut alice_group, &packages).unwrap();
+        let added = add_members(&alice_mls, &alice, &mut alice_group, &packages).unwrap();
         merge_own_commit(&alice_mls, &mut alice_group).unwrap();
-        join_group(&bob_mls, &welcome).unwrap();
-        join_group(&carol_mls, &welcome).unwrap();
-        join_group(&dave_mls, &welcome).unwrap();
+        let tree = &added.tree;
+        for provider in [&bob_mls, &carol_mls, &dave_mls] {
+            join_group(provider, &added.welcome, Some(tree.sealed())).unwrap();
+        }
         let mut bob_group = load_group(&bob_mls, &[6; 32]).unwrap().unwrap();
         let mut carol_group = load_group(&carol_mls, &[6; 32]).unwrap().unwrap();
         let mut dave_group = load_group(&dave_mls, &[6; 32]).unwrap().unwrap();
@@ -833,10 +970,87 @@ mod tests {
     }
 
     #[test]
+    fn a_newcomer_joins_only_with_the_tree_the_welcome_vouches_for() {
+        let (alice_db, bob_db, carol_db) = (database(), database(), database());
+        let (alice, bob, carol) = (keys(), keys(), keys());
+        let (alice_mls, bob_mls, carol_mls) = (
+            Provider::new(&alice_db),
+            Provider::new(&bob_db),
+            Provider::new(&carol_db),
+        );
+        let package = |provider: &Provider<'_>, keys: &AccountKeys| {
+            let package = new_key_package(provider, keys, false).unwrap();
+            check_key_package(&alice_mls, &package, keys.certificate()).unwrap()
+        };
+        let mut group = create_group(&alice_mls, &alice, &[8; 32], &[], Tree::Served)
+            .unwrap()
+            .group;
+        let first =
+            add_members(&alice_mls, &alice, &mut group, &[package(&bob_mls, &bob)]).unwrap();
+        merge_own_commit(&alice_mls, &mut group).unwrap();
+        let tree_before = group.export_ratchet_tree();
+        let added = add_members(
+            &alice_mls,
+            &alice,
+            &mut group,
+            &[package(&carol_mls, &carol)],
+        )
+        .unwrap();
+        merge_own_commit(&alice_mls, &mut group).unwrap();
+        let served = &added.tree;
+        // The Welcome alone does not hold the tree, so the server sees no member list in it.
+        assert!(added.welcome.len() < 2048, "{} bytes", added.welcome.len());
+
+        // Every failed attempt must leave Carol's state as it was, as the client's savepoint
+        // does: no group, and her key package still there for the right tree.
+        let refused = |served: Option<SealedTree<'_>>| {
+            carol_db.execute_batch("SAVEPOINT attempt").unwrap();
+            let outcome = join_group(&carol_mls, &added.welcome, served);
+            carol_db
+                .execute_batch("ROLLBACK TO attempt; RELEASE attempt")
+                .unwrap();
+            assert!(load_group(&carol_mls, &[8; 32]).unwrap().is_none());
+            outcome.err().expect("the join should fail")
+        };
+        // No tree at all.
+        refused(None);
+        // A byte changed (by the server, say).
+        let mut altered = served.sealed().ciphertext.to_vec();
+        altered[10] ^= 1;
+        assert!(matches!(
+            refused(Some(SealedTree {
+                ciphertext: &altered,
+                plaintext_len: served.plaintext_len
+            })),
+            MlsError::Rejected(_)
+        ));
+        // The tree served for an earlier Welcome: sealed under another epoch's key.
+        let earlier = &first.tree;
+        assert!(matches!(
+            refused(Some(earlier.sealed())),
+            MlsError::Rejected(_)
+        ));
+        // A tree sealed under the right key (by a member) that is not the group's: its hash
+        // differs from the one in the signed GroupInfo.
+        let secret = group
+            .export_secret(alice_mls.crypto(), TREE_KEY_LABEL, &[], 32)
+            .unwrap();
+        let forged = seal_tree(&tree_before, secret).unwrap();
+        assert!(matches!(
+            refused(Some(forged.sealed())),
+            MlsError::Rejected(_)
+        ));
+
+        let joined = join_group(&carol_mls, &added.welcome, Some(served.sealed())).unwrap();
+        assert_eq!(joined.members.len(), 3);
+        assert_eq!(&joined.sender, alice.certificate());
+    }
+
+    #[test]
     fn every_member_derives_the_same_posting_key_and_the_committer_knows_the_next_one() {
         let (alice_db, bob_db, alice, bob, welcome) = bob_invites_alice(7);
         let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
-        join_group(&alice_mls, &welcome).unwrap();
+        join_group(&alice_mls, &welcome, None).unwrap();
         let mut alice_group = load_group(&alice_mls, &[7; 16]).unwrap().unwrap();
         let mut bob_group = load_group(&bob_mls, &[7; 16]).unwrap().unwrap();
         let key = |provider: &Provider<'_>, group: &MlsGroup| {
@@ -888,7 +1102,7 @@ mod tests {
         let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
         let package = new_key_package(&alice_mls, &alice, false).unwrap();
         let package = check_key_package(&bob_mls, &package, alice.certificate()).unwrap();
-        let mut group = create_group(&bob_mls, &bob, &[1; 16], &[package])
+        let mut group = create_group(&bob_mls, &bob, &[1; 16], &[package], Tree::InWelcome)
             .unwrap()
             .group;
         let short = encrypt(&bob_mls, &bob, &mut group, b"a").unwrap();

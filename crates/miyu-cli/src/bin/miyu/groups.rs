@@ -83,7 +83,8 @@ pub(crate) enum GroupAction {
     Approve { group: String, name: String },
     /// Refuse someone who asked to join (they are not told).
     Deny { group: String, name: String },
-    /// Make a member an admin, or an admin a member again (the owner only).
+    /// Make a member an admin, an admin a member again, or hand the group over to a member
+    /// (`owner`; you stay as an admin). The owner only.
     Role {
         group: String,
         member: String,
