@@ -40,6 +40,23 @@ pub(crate) const SCOPE_PREFIX: &str = "group:";
 /// request under the 1 MiB frame limit.
 pub const ADD_BATCH_DEVICES: usize = 1000;
 
+/// The most devices a group holds. A commit that removes a member or updates keys carries
+/// about 80 bytes for each member of a freshly built group (one ciphertext per blank subtree),
+/// and must fit in one 1 MiB request: past about 12,800 members nobody could be removed.
+pub const MAX_GROUP_DEVICES: usize = 12_000;
+
+/// Refuses an addition that would take a group of `present` devices past
+/// [`MAX_GROUP_DEVICES`].
+fn check_group_size(present: usize, adding: usize) -> Result<(), Error> {
+    if present + adding > MAX_GROUP_DEVICES {
+        return Err(Error::Usage(format!(
+            "a group holds at most {MAX_GROUP_DEVICES} devices for now (a removal must fit in one \
+             request); this one has {present} and {adding} would join"
+        )));
+    }
+    Ok(())
+}
+
 /// The most key package bytes one commit adds, whatever their number: room is left for the
 /// Welcome's secrets and the commit's own fields.
 const ADD_BATCH_BYTES: usize = 640 * 1024;
@@ -1470,6 +1487,12 @@ impl Client {
         if add.is_empty() {
             return self.commit_membership_once(group_id, &[], remove).await;
         }
+        let present = match mls::load_group(&Provider::new(&self.db), group_id)? {
+            Some(group) => mls::members(&group).len(),
+            None => 0,
+        };
+        let adding: usize = add.iter().map(|claimed| claimed.devices.len()).sum();
+        check_group_size(present, adding)?;
         for batch in add_batches(add) {
             self.commit_membership_once(group_id, batch, remove).await?;
         }
@@ -2557,6 +2580,11 @@ mod tests {
             [1, 2]
         );
         assert!(add_batches(&[]).is_empty());
+        assert!(check_group_size(MAX_GROUP_DEVICES - 10, 10).is_ok());
+        assert!(matches!(
+            check_group_size(MAX_GROUP_DEVICES - 10, 11),
+            Err(Error::Usage(_))
+        ));
     }
 
     #[test]
