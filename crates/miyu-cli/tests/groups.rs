@@ -790,3 +790,64 @@ fn a_refused_posting_key_is_renewed_and_the_held_message_goes_out() {
             .any(|line| line.ends_with("bob after"))
     );
 }
+
+/// The tree blob named by the one Welcome in the server's inboxes that names one.
+fn served_tree_file(server: &Server) -> PathBuf {
+    use prost::Message as _;
+    let db = rusqlite::Connection::open(server.data.join("miyu.sqlite3")).unwrap();
+    let payloads: Vec<Vec<u8>> = db
+        .prepare("SELECT payload FROM inbox")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let blobs: Vec<Vec<u8>> = payloads
+        .iter()
+        .filter_map(|payload| miyu_proto::wire::WelcomePackage::decode(payload.as_slice()).ok())
+        .map(|package| package.tree_blob)
+        .filter(|blob| !blob.is_empty())
+        .collect();
+    assert_eq!(blobs.len(), 1, "one Welcome naming a tree");
+    let id = miyu_proto::blob::BlobId(blobs[0].as_slice().try_into().unwrap());
+    server.data.join("blobs").join(id.to_string())
+}
+
+/// A Welcome whose group tree cannot be had is dropped, at once when the blob is short (that
+/// will not change) or after a few syncs when the server fails to serve it, and never holds up
+/// what comes after it.
+#[test]
+fn a_group_tree_that_cannot_be_fetched_does_not_hold_up_the_inbox() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let alice = profile(root.path(), &server.address, "alice");
+    let bob = contact_of(root.path(), &server.address, &alice, "alice", "bob");
+
+    miyu_ok(&alice, &["group", "create", "Short", "bob"]);
+    let file = served_tree_file(&server);
+    let length = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(length / 2)
+        .unwrap();
+    miyu_ok(&bob, &["sync"]);
+    assert!(!miyu_ok(&bob, &["groups"]).contains("Short"));
+
+    miyu_ok(&alice, &["group", "create", "Gone", "bob"]);
+    std::fs::remove_file(served_tree_file(&server)).unwrap();
+    for _ in 1..5 {
+        let (_, stderr) = failure(&bob, &["sync"]);
+        assert!(!stderr.is_empty());
+    }
+    miyu_ok(&bob, &["sync"]);
+    assert!(!miyu_ok(&bob, &["groups"]).contains("Gone"));
+    miyu_ok(&alice, &["send", "bob", "still here"]);
+    miyu_ok(&bob, &["sync"]);
+    assert!(
+        conversation(&bob, "alice")
+            .iter()
+            .any(|line| line == "alice: still here")
+    );
+}

@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::Error;
 use crate::vault::DatabaseKey;
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE account (
@@ -249,6 +249,14 @@ CREATE TABLE expected_groups (
 );
 ";
 
+/// Version 5: a Welcome whose group tree could not be fetched for a reason that may pass (the
+/// network, the server busy): which inbox entry, and how many tries, so that one that never
+/// succeeds stops holding up the inbox.
+const MIGRATION_5: &str = "
+ALTER TABLE account ADD COLUMN welcome_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE account ADD COLUMN welcome_attempts INTEGER NOT NULL DEFAULT 0;
+";
+
 /// Opens (or creates) the profile database, encrypted with `key`. A wrong key is reported as
 /// [`Error::Locked`].
 pub(crate) fn open(path: &Path, key: &DatabaseKey) -> Result<Connection, Error> {
@@ -267,7 +275,7 @@ pub(crate) fn configure(connection: &mut Connection) -> Result<(), Error> {
     connection.busy_timeout(std::time::Duration::from_secs(5))?;
     let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     match version {
-        0..=3 => {
+        0..=4 => {
             let transaction = connection.transaction()?;
             if version == 0 {
                 transaction.execute_batch(SCHEMA)?;
@@ -278,7 +286,10 @@ pub(crate) fn configure(connection: &mut Connection) -> Result<(), Error> {
             if version < 3 {
                 transaction.execute_batch(MIGRATION_3)?;
             }
-            transaction.execute_batch(MIGRATION_4)?;
+            if version < 4 {
+                transaction.execute_batch(MIGRATION_4)?;
+            }
+            transaction.execute_batch(MIGRATION_5)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             transaction.commit()?;
         }

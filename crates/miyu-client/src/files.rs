@@ -451,6 +451,13 @@ impl BlobClient<'_> {
             }
             _ => return Err(refusal(response).await),
         }
+        // A blob shorter than promised is answered with what there is: that will not change,
+        // so it is not worth another try.
+        if header_u64(&response, "content-length").is_some_and(|length| length < len) {
+            return Err(Error::Security(
+                "the blob on the server is shorter than announced".into(),
+            ));
+        }
         let mut bytes = Vec::with_capacity(len as usize);
         let mut body = response.into_body();
         while (bytes.len() as u64) < len {
@@ -465,7 +472,9 @@ impl BlobClient<'_> {
                     return Err(Error::Network(format!("the download broke off: {error}")));
                 }
                 None => {
-                    return Err(Error::Network("the download broke off".into()));
+                    return Err(Error::Security(
+                        "the blob on the server is shorter than announced".into(),
+                    ));
                 }
             }
         }
@@ -496,6 +505,9 @@ async fn refusal(response: Response<Incoming>) -> Error {
     match status {
         StatusCode::NOT_FOUND => {
             Error::Usage("the file is no longer on the server (it expired or was deleted)".into())
+        }
+        StatusCode::TOO_MANY_REQUESTS => {
+            Error::Network(format!("the server is busy ({status}); try again later"))
         }
         StatusCode::UNAUTHORIZED => {
             Error::Security("the server refused this device's signature".into())

@@ -45,6 +45,18 @@ pub const ADD_BATCH_DEVICES: usize = 1000;
 /// and must fit in one 1 MiB request: past about 12,800 members nobody could be removed.
 pub const MAX_GROUP_DEVICES: usize = 12_000;
 
+/// The error of an addition of which only the first batches went in.
+fn partly_added(group: &str, error: Error) -> Error {
+    let text = format!(
+        "only some of the members were added to {group} ({error}); add the others with `miyu group add`"
+    );
+    if error.is_transient() {
+        Error::Network(text)
+    } else {
+        Error::Usage(text)
+    }
+}
+
 /// Refuses an addition that would take a group of `present` devices past
 /// [`MAX_GROUP_DEVICES`].
 fn check_group_size(present: usize, adding: usize) -> Result<(), Error> {
@@ -1103,6 +1115,8 @@ impl Client {
             }
             claims.push(claimed);
         }
+        // The creator's device and everyone's.
+        check_group_size(1, claims.iter().map(|claimed| claimed.devices.len()).sum())?;
         let group_id: [u8; GROUP_ID_LEN] = random();
         let me = self.account_id().to_string();
         // A group of one first; the members come in with commits like any later addition, in
@@ -1165,10 +1179,13 @@ impl Client {
                 "the group could not be created: {reason}"
             )));
         }
-        if !claims.is_empty() {
-            self.commit_membership(&group_id, &claims, &[]).await?;
-        }
-        // The members learn the group's name, roles and permissions, and our name, from these.
+        let added = if claims.is_empty() {
+            Ok(())
+        } else {
+            self.commit_membership(&group_id, &claims, &[]).await
+        };
+        // The members learn the group's name, roles and permissions, and our name, from these;
+        // also when only some batches went in, or they would wait for them in vain.
         db::in_transaction(&self.db, |db| {
             let info = load_info(db, &group_id)?;
             self.queue_app_message_in(db, &group_id, info_message(db, &group_id, &info)?, None)?;
@@ -1189,6 +1206,19 @@ impl Client {
             params![group_id.as_slice()],
             |row| row.get(0),
         )?;
+        if let Err(error) = added {
+            if self.member_accounts(&group_id)?.len() == 1 {
+                let text = format!(
+                    "{name} was created, but nobody could be added yet ({error}); use `miyu group add`"
+                );
+                return Err(if error.is_transient() {
+                    Error::Network(text)
+                } else {
+                    Error::Usage(text)
+                });
+            }
+            return Err(partly_added(&name, error));
+        }
         self.group_info(&name)
     }
 
@@ -1228,9 +1258,22 @@ impl Client {
         if claims.is_empty() {
             return self.group_info(group);
         }
-        self.commit_membership(&group_id, &claims, &[]).await?;
-        // The newcomers learn the group's name, roles and permissions from this.
-        let names: Vec<String> = contacts.to_vec();
+        let before = self.member_accounts(&group_id)?;
+        let added = self.commit_membership(&group_id, &claims, &[]).await;
+        let now_in = self.member_accounts(&group_id)?;
+        let added = match added {
+            Err(error) if now_in == before => return Err(error),
+            other => other,
+        };
+        // The newcomers learn the group's name, roles and permissions from this (also those of
+        // the batches that went in when a later one failed).
+        let names: Vec<String> = claims
+            .iter()
+            .filter(|claimed| {
+                now_in.contains(&claimed.account) && !before.contains(&claimed.account)
+            })
+            .map(|claimed| display_name(&self.db, &claimed.account))
+            .collect::<Result<_, _>>()?;
         db::in_transaction(&self.db, |db| {
             let info = load_info(db, &group_id)?;
             self.queue_app_message_in(db, &group_id, info_message(db, &group_id, &info)?, None)?;
@@ -1244,6 +1287,9 @@ impl Client {
             Ok(())
         })?;
         self.flush_outbox().await?;
+        if let Err(error) = added {
+            return Err(partly_added(group, error));
+        }
         self.group_info(group)
     }
 
@@ -1383,6 +1429,16 @@ impl Client {
                 new.roles.remove(&account);
             }
             Role::Owner => {
+                let leaving: bool = self.db.query_row(
+                    "SELECT leaving FROM group_members WHERE group_id = ?1 AND account_id = ?2",
+                    params![group_id, account],
+                    |row| row.get(0),
+                )?;
+                if leaving {
+                    return Err(Error::Usage(format!(
+                        "{member} is leaving {group}; hand it over to someone staying"
+                    )));
+                }
                 // Handing over: we stay as an admin.
                 new.roles.insert(account, Role::Owner);
                 new.roles.insert(self.account_id().to_string(), Role::Admin);
@@ -1545,6 +1601,7 @@ impl Client {
                         .iter()
                         .flat_map(|c| c.key_packages.iter().cloned())
                         .collect();
+                    mls::serve_tree_apart(&provider, &mut group)?;
                     let added = mls::add_members(&provider, &self.keys, &mut group, &packages)?;
                     (added.commit, Some((added.welcome, added.tree)))
                 };

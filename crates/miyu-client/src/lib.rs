@@ -291,6 +291,12 @@ type KeyPackages = (Vec<Vec<u8>>, Option<Vec<u8>>);
 /// when it disappears.
 type OutboxRow = (i64, Vec<u8>, u64, Vec<u8>, Option<i64>, Option<u64>);
 
+/// How long fetching one Welcome's group tree may take.
+const WELCOME_FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// How many syncs in a row may fail to fetch a Welcome's tree for a passing reason before the
+/// Welcome is dropped.
+const WELCOME_FETCH_ATTEMPTS: u32 = 5;
+
 /// A Welcome and, when its group serves the tree apart, the tree's ciphertext and length.
 type FetchedWelcome = (Vec<u8>, Option<(Vec<u8>, u64)>);
 
@@ -837,9 +843,29 @@ impl Client {
         if entry.seq > cursor {
             // A group's tree comes apart from its Welcome: fetched first, the only network
             // step. A failure the next sync may not see again is kept for it.
-            let fetched = match self.fetch_welcome(&entry.payload).await {
+            let fetched = match tokio::time::timeout(
+                WELCOME_FETCH_TIMEOUT,
+                self.fetch_welcome(&entry.payload),
+            )
+            .await
+            .unwrap_or_else(|_| Err(Error::Network("fetching a group's tree timed out".into())))
+            {
                 Ok(fetched) => Ok(fetched),
-                Err(error) if error.is_transient() => return Err(error),
+                Err(error) if error.is_transient() => {
+                    // Tried again at the next sync, a few times: a tree that can never be
+                    // fetched must not hold up every later entry.
+                    let attempts: u32 = self.db.query_row(
+                        "UPDATE account SET welcome_attempts =
+                             CASE welcome_seq WHEN ?1 THEN welcome_attempts + 1 ELSE 1 END,
+                             welcome_seq = ?1 WHERE id = 1 RETURNING welcome_attempts",
+                        params![entry.seq],
+                        |row| row.get(0),
+                    )?;
+                    if attempts < WELCOME_FETCH_ATTEMPTS {
+                        return Err(error);
+                    }
+                    Err(format!("gave up after {attempts} tries: {error}"))
+                }
                 Err(error) => Err(error.to_string()),
             };
             let joined = db::in_transaction(&self.db, |db| {
@@ -886,6 +912,11 @@ impl Client {
     /// Reads a Welcome inbox entry and downloads the group's tree if it is served apart:
     /// the MLS Welcome, and the tree's ciphertext with its length.
     async fn fetch_welcome(&mut self, payload: &[u8]) -> Result<FetchedWelcome, Error> {
+        // An MLS message starts with its version, 0x0001, which no `WelcomePackage` does: a
+        // bare Welcome (from before packages) carries its tree.
+        if payload.first() == Some(&0) {
+            return Ok((payload.to_vec(), None));
+        }
         let package = wire::WelcomePackage::decode(payload)
             .map_err(|error| Error::Protocol(format!("a malformed invitation: {error}")))?;
         if package.tree_blob.is_empty() {
@@ -894,6 +925,12 @@ impl Client {
         if package.tree_size > mls::MAX_TREE_BYTES {
             return Err(Error::Security(
                 "an invitation whose group tree is too large".into(),
+            ));
+        }
+        // Nothing is downloaded for a Welcome none of our key packages can open.
+        if !mls::welcome_is_for_us(&Provider::new(&self.db), &package.welcome)? {
+            return Err(Error::Security(
+                "an invitation for none of this device's keys".into(),
             ));
         }
         let blob_id = BlobId(

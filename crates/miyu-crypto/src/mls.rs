@@ -13,6 +13,7 @@ use openmls_rust_crypto::RustCrypto;
 use openmls_sqlite_storage::{Codec, Connection, SqliteStorageProvider};
 use openmls_traits::OpenMlsProvider;
 use openmls_traits::signatures::{Signer, SignerError};
+use openmls_traits::storage::StorageProvider as _;
 
 use crate::identity::AccountKeys;
 
@@ -158,8 +159,9 @@ pub enum Tree {
 /// The exporter label of the key that seals a served ratchet tree.
 const TREE_KEY_LABEL: &str = "miyu ratchet tree v1";
 
-/// The largest served ratchet tree a device accepts: about 200,000 members.
-pub const MAX_TREE_BYTES: u64 = 64 << 20;
+/// The largest served ratchet tree a device accepts: twice what a group of 12,000 devices (the
+/// most Miyu lets a group grow to) needs.
+pub const MAX_TREE_BYTES: u64 = 8 << 20;
 
 /// Miyu's group configuration: its ciphersuite, where the tree travels, padding.
 pub fn create_config(tree: Tree) -> MlsGroupCreateConfig {
@@ -358,6 +360,26 @@ pub struct JoinedGroup {
     pub sender: VerifiedCertificate,
 }
 
+/// Whether a Welcome is addressed to one of this device's key packages (nothing is consumed):
+/// checked before downloading a tree for it.
+pub fn welcome_is_for_us(provider: &Provider<'_>, welcome: &[u8]) -> Result<bool, MlsError> {
+    let message = MlsMessageIn::tls_deserialize_exact(welcome)
+        .map_err(|error| MlsError::Malformed(error.to_string()))?;
+    let MlsMessageBodyIn::Welcome(welcome) = message.extract() else {
+        return Err(MlsError::Malformed("not a Welcome".into()));
+    };
+    for secrets in welcome.secrets() {
+        let bundle: Option<KeyPackageBundle> = provider
+            .storage()
+            .key_package(&secrets.new_member())
+            .map_err(state_error)?;
+        if bundle.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Joins a group from a Welcome, with the tree the group served apart if it did (opened under
 /// the joined epoch's exporter and checked against the tree hash the Welcome's signed
 /// GroupInfo holds). Fails, leaving no group behind, if any member's credential is not a valid
@@ -481,6 +503,14 @@ pub fn add_members(
         welcome: welcome.tls_serialize_detached().map_err(state_error)?,
         tree: pending_tree(provider, group)?,
     })
+}
+
+/// Makes a group's later Welcomes leave the tree out, since it is served apart: for groups made
+/// before trees were.
+pub fn serve_tree_apart(provider: &Provider<'_>, group: &mut MlsGroup) -> Result<(), MlsError> {
+    group
+        .set_configuration(provider.storage(), &join_config(Tree::Served))
+        .map_err(state_error)
 }
 
 /// A pending commit adding members: the commit, the Welcome for the newcomers, and the tree
@@ -1000,6 +1030,10 @@ mod tests {
         let served = &added.tree;
         // The Welcome alone does not hold the tree, so the server sees no member list in it.
         assert!(added.welcome.len() < 2048, "{} bytes", added.welcome.len());
+        // Carol's device knows the Welcome is for her before fetching anything; Bob's, whose
+        // key package is spent, does not take it for his.
+        assert!(welcome_is_for_us(&carol_mls, &added.welcome).unwrap());
+        assert!(!welcome_is_for_us(&bob_mls, &added.welcome).unwrap());
 
         // Every failed attempt must leave Carol's state as it was, as the client's savepoint
         // does: no group, and her key package still there for the right tree.
