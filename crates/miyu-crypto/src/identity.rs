@@ -11,12 +11,17 @@ use zeroize::Zeroizing;
 pub enum IdentityError {
     #[error("stored key material is malformed")]
     Malformed,
+    #[error("the certificate is not for this device's key")]
+    WrongDevice,
+    #[error("only the device holding the account's identity key can do this")]
+    NoIdentity,
 }
 
-/// The identity key of the account and the key of this device. Secret halves are wiped from
-/// memory when dropped.
+/// The identity key of the account (on the device that created it, or restored it) and the
+/// key of this device. A linked device holds only its own key and the certificate the identity
+/// key gave it. Secret halves are wiped from memory when dropped.
 pub struct AccountKeys {
-    identity: SigningKey,
+    identity: Option<SigningKey>,
     device: SigningKey,
     certificate: VerifiedCertificate,
 }
@@ -51,10 +56,52 @@ impl AccountKeys {
         let device = SigningKey::generate(rng);
         let certificate = certify(&identity, &device).expect("a fresh certificate verifies");
         Self {
-            identity,
+            identity: Some(identity),
             device,
             certificate,
         }
+    }
+
+    /// A linked device's keys: its own key and the certificate the account's identity key
+    /// gave it, which must be for that key.
+    pub fn linked(device: &[u8], certificate: VerifiedCertificate) -> Result<Self, IdentityError> {
+        let device: &[u8; 32] = device.try_into().map_err(|_| IdentityError::Malformed)?;
+        let device = SigningKey::from_bytes(device);
+        if device.verifying_key().as_bytes() != certificate.device_key() {
+            return Err(IdentityError::WrongDevice);
+        }
+        Ok(Self {
+            identity: None,
+            device,
+            certificate,
+        })
+    }
+
+    /// Whether this device holds the account's identity key (and so can link and revoke).
+    pub fn has_identity(&self) -> bool {
+        self.identity.is_some()
+    }
+
+    fn identity(&self) -> Result<&SigningKey, IdentityError> {
+        self.identity.as_ref().ok_or(IdentityError::NoIdentity)
+    }
+
+    /// Certifies another device's key for this account.
+    pub fn certify_device(&self, device_key: &[u8; 32]) -> Result<VerifiedCertificate, IdentityError> {
+        let identity = self.identity()?;
+        let identity_key = identity.verifying_key().to_bytes();
+        let signature = identity.sign(&cert::certificate_payload(&identity_key, device_key));
+        VerifiedCertificate::verify(&wire::DeviceCertificate {
+            identity_key: identity_key.to_vec(),
+            device_key: device_key.to_vec(),
+            signature: signature.to_bytes().to_vec(),
+        })
+        .map_err(|_| IdentityError::Malformed)
+    }
+
+    /// The identity key's signature revoking one of the account's devices.
+    pub fn sign_revocation(&self, device_id: &miyu_proto::DeviceId) -> Result<[u8; 64], IdentityError> {
+        Ok(self.identity()?.sign(&cert::revoke_payload(device_id)).to_bytes())
     }
 
     /// Rebuilds the keys from their stored secret halves.
@@ -65,14 +112,17 @@ impl AccountKeys {
         let device = SigningKey::from_bytes(device);
         let certificate = certify(&identity, &device)?;
         Ok(Self {
-            identity,
+            identity: Some(identity),
             device,
             certificate,
         })
     }
 
-    pub fn identity_secret(&self) -> Zeroizing<[u8; 32]> {
-        Zeroizing::new(self.identity.to_bytes())
+    /// The identity key's secret half, on the device that holds it.
+    pub fn identity_secret(&self) -> Option<Zeroizing<[u8; 32]>> {
+        self.identity
+            .as_ref()
+            .map(|identity| Zeroizing::new(identity.to_bytes()))
     }
 
     pub fn device_secret(&self) -> Zeroizing<[u8; 32]> {
@@ -114,8 +164,11 @@ mod tests {
     #[test]
     fn keys_survive_a_round_trip_through_their_secrets() {
         let keys = AccountKeys::generate(&mut rand::rngs::OsRng);
-        let again =
-            AccountKeys::from_secrets(&*keys.identity_secret(), &*keys.device_secret()).unwrap();
+        let again = AccountKeys::from_secrets(
+            &*keys.identity_secret().unwrap(),
+            &*keys.device_secret(),
+        )
+        .unwrap();
         assert_eq!(again.certificate(), keys.certificate());
         assert!(AccountKeys::from_secrets(&[1; 3], &[2; 32]).is_err());
     }
@@ -128,5 +181,38 @@ mod tests {
             keys.certificate()
                 .verify_auth(&[7; 32], b"nonce", &signature)
         );
+    }
+
+    #[test]
+    fn a_linked_device_holds_a_certificate_for_its_own_key_only() {
+        let account = AccountKeys::generate(&mut rand::rngs::OsRng);
+        let device = SigningKey::generate(&mut rand::rngs::OsRng);
+        let certificate = account
+            .certify_device(device.verifying_key().as_bytes())
+            .unwrap();
+        assert_eq!(certificate.account_id(), account.certificate().account_id());
+        let linked = AccountKeys::linked(&device.to_bytes(), certificate.clone()).unwrap();
+        assert!(!linked.has_identity());
+        assert!(linked.identity_secret().is_none());
+        assert_eq!(linked.certificate(), &certificate);
+        // It can neither certify nor revoke.
+        assert!(matches!(
+            linked.certify_device(&[9; 32]),
+            Err(IdentityError::NoIdentity)
+        ));
+        assert!(linked.sign_revocation(&certificate.device_id()).is_err());
+        // Another key cannot wear this certificate.
+        let other = SigningKey::generate(&mut rand::rngs::OsRng);
+        assert!(matches!(
+            AccountKeys::linked(&other.to_bytes(), certificate.clone()),
+            Err(IdentityError::WrongDevice)
+        ));
+        // The account's revocation verifies under its identity key.
+        let signature = account.sign_revocation(&certificate.device_id()).unwrap();
+        assert!(cert::verify_revocation(
+            certificate.identity_key(),
+            &certificate.device_id(),
+            &signature
+        ));
     }
 }

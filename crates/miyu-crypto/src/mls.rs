@@ -668,8 +668,9 @@ fn check_replacement(
     Ok(())
 }
 
-/// Decrypts and verifies one message of the group's log. Commits that add or remove members
-/// are refused unless `membership_changes` (a one-to-one conversation keeps its two accounts).
+/// Decrypts and verifies one message of the group's log. Unless `membership_changes`, a commit
+/// may add or remove only devices of its committer's own account (a one-to-one conversation
+/// keeps its two accounts, while each links and revokes its own devices).
 pub fn process(
     provider: &Provider<'_>,
     group: &mut MlsGroup,
@@ -710,12 +711,6 @@ pub fn process(
             let Sender::Member(committer_index) = sender_leaf else {
                 return Err(MlsError::BadMember("commit from outside the group"));
             };
-            if !membership_changes
-                && (staged.add_proposals().next().is_some()
-                    || staged.remove_proposals().next().is_some())
-            {
-                return Err(MlsError::BadMember("commit changes the group's members"));
-            }
             let committer = group
                 .member_at(committer_index)
                 .ok_or(MlsError::BadMember("commit from a leaf not in the group"))?;
@@ -736,6 +731,14 @@ pub fn process(
                     MlsError::BadMember("a removal names a leaf not in the group"),
                 )?;
                 removed.push(member_certificate(&leaf.credential, &leaf.signature_key)?);
+            }
+            if !membership_changes
+                && added
+                    .iter()
+                    .chain(&removed)
+                    .any(|device| device.account_id() != committer.account_id())
+            {
+                return Err(MlsError::BadMember("commit changes the group's members"));
             }
             if let (Some(leaf), Sender::Member(index)) =
                 (staged.update_path_leaf_node(), &sender_leaf)
@@ -913,6 +916,68 @@ mod tests {
             Err(MlsError::Rejected(_))
         ));
         assert_eq!(alice_group.pending_proposals().count(), 0);
+    }
+
+    #[test]
+    fn in_a_conversation_of_two_each_account_links_and_revokes_only_its_own_devices() {
+        let (alice_db, bob_db, alice, bob, welcome) = bob_invites_alice(12);
+        let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
+        join_group(&alice_mls, &welcome, None).unwrap();
+        let mut alice_group = load_group(&alice_mls, &[12; 16]).unwrap().unwrap();
+        let mut bob_group = load_group(&bob_mls, &[12; 16]).unwrap().unwrap();
+
+        // Bob links a second device: his first adds it, Alice follows.
+        let laptop_db = database();
+        let laptop_mls = Provider::new(&laptop_db);
+        let laptop_key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+        let certificate = bob
+            .certify_device(laptop_key.verifying_key().as_bytes())
+            .unwrap();
+        let laptop = AccountKeys::linked(&laptop_key.to_bytes(), certificate.clone()).unwrap();
+        let package = new_key_package(&laptop_mls, &laptop, false).unwrap();
+        let package = check_key_package(&bob_mls, &package, &certificate).unwrap();
+        let added = add_members(&bob_mls, &bob, &mut bob_group, &[package]).unwrap();
+        merge_own_commit(&bob_mls, &mut bob_group).unwrap();
+        match process(&alice_mls, &mut alice_group, &added.commit, false).unwrap() {
+            Incoming::Commit(summary) => assert_eq!(summary.added, vec![certificate.clone()]),
+            _ => panic!("expected a commit"),
+        }
+        join_group(&laptop_mls, &added.welcome, None).unwrap();
+        let mut laptop_group = load_group(&laptop_mls, &[12; 16]).unwrap().unwrap();
+        let hello = encrypt(&alice_mls, &alice, &mut alice_group, b"to both").unwrap();
+        assert!(matches!(
+            process(&laptop_mls, &mut laptop_group, &hello, false).unwrap(),
+            Incoming::Application { .. }
+        ));
+
+        // And revokes it: removed, it cannot read what follows.
+        let leaf = members(&bob_group)
+            .into_iter()
+            .find(|(_, member)| *member == certificate)
+            .unwrap()
+            .0;
+        let commit = remove_members(&bob_mls, &bob, &mut bob_group, &[leaf]).unwrap();
+        merge_own_commit(&bob_mls, &mut bob_group).unwrap();
+        assert!(matches!(
+            process(&alice_mls, &mut alice_group, &commit, false).unwrap(),
+            Incoming::Commit(_)
+        ));
+        process(&laptop_mls, &mut laptop_group, &commit, false).unwrap();
+        let secret = encrypt(&alice_mls, &alice, &mut alice_group, b"after").unwrap();
+        assert!(process(&laptop_mls, &mut laptop_group, &secret, false).is_err());
+
+        // Alice may not bring a third account into the conversation.
+        let mallory_db = database();
+        let mallory = keys();
+        let package = new_key_package(&Provider::new(&mallory_db), &mallory, false).unwrap();
+        let package = check_key_package(&alice_mls, &package, mallory.certificate()).unwrap();
+        let sneaky = add_members(&alice_mls, &alice, &mut alice_group, &[package]).unwrap();
+        let epoch = bob_group.epoch();
+        assert!(matches!(
+            process(&bob_mls, &mut bob_group, &sneaky.commit, false),
+            Err(MlsError::BadMember(_))
+        ));
+        assert_eq!(bob_group.epoch(), epoch);
     }
 
     #[test]
