@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::Error;
 use crate::vault::DatabaseKey;
 
-const SCHEMA_VERSION: i64 = 5;
+pub(crate) const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA: &str = "
 CREATE TABLE account (
@@ -257,6 +257,17 @@ ALTER TABLE account ADD COLUMN welcome_seq INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE account ADD COLUMN welcome_attempts INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 6: devices linked to the account. A linked device keeps no identity key (an empty
+/// `identity_secret`) but the certificate the account gave it; names of the account's devices
+/// as this device knows them (the server never learns them).
+const MIGRATION_6: &str = "
+ALTER TABLE account ADD COLUMN certificate BLOB;
+CREATE TABLE devices (
+    device_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL
+);
+";
+
 /// Opens (or creates) the profile database, encrypted with `key`. A wrong key is reported as
 /// [`Error::Locked`].
 pub(crate) fn open(path: &Path, key: &DatabaseKey) -> Result<Connection, Error> {
@@ -275,7 +286,7 @@ pub(crate) fn configure(connection: &mut Connection) -> Result<(), Error> {
     connection.busy_timeout(std::time::Duration::from_secs(5))?;
     let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     match version {
-        0..=4 => {
+        0..=5 => {
             let transaction = connection.transaction()?;
             if version == 0 {
                 transaction.execute_batch(SCHEMA)?;
@@ -289,7 +300,10 @@ pub(crate) fn configure(connection: &mut Connection) -> Result<(), Error> {
             if version < 4 {
                 transaction.execute_batch(MIGRATION_4)?;
             }
-            transaction.execute_batch(MIGRATION_5)?;
+            if version < 5 {
+                transaction.execute_batch(MIGRATION_5)?;
+            }
+            transaction.execute_batch(MIGRATION_6)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             transaction.commit()?;
         }

@@ -108,6 +108,9 @@ struct Target {
 impl Target {
     /// Written by the sender of `received`: the contact, or in a group that very member.
     fn written_by(&self, received: &Received<'_>) -> bool {
+        if received.own {
+            return self.outgoing;
+        }
         !self.outgoing && self.sender.as_deref() == received.sender
     }
 }
@@ -179,7 +182,12 @@ pub(crate) fn on_reaction(
     }
     match target(db, received.group_id, &reaction.message_id)? {
         Some(target) if !target.deleted && !matches!(target.kind.as_str(), "timer" | "notice") => {
-            apply_reaction(db, target.row, received.contact_account, &reaction.emoji)?;
+            let who = if received.own {
+                "me"
+            } else {
+                received.contact_account
+            };
+            apply_reaction(db, target.row, who, &reaction.emoji)?;
             Ok(Some(Event::Reacted {
                 contact: received.conversation_name.to_string(),
                 id: target.row,
@@ -250,15 +258,17 @@ pub(crate) fn on_delete(
             let expires_at_ms = (timer_s > 0).then(|| now_ms() + u64::from(timer_s) * 1000);
             db.execute(
                 "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq, kind, deleted, expires_at_ms, sender)
-                 VALUES (?1, ?2, 0, '', ?3, ?4, 'received', ?5, 'text', 1, ?6, ?7)",
+                 VALUES (?1, ?2, ?3, '', ?4, ?5, ?6, ?7, 'text', 1, ?8, ?9)",
                 params![
                     received.group_id,
                     delete.message_id,
+                    received.own,
                     received.sent_at_ms,
                     now_ms(),
+                    if received.own { "sent" } else { "received" },
                     received.seq,
                     expires_at_ms,
-                    received.sender
+                    if received.own { None } else { received.sender }
                 ],
             )?;
             Ok(None)
@@ -503,6 +513,7 @@ mod tests {
             message_id: &[9],
             sent_at_ms: 5,
             expires_in_s: 0,
+            own: false,
         };
         let edit = wire::Edit {
             message_id: vec![0xcc],
@@ -544,6 +555,7 @@ mod tests {
             message_id: &[9],
             sent_at_ms: 5,
             expires_in_s: 0,
+            own: false,
         };
         // What a modified client of the contact could send about our message: ignored.
         let forged_edit = wire::Edit {
@@ -609,6 +621,7 @@ mod tests {
             message_id: &[9; 16],
             sent_at_ms,
             expires_in_s: 0,
+            own: false,
         };
         // The deletion arrives before its message (a server withheld the message): the
         // message, when it comes, stays deleted.

@@ -378,23 +378,24 @@ impl<'a> BlobClient<'a> {
 }
 
 impl BlobClient<'_> {
-    /// Uploads a small blob held in memory (a group's sealed ratchet tree) in one request, to
-    /// the group `group_id`; returns its id once the server holds all of it durably.
+    /// Uploads a blob held in memory (a group's sealed ratchet tree, an account's history) in
+    /// one request, to the group `group_id` or, without one, to the account; returns its id
+    /// once the server holds all of it durably.
     pub(crate) async fn upload_whole(
         &mut self,
-        group_id: &[u8],
+        group_id: Option<&[u8]>,
         blob: Vec<u8>,
     ) -> Result<BlobId, Error> {
         let size = blob.len() as u64;
-        let headers = [
-            (
+        let mut headers = vec![("miyu-size", size.to_string())];
+        if let Some(group_id) = group_id {
+            headers.push((
                 "miyu-group",
                 miyu_proto::GroupId::from_bytes(group_id)
                     .map_err(|error| Error::Protocol(error.to_string()))?
                     .to_string(),
-            ),
-            ("miyu-size", size.to_string()),
-        ];
+            ));
+        }
         let response = self.send(Method::POST, "/v1/blobs", &headers, None).await?;
         if response.status() != StatusCode::CREATED {
             return Err(refusal(response).await);
@@ -1494,10 +1495,14 @@ pub(crate) fn store_file(
         id: row,
         contact: received.conversation_name.to_string(),
         from: received.contact_name.to_string(),
-        outgoing: false,
+        outgoing: received.own,
         body: file_line(id, &name, file.size),
         sent_at_ms: received.sent_at_ms,
-        state: MessageState::Received,
+        state: if received.own {
+            MessageState::Sent
+        } else {
+            MessageState::Received
+        },
         kind: MessageKind::File,
         expires_at_ms: privacy::expiry(received),
         ..Default::default()

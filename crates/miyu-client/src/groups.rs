@@ -97,6 +97,24 @@ fn add_batches(add: &[Claimed]) -> Vec<&[Claimed]> {
     batches
 }
 
+/// Who a commit removes: whole accounts (all their devices), or single devices.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Gone<'a> {
+    Accounts(&'a [String]),
+    Devices(&'a [DeviceId]),
+}
+
+impl Gone<'_> {
+    pub(crate) const NOBODY: Gone<'static> = Gone::Accounts(&[]);
+
+    fn covers(&self, certificate: &VerifiedCertificate) -> bool {
+        match self {
+            Gone::Accounts(accounts) => accounts.contains(&certificate.account_id().to_string()),
+            Gone::Devices(devices) => devices.contains(&certificate.device_id()),
+        }
+    }
+}
+
 /// How long a group we were added to waits for its adder's GroupInfo before we decline it.
 pub(crate) const PENDING_DAYS: u64 = 7;
 
@@ -706,6 +724,15 @@ pub(crate) fn join(db: &Connection, joined: &mls::JoinedGroup, me: AccountId) ->
                 params![group_id],
             )?;
         }
+        // Handed over with the account's history by the device of ours that adds us now: it
+        // is known already, as that device knows it.
+        Some(_) if joined.sender.account_id() == me => {
+            db.execute(
+                "UPDATE conversations SET cursor = 0, broken = NULL, last_update_ms = ?2
+                 WHERE group_id = ?1",
+                params![group_id, now_ms()],
+            )?;
+        }
         Some(_) => {
             return Err(Error::Security(
                 "a Welcome to a group this device is in already".into(),
@@ -1004,10 +1031,10 @@ pub struct JoinRequest {
 }
 
 /// Key packages of one contact's devices, checked against the contact's identity.
-struct Claimed {
-    account: String,
-    devices: Vec<DeviceId>,
-    key_packages: Vec<KeyPackage>,
+pub(crate) struct Claimed {
+    pub(crate) account: String,
+    pub(crate) devices: Vec<DeviceId>,
+    pub(crate) key_packages: Vec<KeyPackage>,
 }
 
 impl Client {
@@ -1182,7 +1209,8 @@ impl Client {
         let added = if claims.is_empty() {
             Ok(())
         } else {
-            self.commit_membership(&group_id, &claims, &[]).await
+            self.commit_membership(&group_id, &claims, Gone::NOBODY)
+                .await
         };
         // The members learn the group's name, roles and permissions, and our name, from these;
         // also when only some batches went in, or they would wait for them in vain.
@@ -1259,7 +1287,9 @@ impl Client {
             return self.group_info(group);
         }
         let before = self.member_accounts(&group_id)?;
-        let added = self.commit_membership(&group_id, &claims, &[]).await;
+        let added = self
+            .commit_membership(&group_id, &claims, Gone::NOBODY)
+            .await;
         let now_in = self.member_accounts(&group_id)?;
         let added = match added {
             Err(error) if now_in == before => return Err(error),
@@ -1317,7 +1347,8 @@ impl Client {
             }
             accounts.push(account);
         }
-        self.commit_membership(&group_id, &[], &accounts).await?;
+        self.commit_membership(&group_id, &[], Gone::Accounts(&accounts))
+            .await?;
         let names = members.join(", ");
         db::in_transaction(&self.db, |db| {
             notice(db, &group_id, None, None, &format!("you removed {names}"))?;
@@ -1538,7 +1569,7 @@ impl Client {
         &mut self,
         group_id: &[u8],
         add: &[Claimed],
-        remove: &[String],
+        remove: Gone<'_>,
     ) -> Result<(), Error> {
         if add.is_empty() {
             return self.commit_membership_once(group_id, &[], remove).await;
@@ -1555,11 +1586,11 @@ impl Client {
         Ok(())
     }
 
-    async fn commit_membership_once(
+    pub(crate) async fn commit_membership_once(
         &mut self,
         group_id: &[u8],
         add: &[Claimed],
-        remove: &[String],
+        remove: Gone<'_>,
     ) -> Result<(), Error> {
         for _ in 0..COMMIT_ATTEMPTS {
             let prepared = db::in_transaction(&self.db, |db| {
@@ -1570,20 +1601,19 @@ impl Client {
                     mls::discard_own_commit(&provider, &mut group)?;
                 }
                 let members = mls::members(&group);
-                let present: HashSet<String> = members
+                let present: HashSet<DeviceId> = members
                     .iter()
-                    .map(|(_, certificate)| certificate.account_id().to_string())
+                    .map(|(_, certificate)| certificate.device_id())
                     .collect();
                 // Someone may have done it meanwhile.
-                let adding: Vec<&Claimed> = add
+                let adding: Vec<(DeviceId, &KeyPackage)> = add
                     .iter()
-                    .filter(|c| !present.contains(&c.account))
+                    .flat_map(|c| c.devices.iter().copied().zip(c.key_packages.iter()))
+                    .filter(|(device, _)| !present.contains(device))
                     .collect();
                 let leaving: Vec<(u32, DeviceId)> = members
                     .iter()
-                    .filter(|(_, certificate)| {
-                        remove.contains(&certificate.account_id().to_string())
-                    })
+                    .filter(|(_, certificate)| remove.covers(certificate))
                     .map(|(leaf, certificate)| (*leaf, certificate.device_id()))
                     .collect();
                 if adding.is_empty() && leaving.is_empty() {
@@ -1599,9 +1629,11 @@ impl Client {
                 } else {
                     let packages: Vec<KeyPackage> = adding
                         .iter()
-                        .flat_map(|c| c.key_packages.iter().cloned())
+                        .map(|(_, package)| (*package).clone())
                         .collect();
-                    mls::serve_tree_apart(&provider, &mut group)?;
+                    if is_group_id(group_id) {
+                        mls::serve_tree_apart(&provider, &mut group)?;
+                    }
                     let added = mls::add_members(&provider, &self.keys, &mut group, &packages)?;
                     (added.commit, Some((added.welcome, added.tree)))
                 };
@@ -1614,10 +1646,7 @@ impl Client {
                     params![hash.as_slice(), group_id],
                 )?;
                 let added: Vec<DeviceId> = if welcome.is_some() {
-                    adding
-                        .iter()
-                        .flat_map(|c| c.devices.iter().copied())
-                        .collect()
+                    adding.iter().map(|(device, _)| *device).collect()
                 } else {
                     Vec::new()
                 };
@@ -1643,11 +1672,18 @@ impl Client {
             let Some((mut commit, welcome)) = prepared else {
                 return Ok(());
             };
-            if let Some((welcome, tree)) = welcome {
+            if let Some((welcome, _)) = welcome.as_ref().filter(|_| !is_group_id(group_id)) {
+                // A conversation of two carries its small tree in the Welcome.
+                commit.welcome = wire::WelcomePackage {
+                    welcome: welcome.clone(),
+                    ..Default::default()
+                }
+                .encode_to_vec();
+            } else if let Some((welcome, tree)) = welcome {
                 // The newcomers' tree goes up first, so that it is there when they read the
                 // Welcome; only members of the group (they, once added) may download it.
                 let uploaded = files::BlobClient::new(&self.keys, &self.server, self.proxy)
-                    .upload_whole(group_id, tree.blob)
+                    .upload_whole(Some(group_id), tree.blob)
                     .await;
                 let blob_id = match uploaded {
                     Ok(blob_id) => blob_id,
@@ -1887,7 +1923,14 @@ impl Client {
                 .collect::<Result<_, _>>()?
         };
         for (group_id, account) in leavers {
-            match self.commit_membership(&group_id, &[], &[account]).await {
+            match self
+                .commit_membership(
+                    &group_id,
+                    &[],
+                    Gone::Accounts(std::slice::from_ref(&account)),
+                )
+                .await
+            {
                 Ok(()) => {}
                 Err(error) if error.is_transient() => return Err(error),
                 Err(error) => tracing::warn!("could not remove a member who left: {error}"),
@@ -2066,6 +2109,7 @@ impl Client {
             message_id: &message.message_id,
             sent_at_ms: message.sent_at_ms,
             expires_in_s: message.expires_in_s,
+            own: sender.account_id() == self.account_id(),
         };
         if state == "pending" {
             return match message.body {
@@ -2092,6 +2136,15 @@ impl Client {
         let posting = load_policies(db, group_id)?.posting;
         match message.body {
             Some(wire::app_message::Body::GroupInfo(info)) => on_info(db, &received, role, &info),
+            // Another device of ours left: the account leaves, this device too.
+            Some(wire::app_message::Body::Leave(_)) if received.own => {
+                db.execute(
+                    "UPDATE groups SET state = 'left', leaving = 1 WHERE group_id = ?1",
+                    params![group_id],
+                )?;
+                self.queued_while_processing.set(true);
+                notice(db, group_id, Some(entry.seq), None, "you left the group").map(Some)
+            }
             Some(wire::app_message::Body::Leave(_)) => {
                 let changed = db.execute(
                     "UPDATE group_members SET leaving = 1 WHERE group_id = ?1 AND account_id = ?2 AND leaving = 0",
@@ -2504,6 +2557,7 @@ mod tests {
             message_id: &[1; 16],
             sent_at_ms: 1,
             expires_in_s: 0,
+            own: false,
         }
     }
 

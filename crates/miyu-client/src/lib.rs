@@ -20,9 +20,11 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod db;
+pub mod devices;
 pub mod features;
 pub mod files;
 pub mod groups;
+mod history;
 mod keyring;
 pub mod net;
 mod privacy;
@@ -272,6 +274,56 @@ fn forget_commit_hash(db: &Connection, group_id: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
+/// What another device of this account said in a conversation: what it wrote, edited, deleted
+/// or reacted, and the timer it set, as if this device had; receipts, typing, presence and
+/// profiles are between the account and its contacts, and are not repeated here.
+fn own_message(
+    db: &Connection,
+    received: &privacy::Received<'_>,
+    body: Option<wire::app_message::Body>,
+) -> Result<Option<Event>, Error> {
+    match body {
+        Some(wire::app_message::Body::Text(text)) => privacy::store_text(db, received, &text),
+        Some(wire::app_message::Body::File(file)) => files::store_file(db, received, &file),
+        Some(wire::app_message::Body::Edit(edit)) => features::on_edit(db, received, &edit),
+        Some(wire::app_message::Body::Delete(delete)) => features::on_delete(db, received, &delete),
+        Some(wire::app_message::Body::Reaction(reaction)) => {
+            features::on_reaction(db, received, &reaction)
+        }
+        Some(wire::app_message::Body::Timer(timer)) => {
+            privacy::on_timer(db, received, timer.seconds)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Writes this device's account row: its keys (a linked device's without the identity key, with
+/// its certificate instead), server, name and proxy.
+fn store_account(
+    db: &Connection,
+    keys: &AccountKeys,
+    server: &ServerAddress,
+    name: &str,
+    proxy: Option<Proxy>,
+) -> Result<(), Error> {
+    let identity = keys.identity_secret();
+    db.execute(
+        "INSERT INTO account (id, server, name, identity_secret, device_secret, certificate, proxy)
+         VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            server.to_string(),
+            name,
+            identity
+                .as_ref()
+                .map_or(&[][..], |secret| secret.as_slice()),
+            keys.device_secret().as_slice(),
+            keys.certificate().to_compact(),
+            proxy.map(|p| p.to_string())
+        ],
+    )?;
+    Ok(())
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -319,6 +371,9 @@ pub struct Client {
     /// A connection that never authenticates, for posting to one group without saying who
     /// posts; never reused for another group, so the server cannot link posts across groups.
     unattributed: Option<(Vec<u8>, net::Connection)>,
+    /// A device being linked leaves what the server pushes unread (and so unacknowledged,
+    /// delivered again on the next connection) until the account's history is in.
+    holding_deliveries: bool,
     _lock: File,
 }
 
@@ -355,6 +410,37 @@ fn lock_profile(profile: &Path) -> Result<File, Error> {
 fn restrict_permissions(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
+}
+
+/// What a new profile's account row holds.
+pub(crate) struct NewAccount<'a> {
+    pub(crate) keys: AccountKeys,
+    pub(crate) server: ServerAddress,
+    pub(crate) name: &'a str,
+    pub(crate) proxy: Option<Proxy>,
+    /// See [`Client::holding_deliveries`].
+    pub(crate) holding_deliveries: bool,
+}
+
+/// Locks a profile that is to hold a new account; refused if it holds one.
+fn claim_new_profile(profile: &Path) -> Result<(File, PathBuf), Error> {
+    let lock = lock_profile(profile)?;
+    let path = database_path(profile);
+    if path.exists() {
+        return Err(Error::Usage(format!(
+            "{} already holds an account; use another --profile",
+            profile.display()
+        )));
+    }
+    Ok((lock, path))
+}
+
+/// Leaves no half-made account behind, so that the command can simply be run again.
+fn discard_new_profile(profile: &Path, path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    vault::remove(profile);
 }
 
 fn database_path(profile: &Path) -> PathBuf {
@@ -398,48 +484,43 @@ impl Client {
                 "a name is 1 to 64 printable characters".into(),
             ));
         }
-        let lock = lock_profile(profile)?;
-        let path = database_path(profile);
-        if path.exists() {
-            return Err(Error::Usage(format!(
-                "{} already holds an account; use another --profile",
-                profile.display()
-            )));
-        }
+        let (lock, path) = claim_new_profile(profile)?;
+        let keys = AccountKeys::generate(&mut rand::rngs::OsRng);
         let result = match vault::create(profile, protection) {
-            Ok(key) => Self::create_account(&path, &key, lock, server, name, proxy).await,
+            Ok(key) => {
+                let account = NewAccount {
+                    keys,
+                    server,
+                    name,
+                    proxy,
+                    holding_deliveries: false,
+                };
+                Self::create_account(&path, &key, lock, account).await
+            }
             Err(error) => Err(error),
         };
         if result.is_err() {
-            // Leave no half-made account behind, so `init` can simply be run again.
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-            }
-            vault::remove(profile);
+            discard_new_profile(profile, &path);
         }
         result
     }
 
-    async fn create_account(
+    /// Writes a new profile's account and registers its device.
+    pub(crate) async fn create_account(
         path: &Path,
         key: &vault::DatabaseKey,
         lock: File,
-        server: ServerAddress,
-        name: &str,
-        proxy: Option<Proxy>,
+        account: NewAccount<'_>,
     ) -> Result<Self, Error> {
+        let NewAccount {
+            keys,
+            server,
+            name,
+            proxy,
+            holding_deliveries,
+        } = account;
         let db = db::open(path, key)?;
-        let keys = AccountKeys::generate(&mut rand::rngs::OsRng);
-        db.execute(
-            "INSERT INTO account (id, server, name, identity_secret, device_secret, proxy) VALUES (1, ?1, ?2, ?3, ?4, ?5)",
-            params![
-                server.to_string(),
-                name,
-                keys.identity_secret().as_slice(),
-                keys.device_secret().as_slice(),
-                proxy.map(|p| p.to_string())
-            ],
-        )?;
+        store_account(&db, &keys, &server, name, proxy)?;
         let mut client = Self {
             db,
             keys,
@@ -452,6 +533,7 @@ impl Client {
             queued_while_processing: std::cell::Cell::new(false),
             extra_events: std::cell::RefCell::new(Vec::new()),
             unattributed: None,
+            holding_deliveries,
             _lock: lock,
         };
         client.connect().await?;
@@ -480,14 +562,15 @@ impl Client {
             Some(db) => db,
             None => db::open(&path, &vault::recover(profile, passphrase)?)?,
         };
-        let (server, name, identity, device, proxy): (
+        let (server, name, identity, device, certificate, proxy): (
             String,
             String,
             Vec<u8>,
             Vec<u8>,
+            Option<Vec<u8>>,
             Option<String>,
         ) = db.query_row(
-            "SELECT server, name, identity_secret, device_secret, proxy FROM account WHERE id = 1",
+            "SELECT server, name, identity_secret, device_secret, certificate, proxy FROM account WHERE id = 1",
             [],
             |row| {
                 Ok((
@@ -496,14 +579,23 @@ impl Client {
                     row.get(2)?,
                     row.get(3)?,
                     row.get(4)?,
+                    row.get(5)?,
                 ))
             },
         )?;
         let proxy = proxy.map(|text| text.parse::<Proxy>()).transpose()?;
         let identity = zeroize::Zeroizing::new(identity);
         let device = zeroize::Zeroizing::new(device);
-        let keys = AccountKeys::from_secrets(&identity, &device)
-            .map_err(|error| Error::Usage(format!("profile keys are damaged: {error}")))?;
+        let damaged = |error: String| Error::Usage(format!("profile keys are damaged: {error}"));
+        // A linked device keeps no identity key, only its certificate.
+        let keys = if identity.is_empty() {
+            let certificate = VerifiedCertificate::from_compact(&certificate.unwrap_or_default())
+                .map_err(|error| damaged(error.to_string()))?;
+            AccountKeys::linked(&device, certificate)
+        } else {
+            AccountKeys::from_secrets(&identity, &device)
+        }
+        .map_err(|error| damaged(error.to_string()))?;
         let server = server
             .parse()
             .map_err(|_| Error::Usage("profile's server address is damaged".into()))?;
@@ -519,6 +611,7 @@ impl Client {
             queued_while_processing: std::cell::Cell::new(false),
             extra_events: std::cell::RefCell::new(Vec::new()),
             unattributed: None,
+            holding_deliveries: false,
             _lock: lock,
         };
         client.delete_expired()?;
@@ -797,6 +890,7 @@ impl Client {
 
     async fn handle_frame(&mut self, frame: wire::ServerFrame) -> Result<(), Error> {
         match frame.body {
+            Some(Reply::Delivery(_)) if self.holding_deliveries => Ok(()),
             Some(Reply::Delivery(delivery)) => match delivery.entry {
                 Some(wire::delivery::Entry::InboxEntry(entry)) => self.on_inbox_entry(entry).await,
                 Some(wire::delivery::Entry::GroupEntry(entry)) => self.on_group_entry(entry).await,
@@ -969,11 +1063,20 @@ impl Client {
             .iter()
             .filter(|member| member.account_id() != me)
             .collect();
-        let [other] = others.as_slice() else {
+        // The other account may have several devices; there is one other account.
+        let Some(other) = others.first() else {
             return Err(Error::Security(
                 "a conversation must have exactly one other account".into(),
             ));
         };
+        if others
+            .iter()
+            .any(|member| member.account_id() != other.account_id())
+        {
+            return Err(Error::Security(
+                "a conversation must have exactly one other account".into(),
+            ));
+        }
         let group_id = joined.group.group_id().as_slice().to_vec();
         let account = other.account_id().to_string();
         if privacy::is_blocked(db, &account)? {
@@ -996,8 +1099,11 @@ impl Client {
                 params![account, placeholder, other.to_compact(), now_ms()],
             )?;
         }
+        // A conversation another device of ours handed over (with its history) keeps what it
+        // knows; this device reads the group from here on.
         db.execute(
-            "INSERT OR REPLACE INTO conversations (group_id, contact, scope, cursor, last_update_ms) VALUES (?1, ?2, ?2, 0, ?3)",
+            "INSERT INTO conversations (group_id, contact, scope, cursor, last_update_ms) VALUES (?1, ?2, ?2, 0, ?3)
+             ON CONFLICT (group_id) DO UPDATE SET cursor = 0, broken = NULL, last_update_ms = ?3",
             params![group_id, account, now_ms()],
         )?;
         Ok(())
@@ -1139,7 +1245,8 @@ impl Client {
             );
             return Ok(None);
         };
-        if sender.account_id().to_string() != contact_account {
+        let own = sender.account_id() == self.account_id();
+        if !own && sender.account_id().to_string() != contact_account {
             tracing::warn!("dropped a message whose sender is not the conversation's contact");
             return Ok(None);
         }
@@ -1168,7 +1275,11 @@ impl Client {
             message_id: &message.message_id,
             sent_at_ms: message.sent_at_ms,
             expires_in_s: message.expires_in_s,
+            own,
         };
+        if own {
+            return own_message(db, &received, message.body);
+        }
         match message.body {
             Some(wire::app_message::Body::Profile(profile)) if state == "pending" => self
                 .introduce(

@@ -41,6 +41,8 @@ pub(crate) struct Received<'a> {
     pub(crate) conversation_name: &'a str,
     /// In a group, the member who wrote it (stored with the message).
     pub(crate) sender: Option<&'a str>,
+    /// Written by another device of this account: stored as our own, sent message.
+    pub(crate) own: bool,
     pub(crate) message_id: &'a [u8],
     pub(crate) sent_at_ms: u64,
     pub(crate) expires_in_s: u32,
@@ -173,6 +175,32 @@ pub(crate) fn store_message(
     body: &str,
     kind: &str,
 ) -> Result<Option<i64>, Error> {
+    if received.own {
+        let inserted = db.execute(
+            "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq, expires_at_ms, kind)
+             VALUES (?1, ?2, 1, ?3, ?4, ?5, 'sent', ?6, ?7, ?8)",
+            params![
+                received.group_id,
+                received.message_id,
+                body,
+                received.sent_at_ms,
+                now_ms(),
+                received.seq,
+                expiry(received),
+                kind
+            ],
+        )?;
+        if inserted == 0 {
+            // Known from the history the other device handed over, still waiting there.
+            db.execute(
+                "UPDATE messages SET state = 'sent', seq = ?3
+                 WHERE group_id = ?1 AND message_id = ?2 AND outgoing = 1 AND state = 'pending'",
+                params![received.group_id, received.message_id, received.seq],
+            )?;
+            return Ok(None);
+        }
+        return Ok(Some(db.last_insert_rowid()));
+    }
     if received.sender.is_some() {
         // In a group, a deletion that came first stands only if its sender wrote the message:
         // another member cannot delete it in advance.
@@ -223,10 +251,14 @@ pub(crate) fn store_text(
         id: row,
         contact: received.conversation_name.to_string(),
         from: received.contact_name.to_string(),
-        outgoing: false,
+        outgoing: received.own,
         body: text.body.clone(),
         sent_at_ms: received.sent_at_ms,
-        state: MessageState::Received,
+        state: if received.own {
+            MessageState::Sent
+        } else {
+            MessageState::Received
+        },
         kind: MessageKind::Text,
         expires_at_ms: expiry(received),
         reply_to: crate::features::local_id(db, received.group_id, &text.reply_to)?,

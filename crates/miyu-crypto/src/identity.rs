@@ -87,7 +87,10 @@ impl AccountKeys {
     }
 
     /// Certifies another device's key for this account.
-    pub fn certify_device(&self, device_key: &[u8; 32]) -> Result<VerifiedCertificate, IdentityError> {
+    pub fn certify_device(
+        &self,
+        device_key: &[u8; 32],
+    ) -> Result<VerifiedCertificate, IdentityError> {
         let identity = self.identity()?;
         let identity_key = identity.verifying_key().to_bytes();
         let signature = identity.sign(&cert::certificate_payload(&identity_key, device_key));
@@ -100,8 +103,14 @@ impl AccountKeys {
     }
 
     /// The identity key's signature revoking one of the account's devices.
-    pub fn sign_revocation(&self, device_id: &miyu_proto::DeviceId) -> Result<[u8; 64], IdentityError> {
-        Ok(self.identity()?.sign(&cert::revoke_payload(device_id)).to_bytes())
+    pub fn sign_revocation(
+        &self,
+        device_id: &miyu_proto::DeviceId,
+    ) -> Result<[u8; 64], IdentityError> {
+        Ok(self
+            .identity()?
+            .sign(&cert::revoke_payload(device_id))
+            .to_bytes())
     }
 
     /// Rebuilds the keys from their stored secret halves.
@@ -164,11 +173,9 @@ mod tests {
     #[test]
     fn keys_survive_a_round_trip_through_their_secrets() {
         let keys = AccountKeys::generate(&mut rand::rngs::OsRng);
-        let again = AccountKeys::from_secrets(
-            &*keys.identity_secret().unwrap(),
-            &*keys.device_secret(),
-        )
-        .unwrap();
+        let again =
+            AccountKeys::from_secrets(&*keys.identity_secret().unwrap(), &*keys.device_secret())
+                .unwrap();
         assert_eq!(again.certificate(), keys.certificate());
         assert!(AccountKeys::from_secrets(&[1; 3], &[2; 32]).is_err());
     }

@@ -19,5 +19,6 @@
 pub mod file;
 pub mod identity;
 pub mod invite;
+pub mod link;
 pub mod mls;
 pub mod safety;

@@ -26,6 +26,7 @@ pub mod cert;
 pub mod frame;
 pub mod ids;
 pub mod invite;
+pub mod link;
 mod text;
 pub mod username;
 
@@ -39,4 +40,5 @@ pub use address::ServerAddress;
 pub use cert::{CertificateError, VerifiedCertificate};
 pub use ids::{AccountId, DeviceId, Epoch, GroupId, IdError, IdentityFingerprint};
 pub use invite::InviteLink;
+pub use link::LinkCode;
 pub use username::Username;
