@@ -13,6 +13,8 @@ pub const CERTIFICATE_CONTEXT: &[u8] = b"miyu device certificate v1";
 pub const AUTH_CONTEXT: &[u8] = b"miyu auth v1";
 /// What a group's posting key signs for an unattributed post, after this prefix.
 pub const GROUP_POST_CONTEXT: &[u8] = b"miyu group post v1";
+/// Domain separation for an identity key revoking one of its devices.
+pub const REVOKE_CONTEXT: &[u8] = b"miyu revoke device v1";
 /// Bytes of a certificate in its compact form: identity key, device key, signature.
 pub const CERTIFICATE_LEN: usize = 32 + 32 + 64;
 
@@ -70,6 +72,27 @@ pub fn verify_group_post(
         &Signature::from_bytes(&signature),
     )
     .is_ok()
+}
+
+/// The bytes an account's identity key signs to revoke one of its devices.
+pub fn revoke_payload(device_id: &crate::DeviceId) -> Vec<u8> {
+    [REVOKE_CONTEXT, device_id.as_bytes().as_slice()].concat()
+}
+
+/// Checks an identity key's signature revoking `device_id`.
+pub fn verify_revocation(
+    identity_key: &[u8; 32],
+    device_id: &crate::DeviceId,
+    signature: &[u8],
+) -> bool {
+    let Ok(key) = VerifyingKey::from_bytes(identity_key) else {
+        return false;
+    };
+    let Ok(signature) = <[u8; 64]>::try_from(signature) else {
+        return false;
+    };
+    key.verify_strict(&revoke_payload(device_id), &Signature::from_bytes(&signature))
+        .is_ok()
 }
 
 /// A device certificate whose signature has been checked.
