@@ -91,8 +91,11 @@ pub fn verify_revocation(
     let Ok(signature) = <[u8; 64]>::try_from(signature) else {
         return false;
     };
-    key.verify_strict(&revoke_payload(device_id), &Signature::from_bytes(&signature))
-        .is_ok()
+    key.verify_strict(
+        &revoke_payload(device_id),
+        &Signature::from_bytes(&signature),
+    )
+    .is_ok()
 }
 
 /// A device certificate whose signature has been checked.
