@@ -7,7 +7,7 @@ use std::path::Path;
 
 use common::{
     Chat, Server, answer, connect_pair, conversation, count_in_files, miyu, miyu_ok, register,
-    runtime,
+    register_keys, runtime,
 };
 use miyu_client::net::Connection;
 use miyu_proto::ServerAddress;
@@ -1109,4 +1109,235 @@ fn the_demo_of_the_quick_start_runs_and_finds_no_plaintext_on_the_server() {
     );
     let scans = stdout.matches(": 0 hits").count();
     assert_eq!(scans, 4, "{stdout}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Devices of one account: linking mailboxes, listing, revoking.
+// ---------------------------------------------------------------------------------------------
+
+fn link_put(mailbox: &[u8], payload: &[u8]) -> Request {
+    Request::LinkPut(wire::LinkPut {
+        mailbox: mailbox.to_vec(),
+        payload: payload.to_vec(),
+    })
+}
+
+fn link_take(mailbox: &[u8]) -> Request {
+    Request::LinkTake(wire::LinkTake {
+        mailbox: mailbox.to_vec(),
+    })
+}
+
+#[test]
+fn a_device_being_linked_takes_its_mailbox_once_before_it_has_authenticated() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let address: ServerAddress = server.address.parse().unwrap();
+    runtime().block_on(async {
+        let (mut old_device, _) = register(&address).await;
+        let mut mailbox = [0u8; 32];
+        getrandom(&mut mailbox);
+        let id = old_device
+            .send(link_put(&mailbox, b"sealed for the new device"))
+            .await
+            .unwrap();
+        assert!(matches!(
+            answer(&mut old_device, id).await,
+            Ok(Reply::Done(_))
+        ));
+        // One message per mailbox, of bounded size, under a well-formed name.
+        assert_eq!(
+            refused(&mut old_device, link_put(&mailbox, b"another")).await,
+            ErrorCode::AlreadyExists
+        );
+        assert_eq!(
+            refused(&mut old_device, link_put(&mailbox[..31], b"x")).await,
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            refused(&mut old_device, link_put(&[7; 32], &vec![0; 64 * 1024 + 1])).await,
+            ErrorCode::InvalidArgument
+        );
+
+        // The new device has said Hello and nothing more: it has no certificate yet.
+        let mut new_device = Connection::open(&address, None).await.unwrap();
+        assert_eq!(
+            refused(&mut new_device, link_put(&[8; 32], b"x")).await,
+            ErrorCode::NotAuthenticated
+        );
+        let id = new_device.send(link_take(&mailbox)).await.unwrap();
+        match answer(&mut new_device, id).await {
+            Ok(Reply::LinkPayload(taken)) => {
+                assert_eq!(taken.payload, b"sealed for the new device");
+            }
+            other => panic!("expected the mailbox's message, got {other:?}"),
+        }
+        // Taken once: nobody, not even the taker, gets it again.
+        assert_eq!(
+            refused(&mut new_device, link_take(&mailbox)).await,
+            ErrorCode::NotFound
+        );
+        assert_eq!(
+            refused(&mut old_device, link_take(&mailbox)).await,
+            ErrorCode::NotFound
+        );
+
+        // Polling as fast as it can send, a connection soon runs out of takes (2 a second).
+        let mut ids = Vec::new();
+        for _ in 0..10 {
+            ids.push(new_device.send(link_take(&[9; 32])).await.unwrap());
+        }
+        let mut codes = Vec::new();
+        for id in ids {
+            codes.push(code(&answer(&mut new_device, id).await.unwrap_err()));
+        }
+        assert!(codes.contains(&ErrorCode::RateLimited), "{codes:?}");
+    });
+}
+
+/// The identity key's signature revoking a device, as PROTOCOL.md §7.17 asks for.
+fn revocation(keys: &miyu_crypto::identity::AccountKeys, device: &miyu_proto::DeviceId) -> Vec<u8> {
+    use ed25519_dalek::Signer;
+    ed25519_dalek::SigningKey::from_bytes(&keys.identity_secret())
+        .sign(&miyu_proto::cert::revoke_payload(device))
+        .to_bytes()
+        .to_vec()
+}
+
+fn revoke(device: &miyu_proto::DeviceId, signature: Vec<u8>) -> Request {
+    Request::RevokeDevice(wire::RevokeDevice {
+        device_id: device.as_bytes().to_vec(),
+        signature,
+    })
+}
+
+async fn list_devices(connection: &mut Connection) -> Vec<wire::DeviceEntry> {
+    let id = connection
+        .send(Request::ListDevices(wire::ListDevices {}))
+        .await
+        .unwrap();
+    match answer(connection, id).await {
+        Ok(Reply::DeviceList(list)) => list.devices,
+        other => panic!("expected a device list, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_revoked_device_is_disconnected_at_once_and_can_never_get_back_in() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let address: ServerAddress = server.address.parse().unwrap();
+    runtime().block_on(async {
+        let (mut phone, phone_keys) = register(&address).await;
+        let mut device_secret = [0u8; 32];
+        getrandom(&mut device_secret);
+        let laptop_keys = miyu_crypto::identity::AccountKeys::from_secrets(
+            phone_keys.identity_secret().as_slice(),
+            &device_secret,
+        )
+        .unwrap();
+        let laptop_id = laptop_keys.certificate().device_id();
+        let mut laptop = register_keys(&address, &laptop_keys).await;
+        let (mut stranger, stranger_keys) = register(&address).await;
+
+        let today = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            / 86_400;
+        let listed = list_devices(&mut laptop).await;
+        let mut certificates: Vec<_> = listed
+            .iter()
+            .map(|entry| entry.certificate.clone().unwrap())
+            .collect();
+        let mut expected = vec![
+            phone_keys.certificate().to_wire(),
+            laptop_keys.certificate().to_wire(),
+        ];
+        certificates.sort_by(|a, b| a.device_key.cmp(&b.device_key));
+        expected.sort_by(|a, b| a.device_key.cmp(&b.device_key));
+        assert_eq!(certificates, expected);
+        // Registered and active today; yesterday at the earliest if the day just turned.
+        for entry in &listed {
+            assert!(entry.created_day.abs_diff(today) <= 1, "{entry:?}");
+            assert_eq!(entry.last_active_day, entry.created_day);
+        }
+
+        // Neither another identity key's signature nor another account's device will do.
+        assert_eq!(
+            refused(
+                &mut phone,
+                revoke(&laptop_id, revocation(&stranger_keys, &laptop_id))
+            )
+            .await,
+            ErrorCode::AuthenticationFailed
+        );
+        let stranger_id = stranger_keys.certificate().device_id();
+        assert_eq!(
+            refused(
+                &mut phone,
+                revoke(&stranger_id, revocation(&phone_keys, &stranger_id))
+            )
+            .await,
+            ErrorCode::NotFound
+        );
+        let id = laptop.send(Request::Ping(wire::Ping {})).await.unwrap();
+        assert!(matches!(answer(&mut laptop, id).await, Ok(Reply::Pong(_))));
+
+        let id = phone
+            .send(revoke(&laptop_id, revocation(&phone_keys, &laptop_id)))
+            .await
+            .unwrap();
+        assert!(matches!(answer(&mut phone, id).await, Ok(Reply::Done(_))));
+        // The laptop's open connection is told, then closed.
+        let error = next_error(&mut laptop).await;
+        assert_eq!(code(&error), ErrorCode::AuthenticationFailed);
+        assert_eq!(error.message, "this device was revoked");
+        loop {
+            if laptop.receive().await.is_err() {
+                break;
+            }
+        }
+        // It can neither authenticate nor register again, though its key still signs.
+        let mut again = Connection::open(&address, None).await.unwrap();
+        let (sha, nonce) = again.challenge();
+        let signature = laptop_keys.sign_auth(sha, nonce);
+        assert_eq!(
+            refused(
+                &mut again,
+                Request::Authenticate(wire::Authenticate {
+                    device_id: laptop_id.as_bytes().to_vec(),
+                    signature: signature.clone(),
+                })
+            )
+            .await,
+            ErrorCode::AuthenticationFailed
+        );
+        assert_eq!(
+            refused(
+                &mut again,
+                Request::Register(wire::Register {
+                    certificate: Some(laptop_keys.certificate().to_wire()),
+                    challenge_signature: signature,
+                    registration_token: String::new(),
+                    key_packages: vec![vec![1, 2, 3]],
+                    last_resort_key_package: vec![4, 5, 6],
+                })
+            )
+            .await,
+            ErrorCode::AuthenticationFailed
+        );
+        let listed = list_devices(&mut phone).await;
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            listed[0].certificate,
+            Some(phone_keys.certificate().to_wire())
+        );
+        // The others carry on.
+        let id = stranger.send(Request::Ping(wire::Ping {})).await.unwrap();
+        assert!(matches!(
+            answer(&mut stranger, id).await,
+            Ok(Reply::Pong(_))
+        ));
+    });
 }

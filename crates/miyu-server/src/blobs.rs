@@ -1,8 +1,10 @@
 //! The HTTPS blob endpoints (PROTOCOL.md §8): encrypted files, uploaded and downloaded in
-//! pieces, resumable, and readable only by the members of the conversation they were sent in.
+//! pieces, resumable, and readable only by the members of the conversation they were sent in
+//! (or, for a blob of an account, by that account's devices).
 //!
-//! - `POST /v1/blobs` (`miyu-group`, `miyu-size`, optional `miyu-expires`) creates an empty blob
-//!   and answers its random id in `miyu-blob`.
+//! - `POST /v1/blobs` (`miyu-size`, optional `miyu-group` and `miyu-expires`) creates an empty
+//!   blob of a group, or without one of the uploader's account, and answers its random id in
+//!   `miyu-blob`.
 //! - `PATCH /v1/blobs/{id}` (`upload-offset`) appends the request body at that offset. The bytes
 //!   are flushed to disk and recorded every [`CHECKPOINT_BYTES`] and at the end, also when the
 //!   body breaks off; the answer's `upload-offset` is the length that is durable.
@@ -211,7 +213,7 @@ fn store_refusal(error: &StoreError) -> Response {
         StoreError::NotFound => refuse(StatusCode::NOT_FOUND, "no such blob or group"),
         StoreError::Forbidden => refuse(
             StatusCode::FORBIDDEN,
-            "this device is not a member of the blob's conversation",
+            "this device is not a member of the blob's conversation or account",
         ),
         StoreError::QuotaExceeded => refuse(
             StatusCode::INSUFFICIENT_STORAGE,
@@ -312,16 +314,20 @@ pub(crate) async fn create(State(state): State<BlobState>, request: Request) -> 
         Ok(device) => device,
         Err(response) => return response,
     };
-    let group = parts
-        .headers
-        .get(GROUP_HEADER)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|text| text.parse::<GroupId>().ok());
-    let (Some(group_id), Some(size)) = (group, header_u64(&parts.headers, SIZE_HEADER)) else {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "miyu-group and miyu-size headers are required",
-        );
+    // Without a group the blob is the account's: its devices read it, no group does.
+    let group_id = match parts.headers.get(GROUP_HEADER) {
+        None => None,
+        Some(value) => match value
+            .to_str()
+            .ok()
+            .and_then(|text| text.parse::<GroupId>().ok())
+        {
+            Some(group_id) => Some(group_id),
+            None => return refuse(StatusCode::BAD_REQUEST, "malformed miyu-group header"),
+        },
+    };
+    let Some(size) = header_u64(&parts.headers, SIZE_HEADER) else {
+        return refuse(StatusCode::BAD_REQUEST, "the miyu-size header is required");
     };
     if size < MIN_BLOB_BYTES {
         return refuse(

@@ -72,6 +72,15 @@ const MAX_EXPIRY: u64 = 5 * 7 * 24 * 3600;
 const ACCOUNT_LIFETIMES_DAYS: [u32; 4] = [30, 91, 182, 365];
 /// A connection that sends nothing for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The largest sealed message a linking mailbox holds, and how long it holds it.
+const MAX_LINK_PAYLOAD: usize = 64 * 1024;
+const LINK_LIFETIME: Duration = Duration::from_secs(600);
+/// Messages one device may leave in linking mailboxes: a burst of this many, refilled over an
+/// hour. Linking a device takes one; the budget only keeps a device from filling the store.
+const LINK_PUTS_PER_HOUR: f64 = 30.0;
+/// Mailbox takes one connection may make a second (bursts of as many): a new device polls its
+/// mailbox, and a connection that has not authenticated must not hammer the store.
+const LINK_TAKES_PER_SECOND: f64 = 2.0;
 
 /// What every connection shares.
 pub(crate) struct Shared {
@@ -82,6 +91,7 @@ pub(crate) struct Shared {
     pub(crate) registrations: Mutex<TokenBucket>,
     pub(crate) lookups: Mutex<Lookups>,
     pub(crate) contact_claims: Mutex<DeviceBudgets>,
+    pub(crate) link_puts: Mutex<DeviceBudgets>,
     pub(crate) requests_per_second: u32,
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Encrypted file blobs: where they live, their limits and bookkeeping.
@@ -128,6 +138,14 @@ impl DeviceBudgets {
         Self {
             rate: CONTACT_CLAIMS_PER_SECOND,
             burst: CONTACT_CLAIMS_BURST,
+            devices: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn link_puts() -> Self {
+        Self {
+            rate: LINK_PUTS_PER_HOUR / 3600.0,
+            burst: LINK_PUTS_PER_HOUR,
             devices: HashMap::new(),
         }
     }
@@ -199,6 +217,10 @@ fn store_error_frame(request_id: u64, error: &StoreError) -> Vec<u8> {
         StoreError::Invalid(why) => (ErrorCode::InvalidArgument, (*why).to_string()),
         // No request of this protocol stores blobs; should one, the reason tells the client.
         StoreError::QuotaExceeded => (ErrorCode::Forbidden, error.to_string()),
+        StoreError::AuthenticationFailed => (
+            ErrorCode::AuthenticationFailed,
+            "authentication failed".into(),
+        ),
         StoreError::Closed => (ErrorCode::ShuttingDown, "server is shutting down".into()),
         StoreError::Database(_) | StoreError::Corrupt(_) | StoreError::CommitFailed(_) => {
             tracing::error!("store failure: {error}");
@@ -253,6 +275,7 @@ struct Session {
     phase: Phase,
     requests: TokenBucket,
     claims: TokenBucket,
+    link_takes: TokenBucket,
     bad_frames: u32,
     /// Told by the delivery task when it stops for a reason other than the peer leaving.
     delivery_failed: Arc<tokio::sync::Notify>,
@@ -294,6 +317,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         phase: Phase::New,
         requests: TokenBucket::new(rate, rate * 2.0, now),
         claims: TokenBucket::new(CLAIMS_PER_MINUTE / 60.0, CLAIMS_PER_MINUTE, now),
+        link_takes: TokenBucket::new(LINK_TAKES_PER_SECOND, LINK_TAKES_PER_SECOND, now),
         bad_frames: 0,
         delivery_failed: Arc::new(tokio::sync::Notify::new()),
         stalled: false,
@@ -303,6 +327,16 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     let delivery_failed = Arc::clone(&session.delivery_failed);
     loop {
         let authenticated = matches!(session.phase, Phase::Authenticated(_));
+        let mailbox = match &session.phase {
+            Phase::Authenticated(auth) => Some(Arc::clone(&auth.mailbox)),
+            Phase::New | Phase::Challenged { .. } => None,
+        };
+        let revoked = async {
+            match &mailbox {
+                Some(mailbox) => mailbox.revoked().await,
+                None => std::future::pending().await,
+            }
+        };
         let message = tokio::select! {
             // The writer gave up on the peer (it stopped reading): nothing more can reach it.
             _ = &mut writer => {
@@ -311,6 +345,12 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
             }
             () = tokio::time::sleep_until(authentication_deadline), if !authenticated => {
                 tracing::debug!("closing a connection that did not authenticate in time");
+                break;
+            }
+            () = revoked => {
+                // Its account revoked it: nothing it sends may count any more.
+                tracing::debug!("closing a connection of a revoked device");
+                session.send(error_frame(0, ErrorCode::AuthenticationFailed, "this device was revoked")).await;
                 break;
             }
             () = delivery_failed.notified() => {
@@ -443,6 +483,11 @@ impl Session {
                 self.authenticate(id, nonce, authenticate).await;
             }
             (Phase::Challenged { .. }, Request::GroupPost(post)) => self.group_post(id, post).await,
+            // The device being linked has no certificate yet: it takes its mailbox before it
+            // can register.
+            (Phase::Challenged { .. } | Phase::Authenticated(_), Request::LinkTake(take)) => {
+                self.link_take(id, take).await;
+            }
             (Phase::Authenticated(_), Request::GroupPost(_)) => {
                 // Sent here it would say who posted: refuse rather than quietly attribute it.
                 self.bad_frame(error_frame(
@@ -615,7 +660,10 @@ impl Session {
             last_resort_key_package: Some(register.last_resort_key_package),
             now: unix_now(),
         };
-        match self
+        // Online before it is stored: a revocation that follows the registration then finds
+        // this connection to close.
+        let mailbox = self.shared.hub.register(device, self.connection);
+        let registered = self
             .shared
             .store
             .run(move |store| {
@@ -623,8 +671,11 @@ impl Session {
                 store.register_device(new_device)?;
                 store.touch_account(&account, None, now)
             })
-            .await
-        {
+            .await;
+        if registered.is_err() {
+            self.shared.hub.unregister(&device, &mailbox);
+        }
+        match registered {
             Ok(()) => {
                 // The answer is queued before the delivery task starts, so it precedes every
                 // push on this connection.
@@ -636,13 +687,21 @@ impl Session {
                     }),
                 ))
                 .await;
-                self.become_authenticated(device, account);
+                self.become_authenticated(device, account, mailbox);
             }
             Err(StoreError::AlreadyExists) => {
                 self.send(error_frame(
                     id,
                     ErrorCode::AlreadyExists,
                     "this device is already registered; authenticate instead",
+                ))
+                .await;
+            }
+            Err(StoreError::AuthenticationFailed) => {
+                self.bad_frame(error_frame(
+                    id,
+                    ErrorCode::AuthenticationFailed,
+                    "this device was revoked",
                 ))
                 .await;
             }
@@ -681,14 +740,20 @@ impl Session {
             let reply = failed(self);
             return self.send(reply).await;
         }
+        // Online before the device is read again: a revocation committed after that read finds
+        // this connection to close, and one committed before fails the read.
+        let mailbox = self.shared.hub.register(device, self.connection);
         let remaining = self
             .shared
             .store
             .run(move |store| {
-                store.touch_account(&record.account_id, None, unix_now())?;
+                store.touch_device(&device, unix_now())?;
                 store.key_package_count(&device)
             })
             .await;
+        if remaining.is_err() {
+            self.shared.hub.unregister(&device, &mailbox);
+        }
         match remaining {
             Ok(remaining) => {
                 self.send(encode(
@@ -698,15 +763,24 @@ impl Session {
                     }),
                 ))
                 .await;
-                self.become_authenticated(device, record.account_id);
+                self.become_authenticated(device, record.account_id, mailbox);
+            }
+            Err(StoreError::AuthenticationFailed) => {
+                let reply = failed(self);
+                self.send(reply).await;
             }
             Err(error) => self.send(store_error_frame(id, &error)).await,
         }
     }
 
-    fn become_authenticated(&mut self, device: DeviceId, account: AccountId) {
-        // Register before reading the backlog, so nothing posted in between is missed.
-        let mailbox = self.shared.hub.register(device, self.connection);
+    /// `mailbox` was registered with the hub before the device was last read from the store,
+    /// so that nothing posted since is missed.
+    fn become_authenticated(
+        &mut self,
+        device: DeviceId,
+        account: AccountId,
+        mailbox: Arc<Mailbox>,
+    ) {
         let delivery = tokio::spawn(deliver(
             Arc::clone(&self.shared),
             device,
@@ -777,8 +851,10 @@ impl Session {
                 // Rounded to the hour, like every time the server stores.
                 let expires = crate::store::coarse_hour(now) + 3600 + INVITE_LIFETIME.as_secs();
                 let uses = invite.uses;
-                let pending = store
-                    .submit(move |store| store.create_invite(&account, token_hash, expires, uses));
+                let pending = store.submit(move |store| {
+                    still_registered(store, &device)?;
+                    store.create_invite(&account, token_hash, expires, uses)
+                });
                 self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
             }
             Request::ClaimInvite(claim) => {
@@ -809,7 +885,10 @@ impl Session {
                     Some(hash)
                 };
                 let account = context.account;
-                let pending = store.submit(move |store| store.set_username(&account, name_hash));
+                let pending = store.submit(move |store| {
+                    still_registered(store, &device)?;
+                    store.set_username(&account, name_hash)
+                });
                 self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
             }
             Request::SetAccountLifetime(set) => {
@@ -823,14 +902,19 @@ impl Session {
                         .await;
                 }
                 let account = context.account;
-                let pending =
-                    store.submit(move |store| store.touch_account(&account, Some(set.days), now));
+                let pending = store.submit(move |store| {
+                    still_registered(store, &device)?;
+                    store.touch_account(&account, Some(set.days), now)
+                });
                 self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
             }
             Request::DeleteAccount(_) => {
                 let account = context.account;
                 let shared = Arc::clone(&self.shared);
-                let pending = store.submit(move |store| store.delete_account(&account));
+                let pending = store.submit(move |store| {
+                    still_registered(store, &device)?;
+                    store.delete_account(&account)
+                });
                 // The account's blob files go before the answer: once told, the owner can
                 // rely on nothing of the account being left.
                 let pending = pending.await.map(|deleted| async move {
@@ -1050,10 +1134,75 @@ impl Session {
                     Reply::Done(wire::Done {})
                 });
             }
+            Request::LinkPut(put) => {
+                let Ok(mailbox) = <[u8; 32]>::try_from(put.mailbox.as_slice()) else {
+                    return self
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "a linking mailbox id is 32 bytes",
+                        ))
+                        .await;
+                };
+                if put.payload.len() > MAX_LINK_PAYLOAD {
+                    return self
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "a linking message is at most 64 KiB",
+                        ))
+                        .await;
+                }
+                let allowed = self
+                    .shared
+                    .link_puts
+                    .lock()
+                    .map(|mut budgets| budgets.try_take(device, Instant::now()))
+                    .unwrap_or(false);
+                if !allowed {
+                    return self
+                        .send(error_frame(
+                            id,
+                            ErrorCode::RateLimited,
+                            "too many linking messages; try again later",
+                        ))
+                        .await;
+                }
+                let expires_at = link_expiry(now);
+                let pending = store.submit(move |store| {
+                    still_registered(store, &device)?;
+                    store.put_link(mailbox, put.payload, expires_at, now)
+                });
+                self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
+            }
+            Request::ListDevices(_) => {
+                let pending = store.submit(move |store| store.account_devices(&device));
+                self.answer(context, pending.await, device_list_reply);
+            }
+            Request::RevokeDevice(revoke) => {
+                let Ok(revoked) = DeviceId::from_bytes(&revoke.device_id) else {
+                    return self
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "a device id is 16 bytes",
+                        ))
+                        .await;
+                };
+                let shared = Arc::clone(&self.shared);
+                // Its connections close as soon as the revocation is durable, this one too if
+                // a device revokes itself (after its answer is queued or not: it is told).
+                let pending = store.submit_then(
+                    move |store| store.revoke_device(&device, &revoked, &revoke.signature),
+                    move |()| shared.hub.revoke(&revoked),
+                );
+                self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
+            }
             Request::Hello(_)
             | Request::Register(_)
             | Request::Authenticate(_)
             | Request::GroupPost(_)
+            | Request::LinkTake(_)
             | Request::Ping(_) => {
                 // Routed elsewhere by `handle`.
             }
@@ -1164,6 +1313,38 @@ impl Session {
         Some(name_hash)
     }
 
+    /// Takes the message out of a linking mailbox, on a connection that may not have
+    /// authenticated.
+    async fn link_take(&mut self, id: u64, take: wire::LinkTake) {
+        let Ok(mailbox) = <[u8; 32]>::try_from(take.mailbox.as_slice()) else {
+            return self
+                .bad_frame(error_frame(
+                    id,
+                    ErrorCode::InvalidArgument,
+                    "a linking mailbox id is 32 bytes",
+                ))
+                .await;
+        };
+        if !self.link_takes.try_take(Instant::now()) {
+            return self
+                .send(error_frame(
+                    id,
+                    ErrorCode::RateLimited,
+                    "too many mailbox takes; slow down",
+                ))
+                .await;
+        }
+        let now = unix_now();
+        let pending = self
+            .shared
+            .store
+            .submit(move |store| store.take_link(&mailbox, now))
+            .await;
+        self.answer_to(id, pending, |payload| {
+            Reply::LinkPayload(wire::LinkPayload { payload })
+        });
+    }
+
     /// Sends the answer to a queued store operation once it is durable, without holding up
     /// the next request.
     fn answer<R, F>(
@@ -1175,8 +1356,20 @@ impl Session {
         R: Send + 'static,
         F: FnOnce(R) -> Reply + Send + 'static,
     {
+        self.answer_to(context.id, pending, reply);
+    }
+
+    /// [`answer`](Self::answer) for a request of a connection in any phase.
+    fn answer_to<R, F>(
+        &self,
+        id: u64,
+        pending: Result<impl Future<Output = Result<R, StoreError>> + Send + 'static, StoreError>,
+        reply: F,
+    ) where
+        R: Send + 'static,
+        F: FnOnce(R) -> Reply + Send + 'static,
+    {
         let outbound = self.outbound.clone();
-        let id = context.id;
         tokio::spawn(async move {
             let result = match pending {
                 Ok(pending) => pending.await,
@@ -1216,6 +1409,44 @@ fn claimed_reply(claimed: Vec<crate::store::ClaimedKeyPackage>) -> Reply {
         })
         .collect();
     Reply::InviteClaimed(wire::InviteClaimed { devices })
+}
+
+/// The answer to `ListDevices`.
+fn device_list_reply(devices: Vec<crate::store::DeviceSummary>) -> Reply {
+    let devices = devices
+        .into_iter()
+        .filter_map(|device| {
+            // Verified when stored; one that no longer parses is left out, as in a claim.
+            let certificate = VerifiedCertificate::from_compact(&device.certificate).ok()?;
+            Some(wire::DeviceEntry {
+                certificate: Some(certificate.to_wire()),
+                created_day: device.created_day,
+                last_active_day: device.active_day,
+            })
+        })
+        .collect();
+    Reply::DeviceList(wire::DeviceList { devices })
+}
+
+/// Requests that act for the whole account are refused once the requesting device is no
+/// longer registered: a device revoked a moment ago may still have requests in flight, and
+/// none of them may touch the account.
+fn still_registered(
+    store: &mut dyn crate::store::Store,
+    device: &DeviceId,
+) -> Result<(), StoreError> {
+    store
+        .device(device)?
+        .map(|_| ())
+        .ok_or(StoreError::AuthenticationFailed)
+}
+
+/// When a linking mailbox's message goes: `LINK_LIFETIME` from now, rounded up to the minute
+/// so that the stored time says less about when it was left.
+fn link_expiry(now: u64) -> u64 {
+    now.saturating_add(LINK_LIFETIME.as_secs())
+        .div_ceil(60)
+        .saturating_mul(60)
 }
 
 /// Devices one `CreateGroup` or `Commit` may name: bounds the work a request makes the store

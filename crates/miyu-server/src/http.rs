@@ -143,6 +143,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         )),
         lookups: Mutex::new(crate::connection::Lookups::new(Instant::now())),
         contact_claims: Mutex::new(crate::connection::DeviceBudgets::contact_claims()),
+        link_puts: Mutex::new(crate::connection::DeviceBudgets::link_puts()),
         requests_per_second: config.requests_per_second,
         shutdown: stop_signal.clone(),
         blobs,

@@ -48,6 +48,8 @@ pub(crate) struct Mailbox {
     pub(crate) connection: u64,
     pending: Mutex<Pending>,
     wake: Notify,
+    /// Told when the device is revoked: its connection must end.
+    revoked: Notify,
 }
 
 impl Mailbox {
@@ -67,6 +69,11 @@ impl Mailbox {
     /// Waits until something is put into the mailbox (returns at once if it already was).
     pub(crate) async fn wait(&self) {
         self.wake.notified().await;
+    }
+
+    /// Waits until the device is revoked (returns at once if it already was).
+    pub(crate) async fn revoked(&self) {
+        self.revoked.notified().await;
     }
 
     pub(crate) fn refetch(&self, group_id: GroupId, after_seq: u64) {
@@ -125,6 +132,7 @@ impl Hub {
             connection,
             pending: Mutex::default(),
             wake: Notify::new(),
+            revoked: Notify::new(),
         });
         self.devices()
             .entry(device)
@@ -161,6 +169,14 @@ impl Hub {
         for mailbox in &online {
             action(mailbox);
         }
+    }
+
+    /// Tells every connection of a revoked device to end.
+    pub(crate) fn revoke(&self, device: &DeviceId) {
+        // A stored permit: a connection busy with a frame sees it when it next waits.
+        self.each_mailbox(std::slice::from_ref(device), |mailbox| {
+            mailbox.revoked.notify_one();
+        });
     }
 
     pub(crate) fn notify_inbox(&self, devices: &[DeviceId]) {
@@ -211,6 +227,22 @@ mod tests {
         assert!(group_pending.read_store);
         assert!(group_pending.entries.is_empty());
         assert!(mailbox.take().groups.is_empty());
+    }
+
+    #[tokio::test]
+    async fn revoking_a_device_tells_each_of_its_connections_and_no_other() {
+        let hub = Hub::default();
+        let device = DeviceId::from_device_key(&[1; 32]);
+        let other = DeviceId::from_device_key(&[2; 32]);
+        let first = hub.register(device, hub.connection_number());
+        let second = hub.register(device, hub.connection_number());
+        let bystander = hub.register(other, hub.connection_number());
+        hub.revoke(&device);
+        // Each returns at once: the revocation waits for them.
+        first.revoked().await;
+        second.revoked().await;
+        let told = futures_util::FutureExt::now_or_never(bystander.revoked());
+        assert!(told.is_none());
     }
 
     #[test]

@@ -336,8 +336,17 @@ pub async fn register(
     miyu_client::net::Connection,
     miyu_crypto::identity::AccountKeys,
 ) {
-    use miyu_proto::wire::{self, client_frame::Body as Request, server_frame::Body as Reply};
     let keys = miyu_crypto::identity::AccountKeys::generate(&mut rand::rngs::OsRng);
+    let connection = register_keys(address, &keys).await;
+    (connection, keys)
+}
+
+/// Registers the device of `keys` over a raw connection.
+pub async fn register_keys(
+    address: &miyu_proto::ServerAddress,
+    keys: &miyu_crypto::identity::AccountKeys,
+) -> miyu_client::net::Connection {
+    use miyu_proto::wire::{self, client_frame::Body as Request, server_frame::Body as Reply};
     let mut connection = miyu_client::net::Connection::open(address, None)
         .await
         .unwrap();
@@ -357,5 +366,5 @@ pub async fn register(
         answer(&mut connection, id).await,
         Ok(Reply::Registered(_))
     ));
-    (connection, keys)
+    connection
 }

@@ -98,6 +98,16 @@ conformance_suite! {
     an_unattributed_post_needs_the_posting_key_of_the_current_epoch
     a_removed_device_can_be_added_again_once_it_read_its_removal
     one_shared_welcome_reaches_every_new_member_but_the_poster
+    a_linking_mailbox_is_taken_once
+    a_linking_mailbox_holds_one_message_until_it_expires_and_expire_deletes_it
+    an_accounts_devices_are_listed_with_the_days_they_registered_and_were_last_active
+    a_revocation_needs_a_device_of_the_account_and_its_identity_keys_signature
+    a_revoked_device_loses_its_rows_and_groups_and_can_never_register_again
+    revoked_devices_are_forgotten_with_their_account
+    own_devices_are_claimed_without_a_shared_group_and_without_the_claimer
+    own_devices_are_added_to_groups_without_a_grant
+    an_account_blob_is_seen_by_the_accounts_registered_devices_only
+    account_blobs_count_against_the_quota_expire_and_go_with_the_account
 }
 
 /// What the suite needs beyond the contract: a state that no operation reaches yet.
@@ -220,12 +230,20 @@ fn blob_id(number: u8) -> BlobId {
     [number; 32]
 }
 
-/// Expires in 30 days.
+/// A blob of a group that expires in 30 days.
 fn new_blob(number: u8, uploader: DeviceId, group_id: GroupId, size: u64) -> NewBlob {
+    NewBlob {
+        group_id: Some(group_id),
+        ..account_blob(number, uploader, size)
+    }
+}
+
+/// A blob of the uploader's account that expires in 30 days.
+fn account_blob(number: u8, uploader: DeviceId, size: u64) -> NewBlob {
     NewBlob {
         blob_id: blob_id(number),
         uploader,
-        group_id,
+        group_id: None,
         size,
         expires_at: NOW + 30 * DAY,
         max_blobs: 1000,
@@ -1301,7 +1319,7 @@ fn a_blob_is_seen_by_its_uploader_and_the_other_members_of_its_group(
         blob_id: blob_id(1),
         account_id: account(2),
         uploader: device(2),
-        group_id: group(1),
+        group_id: Some(group(1)),
         size: 100,
         length: 0,
         expires_at: NOW + 30 * DAY,
@@ -1984,5 +2002,472 @@ fn one_shared_welcome_reaches_every_new_member_but_the_poster(store: &mut dyn St
         assert_eq!(entries[0].payload, payload);
     }
     assert!(store.inbox_entries(&device(1), 0, 10)?.is_empty());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Devices of one account: linking mailboxes, listing, revoking, own-account exemptions.
+// ---------------------------------------------------------------------------------------------
+
+/// An identity key, for accounts whose revocations must verify.
+fn identity(seed: u8) -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+}
+
+fn account_of_identity(identity: &ed25519_dalek::SigningKey) -> AccountId {
+    AccountId::from_identity_key(&identity.verifying_key().to_bytes())
+}
+
+/// Device `number` of `identity`'s account, with a certificate that names the identity key
+/// (the store trusts certificates checked at registration, so its signature is left blank).
+fn device_of(identity: &ed25519_dalek::SigningKey, number: u8) -> NewDevice {
+    NewDevice {
+        account_id: account_of_identity(identity),
+        certificate: [
+            identity.verifying_key().to_bytes().as_slice(),
+            &[number; 32],
+            &[0; 64],
+        ]
+        .concat(),
+        ..new_device(number, 0)
+    }
+}
+
+/// The identity key's signature revoking device `number`.
+fn revocation(identity: &ed25519_dalek::SigningKey, number: u8) -> Vec<u8> {
+    use ed25519_dalek::Signer;
+    identity
+        .sign(&miyu_proto::cert::revoke_payload(&device(number)))
+        .to_bytes()
+        .to_vec()
+}
+
+const MAILBOX: [u8; 32] = [5; 32];
+const LINK_EXPIRY: u64 = NOW + 600;
+
+fn a_linking_mailbox_is_taken_once(store: &mut dyn Store) -> Outcome {
+    store.put_link(MAILBOX, b"sealed".to_vec(), LINK_EXPIRY, NOW)?;
+    store.put_link([6; 32], b"another".to_vec(), LINK_EXPIRY, NOW)?;
+    store.commit()?;
+    assert_eq!(store.take_link(&MAILBOX, NOW + 1)?, b"sealed");
+    store.commit()?;
+    assert!(matches!(
+        store.take_link(&MAILBOX, NOW + 2),
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.take_link(&[7; 32], NOW),
+        Err(StoreError::NotFound)
+    ));
+    // Once taken, the mailbox can be used again.
+    store.put_link(MAILBOX, b"again".to_vec(), LINK_EXPIRY, NOW + 3)?;
+    assert_eq!(store.take_link(&MAILBOX, NOW + 4)?, b"again");
+    assert_eq!(store.take_link(&[6; 32], NOW + 5)?, b"another");
+    Ok(())
+}
+
+fn a_linking_mailbox_holds_one_message_until_it_expires_and_expire_deletes_it(
+    store: &mut dyn Store,
+) -> Outcome {
+    store.put_link(MAILBOX, b"first".to_vec(), LINK_EXPIRY, NOW)?;
+    assert!(matches!(
+        store.put_link(MAILBOX, b"second".to_vec(), LINK_EXPIRY + 60, NOW + 1),
+        Err(StoreError::AlreadyExists)
+    ));
+    store.commit()?;
+    assert!(matches!(
+        store.take_link(&MAILBOX, LINK_EXPIRY),
+        Err(StoreError::NotFound)
+    ));
+    // The refused take left the message where it was, as the refused put did.
+    assert_eq!(store.take_link(&MAILBOX, LINK_EXPIRY - 1)?, b"first");
+
+    // An expired message gives way to a new one.
+    store.put_link(MAILBOX, b"old".to_vec(), LINK_EXPIRY, NOW)?;
+    store.put_link(MAILBOX, b"new".to_vec(), LINK_EXPIRY + 600, LINK_EXPIRY)?;
+    assert_eq!(store.take_link(&MAILBOX, LINK_EXPIRY + 1)?, b"new");
+
+    // The sweep deletes expired messages and keeps the others.
+    store.put_link(MAILBOX, b"expires".to_vec(), LINK_EXPIRY, NOW)?;
+    store.put_link([6; 32], b"stays".to_vec(), LINK_EXPIRY + 60, NOW)?;
+    store.commit()?;
+    assert_eq!(store.expire(LINK_EXPIRY, 0)?, 1);
+    store.commit()?;
+    assert!(matches!(
+        store.take_link(&MAILBOX, NOW),
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(store.take_link(&[6; 32], NOW)?, b"stays");
+    Ok(())
+}
+
+fn an_accounts_devices_are_listed_with_the_days_they_registered_and_were_last_active(
+    store: &mut dyn Store,
+) -> Outcome {
+    store.register_device(new_device(1, 1))?;
+    store.register_device(NewDevice {
+        now: NOW + 3 * DAY + 5 * HOUR,
+        ..new_device(4, 1)
+    })?;
+    store.register_device(new_device(2, 2))?;
+    store.touch_device(&device(2), NOW)?;
+    store.touch_device(&device(1), NOW + 5 * DAY + 7 * HOUR)?;
+    store.commit()?;
+    let listed = store.account_devices(&device(4))?;
+    let mut expected = vec![
+        super::DeviceSummary {
+            device_id: device(1),
+            certificate: certificate(1),
+            created_day: NOW / DAY,
+            active_day: (NOW + 5 * DAY + 7 * HOUR) / DAY,
+        },
+        super::DeviceSummary {
+            device_id: device(4),
+            certificate: certificate(4),
+            created_day: (NOW + 3 * DAY + 5 * HOUR) / DAY,
+            active_day: (NOW + 3 * DAY + 5 * HOUR) / DAY,
+        },
+    ];
+    expected.sort_by_key(|summary| summary.device_id);
+    assert_eq!(listed, expected);
+    assert_eq!(store.account_devices(&device(1))?, listed);
+    assert_eq!(store.account_devices(&device(2))?.len(), 1);
+    assert!(matches!(
+        store.account_devices(&device(9)),
+        Err(StoreError::AuthenticationFailed)
+    ));
+    assert!(matches!(
+        store.touch_device(&device(9), NOW),
+        Err(StoreError::AuthenticationFailed)
+    ));
+    // A device's activity is its account's too: it keeps the account from expiring.
+    store.touch_device(&device(1), NOW + 300 * DAY)?;
+    store.expire(NOW + 400 * DAY, 0)?;
+    assert!(store.device(&device(4))?.is_some());
+    assert_eq!(store.device(&device(2))?, None);
+    Ok(())
+}
+
+fn a_revocation_needs_a_device_of_the_account_and_its_identity_keys_signature(
+    store: &mut dyn Store,
+) -> Outcome {
+    let (alice, bob) = (identity(1), identity(2));
+    store.register_device(device_of(&alice, 1))?;
+    store.register_device(device_of(&alice, 4))?;
+    store.register_device(device_of(&bob, 2))?;
+    store.commit()?;
+    // Another account's device, or no device at all, is not found even with a good signature.
+    assert!(matches!(
+        store.revoke_device(&device(1), &device(2), &revocation(&alice, 2)),
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.revoke_device(&device(1), &device(9), &revocation(&alice, 9)),
+        Err(StoreError::NotFound)
+    ));
+    // Another key's signature, one over another device, or garbage: refused.
+    for signature in [
+        revocation(&bob, 4),
+        revocation(&alice, 1),
+        vec![0; 64],
+        vec![1, 2, 3],
+    ] {
+        assert!(matches!(
+            store.revoke_device(&device(1), &device(4), &signature),
+            Err(StoreError::AuthenticationFailed)
+        ));
+    }
+    store.commit()?;
+    assert!(store.device(&device(4))?.is_some());
+    assert_eq!(store.account_devices(&device(1))?.len(), 2);
+    // An unknown requester can revoke nothing.
+    assert!(matches!(
+        store.revoke_device(&device(9), &device(4), &revocation(&alice, 4)),
+        Err(StoreError::AuthenticationFailed)
+    ));
+
+    store.revoke_device(&device(1), &device(4), &revocation(&alice, 4))?;
+    store.commit()?;
+    assert_eq!(store.device(&device(4))?, None);
+    // Again (a retry whose answer was lost) changes nothing, but still needs the signature.
+    store.revoke_device(&device(1), &device(4), &revocation(&alice, 4))?;
+    assert!(matches!(
+        store.revoke_device(&device(1), &device(4), &revocation(&bob, 4)),
+        Err(StoreError::AuthenticationFailed)
+    ));
+    // A revoked device can revoke nothing; a device may revoke itself.
+    assert!(matches!(
+        store.revoke_device(&device(4), &device(1), &revocation(&alice, 1)),
+        Err(StoreError::AuthenticationFailed)
+    ));
+    store.revoke_device(&device(1), &device(1), &revocation(&alice, 1))?;
+    store.commit()?;
+    assert_eq!(store.device(&device(1))?, None);
+    assert!(store.device(&device(2))?.is_some());
+    Ok(())
+}
+
+fn a_revoked_device_loses_its_rows_and_groups_and_can_never_register_again(
+    store: &mut dyn Store,
+) -> Outcome {
+    let alice = identity(1);
+    store.register_device(device_of(&alice, 1))?;
+    store.register_device(device_of(&alice, 4))?;
+    register(store, &[2, 3])?;
+    // Group 1: devices 1, 4 and 2. Device 4 has a Welcome in its inbox, has read nothing,
+    // uploaded a blob to the group and one for its account, and holds a grant to add device 3.
+    claim(store, device(1), 2, 2)?;
+    let mut new = new_group(1, device(1), &[device(4), device(2)]);
+    new.welcome = Some(b"welcome".to_vec());
+    store.create_group(new)?;
+    append_message(store, &group(1), b"held back by 4")?;
+    store.ack_group(&device(1), &group(1), 1)?;
+    store.ack_group(&device(2), &group(1), 1)?;
+    store.create_blob(new_blob(1, device(4), group(1), 100), QUOTA)?;
+    store.create_blob(account_blob(2, device(4), 100), QUOTA)?;
+    claim(store, device(4), 3, 3)?;
+    // Group 2: device 4 was removed by a commit it has not read yet.
+    store.create_group(new_group(2, device(1), &[device(4)]))?;
+    store.commit_members(member_commit(&group(2), 1, 0, &[], &[4]))?;
+    store.commit()?;
+    assert_eq!(store.memberships(&device(4))?.len(), 2);
+    assert_eq!(store.inbox_entries(&device(4), 0, 10)?.len(), 1);
+
+    store.revoke_device(&device(1), &device(4), &revocation(&alice, 4))?;
+    store.commit()?;
+    assert_eq!(store.device(&device(4))?, None);
+    assert!(store.memberships(&device(4))?.is_empty());
+    assert!(store.inbox_entries(&device(4), 0, 10)?.is_empty());
+    assert!(matches!(
+        store.key_package_count(&device(4)),
+        Err(StoreError::NotFound)
+    ));
+    for group_id in [group(1), group(2)] {
+        assert!(matches!(
+            store.group_entries(&group_id, &device(4), 0, 10, NOW),
+            Err(StoreError::Forbidden)
+        ));
+    }
+    // What only it held back is gone; the others carry on without it.
+    assert!(
+        store
+            .group_entries(&group(1), &device(1), 0, 10, NOW)?
+            .is_empty()
+    );
+    let appended = store.append(
+        &group(1),
+        &device(2),
+        Epoch(0),
+        EntryKind::Application,
+        b"after".to_vec(),
+        None,
+        NOW,
+    )?;
+    assert_eq!(sorted(appended.members), sorted(vec![device(1), device(2)]));
+    // Its grant went with it, and nobody gets its key packages or may add it back.
+    assert!(matches!(
+        store.commit_members(member_commit(&group(1), 4, 0, &[3], &[])),
+        Err(StoreError::Forbidden)
+    ));
+    let claimed = store.claim_contact(&account_of_identity(&alice), &device(2), NOW)?;
+    assert_eq!(
+        claimed
+            .iter()
+            .map(|claimed| claimed.device_id)
+            .collect::<Vec<_>>(),
+        [device(1)]
+    );
+    assert!(matches!(
+        store.commit_members(member_commit(&group(2), 1, 1, &[4], &[])),
+        Err(StoreError::Forbidden)
+    ));
+    assert_eq!(store.account_devices(&device(1))?.len(), 1);
+    // Its blobs stay with the account: the group still reads one, the account the other.
+    assert_eq!(
+        store.blob(&blob_id(1), &device(2), NOW)?.uploader,
+        device(4)
+    );
+    assert_eq!(
+        store.blob(&blob_id(2), &device(1), NOW)?.uploader,
+        device(4)
+    );
+    // Its key may sign anything: it never gets in again.
+    assert!(matches!(
+        store.register_device(device_of(&alice, 4)),
+        Err(StoreError::AuthenticationFailed)
+    ));
+    assert!(matches!(
+        store.touch_device(&device(4), NOW),
+        Err(StoreError::AuthenticationFailed)
+    ));
+    Ok(())
+}
+
+fn revoked_devices_are_forgotten_with_their_account(store: &mut dyn Store) -> Outcome {
+    let alice = identity(1);
+    store.register_device(device_of(&alice, 1))?;
+    store.register_device(device_of(&alice, 4))?;
+    store.revoke_device(&device(1), &device(4), &revocation(&alice, 4))?;
+    store.commit()?;
+    store.delete_account(&account_of_identity(&alice))?;
+    store.commit()?;
+    // Nothing of the account is left, not even the revoked device's id.
+    store.register_device(device_of(&alice, 4))?;
+    store.commit()?;
+    assert!(store.device(&device(4))?.is_some());
+    Ok(())
+}
+
+fn own_devices_are_claimed_without_a_shared_group_and_without_the_claimer(
+    store: &mut dyn Store,
+) -> Outcome {
+    register(store, &[1, 2])?;
+    store.register_device(new_device(4, 1))?;
+    store.register_device(new_device(5, 1))?;
+    store.commit()?;
+    let claimed = store.claim_contact(&account(1), &device(1), NOW)?;
+    store.commit()?;
+    let mut expected = [4, 5]
+        .map(|number| ClaimedKeyPackage {
+            device_id: device(number),
+            certificate: certificate(number),
+            key_package: key_package(number, 1),
+        })
+        .to_vec();
+    expected.sort_by_key(|claimed| claimed.device_id);
+    assert_eq!(claimed, expected);
+    assert_eq!(store.key_package_count(&device(1))?, 2);
+    assert_eq!(store.key_package_count(&device(4))?, 1);
+    // Another account still needs a shared group.
+    assert!(matches!(
+        store.claim_contact(&account(2), &device(1), NOW),
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.claim_contact(&account(1), &device(2), NOW),
+        Err(StoreError::NotFound)
+    ));
+    Ok(())
+}
+
+fn own_devices_are_added_to_groups_without_a_grant(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2, 3])?;
+    store.register_device(new_device(4, 1))?;
+    store.register_device(new_device(5, 1))?;
+    store.commit()?;
+    // Device 2 is another account's and was never claimed.
+    assert!(matches!(
+        store.create_group(new_group(1, device(1), &[device(4), device(2)])),
+        Err(StoreError::Forbidden)
+    ));
+    let created = store.create_group(new_group(1, device(1), &[device(4)]))?;
+    assert_eq!(created.members, sorted(vec![device(1), device(4)]));
+    // Nor can a device that does not exist be added.
+    assert!(matches!(
+        store.commit_members(member_commit(&group(1), 1, 0, &[9], &[])),
+        Err(StoreError::Forbidden)
+    ));
+    assert!(matches!(
+        store.commit_members(member_commit(&group(1), 4, 0, &[2], &[])),
+        Err(StoreError::Forbidden)
+    ));
+    let committed = store.commit_members(member_commit(&group(1), 4, 0, &[5], &[]))?;
+    assert_eq!(
+        committed.members,
+        sorted(vec![device(1), device(4), device(5)])
+    );
+    assert_eq!(committed.welcomed, [device(5)]);
+    // The usual checks still apply.
+    assert!(matches!(
+        store.commit_members(member_commit(&group(1), 1, 1, &[5], &[])),
+        Err(StoreError::Invalid(_))
+    ));
+    // The others' devices still need grants, which are consumed.
+    claim(store, device(5), 2, 2)?;
+    store.commit_members(member_commit(&group(1), 5, 1, &[2], &[]))?;
+    store.commit_members(member_commit(&group(1), 5, 2, &[], &[2]))?;
+    store.ack_group(&device(2), &group(1), 10)?;
+    assert!(matches!(
+        store.commit_members(member_commit(&group(1), 5, 3, &[2], &[])),
+        Err(StoreError::Forbidden)
+    ));
+    store.commit()?;
+    Ok(())
+}
+
+fn an_account_blob_is_seen_by_the_accounts_registered_devices_only(
+    store: &mut dyn Store,
+) -> Outcome {
+    // Device 4 is a second device of account 1, which shares group 1 with devices 2 and 3.
+    group_of_three_and_a_second_device_of_account_1(store)?;
+    store.create_blob(account_blob(1, device(1), 100), QUOTA)?;
+    store.commit()?;
+    let expected = BlobRecord {
+        blob_id: blob_id(1),
+        account_id: account(1),
+        uploader: device(1),
+        group_id: None,
+        size: 100,
+        length: 0,
+        expires_at: NOW + 30 * DAY,
+    };
+    for reader in [1, 4] {
+        assert_eq!(store.blob(&blob_id(1), &device(reader), NOW)?, expected);
+    }
+    // Group members are no readers of it, nor is anyone else.
+    for reader in [2, 3, 9] {
+        assert!(matches!(
+            store.blob(&blob_id(1), &device(reader), NOW),
+            Err(StoreError::Forbidden)
+        ));
+    }
+    // Only its uploader writes it, and only a registered device creates one.
+    assert!(matches!(
+        store.set_blob_length(&blob_id(1), &device(4), 10),
+        Err(StoreError::Forbidden)
+    ));
+    store.set_blob_length(&blob_id(1), &device(1), 100)?;
+    assert!(matches!(
+        store.create_blob(account_blob(2, device(9), 100), QUOTA),
+        Err(StoreError::NotFound)
+    ));
+    Ok(())
+}
+
+fn account_blobs_count_against_the_quota_expire_and_go_with_the_account(
+    store: &mut dyn Store,
+) -> Outcome {
+    group_of_three(store)?;
+    store.create_blob(new_blob(1, device(1), group(1), 600), QUOTA)?;
+    assert!(matches!(
+        store.create_blob(account_blob(2, device(1), 401), QUOTA),
+        Err(StoreError::QuotaExceeded)
+    ));
+    store.create_blob(account_blob(2, device(1), 400), QUOTA)?;
+    store.create_blob(
+        NewBlob {
+            expires_at: NOW + DAY,
+            ..account_blob(3, device(1), 0)
+        },
+        QUOTA,
+    )?;
+    store.create_blob(account_blob(4, device(2), 1000), QUOTA)?;
+    for blob in [2, 3, 4] {
+        let size = store
+            .blob(&blob_id(blob), &device(if blob == 4 { 2 } else { 1 }), NOW)?
+            .size;
+        store.set_blob_length(&blob_id(blob), &device(if blob == 4 { 2 } else { 1 }), size)?;
+    }
+    store.commit()?;
+    // Having no group, it is not a blob "of a group without members"; it goes when it expires.
+    store.expire(NOW + DAY, 0)?;
+    store.commit()?;
+    assert_eq!(
+        store.live_blob_ids()?,
+        vec![blob_id(1), blob_id(2), blob_id(4)]
+    );
+    store.delete_account(&account(1))?;
+    store.commit()?;
+    assert_eq!(store.live_blob_ids()?, vec![blob_id(4)]);
     Ok(())
 }

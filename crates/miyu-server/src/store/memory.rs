@@ -9,9 +9,10 @@ use std::ops::Bound;
 use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 
 use super::{
-    Appended, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord, EntryKind,
-    GroupCreated, InboxEntry, LogEntry, Membership, NewBlob, NewCommit, NewDevice, NewGroup, Store,
-    StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_hour,
+    Appended, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord, DeviceSummary,
+    EntryKind, GroupCreated, InboxEntry, LogEntry, Membership, NewBlob, NewCommit, NewDevice,
+    NewGroup, Store, StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_day,
+    coarse_hour, day_number,
 };
 
 /// A [`Store`] that keeps everything in memory; nothing survives the value.
@@ -26,6 +27,10 @@ pub struct MemoryStore {
     /// Each account's lifetime in days and the day it was last active.
     accounts: HashMap<AccountId, (u32, u64)>,
     blobs: BTreeMap<BlobId, StoredBlob>,
+    /// Devices their account revoked, with that account.
+    revoked: HashMap<DeviceId, AccountId>,
+    /// Linking mailboxes: the sealed message and when it expires.
+    links: HashMap<[u8; 32], (Vec<u8>, u64)>,
 }
 
 impl Store for MemoryStore {
@@ -34,6 +39,9 @@ impl Store for MemoryStore {
     }
 
     fn register_device(&mut self, device: NewDevice) -> Result<(), StoreError> {
+        if self.revoked.contains_key(&device.device_id) {
+            return Err(StoreError::AuthenticationFailed);
+        }
         if self.devices.contains_key(&device.device_id) {
             return Err(StoreError::AlreadyExists);
         }
@@ -50,6 +58,8 @@ impl Store for MemoryStore {
                 last_resort: device.last_resort_key_package,
                 inbox: BTreeMap::new(),
                 inbox_next_seq: 1,
+                created_hour: coarse_hour(device.now),
+                active_day: coarse_day(device.now),
             },
         );
         Ok(())
@@ -127,7 +137,7 @@ impl Store for MemoryStore {
                 self.invites.remove(token_hash);
             }
         }
-        Ok(self.claim_account(account_id, claimer, now))
+        Ok(self.claim_account(account_id, claimer, now, None))
     }
 
     fn set_username(
@@ -167,6 +177,105 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn touch_device(&mut self, device_id: &DeviceId, now: u64) -> Result<(), StoreError> {
+        let device = self
+            .devices
+            .get_mut(device_id)
+            .ok_or(StoreError::AuthenticationFailed)?;
+        device.active_day = coarse_day(now);
+        let account_id = device.record.account_id;
+        self.touch_account(&account_id, None, now)
+    }
+
+    fn account_devices(&mut self, requester: &DeviceId) -> Result<Vec<DeviceSummary>, StoreError> {
+        let account_id = self
+            .devices
+            .get(requester)
+            .ok_or(StoreError::AuthenticationFailed)?
+            .record
+            .account_id;
+        Ok(self
+            .devices
+            .values()
+            .filter(|device| device.record.account_id == account_id)
+            .map(|device| DeviceSummary {
+                device_id: device.record.device_id,
+                certificate: device.record.certificate.clone(),
+                created_day: day_number(device.created_hour),
+                active_day: day_number(device.active_day),
+            })
+            .collect())
+    }
+
+    fn revoke_device(
+        &mut self,
+        requester: &DeviceId,
+        device_id: &DeviceId,
+        signature: &[u8],
+    ) -> Result<(), StoreError> {
+        let requester = &self
+            .devices
+            .get(requester)
+            .ok_or(StoreError::AuthenticationFailed)?
+            .record;
+        let account_id = requester.account_id;
+        let registered = self
+            .devices
+            .get(device_id)
+            .is_some_and(|device| device.record.account_id == account_id);
+        let revoked_already = self.revoked.get(device_id) == Some(&account_id);
+        if !registered && !revoked_already {
+            return Err(StoreError::NotFound);
+        }
+        super::check_revocation(&requester.certificate, &account_id, device_id, signature)?;
+        if revoked_already {
+            return Ok(());
+        }
+        // Its key packages and inbox go with its record.
+        self.devices.remove(device_id);
+        self.grants
+            .retain(|(claimer, target), _| claimer != device_id && target != device_id);
+        for group in self.groups.values_mut() {
+            let was_member = group.members.remove(device_id).is_some();
+            let was_removed = group.removed.remove(device_id).is_some();
+            if was_member || was_removed {
+                group.drop_acknowledged();
+            }
+        }
+        self.revoked.insert(*device_id, account_id);
+        Ok(())
+    }
+
+    fn put_link(
+        &mut self,
+        mailbox: [u8; 32],
+        payload: Vec<u8>,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        if self
+            .links
+            .get(&mailbox)
+            .is_some_and(|(_, stored_expiry)| *stored_expiry > now)
+        {
+            return Err(StoreError::AlreadyExists);
+        }
+        self.links.insert(mailbox, (payload, expires_at));
+        Ok(())
+    }
+
+    fn take_link(&mut self, mailbox: &[u8; 32], now: u64) -> Result<Vec<u8>, StoreError> {
+        // An expired message stays until `expire`, as it does in SQLite.
+        match self.links.get(mailbox) {
+            Some((_, expires_at)) if *expires_at > now => self
+                .links
+                .remove(mailbox)
+                .map(|(payload, _)| payload)
+                .ok_or(StoreError::NotFound),
+            _ => Err(StoreError::NotFound),
+        }
+    }
+
     fn delete_account(&mut self, account_id: &AccountId) -> Result<(), StoreError> {
         let devices: BTreeSet<DeviceId> = self
             .devices
@@ -187,6 +296,7 @@ impl Store for MemoryStore {
         self.accounts.remove(account_id);
         self.blobs
             .retain(|_, blob| blob.record.account_id != *account_id);
+        self.revoked.retain(|_, holder| holder != account_id);
         Ok(())
     }
 
@@ -200,7 +310,7 @@ impl Store for MemoryStore {
         if !self.devices.contains_key(claimer) {
             return Err(StoreError::Forbidden);
         }
-        Ok(self.claim_account(account_id, claimer, now))
+        Ok(self.claim_account(account_id, claimer, now, None))
     }
 
     fn create_group(&mut self, group: NewGroup) -> Result<GroupCreated, StoreError> {
@@ -209,18 +319,15 @@ impl Store for MemoryStore {
         }
         let mut members: BTreeSet<DeviceId> = group.members.iter().copied().collect();
         members.insert(group.creator);
-        for member in &members {
-            let allowed = if *member == group.creator {
-                self.devices.contains_key(member)
-            } else {
-                self.grants
-                    .get(&(group.creator, *member))
-                    .is_some_and(|expires_at| *expires_at > group.now)
-                    && self.devices.contains_key(member)
-            };
-            if !allowed {
-                return Err(StoreError::Forbidden);
-            }
+        if !self.devices.contains_key(&group.creator) {
+            return Err(StoreError::Forbidden);
+        }
+        let allowed = members
+            .iter()
+            .filter(|member| **member != group.creator)
+            .all(|member| self.may_add(&group.creator, member, group.now).is_some());
+        if !allowed {
+            return Err(StoreError::Forbidden);
         }
         if group
             .welcomes
@@ -231,7 +338,9 @@ impl Store for MemoryStore {
         }
 
         for member in members.iter().filter(|member| **member != group.creator) {
-            self.grants.remove(&(group.creator, *member));
+            if self.may_add(&group.creator, member, group.now) == Some(Right::Grant) {
+                self.grants.remove(&(group.creator, *member));
+            }
         }
         let mut welcomed = BTreeSet::new();
         let shared = group.welcome.iter().flat_map(|welcome| {
@@ -294,6 +403,10 @@ impl Store for MemoryStore {
                 .get(device)
                 .map(|device| device.record.account_id)
         };
+        if account_of(claimer) == Some(*account_id) {
+            // The claimer's other devices: it needs no key package of its own.
+            return Ok(self.claim_account(*account_id, claimer, now, Some(*claimer)));
+        }
         let shares_a_group = self.groups.values().any(|group| {
             group.members.contains_key(claimer)
                 && group
@@ -304,7 +417,7 @@ impl Store for MemoryStore {
         if !shares_a_group {
             return Err(StoreError::NotFound);
         }
-        Ok(self.claim_account(*account_id, claimer, now))
+        Ok(self.claim_account(*account_id, claimer, now, None))
     }
 
     fn commit_members(&mut self, commit: NewCommit) -> Result<Committed, StoreError> {
@@ -330,19 +443,17 @@ impl Store for MemoryStore {
                 "an added device has not yet read its removal; try again later",
             ));
         }
-        let granted = |device: &DeviceId| {
-            self.devices.contains_key(device)
-                && self
-                    .grants
-                    .get(&(commit.committer, *device))
-                    .is_some_and(|expires_at| *expires_at > commit.now)
-        };
-        if !commit.add.iter().all(granted) {
+        if !commit.add.iter().all(|device| {
+            self.may_add(&commit.committer, device, commit.now)
+                .is_some()
+        }) {
             return Err(StoreError::Forbidden);
         }
 
         for device in &commit.add {
-            self.grants.remove(&(commit.committer, *device));
+            if self.may_add(&commit.committer, device, commit.now) == Some(Right::Grant) {
+                self.grants.remove(&(commit.committer, *device));
+            }
         }
         let mut welcomed = BTreeSet::new();
         let shared = commit
@@ -575,6 +686,9 @@ impl Store for MemoryStore {
         self.invites.retain(|_, invite| invite.expires_at > now);
         self.grants.retain(|_, expires_at| *expires_at > now);
         removed += before - (self.invites.len() + self.grants.len());
+        let before = self.links.len();
+        self.links.retain(|_, (_, expires_at)| *expires_at > now);
+        removed += before - self.links.len();
         // Likewise, only whole hours before the day's start surely are a day old.
         let unfinished_cutoff_hour = coarse_hour(now.saturating_sub(UNFINISHED_BLOB_LIFETIME));
         let groups = &self.groups;
@@ -583,24 +697,26 @@ impl Store for MemoryStore {
             let unfinished = blob.record.length < blob.record.size;
             blob.record.expires_at > now
                 && !(unfinished && blob.created_hour < unfinished_cutoff_hour)
-                && groups
-                    .get(&blob.record.group_id)
-                    .is_some_and(|group| !group.members.is_empty())
+                && blob.record.group_id.as_ref().is_none_or(|group_id| {
+                    groups
+                        .get(group_id)
+                        .is_some_and(|group| !group.members.is_empty())
+                })
         });
         removed += before - self.blobs.len();
         Ok(u64::try_from(removed).unwrap_or(u64::MAX))
     }
 
     fn create_blob(&mut self, blob: NewBlob, quota_bytes: u64) -> Result<(), StoreError> {
-        let group = self
-            .groups
-            .get(&blob.group_id)
-            .ok_or(StoreError::NotFound)?;
+        let group = match &blob.group_id {
+            Some(group_id) => Some(self.groups.get(group_id).ok_or(StoreError::NotFound)?),
+            None => None,
+        };
         let uploader = self
             .devices
             .get(&blob.uploader)
             .ok_or(StoreError::NotFound)?;
-        if !group.members.contains_key(&blob.uploader) {
+        if group.is_some_and(|group| !group.members.contains_key(&blob.uploader)) {
             return Err(StoreError::Forbidden);
         }
         if self.blobs.contains_key(&blob.blob_id) {
@@ -648,10 +764,17 @@ impl Store for MemoryStore {
             .ok_or(StoreError::NotFound)?
             .record;
         let allowed = blob.uploader == *device
-            || self
-                .groups
-                .get(&blob.group_id)
-                .is_some_and(|group| group.members.contains_key(device));
+            || match &blob.group_id {
+                Some(group_id) => self
+                    .groups
+                    .get(group_id)
+                    .is_some_and(|group| group.members.contains_key(device)),
+                // An account's blob: for its registered devices, not revoked ones.
+                None => self
+                    .devices
+                    .get(device)
+                    .is_some_and(|of| of.record.account_id == blob.account_id),
+            };
         if !allowed {
             return Err(StoreError::Forbidden);
         }
@@ -690,11 +813,12 @@ impl MemoryStore {
         account_id: AccountId,
         claimer: &DeviceId,
         now: u64,
+        except: Option<DeviceId>,
     ) -> Vec<ClaimedKeyPackage> {
         let grant_expires_at = coarse_hour(now).saturating_add(GRANT_LIFETIME);
         let mut claimed = Vec::new();
         for device in self.devices.values_mut() {
-            if device.record.account_id != account_id {
+            if device.record.account_id != account_id || except == Some(device.record.device_id) {
                 continue;
             }
             let Some(key_package) = device
@@ -727,6 +851,33 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// What lets `adder` add `device` to a group at `now`, if anything: being of the same
+    /// account (and registered), or an unexpired grant from a claim.
+    fn may_add(&self, adder: &DeviceId, device: &DeviceId, now: u64) -> Option<Right> {
+        let account_of = |device: &DeviceId| {
+            self.devices
+                .get(device)
+                .map(|device| device.record.account_id)
+        };
+        let target = account_of(device)?;
+        if account_of(adder) == Some(target) {
+            return Some(Right::SameAccount);
+        }
+        self.grants
+            .get(&(*adder, *device))
+            .is_some_and(|expires_at| *expires_at > now)
+            .then_some(Right::Grant)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Right {
+    SameAccount,
+    /// Consumed by the addition.
+    Grant,
+}
+
 /// How long the right to add a device, won by claiming an invite, lasts.
 const GRANT_LIFETIME: u64 = 24 * 3600;
 
@@ -736,6 +887,9 @@ struct Device {
     last_resort: Option<Vec<u8>>,
     inbox: BTreeMap<u64, Stored<Vec<u8>>>,
     inbox_next_seq: u64,
+    created_hour: u64,
+    /// The start of the day it last registered or authenticated, Unix seconds.
+    active_day: u64,
 }
 
 struct Invite {

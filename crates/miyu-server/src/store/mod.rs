@@ -50,6 +50,18 @@ pub struct DeviceRecord {
     pub certificate: Vec<u8>,
 }
 
+/// One device of an account, as its owner sees it in a list of the account's devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSummary {
+    pub device_id: DeviceId,
+    /// The device certificate in its compact form.
+    pub certificate: Vec<u8>,
+    /// Days since the Unix epoch: when the device registered.
+    pub created_day: u64,
+    /// Days since the Unix epoch: when the device last registered or authenticated.
+    pub active_day: u64,
+}
+
 /// One key package handed out for one device of an invite's account.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimedKeyPackage {
@@ -153,7 +165,9 @@ pub struct NewBlob {
     pub blob_id: BlobId,
     /// The device uploading it; must be a member of `group_id`.
     pub uploader: DeviceId,
-    pub group_id: GroupId,
+    /// The group whose members may read it; `None` for a blob of the uploader's account, which
+    /// only the account's devices may read.
+    pub group_id: Option<GroupId>,
     /// Bytes the finished blob will have.
     pub size: u64,
     /// Unix seconds; `expire` deletes the blob from then on.
@@ -170,7 +184,8 @@ pub struct BlobRecord {
     /// The uploader's account: whose quota it counts against, and whose deletion removes it.
     pub account_id: AccountId,
     pub uploader: DeviceId,
-    pub group_id: GroupId,
+    /// `None` for a blob of the account rather than of a group.
+    pub group_id: Option<GroupId>,
     pub size: u64,
     /// Bytes durably stored so far; equal to `size` once the upload is complete.
     pub length: u64,
@@ -194,6 +209,11 @@ pub enum StoreError {
     Invalid(&'static str),
     #[error("the account's storage quota is used up")]
     QuotaExceeded,
+    /// A signature does not verify under the account's identity key, a revoked device tries to
+    /// register again, or the requesting device is no longer registered (revoked, or its
+    /// account deleted).
+    #[error("authentication failed")]
+    AuthenticationFailed,
     // The storage failed.
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
@@ -212,7 +232,8 @@ pub trait Store: Send + 'static {
     /// rolled back.
     fn commit(&mut self) -> Result<(), StoreError>;
 
-    /// Creates a device. `AlreadyExists` if the device id is taken.
+    /// Creates a device, active on the day of `now`. `AlreadyExists` if the device id is taken,
+    /// `AuthenticationFailed` if its account revoked it.
     fn register_device(&mut self, device: NewDevice) -> Result<(), StoreError>;
 
     fn device(&mut self, device_id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
@@ -278,20 +299,60 @@ pub trait Store: Send + 'static {
         now: u64,
     ) -> Result<(), StoreError>;
 
-    /// Deletes an account and everything stored for it: devices, key packages, inboxes,
-    /// group memberships, invites, grants, username and the blobs its devices uploaded. Log
+    /// Records that a registered device, and so its account, was active at `now` (kept to the
+    /// day). `AuthenticationFailed` if the device is not registered (revoked, or never was).
+    fn touch_device(&mut self, device_id: &DeviceId, now: u64) -> Result<(), StoreError>;
+
+    /// The devices of `requester`'s account that are not revoked, in device id order, the
+    /// requester included. `AuthenticationFailed` if the requester is not registered.
+    fn account_devices(&mut self, requester: &DeviceId) -> Result<Vec<DeviceSummary>, StoreError>;
+
+    /// Revokes a device of `requester`'s account for good, if `signature` is the account's
+    /// identity key's (taken from the requester's certificate) over
+    /// `miyu_proto::cert::revoke_payload(device_id)`. The device's id is remembered until the
+    /// account is deleted, so that it can never register again; its key packages, inbox and
+    /// grants (given or received) are deleted, and it leaves every group as by `leave_group`.
+    /// The blobs it uploaded stay with the account. `AuthenticationFailed` if the requester is
+    /// not registered or the signature does not verify, `NotFound` if the device is not one of
+    /// the account's. Revoking a device already revoked changes nothing and succeeds.
+    fn revoke_device(
+        &mut self,
+        requester: &DeviceId,
+        device_id: &DeviceId,
+        signature: &[u8],
+    ) -> Result<(), StoreError>;
+
+    /// Leaves a sealed message in a linking mailbox until `expires_at`, replacing an expired
+    /// one. `AlreadyExists` if the mailbox holds a message that has not expired at `now`.
+    fn put_link(
+        &mut self,
+        mailbox: [u8; 32],
+        payload: Vec<u8>,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Takes the message out of a linking mailbox, which is then empty. `NotFound` if it holds
+    /// none, or only one that has expired at `now`.
+    fn take_link(&mut self, mailbox: &[u8; 32], now: u64) -> Result<Vec<u8>, StoreError>;
+
+    /// Deletes an account and everything stored for it: devices, the record of its revoked
+    /// devices, key packages, inboxes, group memberships, invites, grants, username and the
+    /// blobs its devices uploaded. Log
     /// entries it posted stay until the other members have them (they carry no poster).
     fn delete_account(&mut self, account_id: &AccountId) -> Result<(), StoreError>;
 
     /// Creates a group log at `epoch` with its members and puts the Welcomes in their inboxes.
-    /// `AlreadyExists` if the group exists; `Forbidden` if a member other than the creator has
-    /// no grant to the creator (grants are consumed) or a Welcome goes to a non-member.
+    /// `AlreadyExists` if the group exists; `Forbidden` if a member is not registered, or is
+    /// of another account than the creator's and has no grant to the creator (grants are
+    /// consumed), or a Welcome goes to a non-member.
     fn create_group(&mut self, group: NewGroup) -> Result<GroupCreated, StoreError>;
 
     /// Like `claim_username`, for an account that shares a group with `claimer` (a contact):
     /// takes one key package of each of its devices and grants them to `claimer`. `NotFound`
     /// if the account shares no group with `claimer`, so that nobody can drain the key
-    /// packages of accounts they have never talked to.
+    /// packages of accounts they have never talked to. The claimer's own account needs no
+    /// shared group, and then every device but the claimer is claimed.
     fn claim_contact(
         &mut self,
         account_id: &AccountId,
@@ -301,8 +362,9 @@ pub trait Store: Send + 'static {
 
     /// Appends a commit that changes the group's members, and applies the change, in one
     /// step. `NotFound` if there is no such group, `EpochMismatch` as for `append`,
-    /// `Forbidden` if the committer is not a member, an added device has no grant to the
-    /// committer (grants are consumed) or a Welcome goes to a device not being added,
+    /// `Forbidden` if the committer is not a member, an added device is not registered or, of
+    /// another account than the committer's, has no grant to the committer (grants are
+    /// consumed), or a Welcome goes to a device not being added,
     /// `Invalid` if a device is named twice, both added and removed, the committer, or added
     /// while a member already. A removed device that is no longer a member (it left) is
     /// skipped. Added devices start reading after the commit; removed ones still read up to
@@ -390,21 +452,22 @@ pub trait Store: Send + 'static {
     fn ack_inbox(&mut self, device_id: &DeviceId, seq: u64) -> Result<(), StoreError>;
 
     /// Deletes log and inbox entries stored before `cutoff`, log entries, invites, grants and
-    /// blobs that expired before `now`, accounts inactive for longer than their lifetime, blobs
-    /// whose group has no member left, and unfinished blobs created more than a day before
+    /// blobs and linking mailboxes that expired before `now`, accounts inactive for longer than
+    /// their lifetime, blobs whose group has no member left, and unfinished blobs created more than a day before
     /// `now` (they go once their whole hour of creation is: late rather than early, so that no
     /// upload in progress loses its blob). Returns how many rows went.
     fn expire(&mut self, now: u64, cutoff: u64) -> Result<u64, StoreError>;
 
-    /// Records a new, empty blob. `NotFound` if the group or the uploader device does not
-    /// exist, `Forbidden` if the uploader is not a member of the group, `AlreadyExists` if the
+    /// Records a new, empty blob of a group or, without one, of the uploader's account.
+    /// `NotFound` if the group or the uploader device does not exist, `Forbidden` if the
+    /// uploader is not a member of the group, `AlreadyExists` if the
     /// id is taken, `QuotaExceeded` if the sizes of the uploader's account's blobs plus `size`
     /// would exceed `quota_bytes` or the account already has `max_blobs` blobs. A blob counts until `expire` or `delete_account` deletes it,
     /// as its bytes take space until then.
     fn create_blob(&mut self, blob: NewBlob, quota_bytes: u64) -> Result<(), StoreError>;
 
-    /// A blob, for a device allowed to see it: its uploader or a current member of its group.
-    /// `NotFound` if there is no such blob or it has expired at `now`; `Forbidden` for anyone
+    /// A blob, for a device allowed to see it: its uploader, a current member of its group or,
+    /// for a blob of an account, a registered device of that account. `NotFound` if there is no such blob or it has expired at `now`; `Forbidden` for anyone
     /// else.
     fn blob(
         &mut self,
@@ -459,6 +522,29 @@ fn check_unattributed(
     Ok(())
 }
 
+/// The signature check of [`Store::revoke_device`]: the requester's certificate (compact form)
+/// names the account's identity key, which must have signed the revocation.
+fn check_revocation(
+    requester_certificate: &[u8],
+    account_id: &AccountId,
+    device_id: &DeviceId,
+    signature: &[u8],
+) -> Result<(), StoreError> {
+    let identity_key: [u8; 32] = requester_certificate
+        .get(..32)
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or(StoreError::Corrupt("a stored certificate is too short"))?;
+    if AccountId::from_identity_key(&identity_key) != *account_id {
+        return Err(StoreError::Corrupt(
+            "a stored certificate names another account's identity key",
+        ));
+    }
+    if !miyu_proto::cert::verify_revocation(&identity_key, device_id, signature) {
+        return Err(StoreError::AuthenticationFailed);
+    }
+    Ok(())
+}
+
 /// The checks of [`Store::commit_members`] that need no stored data.
 fn check_commit_shape(commit: &NewCommit) -> Result<(), StoreError> {
     use std::collections::BTreeSet;
@@ -508,6 +594,11 @@ fn check_blob_length(size: u64, recorded: u64, length: u64) -> Result<(), StoreE
 /// Rounds a time down to the day: how precisely account activity is kept.
 pub fn coarse_day(unix_seconds: u64) -> u64 {
     unix_seconds - unix_seconds % 86_400
+}
+
+/// Days since the Unix epoch of a time.
+fn day_number(unix_seconds: u64) -> u64 {
+    unix_seconds / 86_400
 }
 
 /// Rounds a time down to the hour, the only resolution the server keeps.

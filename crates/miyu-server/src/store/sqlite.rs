@@ -12,9 +12,10 @@ use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    Appended, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord, EntryKind,
-    GroupCreated, InboxEntry, LogEntry, Membership, NewBlob, NewCommit, NewDevice, NewGroup, Store,
-    StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_hour,
+    Appended, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord, DeviceSummary,
+    EntryKind, GroupCreated, InboxEntry, LogEntry, Membership, NewBlob, NewCommit, NewDevice,
+    NewGroup, Store, StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_day,
+    coarse_hour, day_number,
 };
 
 /// A [`Store`] in one SQLite database file.
@@ -56,10 +57,17 @@ impl Store for SqliteStore {
 
     fn register_device(&mut self, device: NewDevice) -> Result<(), StoreError> {
         self.write(|db| {
+            let revoked = db
+                .prepare_cached("SELECT 1 FROM revoked_devices WHERE device_id = ?1")?
+                .exists([device.device_id.as_bytes().as_slice()])?;
+            if revoked {
+                return Err(StoreError::AuthenticationFailed);
+            }
             let inserted = db
                 .prepare_cached(
                     "INSERT INTO devices (device_id, account_id, device_key, certificate, \
-                     created_hour) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (device_id) DO NOTHING",
+                     created_hour, active_day) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                     ON CONFLICT (device_id) DO NOTHING",
                 )?
                 .execute(params![
                     device.device_id.as_bytes().as_slice(),
@@ -67,6 +75,7 @@ impl Store for SqliteStore {
                     device.device_key.as_slice(),
                     device.certificate,
                     clamp_to_sql(coarse_hour(device.now)),
+                    clamp_to_sql(coarse_day(device.now)),
                 ])?;
             if inserted == 0 {
                 return Err(StoreError::AlreadyExists);
@@ -186,7 +195,7 @@ impl Store for SqliteStore {
             if expires_at <= clamp_to_sql(now) {
                 return Err(StoreError::NotFound);
             }
-            claim_account(db, &account_id, claimer, now)
+            claim_account(db, &account_id, claimer, now, None)
         })
     }
 
@@ -223,18 +232,154 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         self.write(|db| {
             let account = account_id.as_bytes().as_slice();
-            let day = clamp_to_sql(super::coarse_day(now));
-            db.prepare_cached(
-                "INSERT INTO accounts (account_id, lifetime_days, active_day) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (account_id) DO UPDATE SET active_day = excluded.active_day \
-                 WHERE active_day != excluded.active_day",
-            )?
-            .execute(params![account, super::DEFAULT_LIFETIME_DAYS, day])?;
+            touch_account_row(db, account, now)?;
             if let Some(days) = lifetime_days {
                 db.prepare_cached("UPDATE accounts SET lifetime_days = ?2 WHERE account_id = ?1")?
                     .execute(params![account, days])?;
             }
             Ok(())
+        })
+    }
+
+    fn touch_device(&mut self, device_id: &DeviceId, now: u64) -> Result<(), StoreError> {
+        self.write(|db| {
+            let account = account_of(db, device_id)?.ok_or(StoreError::AuthenticationFailed)?;
+            // Written only when the day changes: most authentications then write nothing.
+            db.prepare_cached(
+                "UPDATE devices SET active_day = ?2 WHERE device_id = ?1 AND active_day != ?2",
+            )?
+            .execute(params![
+                device_id.as_bytes().as_slice(),
+                clamp_to_sql(coarse_day(now))
+            ])?;
+            touch_account_row(db, &account, now)
+        })
+    }
+
+    fn account_devices(&mut self, requester: &DeviceId) -> Result<Vec<DeviceSummary>, StoreError> {
+        self.read(|db| {
+            let account = account_of(db, requester)?.ok_or(StoreError::AuthenticationFailed)?;
+            db.prepare_cached(
+                "SELECT device_id, certificate, created_hour, active_day FROM devices \
+                 WHERE account_id = ?1 ORDER BY device_id",
+            )?
+            .query_map([&account], |row| {
+                Ok((
+                    row.get::<_, Vec<u8>>(0)?,
+                    row.get::<_, Vec<u8>>(1)?,
+                    row.get::<_, i64>(2)?,
+                    row.get::<_, i64>(3)?,
+                ))
+            })?
+            .map(|row| {
+                let (device_id, certificate, created_hour, active_day) = row?;
+                Ok(DeviceSummary {
+                    device_id: decode_device_id(&device_id)?,
+                    certificate,
+                    created_day: day_number(u64_from_sql(created_hour)?),
+                    active_day: day_number(u64_from_sql(active_day)?),
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn revoke_device(
+        &mut self,
+        requester: &DeviceId,
+        device_id: &DeviceId,
+        signature: &[u8],
+    ) -> Result<(), StoreError> {
+        self.write(|db| {
+            let (account, certificate) = db
+                .prepare_cached("SELECT account_id, certificate FROM devices WHERE device_id = ?1")?
+                .query_row([requester.as_bytes().as_slice()], |row| {
+                    Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
+                })
+                .optional()?
+                .ok_or(StoreError::AuthenticationFailed)?;
+            let device = device_id.as_bytes().as_slice();
+            let registered = account_of(db, device_id)?.is_some_and(|of| of == account);
+            let revoked_already = !registered
+                && db
+                    .prepare_cached(
+                        "SELECT 1 FROM revoked_devices WHERE device_id = ?1 AND account_id = ?2",
+                    )?
+                    .exists(params![device, account])?;
+            if !registered && !revoked_already {
+                return Err(StoreError::NotFound);
+            }
+            let account_id = AccountId::from_bytes(&account)
+                .map_err(|_| StoreError::Corrupt("a stored account id has the wrong length"))?;
+            super::check_revocation(&certificate, &account_id, device_id, signature)?;
+            if revoked_already {
+                return Ok(());
+            }
+            let groups = db
+                .prepare_cached("SELECT group_id FROM group_members WHERE device_id = ?1")?
+                .query_map([device], |row| row.get::<_, Vec<u8>>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            for sql in [
+                "DELETE FROM key_packages WHERE device_id = ?1",
+                "DELETE FROM add_grants WHERE claimer = ?1 OR target = ?1",
+                "DELETE FROM inbox WHERE device_id = ?1",
+                "DELETE FROM group_members WHERE device_id = ?1",
+                "DELETE FROM devices WHERE device_id = ?1",
+            ] {
+                db.prepare_cached(sql)?.execute([device])?;
+            }
+            // As after leaving: the device may have been what held the oldest entries back.
+            for group in &groups {
+                drop_acknowledged(db, group)?;
+            }
+            db.prepare_cached(
+                "INSERT INTO revoked_devices (device_id, account_id) VALUES (?1, ?2)",
+            )?
+            .execute(params![device, account])?;
+            Ok(())
+        })
+    }
+
+    fn put_link(
+        &mut self,
+        mailbox: [u8; 32],
+        payload: Vec<u8>,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        self.write(|db| {
+            db.prepare_cached(
+                "DELETE FROM link_mailboxes WHERE mailbox = ?1 AND expires_at <= ?2",
+            )?
+            .execute(params![mailbox.as_slice(), clamp_to_sql(now)])?;
+            let inserted = db
+                .prepare_cached(
+                    "INSERT INTO link_mailboxes (mailbox, payload, expires_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (mailbox) DO NOTHING",
+                )?
+                .execute(params![
+                    mailbox.as_slice(),
+                    payload,
+                    clamp_to_sql(expires_at)
+                ])?;
+            if inserted == 0 {
+                return Err(StoreError::AlreadyExists);
+            }
+            Ok(())
+        })
+    }
+
+    fn take_link(&mut self, mailbox: &[u8; 32], now: u64) -> Result<Vec<u8>, StoreError> {
+        self.write(|db| {
+            db.prepare_cached(
+                "DELETE FROM link_mailboxes WHERE mailbox = ?1 AND expires_at > ?2 \
+                 RETURNING payload",
+            )?
+            .query_row(params![mailbox.as_slice(), clamp_to_sql(now)], |row| {
+                row.get::<_, Vec<u8>>(0)
+            })
+            .optional()?
+            .ok_or(StoreError::NotFound)
         })
     }
 
@@ -254,7 +399,7 @@ impl Store for SqliteStore {
                 .query_row([name_hash.as_slice()], |row| row.get::<_, Vec<u8>>(0))
                 .optional()?
                 .ok_or(StoreError::NotFound)?;
-            claim_account(db, &account_id, claimer, now)
+            claim_account(db, &account_id, claimer, now, None)
         })
     }
 
@@ -274,27 +419,12 @@ impl Store for SqliteStore {
             if inserted == 0 {
                 return Err(StoreError::AlreadyExists);
             }
-            if !device_exists(db, &group.creator)? {
-                return Err(StoreError::Forbidden);
-            }
+            let creator_account = account_of(db, &group.creator)?.ok_or(StoreError::Forbidden)?;
             let mut members: BTreeSet<DeviceId> = group.members.iter().copied().collect();
             members.insert(group.creator);
-            let now = clamp_to_sql(group.now);
             for member in &members {
                 if *member != group.creator {
-                    let consumed = db
-                        .prepare_cached(
-                            "DELETE FROM add_grants WHERE claimer = ?1 AND target = ?2 \
-                             AND expires_at > ?3",
-                        )?
-                        .execute(params![
-                            group.creator.as_bytes().as_slice(),
-                            member.as_bytes().as_slice(),
-                            now,
-                        ])?;
-                    if consumed == 0 {
-                        return Err(StoreError::Forbidden);
-                    }
+                    consume_grant(db, &group.creator, &creator_account, member, group.now)?;
                 }
                 db.prepare_cached(
                     "INSERT INTO group_members (group_id, device_id, cursor) VALUES (?1, ?2, 0)",
@@ -349,6 +479,12 @@ impl Store for SqliteStore {
         now: u64,
     ) -> Result<Vec<ClaimedKeyPackage>, StoreError> {
         self.write(|db| {
+            let own = account_of(db, claimer)?
+                .is_some_and(|of| of.as_slice() == account_id.as_bytes().as_slice());
+            if own {
+                // The claimer's other devices: it needs no key package of its own.
+                return claim_account(db, account_id.as_bytes(), claimer, now, Some(claimer));
+            }
             let shares_a_group = db
                 .prepare_cached(
                     "SELECT 1 FROM group_members mine \
@@ -364,7 +500,7 @@ impl Store for SqliteStore {
             if !shares_a_group {
                 return Err(StoreError::NotFound);
             }
-            claim_account(db, account_id.as_bytes(), claimer, now)
+            claim_account(db, account_id.as_bytes(), claimer, now, None)
         })
     }
 
@@ -401,7 +537,8 @@ impl Store for SqliteStore {
                     removed_now.push(*device);
                 }
             }
-            let now = clamp_to_sql(commit.now);
+            let committer_account =
+                account_of(db, &commit.committer)?.ok_or(StoreError::Forbidden)?;
             for device in &commit.add {
                 if is_member(db, group_key, device)? {
                     return Err(StoreError::Invalid("an added device is a member already"));
@@ -419,19 +556,13 @@ impl Store for SqliteStore {
                         "an added device has not yet read its removal; try again later",
                     ));
                 }
-                let consumed = db
-                    .prepare_cached(
-                        "DELETE FROM add_grants WHERE claimer = ?1 AND target = ?2 \
-                         AND expires_at > ?3",
-                    )?
-                    .execute(params![
-                        commit.committer.as_bytes().as_slice(),
-                        device.as_bytes().as_slice(),
-                        now,
-                    ])?;
-                if consumed == 0 {
-                    return Err(StoreError::Forbidden);
-                }
+                consume_grant(
+                    db,
+                    &commit.committer,
+                    &committer_account,
+                    device,
+                    commit.now,
+                )?;
                 db.prepare_cached(
                     // Removed earlier (and not done reading up to it) and added again: it
                     // starts afresh after this commit.
@@ -530,12 +661,7 @@ impl Store for SqliteStore {
                 return Err(StoreError::Forbidden);
             }
             // The leaver may have been the one holding the oldest entries back.
-            db.prepare_cached(
-                "DELETE FROM group_log WHERE group_id = ?1 AND seq <= \
-                 (SELECT min(cursor) FROM group_members WHERE group_id = ?1)",
-            )?
-            .execute([group_key])?;
-            Ok(())
+            drop_acknowledged(db, group_key)
         })
     }
 
@@ -721,6 +847,7 @@ impl Store for SqliteStore {
                 ("DELETE FROM invites WHERE expires_at <= ?1", now),
                 ("DELETE FROM add_grants WHERE expires_at <= ?1", now),
                 ("DELETE FROM blobs WHERE expires_at <= ?1", now),
+                ("DELETE FROM link_mailboxes WHERE expires_at <= ?1", now),
                 (
                     "DELETE FROM blobs WHERE length < size AND created_hour < ?1",
                     unfinished_cutoff_hour,
@@ -750,20 +877,20 @@ impl Store for SqliteStore {
 
     fn create_blob(&mut self, blob: NewBlob, quota_bytes: u64) -> Result<(), StoreError> {
         self.write(|db| {
-            let group_key = blob.group_id.as_bytes();
-            let group_exists = db
-                .prepare_cached("SELECT 1 FROM groups WHERE group_id = ?1")?
-                .exists([group_key])?;
-            let account_id = db
-                .prepare_cached("SELECT account_id FROM devices WHERE device_id = ?1")?
-                .query_row([blob.uploader.as_bytes().as_slice()], |row| {
-                    row.get::<_, Vec<u8>>(0)
-                })
-                .optional()?;
+            let group_key = blob.group_id.as_ref().map(GroupId::as_bytes);
+            let group_exists = match group_key {
+                Some(group_key) => db
+                    .prepare_cached("SELECT 1 FROM groups WHERE group_id = ?1")?
+                    .exists([group_key])?,
+                None => true,
+            };
+            let account_id = account_of(db, &blob.uploader)?;
             let (true, Some(account_id)) = (group_exists, account_id) else {
                 return Err(StoreError::NotFound);
             };
-            if !is_member(db, group_key, &blob.uploader)? {
+            if let Some(group_key) = group_key
+                && !is_member(db, group_key, &blob.uploader)?
+            {
                 return Err(StoreError::Forbidden);
             }
             let taken = db
@@ -818,7 +945,7 @@ impl Store for SqliteStore {
                     Ok((
                         row.get::<_, Vec<u8>>(0)?,
                         row.get::<_, Vec<u8>>(1)?,
-                        row.get::<_, Vec<u8>>(2)?,
+                        row.get::<_, Option<Vec<u8>>>(2)?,
                         row.get::<_, i64>(3)?,
                         row.get::<_, i64>(4)?,
                         row.get::<_, i64>(5)?,
@@ -829,7 +956,13 @@ impl Store for SqliteStore {
                 return Err(StoreError::NotFound);
             };
             let uploader = decode_device_id(&uploader)?;
-            if uploader != *device && !is_member(db, &group_id, device)? {
+            let allowed = uploader == *device
+                || match &group_id {
+                    Some(group_id) => is_member(db, group_id, device)?,
+                    // An account's blob: for its registered devices, not revoked ones.
+                    None => account_of(db, device)?.is_some_and(|of| of == account_id),
+                };
+            if !allowed {
                 return Err(StoreError::Forbidden);
             }
             Ok(BlobRecord {
@@ -837,7 +970,7 @@ impl Store for SqliteStore {
                 account_id: AccountId::from_bytes(&account_id)
                     .map_err(|_| StoreError::Corrupt("a stored account id has the wrong length"))?,
                 uploader,
-                group_id: decode_group_id(&group_id)?,
+                group_id: group_id.as_deref().map(decode_group_id).transpose()?,
                 size: u64_from_sql(size)?,
                 length: u64_from_sql(length)?,
                 expires_at: u64_from_sql(expires_at)?,
@@ -986,7 +1119,7 @@ impl SqliteStore {
 /// How long the right to add a device, won by claiming an invite, lasts.
 const GRANT_LIFETIME: u64 = 24 * 3600;
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE devices (
@@ -1111,12 +1244,63 @@ ALTER TABLE groups ADD COLUMN posting_key BLOB;
 ALTER TABLE invites ADD COLUMN uses_left INTEGER NOT NULL DEFAULT 1;
 ";
 
+/// Version 5: the devices of one account. Each device's last active day (for listing them),
+/// revoked devices, the linking mailboxes, and blobs that belong to an account rather than to
+/// a group (`group_id` NULL). SQLite cannot drop a NOT NULL constraint, so `blobs` is built
+/// anew; its uploader no longer references `devices`, since a revoked device's row goes while
+/// its blobs stay with the account.
+const MIGRATION_5: &str = "
+-- The start of the day (Unix seconds) the device last registered or authenticated. Devices
+-- from before knew only their account's, which is theirs while an account had one device.
+ALTER TABLE devices ADD COLUMN active_day INTEGER NOT NULL DEFAULT 0;
+UPDATE devices SET active_day = coalesce(
+    (SELECT active_day FROM accounts WHERE accounts.account_id = devices.account_id),
+    created_hour - created_hour % 86400);
+
+-- Devices their account revoked: they never register or authenticate again. Kept until the
+-- account is deleted.
+CREATE TABLE revoked_devices (
+    device_id BLOB PRIMARY KEY NOT NULL,
+    account_id BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX revoked_devices_by_account ON revoked_devices (account_id);
+
+-- Sealed messages for a device being linked, known by a hash of the link secret; taken once.
+CREATE TABLE link_mailboxes (
+    mailbox BLOB PRIMARY KEY NOT NULL,
+    payload BLOB NOT NULL,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX link_mailboxes_by_expiry ON link_mailboxes (expires_at);
+
+CREATE TABLE blobs_5 (
+    blob_id BLOB PRIMARY KEY NOT NULL,
+    account_id BLOB NOT NULL,
+    uploader BLOB NOT NULL,
+    group_id BLOB REFERENCES groups (group_id),
+    size INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    created_hour INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO blobs_5 (blob_id, account_id, uploader, group_id, size, length, created_hour,
+    expires_at)
+    SELECT blob_id, account_id, uploader, group_id, size, length, created_hour, expires_at
+    FROM blobs;
+DROP TABLE blobs;
+ALTER TABLE blobs_5 RENAME TO blobs;
+CREATE INDEX blobs_by_account ON blobs (account_id, size);
+CREATE INDEX blobs_by_expiry ON blobs (expires_at);
+CREATE INDEX blobs_by_group ON blobs (group_id);
+CREATE INDEX blobs_unfinished_by_hour ON blobs (created_hour) WHERE length < size;
+";
+
 fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     // Immediate, so that two processes opening a new file do not both create the schema.
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let version: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
     match version {
-        0..=3 => {
+        0..=4 => {
             if version == 0 {
                 transaction.execute_batch(SCHEMA)?;
             }
@@ -1126,7 +1310,10 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
             if version < 3 {
                 transaction.execute_batch(MIGRATION_3)?;
             }
-            transaction.execute_batch(MIGRATION_4)?;
+            if version < 4 {
+                transaction.execute_batch(MIGRATION_4)?;
+            }
+            transaction.execute_batch(MIGRATION_5)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         SCHEMA_VERSION => {}
@@ -1155,6 +1342,7 @@ fn delete_account_rows(db: &Connection, account_id: &[u8]) -> Result<(), StoreEr
         "DELETE FROM inbox WHERE device_id IN (SELECT device_id FROM devices WHERE account_id = ?1)",
         "DELETE FROM blobs WHERE account_id = ?1",
         "DELETE FROM devices WHERE account_id = ?1",
+        "DELETE FROM revoked_devices WHERE account_id = ?1",
         "DELETE FROM invites WHERE account_id = ?1",
         "DELETE FROM usernames WHERE account_id = ?1",
         "DELETE FROM accounts WHERE account_id = ?1",
@@ -1165,13 +1353,77 @@ fn delete_account_rows(db: &Connection, account_id: &[u8]) -> Result<(), StoreEr
     Ok(())
 }
 
-/// Takes one key package of every device of `account_id` for `claimer`, and grants `claimer`
-/// the right to add each of those devices to one group.
+/// Records that an account was active on the day of `now`, creating its record if needed.
+fn touch_account_row(db: &Connection, account: &[u8], now: u64) -> Result<(), StoreError> {
+    db.prepare_cached(
+        "INSERT INTO accounts (account_id, lifetime_days, active_day) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (account_id) DO UPDATE SET active_day = excluded.active_day \
+         WHERE active_day != excluded.active_day",
+    )?
+    .execute(params![
+        account,
+        super::DEFAULT_LIFETIME_DAYS,
+        clamp_to_sql(coarse_day(now))
+    ])?;
+    Ok(())
+}
+
+/// The account of a registered device.
+fn account_of(db: &Connection, device_id: &DeviceId) -> Result<Option<Vec<u8>>, StoreError> {
+    Ok(db
+        .prepare_cached("SELECT account_id FROM devices WHERE device_id = ?1")?
+        .query_row([device_id.as_bytes().as_slice()], |row| row.get(0))
+        .optional()?)
+}
+
+/// The right of `adder` (of `adder_account`) to add `device` to a group: a device of the same
+/// account needs nothing more than to be registered; any other needs an unexpired grant from
+/// a claim, which this consumes. `Forbidden` otherwise.
+fn consume_grant(
+    db: &Connection,
+    adder: &DeviceId,
+    adder_account: &[u8],
+    device: &DeviceId,
+    now: u64,
+) -> Result<(), StoreError> {
+    match account_of(db, device)? {
+        None => return Err(StoreError::Forbidden),
+        Some(account) if account == adder_account => return Ok(()),
+        Some(_) => {}
+    }
+    let consumed = db
+        .prepare_cached(
+            "DELETE FROM add_grants WHERE claimer = ?1 AND target = ?2 AND expires_at > ?3",
+        )?
+        .execute(params![
+            adder.as_bytes().as_slice(),
+            device.as_bytes().as_slice(),
+            clamp_to_sql(now),
+        ])?;
+    if consumed == 0 {
+        return Err(StoreError::Forbidden);
+    }
+    Ok(())
+}
+
+/// Deletes a group's entries that every member and every removed device still reading has.
+fn drop_acknowledged(db: &Connection, group_key: &[u8]) -> Result<(), StoreError> {
+    db.prepare_cached(
+        "DELETE FROM group_log WHERE group_id = ?1 AND seq <= \
+         (SELECT min(cursor) FROM group_members WHERE group_id = ?1)",
+    )?
+    .execute([group_key])?;
+    Ok(())
+}
+
+/// Takes one key package of every device of `account_id` but `except` for `claimer`, and
+/// grants `claimer` the right to add each of those devices to one group.
 fn claim_account(
     db: &Connection,
     account_id: &[u8],
     claimer: &DeviceId,
     now: u64,
+    except: Option<&DeviceId>,
 ) -> Result<Vec<ClaimedKeyPackage>, StoreError> {
     if !device_exists(db, claimer)? {
         return Err(StoreError::Forbidden);
@@ -1188,6 +1440,9 @@ fn claim_account(
     let grant_expires_at = clamp_to_sql(coarse_hour(now).saturating_add(GRANT_LIFETIME));
     let mut claimed = Vec::with_capacity(devices.len());
     for (device_id, certificate) in devices {
+        if except.is_some_and(|except| except.as_bytes().as_slice() == device_id.as_slice()) {
+            continue;
+        }
         let Some(key_package) = take_key_package(db, &device_id)? else {
             continue;
         };
@@ -1671,33 +1926,82 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_or_2_database_is_upgraded_in_place_and_keeps_its_data() -> Result<(), StoreError>
-    {
-        for old_version in [1, 2] {
+    fn a_database_of_versions_1_to_4_is_upgraded_in_place_and_keeps_its_data()
+    -> Result<(), StoreError> {
+        const DAY: u64 = 86_400;
+        let account_active_day = NOW - NOW % DAY + 2 * DAY;
+        for old_version in [1, 2, 3, 4] {
             let folder = tempfile::tempdir().expect("a temporary folder");
             let path = folder.path().join("miyu.sqlite");
+            let device_id = new_device(1).device_id;
+            let account_id = new_device(1).account_id;
             {
                 let connection = Connection::open(&path)?;
                 connection.execute_batch(SCHEMA)?;
-                if old_version >= 2 {
-                    connection.execute_batch(MIGRATION_2)?;
+                for (version, migration) in [(2, MIGRATION_2), (3, MIGRATION_3), (4, MIGRATION_4)] {
+                    if old_version >= version {
+                        connection.execute_batch(migration)?;
+                    }
                 }
                 connection.pragma_update(None, "user_version", old_version)?;
                 connection.execute(
                     "INSERT INTO devices (device_id, account_id, device_key, certificate, \
-                     created_hour) VALUES (?1, ?2, ?3, ?4, 0)",
+                     created_hour) VALUES (?1, ?2, ?3, ?4, ?5)",
                     params![
-                        new_device(1).device_id.as_bytes().as_slice(),
-                        new_device(1).account_id.as_bytes().as_slice(),
+                        device_id.as_bytes().as_slice(),
+                        account_id.as_bytes().as_slice(),
                         [1u8; 32].as_slice(),
-                        b"certificate".as_slice()
+                        b"certificate".as_slice(),
+                        clamp_to_sql(NOW),
                     ],
                 )?;
+                if old_version >= 2 {
+                    connection.execute(
+                        "INSERT INTO accounts (account_id, lifetime_days, active_day) \
+                         VALUES (?1, 365, ?2)",
+                        params![
+                            account_id.as_bytes().as_slice(),
+                            clamp_to_sql(account_active_day)
+                        ],
+                    )?;
+                }
+                if old_version >= 3 {
+                    // A blob of a group, from when every blob had one.
+                    connection.execute(
+                        "INSERT INTO groups (group_id, epoch, next_seq) VALUES (?1, 0, 1)",
+                        [[2u8; 16].as_slice()],
+                    )?;
+                    connection.execute(
+                        "INSERT INTO blobs (blob_id, account_id, uploader, group_id, size, \
+                         length, created_hour, expires_at) VALUES (?1, ?2, ?3, ?4, 10, 10, ?5, ?6)",
+                        params![
+                            [2u8; 32].as_slice(),
+                            account_id.as_bytes().as_slice(),
+                            device_id.as_bytes().as_slice(),
+                            [2u8; 16].as_slice(),
+                            clamp_to_sql(NOW),
+                            clamp_to_sql(NOW + 3600),
+                        ],
+                    )?;
+                }
             }
             let mut store = SqliteStore::open(&path)?;
-            let device_id = new_device(1).device_id;
             assert!(store.device(&device_id)?.is_some());
-            store.set_username(&new_device(1).account_id, Some([7; 32]))?;
+            // The device's last active day is its account's, which version 1 did not keep.
+            let listed = store.account_devices(&device_id)?;
+            assert_eq!(listed.len(), 1);
+            assert_eq!(listed[0].created_day, NOW / DAY);
+            let active = if old_version >= 2 {
+                account_active_day
+            } else {
+                NOW
+            };
+            assert_eq!(
+                listed[0].active_day,
+                active / DAY,
+                "from version {old_version}"
+            );
+            store.set_username(&account_id, Some([7; 32]))?;
             let group_id = GroupId::from_bytes(&[1; 16]).expect("16 bytes make a group id");
             store.create_group(NewGroup {
                 group_id: group_id.clone(),
@@ -1709,24 +2013,40 @@ mod tests {
                 posting_key: None,
                 now: NOW,
             })?;
-            store.create_blob(
-                NewBlob {
-                    blob_id: [1; 32],
-                    uploader: device_id,
-                    group_id,
-                    size: 10,
-                    expires_at: NOW + 3600,
-                    max_blobs: 10,
-                    now: NOW,
-                },
-                10,
-            )?;
+            let blob = |number: u8, group_id: Option<GroupId>| NewBlob {
+                blob_id: [number; 32],
+                uploader: device_id,
+                group_id,
+                size: 10,
+                expires_at: NOW + 3600,
+                max_blobs: 10,
+                now: NOW,
+            };
+            store.create_blob(blob(1, Some(group_id)), 30)?;
+            // A blob of the account, which has no group.
+            store.create_blob(blob(3, None), 30)?;
+            store.put_link([5; 32], b"sealed".to_vec(), NOW + 600, NOW)?;
             store.commit()?;
             drop(store);
-            let version: i64 =
-                Connection::open(&path)?.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+            let connection = Connection::open(&path)?;
+            let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
             assert_eq!(version, SCHEMA_VERSION);
-            assert_eq!(SqliteStore::open(&path)?.live_blob_ids()?, [[1; 32]]);
+            let dangling: i64 = connection.query_row(
+                "SELECT count(*) FROM pragma_foreign_key_check",
+                [],
+                |row| row.get(0),
+            )?;
+            assert_eq!(dangling, 0);
+            let mut store = SqliteStore::open(&path)?;
+            let mut live = vec![[1; 32], [3; 32]];
+            if old_version >= 3 {
+                live.insert(1, [2; 32]);
+                let old = store.blob(&[2; 32], &device_id, NOW)?;
+                assert_eq!(old.group_id, GroupId::from_bytes(&[2; 16]).ok());
+                assert_eq!(old.length, 10);
+            }
+            assert_eq!(store.live_blob_ids()?, live);
+            assert_eq!(store.blob(&[3; 32], &device_id, NOW)?.group_id, None);
         }
         Ok(())
     }
