@@ -1198,7 +1198,7 @@ fn a_device_being_linked_takes_its_mailbox_once_before_it_has_authenticated() {
 /// The identity key's signature revoking a device, as PROTOCOL.md §7.17 asks for.
 fn revocation(keys: &miyu_crypto::identity::AccountKeys, device: &miyu_proto::DeviceId) -> Vec<u8> {
     use ed25519_dalek::Signer;
-    ed25519_dalek::SigningKey::from_bytes(&keys.identity_secret())
+    ed25519_dalek::SigningKey::from_bytes(&keys.identity_secret().unwrap())
         .sign(&miyu_proto::cert::revoke_payload(device))
         .to_bytes()
         .to_vec()
@@ -1232,7 +1232,7 @@ fn a_revoked_device_is_disconnected_at_once_and_can_never_get_back_in() {
         let mut device_secret = [0u8; 32];
         getrandom(&mut device_secret);
         let laptop_keys = miyu_crypto::identity::AccountKeys::from_secrets(
-            phone_keys.identity_secret().as_slice(),
+            phone_keys.identity_secret().unwrap().as_slice(),
             &device_secret,
         )
         .unwrap();

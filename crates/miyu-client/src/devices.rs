@@ -262,6 +262,11 @@ impl Client {
             return Err(Error::Usage("that is this device's own code".into()));
         }
         self.connect().await?;
+        if self.account_devices().await?.contains(&device) {
+            return Err(Error::Usage(
+                "that device is linked already; a code serves once".into(),
+            ));
+        }
         let package = wire::LinkPackage {
             certificate: Some(certificate.to_wire()),
             account_name: self.name.clone(),
@@ -363,6 +368,27 @@ impl Client {
         &mut self,
         certificate: &VerifiedCertificate,
     ) -> Result<Claimed, Error> {
+        let device = certificate.device_id();
+        let claimed = self.claim_own_devices().await?;
+        let found = claimed.as_ref().and_then(|claimed| {
+            claimed
+                .devices
+                .iter()
+                .position(|handed| *handed == device)
+                .map(|index| claimed.key_packages[index].clone())
+        });
+        let key_package = found
+            .ok_or_else(|| Error::Protocol("the server had no key of the new device".into()))?;
+        Ok(Claimed {
+            account: self.account_id().to_string(),
+            devices: vec![device],
+            key_packages: vec![key_package],
+        })
+    }
+
+    /// One key package of each other device of the account (none if it has no other), for
+    /// bringing them into a conversation this device starts.
+    pub(crate) async fn claim_own_devices(&mut self) -> Result<Option<Claimed>, Error> {
         let reply = self
             .call(Request::ClaimKeyPackages(wire::ClaimKeyPackages {
                 account_id: self.account_id().as_bytes().to_vec(),
@@ -371,19 +397,37 @@ impl Client {
         let Reply::InviteClaimed(claimed) = reply else {
             return Err(Error::Protocol(format!("unexpected answer: {reply:?}")));
         };
-        let device = certificate.device_id();
-        let handed = claimed
-            .devices
-            .iter()
-            .find(|handed| handed.device_id == device.as_bytes())
-            .ok_or_else(|| Error::Protocol("the server had no key of the new device".into()))?;
-        let key_package =
-            mls::check_key_package(&Provider::new(&self.db), &handed.key_package, certificate)?;
-        Ok(Claimed {
-            account: self.account_id().to_string(),
-            devices: vec![device],
-            key_packages: vec![key_package],
-        })
+        let me = self.keys.certificate().clone();
+        let provider = Provider::new(&self.db);
+        let (mut devices, mut key_packages) = (Vec::new(), Vec::new());
+        for handed in &claimed.devices {
+            let certificate = handed
+                .certificate
+                .as_ref()
+                .ok_or_else(|| Error::Security("a device came without certificate".into()))
+                .and_then(|certificate| {
+                    VerifiedCertificate::verify(certificate).map_err(|error| {
+                        Error::Security(format!("a device's certificate: {error}"))
+                    })
+                })?;
+            // The server cannot slip another account's device, or this one, into our own.
+            if certificate.account_id() != me.account_id() || certificate == me {
+                return Err(Error::Security(
+                    "the server handed out a device that is not another of ours".into(),
+                ));
+            }
+            key_packages.push(mls::check_key_package(
+                &provider,
+                &handed.key_package,
+                &certificate,
+            )?);
+            devices.push(certificate.device_id());
+        }
+        Ok((!devices.is_empty()).then(|| Claimed {
+            account: me.account_id().to_string(),
+            devices,
+            key_packages,
+        }))
     }
 
     async fn account_devices(&mut self) -> Result<Vec<DeviceId>, Error> {

@@ -1142,6 +1142,10 @@ impl Client {
             }
             claims.push(claimed);
         }
+        // Our other devices take part from the start.
+        if let Some(own) = self.claim_own_devices().await? {
+            claims.push(own);
+        }
         // The creator's device and everyone's.
         check_group_size(1, claims.iter().map(|claimed| claimed.devices.len()).sum())?;
         let group_id: [u8; GROUP_ID_LEN] = random();
@@ -2271,7 +2275,9 @@ impl Client {
             )
             .optional()?
             .is_some();
+        // Another device of ours added us.
         let allowed = expected
+            || adder == self.account_id().to_string()
             || match Settings::load(db)?.group_invites {
                 GroupInvites::Nobody => false,
                 GroupInvites::Contacts => is_contact,

@@ -1092,11 +1092,21 @@ impl Client {
             )
             .optional()?;
         if existing.is_none() {
-            privacy::make_room_for_newcomer(db)?;
+            // A conversation another device of ours started: that device accepted the contact.
+            let from_us = joined.sender.account_id() == me;
+            if !from_us {
+                privacy::make_room_for_newcomer(db)?;
+            }
             let placeholder = db::free_contact_name(db, &account[..8], &account)?;
             db.execute(
-                "INSERT INTO contacts (account_id, name, certificate, added_at_ms, state) VALUES (?1, ?2, ?3, ?4, 'pending')",
-                params![account, placeholder, other.to_compact(), now_ms()],
+                "INSERT INTO contacts (account_id, name, certificate, added_at_ms, state) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    account,
+                    placeholder,
+                    other.to_compact(),
+                    now_ms(),
+                    if from_us { "accepted" } else { "pending" }
+                ],
             )?;
         }
         // A conversation another device of ours handed over (with its history) keeps what it
@@ -1599,6 +1609,11 @@ impl Client {
             return Err(Error::Usage("that is your own account".into()));
         }
         self.ensure_unknown(&account)?;
+        // Our other devices take part from the start.
+        if let Some(own) = self.claim_own_devices().await? {
+            devices.extend(own.devices);
+            key_packages.extend(own.key_packages);
+        }
         let group_id: [u8; 16] = random();
         // Until they tell us their name: the placeholder (a username), else the id's start.
         let wanted = name

@@ -5,6 +5,7 @@
 //! 5 a security check failed.
 
 mod demo;
+mod devices;
 mod files;
 mod groups;
 mod privacy;
@@ -66,6 +67,28 @@ enum Command {
         /// passphrase. Anyone who can read the profile folder can then read your messages.
         #[arg(long)]
         no_passphrase: bool,
+    },
+    /// Make this profile a new device of an existing account: prints a one-time `miyu-link://`
+    /// code (and its QR code) to approve on a device of the account with `miyu devices add`,
+    /// then waits for it and takes in the account's history.
+    Link {
+        /// The server's address line, as for `init`.
+        #[arg(long)]
+        server: String,
+        /// What to call this device in `miyu devices` (never sent to the server).
+        #[arg(long, default_value = "new device")]
+        name: String,
+        /// How many seconds to wait for the approval.
+        #[arg(long, default_value_t = miyu_client::devices::LINK_WAIT.as_secs())]
+        wait: u64,
+        /// As for `init`.
+        #[arg(long)]
+        no_passphrase: bool,
+    },
+    /// List this account's devices, or link (`add CODE`) or revoke (`revoke ID`) one.
+    Devices {
+        #[command(subcommand)]
+        action: Option<devices::DevicesAction>,
     },
     /// Print a one-time invite link.
     Invite,
@@ -309,6 +332,36 @@ fn passphrase(prompt: &str, confirm: bool) -> anyhow::Result<Option<Zeroizing<St
 
 /// Opens a profile, asking for its passphrase if it has one and is not unlocked, and applies a
 /// proxy choice made on the command line (`Some(None)`: connect directly).
+fn server_address(text: &str) -> anyhow::Result<ServerAddress> {
+    Ok(text.parse().map_err(|error| {
+        Usage(format!(
+            "{error}; pass the `address:` line miyu-server printed, e.g. wss://127.0.0.1:7443/#<fingerprint>"
+        ))
+    })?)
+}
+
+/// How a new profile is protected: a passphrase (asked for), or with `--no-passphrase` a key
+/// file in the profile.
+fn new_protection(profile: &std::path::Path, no_passphrase: bool) -> anyhow::Result<Protection> {
+    if no_passphrase {
+        eprintln!(
+            "warning: --no-passphrase keeps the database key in {}; anyone who can read \
+             that folder (a thief of this device, a backup) can read your messages",
+            profile.join("key").display()
+        );
+        return Ok(Protection::DangerKeyFile);
+    }
+    match passphrase("Choose a passphrase for this profile: ", true)? {
+        Some(passphrase) => Ok(Protection::Passphrase(passphrase)),
+        None => Err(Usage(
+            "choose a passphrase to encrypt this profile: run this on a terminal, \
+             set MIYU_PASSPHRASE, or pass --no-passphrase"
+                .into(),
+        )
+        .into()),
+    }
+}
+
 async fn open(profile: &std::path::Path, proxy: Option<Option<Proxy>>) -> anyhow::Result<Client> {
     let mut client = match Client::open(profile, None) {
         Err(miyu_client::Error::Locked(reason)) if vault::needs_passphrase(profile) => {
@@ -455,37 +508,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             groups::run(&mut client, action, cli.json).await
         }
         Command::Groups => groups::list(&open(&profile, proxy).await?, cli.json),
+        Command::Link {
+            server,
+            name,
+            wait,
+            no_passphrase,
+        } => {
+            let server = server_address(&server)?;
+            let protection = new_protection(&profile, no_passphrase)?;
+            devices::link(
+                &profile,
+                server,
+                &name,
+                &protection,
+                proxy.flatten(),
+                wait,
+                cli.json,
+            )
+            .await
+        }
+        Command::Devices { action } => devices::devices(&profile, proxy, action, cli.json).await,
         Command::Init {
             server,
             name,
             no_passphrase,
         } => {
-            let server: ServerAddress = server.parse().map_err(|error| {
-                Usage(format!(
-                    "{error}; pass the `address:` line miyu-server printed, e.g. wss://127.0.0.1:7443/#<fingerprint>"
-                ))
-            })?;
+            let server = server_address(&server)?;
             let name = name.unwrap_or_else(|| "me".to_string());
-            let protection = if no_passphrase {
-                eprintln!(
-                    "warning: --no-passphrase keeps the database key in {}; anyone who can read \
-                     that folder (a thief of this device, a backup) can read your messages",
-                    profile.join("key").display()
-                );
-                Protection::DangerKeyFile
-            } else {
-                match passphrase("Choose a passphrase for this profile: ", true)? {
-                    Some(passphrase) => Protection::Passphrase(passphrase),
-                    None => {
-                        return Err(Usage(
-                            "choose a passphrase to encrypt this profile: run init on a terminal, \
-                             set MIYU_PASSPHRASE, or pass --no-passphrase"
-                                .into(),
-                        )
-                        .into());
-                    }
-                }
-            };
+            let protection = new_protection(&profile, no_passphrase)?;
             let mut client =
                 Client::init(&profile, server, &name, &protection, proxy.flatten()).await?;
             client.disconnect().await;

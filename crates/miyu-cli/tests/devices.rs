@@ -1,0 +1,213 @@
+//! End-to-end tests of an account's devices: real `miyu` processes through a real server
+//! process. A new device shows a link code, the first device approves it, the new device gets
+//! the history and every conversation; a revoked device can neither read nor connect.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+
+use common::{Server, conversation, miyu, miyu_ok};
+
+fn profile(root: &Path, server: &str, name: &str) -> PathBuf {
+    let profile = root.join(name);
+    miyu_ok(&profile, &["init", "--server", server, "--name", name]);
+    profile
+}
+
+/// `miyu link` on a new profile, running until approved; returns the process and its code.
+fn start_link(root: &Path, server: &str, name: &str, wait: &str) -> (PathBuf, Child, String) {
+    let profile = root.join(name);
+    let mut child = common::miyu_command()
+        .arg("--profile")
+        .arg(&profile)
+        .args(["link", "--server", server, "--name", name, "--wait", wait])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut code = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut code)
+        .unwrap();
+    assert!(code.starts_with("miyu-link://device?"), "{code:?}");
+    (profile, child, code.trim().to_string())
+}
+
+fn finish(child: Child) -> String {
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stderr}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn link(root: &Path, server: &str, first: &Path, name: &str) -> PathBuf {
+    let (profile, child, code) = start_link(root, server, name, "120");
+    let approved = miyu_ok(first, &["devices", "add", &code, "--yes"]);
+    assert!(approved.contains(&format!("linked {name}")), "{approved}");
+    let linked = finish(child);
+    assert!(linked.contains(&format!("linked as {name}")), "{linked}");
+    profile
+}
+
+fn devices(profile: &Path) -> Vec<serde_json::Value> {
+    serde_json::from_str::<serde_json::Value>(&miyu_ok(profile, &["--json", "devices"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn linked_devices_share_the_history_and_a_revoked_one_is_shut_out() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let phone = profile(root.path(), &server.address, "alice");
+    let bob = profile(root.path(), &server.address, "bob");
+    let link_text = miyu_ok(&phone, &["invite"]);
+    miyu_ok(&bob, &["accept", link_text.trim(), "--name", "alice"]);
+    miyu_ok(&phone, &["sync"]);
+    miyu_ok(&bob, &["sync"]);
+    miyu_ok(&phone, &["send", "bob", "hello from the phone"]);
+    miyu_ok(&bob, &["sync"]);
+    miyu_ok(&bob, &["send", "alice", "hello alice"]);
+    miyu_ok(&phone, &["sync"]);
+    miyu_ok(&phone, &["group", "create", "Harbor", "bob"]);
+    miyu_ok(&bob, &["sync"]);
+    miyu_ok(&bob, &["send", "Harbor", "the tide is low"]);
+    miyu_ok(&phone, &["sync"]);
+
+    // A second device: the same history, and it takes part in both conversations.
+    let laptop = link(root.path(), &server.address, &phone, "laptop");
+    assert_eq!(conversation(&laptop, "bob"), conversation(&phone, "bob"));
+    assert_eq!(
+        conversation(&laptop, "Harbor"),
+        conversation(&phone, "Harbor")
+    );
+    assert!(
+        conversation(&laptop, "bob")
+            .iter()
+            .any(|line| line == "bob: hello alice")
+    );
+    miyu_ok(&laptop, &["send", "bob", "from the laptop"]);
+    miyu_ok(&laptop, &["send", "Harbor", "laptop in the group"]);
+    miyu_ok(&bob, &["sync"]);
+    assert!(
+        conversation(&bob, "alice")
+            .iter()
+            .any(|line| line == "alice: from the laptop")
+    );
+    assert!(
+        conversation(&bob, "Harbor")
+            .iter()
+            .any(|line| line.ends_with("laptop in the group"))
+    );
+    miyu_ok(&phone, &["sync"]);
+    assert!(
+        conversation(&phone, "bob")
+            .iter()
+            .any(|line| line == "me: from the laptop")
+    );
+    miyu_ok(&bob, &["send", "alice", "both of you?"]);
+    for device in [&phone, &laptop] {
+        miyu_ok(device, &["sync"]);
+        assert!(
+            conversation(device, "bob")
+                .iter()
+                .any(|line| line == "bob: both of you?")
+        );
+    }
+
+    // Conversations the phone starts later take the laptop in from the start.
+    let carol = profile(root.path(), &server.address, "carol");
+    let invite = miyu_ok(&carol, &["invite"]);
+    miyu_ok(&phone, &["accept", invite.trim(), "--name", "carol"]);
+    miyu_ok(&carol, &["sync"]);
+    miyu_ok(&carol, &["send", "alice", "hi from carol"]);
+    miyu_ok(&phone, &["group", "create", "Later", "bob"]);
+    miyu_ok(&bob, &["sync"]);
+    miyu_ok(&bob, &["send", "Later", "later indeed"]);
+    miyu_ok(&laptop, &["sync"]);
+    assert!(
+        conversation(&laptop, "carol")
+            .iter()
+            .any(|line| line == "carol: hi from carol")
+    );
+    assert!(
+        conversation(&laptop, "Later")
+            .iter()
+            .any(|line| line.ends_with("later indeed"))
+    );
+
+    // A third, then revoked: it reads nothing sent afterwards and cannot connect.
+    let tablet = link(root.path(), &server.address, &phone, "tablet");
+    assert_eq!(conversation(&tablet, "bob"), conversation(&phone, "bob"));
+    let listed = devices(&phone);
+    assert_eq!(listed.len(), 3);
+    let tablet_id = listed
+        .iter()
+        .find(|device| device["name"] == "tablet")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        listed.iter().filter(|d| d["this_device"] == true).count(),
+        1
+    );
+    // Only the device holding the identity key revokes.
+    assert!(
+        !miyu(&laptop, &["devices", "revoke", &tablet_id])
+            .status
+            .success()
+    );
+    miyu_ok(&phone, &["devices", "revoke", &tablet_id]);
+    miyu_ok(&phone, &["send", "bob", "after the tablet left"]);
+    let refused = miyu(&tablet, &["sync"]);
+    assert!(!refused.status.success());
+    assert!(
+        !conversation(&tablet, "bob")
+            .iter()
+            .any(|line| line.contains("after the tablet left"))
+    );
+    assert_eq!(devices(&phone).len(), 2);
+    for device in [&laptop, &bob] {
+        miyu_ok(device, &["sync"]);
+    }
+    assert!(
+        conversation(&laptop, "bob")
+            .iter()
+            .any(|line| line == "me: after the tablet left")
+    );
+}
+
+#[test]
+fn a_link_without_approval_or_with_a_bad_or_used_code_changes_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let phone = profile(root.path(), &server.address, "alice");
+
+    // Nobody approves: the new device gives up, leaving no profile.
+    let (lonely, child, _) = start_link(root.path(), &server.address, "lonely", "2");
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("in time"));
+    assert!(!lonely.join("miyu.db").exists());
+
+    // A damaged code is refused before anything happens.
+    let (profile, child, code) = start_link(root.path(), &server.address, "laptop", "60");
+    let damaged = code.replace("&secret=", "&secret=x");
+    let refused = miyu(&phone, &["devices", "add", &damaged, "--yes"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert_eq!(devices(&phone).len(), 1);
+    // The right one works, once.
+    miyu_ok(&phone, &["devices", "add", &code, "--yes"]);
+    finish(child);
+    assert_eq!(devices(&phone).len(), 2);
+    let again = miyu(&phone, &["devices", "add", &code, "--yes"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("linked already"));
+    assert_eq!(devices(&phone).len(), 2);
+    assert_eq!(devices(&profile).len(), 2);
+}
