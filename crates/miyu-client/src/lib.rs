@@ -412,6 +412,17 @@ fn restrict_permissions(path: &Path) {
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
 }
 
+/// The stored account row: server, name, identity secret (empty on a linked device), device
+/// secret, certificate, proxy.
+type AccountRow = (
+    String,
+    String,
+    Vec<u8>,
+    Vec<u8>,
+    Option<Vec<u8>>,
+    Option<String>,
+);
+
 /// What a new profile's account row holds.
 pub(crate) struct NewAccount<'a> {
     pub(crate) keys: AccountKeys,
@@ -562,14 +573,7 @@ impl Client {
             Some(db) => db,
             None => db::open(&path, &vault::recover(profile, passphrase)?)?,
         };
-        let (server, name, identity, device, certificate, proxy): (
-            String,
-            String,
-            Vec<u8>,
-            Vec<u8>,
-            Option<Vec<u8>>,
-            Option<String>,
-        ) = db.query_row(
+        let (server, name, identity, device, certificate, proxy): AccountRow = db.query_row(
             "SELECT server, name, identity_secret, device_secret, certificate, proxy FROM account WHERE id = 1",
             [],
             |row| {
