@@ -18,6 +18,7 @@ mod embedded;
 mod files;
 mod group_sizes;
 mod latency;
+mod link_device;
 mod machine;
 mod relay;
 mod scale;
@@ -69,6 +70,19 @@ enum Scenario {
     /// Miyu's own MLS code path (device certificates, SQLite provider) at growing group sizes,
     /// and whether its Welcomes and commits fit in one frame.
     GroupSizes(GroupSizesArgs),
+    /// Linking a new device to an account with many conversations and a long history: real
+    /// clients through a server in this process.
+    LinkDevice(LinkDeviceArgs),
+}
+
+#[derive(Debug, Args)]
+struct LinkDeviceArgs {
+    /// Conversations of the account (one contact each).
+    #[arg(long, default_value_t = 100)]
+    conversations: usize,
+    /// Messages of history, spread over the conversations.
+    #[arg(long, default_value_t = 10_000)]
+    messages: usize,
 }
 
 #[derive(Debug, Args)]
@@ -215,6 +229,7 @@ async fn run(cli: Cli) -> Result<()> {
         Scenario::Files(args) => files(args, machine, cli.json),
         Scenario::MlsScale(args) => mls_scale(args, machine, cli.json),
         Scenario::GroupSizes(args) => group_sizes(args, cli.json),
+        Scenario::LinkDevice(args) => link_device(args, cli.json).await,
     }
 }
 
@@ -592,6 +607,42 @@ fn group_sizes(args: GroupSizesArgs, json: bool) -> Result<()> {
     }
     if json {
         println!("{}", serde_json::to_string(&runs).context("writing JSON")?);
+    }
+    Ok(())
+}
+
+async fn link_device(args: LinkDeviceArgs, json: bool) -> Result<()> {
+    let server = EmbeddedServer::start(StoreBackend::Sqlite).await?;
+    let profiles = tempfile::Builder::new()
+        .prefix("miyu-bench-link-")
+        .tempdir()
+        .context("creating a folder for the profiles")?;
+    let outcome = link_device::run(
+        server.address(),
+        profiles.path(),
+        args.conversations,
+        args.messages,
+    )
+    .await;
+    server.stop().await;
+    let outcome = outcome?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&outcome).context("writing JSON")?
+        );
+    } else {
+        println!(
+            "{} conversations, {} messages: linked in {} (the first device's part {}); the new \
+             device got {} conversations and {} messages (setup {})",
+            outcome.conversations,
+            outcome.messages,
+            format_seconds(outcome.link_seconds),
+            format_seconds(outcome.approve_seconds),
+            outcome.received_conversations,
+            outcome.received_messages,
+            format_seconds(outcome.setup_seconds),
+        );
     }
     Ok(())
 }

@@ -264,7 +264,9 @@ const MIGRATION_6: &str = "
 ALTER TABLE account ADD COLUMN certificate BLOB;
 CREATE TABLE devices (
     device_id TEXT PRIMARY KEY,
-    name TEXT NOT NULL
+    name TEXT NOT NULL,
+    -- Revoked: never to be added to a conversation again, and removed from those it is in.
+    revoked_at_ms INTEGER
 );
 ";
 

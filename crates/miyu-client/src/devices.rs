@@ -25,7 +25,7 @@ use crate::files::BlobClient;
 use crate::groups::{Claimed, Gone};
 use crate::net::{self, Proxy};
 use crate::vault::Protection;
-use crate::{Client, Error, NewAccount, claim_new_profile, discard_new_profile, history};
+use crate::{Client, Error, NewAccount, claim_new_profile, discard_new_profile, history, now_ms};
 
 /// How long either side of a link waits for the other by default.
 pub const LINK_WAIT: Duration = Duration::from_secs(600);
@@ -188,12 +188,14 @@ impl Client {
         // Registered: the other device now adds this one to every conversation, then says
         // where the history is. What the server pushes meanwhile waits for the history.
         client.disconnect().await;
+        // The other device now has a conversation to add this one to, at a time, and the
+        // history to send: a wait of its own.
         let sealed = take_mailbox(
             &server,
             proxy.as_ref(),
             &mut connection,
             new.mailbox(Step::History),
-            deadline,
+            Instant::now() + wait,
         )
         .await?;
         if let Some(connection) = connection {
@@ -261,6 +263,11 @@ impl Client {
         if device == self.keys.certificate().device_id() {
             return Err(Error::Usage("that is this device's own code".into()));
         }
+        if self.is_revoked(&device)? {
+            return Err(Error::Usage(
+                "that device was revoked; a new `miyu link` makes a new one".into(),
+            ));
+        }
         self.connect().await?;
         if self.account_devices().await?.contains(&device) {
             return Err(Error::Usage(
@@ -288,10 +295,21 @@ impl Client {
         }
         self.catch_up().await?;
         let conversations = self.own_conversations()?;
+        let mut added = 0;
         for group_id in &conversations {
             let claimed = self.claim_own_device(&certificate).await?;
-            self.commit_membership_once(group_id, std::slice::from_ref(&claimed), Gone::NOBODY)
-                .await?;
+            // One conversation that refuses (it fell out of step, say) does not keep the
+            // device out of the others, nor from its history.
+            match self
+                .commit_membership_once(group_id, std::slice::from_ref(&claimed), Gone::NOBODY)
+                .await
+            {
+                Ok(()) => added += 1,
+                Err(error) if error.is_transient() => return Err(error),
+                Err(error) => {
+                    tracing::warn!("could not add the new device to a conversation: {error}")
+                }
+            }
         }
         // The history, after the commits: it holds every conversation the device is in.
         let bytes = zeroize::Zeroizing::new(history::export(&self.db)?);
@@ -314,7 +332,7 @@ impl Client {
         Ok(Linked {
             device: device.to_string(),
             name: code.name.clone(),
-            conversations: conversations.len(),
+            conversations: added,
             messages,
         })
     }
@@ -410,10 +428,16 @@ impl Client {
                         Error::Security(format!("a device's certificate: {error}"))
                     })
                 })?;
-            // The server cannot slip another account's device, or this one, into our own.
+            // The server cannot slip another account's device, this one, or one we revoked
+            // into our own.
             if certificate.account_id() != me.account_id() || certificate == me {
                 return Err(Error::Security(
                     "the server handed out a device that is not another of ours".into(),
+                ));
+            }
+            if self.is_revoked(&certificate.device_id())? {
+                return Err(Error::Security(
+                    "the server handed out a device this account revoked".into(),
                 ));
             }
             key_packages.push(mls::check_key_package(
@@ -540,31 +564,73 @@ impl Client {
             .keys
             .sign_revocation(&device)
             .map_err(|error| Error::Usage(error.to_string()))?;
+        // Remembered first: the removals below are retried at every sync until done, and the
+        // device is never added anywhere again.
+        self.db.execute(
+            "INSERT INTO devices (device_id, name, revoked_at_ms) VALUES (?1, '', ?2)
+             ON CONFLICT (device_id) DO UPDATE SET revoked_at_ms = ?2",
+            params![device.to_string(), now_ms()],
+        )?;
         self.call(Request::RevokeDevice(wire::RevokeDevice {
             device_id: device.as_bytes().to_vec(),
             signature: signature.to_vec(),
         }))
         .await?;
         self.catch_up().await?;
-        let provider = Provider::new(&self.db);
+        self.remove_revoked_devices().await?;
+        Ok(device.to_string())
+    }
+
+    fn is_revoked(&self, device: &DeviceId) -> Result<bool, Error> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT 1 FROM devices WHERE device_id = ?1 AND revoked_at_ms IS NOT NULL",
+                params![device.to_string()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    /// Commits the removal of revoked devices of the account from every conversation this
+    /// device is in and they still are: at revocation, and again at each sync until done.
+    pub(crate) async fn remove_revoked_devices(&mut self) -> Result<(), Error> {
+        let revoked: Vec<DeviceId> = {
+            let mut statement = self
+                .db
+                .prepare("SELECT device_id FROM devices WHERE revoked_at_ms IS NOT NULL")?;
+            statement
+                .query_map([], |row| row.get::<_, String>(0))?
+                .filter_map(|id| id.ok().and_then(|id| id.parse().ok()))
+                .collect()
+        };
+        if revoked.is_empty() {
+            return Ok(());
+        }
         let mut holding = Vec::new();
-        for group_id in self.own_conversations()? {
-            if let Some(group) = mls::load_group(&provider, &group_id)?
-                && mls::members(&group)
-                    .iter()
-                    .any(|(_, member)| member.device_id() == device)
-            {
-                holding.push(group_id);
+        {
+            let provider = Provider::new(&self.db);
+            for group_id in self.own_conversations()? {
+                if let Some(group) = mls::load_group(&provider, &group_id)?
+                    && mls::members(&group)
+                        .iter()
+                        .any(|(_, member)| revoked.contains(&member.device_id()))
+                {
+                    holding.push(group_id);
+                }
             }
         }
         for group_id in holding {
-            self.commit_membership_once(&group_id, &[], Gone::Devices(&[device]))
-                .await?;
+            match self
+                .commit_membership_once(&group_id, &[], Gone::Devices(&revoked))
+                .await
+            {
+                Ok(()) => {}
+                Err(error) if error.is_transient() => return Err(error),
+                Err(error) => tracing::warn!("could not remove a revoked device: {error}"),
+            }
         }
-        self.db.execute(
-            "DELETE FROM devices WHERE device_id = ?1",
-            params![device.to_string()],
-        )?;
-        Ok(device.to_string())
+        Ok(())
     }
 }

@@ -733,10 +733,20 @@ pub(crate) fn join(db: &Connection, joined: &mls::JoinedGroup, me: AccountId) ->
                 params![group_id, now_ms()],
             )?;
         }
+        // Known from the history only (this device had no state of it, or MLS would have
+        // refused the Welcome), and someone else adds us: an invitation like any other, judged
+        // when its adder's info arrives.
         Some(_) => {
-            return Err(Error::Security(
-                "a Welcome to a group this device is in already".into(),
-            ));
+            db.execute(
+                "UPDATE groups SET state = 'pending', leaving = 0, adder = ?2, created_at_ms = ?3
+                 WHERE group_id = ?1",
+                params![group_id, joined.sender.account_id().to_string(), now_ms()],
+            )?;
+            db.execute(
+                "UPDATE conversations SET cursor = 0, broken = NULL, pending_commit_hash = NULL,
+                 announce = NULL WHERE group_id = ?1",
+                params![group_id],
+            )?;
         }
         None => {
             let placeholder = db::free_group_name(

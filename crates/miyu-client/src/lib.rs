@@ -822,6 +822,7 @@ impl Client {
             self.pump().await?;
         }
         self.remove_leavers().await?;
+        self.remove_revoked_devices().await?;
         self.decline_silent_groups().await?;
         self.admit_requests().await?;
         self.refresh_posting_keys().await?;
@@ -1083,6 +1084,24 @@ impl Client {
         }
         let group_id = joined.group.group_id().as_slice().to_vec();
         let account = other.account_id().to_string();
+        // A conversation the account's history brought: only our own device may bring us
+        // into it, and only with the contact it is with (a server could otherwise build a
+        // Welcome of its own for the same id and stand in for the contact).
+        let known: Option<String> = db
+            .query_row(
+                "SELECT contact FROM conversations WHERE group_id = ?1",
+                params![group_id],
+                |row| row.get(0),
+            )
+            .optional()?
+            .flatten();
+        if let Some(contact) = known
+            && (contact != account || joined.sender.account_id() != me)
+        {
+            return Err(Error::Security(
+                "a Welcome to a conversation this device knows, from someone else".into(),
+            ));
+        }
         if privacy::is_blocked(db, &account)? {
             return Err(Error::Security(
                 "an invitation from a blocked account".into(),
@@ -1257,6 +1276,21 @@ impl Client {
                 "processed a commit or proposal; now at epoch {}",
                 group.epoch().as_u64()
             );
+            if !mls::is_active(&group) {
+                // Another device of ours removed this one (it was revoked, or the account's
+                // other device did it): nothing here can be read or sent any more.
+                db.execute(
+                    "UPDATE conversations SET broken = ?2 WHERE group_id = ?1",
+                    params![
+                        entry.group_id,
+                        "this device was removed from the conversation by another device of the account"
+                    ],
+                )?;
+                db.execute(
+                    "DELETE FROM outbox WHERE group_id = ?1",
+                    params![entry.group_id],
+                )?;
+            }
             return Ok(None);
         };
         let own = sender.account_id() == self.account_id();

@@ -176,6 +176,13 @@ pub(crate) fn store_message(
     kind: &str,
 ) -> Result<Option<i64>, Error> {
     if received.own {
+        // A deletion that came first stands only if it was ours too: another member cannot
+        // delete our message in advance.
+        db.execute(
+            "DELETE FROM messages WHERE group_id = ?1 AND message_id = ?2 AND deleted = 1
+             AND outgoing = 0",
+            params![received.group_id, received.message_id],
+        )?;
         let inserted = db.execute(
             "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq, expires_at_ms, kind)
              VALUES (?1, ?2, 1, ?3, ?4, ?5, 'sent', ?6, ?7, ?8)",

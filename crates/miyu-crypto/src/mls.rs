@@ -252,7 +252,13 @@ pub fn new_key_package(
 ) -> Result<Vec<u8>, MlsError> {
     let mut builder = KeyPackage::builder();
     if last_resort {
-        builder = builder.mark_as_last_resort();
+        // A key package's extensions must be among its leaf's capabilities, or peers refuse
+        // it (RFC 9420 §10.1).
+        builder = builder.mark_as_last_resort().leaf_node_capabilities(
+            Capabilities::builder()
+                .extensions(vec![ExtensionType::LastResort])
+                .build(),
+        );
     }
     let bundle = builder
         .build(
@@ -978,6 +984,20 @@ mod tests {
             Err(MlsError::BadMember(_))
         ));
         assert_eq!(bob_group.epoch(), epoch);
+    }
+
+    #[test]
+    fn a_last_resort_key_package_is_accepted_and_serves_more_than_once() {
+        let (alice_db, bob_db) = (database(), database());
+        let (alice, bob) = (keys(), keys());
+        let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
+        let bytes = new_key_package(&alice_mls, &alice, true).unwrap();
+        for id in [30u8, 31] {
+            let package = check_key_package(&bob_mls, &bytes, alice.certificate()).unwrap();
+            let created =
+                create_group(&bob_mls, &bob, &[id; 16], &[package], Tree::InWelcome).unwrap();
+            join_group(&alice_mls, &created.welcome, None).unwrap();
+        }
     }
 
     #[test]

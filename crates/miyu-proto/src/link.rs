@@ -67,11 +67,19 @@ impl fmt::Display for LinkCode {
     }
 }
 
-/// Whether `name` can name a device: 1 to 64 bytes, no control characters.
+/// Whether `name` can name a device: 1 to 64 bytes, no control characters, and none of the
+/// invisible marks that could make one name pass for another (zero-width characters, direction
+/// marks, overrides and isolates, the byte-order mark).
 pub fn valid_device_name(name: &str) -> bool {
+    let invisible = |c: char| {
+        matches!(
+            c,
+            '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}'
+        )
+    };
     !name.trim().is_empty()
         && name.len() <= MAX_DEVICE_NAME_BYTES
-        && !name.chars().any(char::is_control)
+        && !name.chars().any(|c| c.is_control() || invisible(c))
 }
 
 impl FromStr for LinkCode {
@@ -175,6 +183,14 @@ mod tests {
         let control = format!("{unnamed}&name={}", text::encode(b"a\nb"));
         assert_eq!(
             control.parse::<LinkCode>(),
+            Err(LinkCodeError::Invalid("name"))
+        );
+        let reversed = format!(
+            "{unnamed}&name={}",
+            text::encode("pad\u{202E}txt".as_bytes())
+        );
+        assert_eq!(
+            reversed.parse::<LinkCode>(),
             Err(LinkCodeError::Invalid("name"))
         );
         assert_eq!(
