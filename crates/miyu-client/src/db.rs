@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::Error;
 use crate::vault::DatabaseKey;
 
-pub(crate) const SCHEMA_VERSION: i64 = 6;
+pub(crate) const SCHEMA_VERSION: i64 = 7;
 
 const SCHEMA: &str = "
 CREATE TABLE account (
@@ -270,6 +270,14 @@ CREATE TABLE devices (
 );
 ";
 
+/// Version 7: the account's recovery key (on the device holding the identity key), to show it
+/// again, and the key its backups are sealed under (derived from it and the recovery
+/// passphrase, which is not kept).
+const MIGRATION_7: &str = "
+ALTER TABLE account ADD COLUMN recovery_key BLOB;
+ALTER TABLE account ADD COLUMN backup_key BLOB;
+";
+
 /// Opens (or creates) the profile database, encrypted with `key`. A wrong key is reported as
 /// [`Error::Locked`].
 pub(crate) fn open(path: &Path, key: &DatabaseKey) -> Result<Connection, Error> {
@@ -288,7 +296,7 @@ pub(crate) fn configure(connection: &mut Connection) -> Result<(), Error> {
     connection.busy_timeout(std::time::Duration::from_secs(5))?;
     let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     match version {
-        0..=5 => {
+        0..=6 => {
             let transaction = connection.transaction()?;
             if version == 0 {
                 transaction.execute_batch(SCHEMA)?;
@@ -305,7 +313,10 @@ pub(crate) fn configure(connection: &mut Connection) -> Result<(), Error> {
             if version < 5 {
                 transaction.execute_batch(MIGRATION_5)?;
             }
-            transaction.execute_batch(MIGRATION_6)?;
+            if version < 6 {
+                transaction.execute_batch(MIGRATION_6)?;
+            }
+            transaction.execute_batch(MIGRATION_7)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             transaction.commit()?;
         }

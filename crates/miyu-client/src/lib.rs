@@ -28,6 +28,7 @@ mod history;
 mod keyring;
 pub mod net;
 mod privacy;
+pub mod recovery;
 pub mod settings;
 pub mod strip;
 pub mod vault;

@@ -21,4 +21,5 @@ pub mod identity;
 pub mod invite;
 pub mod link;
 pub mod mls;
+pub mod recovery;
 pub mod safety;

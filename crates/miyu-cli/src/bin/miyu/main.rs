@@ -90,6 +90,29 @@ enum Command {
         #[command(subcommand)]
         action: Option<devices::DevicesAction>,
     },
+    /// Show this account's recovery key again (on its first device).
+    RecoveryKey,
+    /// Restore an account whose devices are all lost, with its recovery key: this profile
+    /// becomes a new device of it, holding its identity, and gets back the latest backup.
+    /// A recovery passphrase, if the account has one, is read from MIYU_RECOVERY_PASSPHRASE.
+    Recover {
+        /// The server's address line, as for `init`.
+        #[arg(long)]
+        server: String,
+        /// The recovery key `init` printed (miyu-recovery:...).
+        key: String,
+        /// As for `init`.
+        #[arg(long)]
+        no_passphrase: bool,
+    },
+    /// Upload an encrypted backup of the history (replacing the previous one), readable only
+    /// with the recovery key.
+    Backup,
+    /// Bring the latest backup into this profile's history.
+    Restore {
+        /// The recovery key (miyu-recovery:...).
+        key: String,
+    },
     /// Print a one-time invite link.
     Invite,
     /// Accept an invite link and start an encrypted chat.
@@ -332,6 +355,29 @@ fn passphrase(prompt: &str, confirm: bool) -> anyhow::Result<Option<Zeroizing<St
 
 /// Opens a profile, asking for its passphrase if it has one and is not unlocked, and applies a
 /// proxy choice made on the command line (`Some(None)`: connect directly).
+/// The recovery passphrase, when the user set one in the environment.
+fn recovery_passphrase() -> Option<Zeroizing<String>> {
+    std::env::var("MIYU_RECOVERY_PASSPHRASE")
+        .ok()
+        .filter(|passphrase| !passphrase.is_empty())
+        .map(Zeroizing::new)
+}
+
+fn print_restored(restored: &miyu_client::recovery::Restored, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(restored);
+    }
+    if restored.backup {
+        println!(
+            "account {}: {} conversations and {} messages back from the backup",
+            restored.account_id, restored.conversations, restored.messages
+        );
+    } else {
+        println!("account {}: no backup to bring back", restored.account_id);
+    }
+    Ok(())
+}
+
 fn server_address(text: &str) -> anyhow::Result<ServerAddress> {
     Ok(text.parse().map_err(|error| {
         Usage(format!(
@@ -528,6 +574,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Devices { action } => devices::devices(&profile, proxy, action, cli.json).await,
+        Command::RecoveryKey => {
+            let client = open(&profile, proxy).await?;
+            println!("{}", client.recovery_key()?.as_str());
+            Ok(())
+        }
+        Command::Recover {
+            server,
+            key,
+            no_passphrase,
+        } => {
+            let server = server_address(&server)?;
+            let protection = new_protection(&profile, no_passphrase)?;
+            let recovery_passphrase = recovery_passphrase();
+            let (mut client, restored) = Client::recover(
+                &profile,
+                server,
+                &key,
+                recovery_passphrase.as_deref().map(String::as_str),
+                &protection,
+                proxy.flatten(),
+            )
+            .await?;
+            client.disconnect().await;
+            print_restored(&restored, cli.json)
+        }
+        Command::Backup => {
+            let mut client = open(&profile, proxy).await?;
+            let messages = client.backup().await?;
+            client.disconnect().await;
+            if cli.json {
+                print_json(&serde_json::json!({ "messages": messages }))
+            } else {
+                println!(
+                    "backed up ({messages} messages); the server keeps it until the next backup"
+                );
+                Ok(())
+            }
+        }
+        Command::Restore { key } => {
+            let mut client = open(&profile, proxy).await?;
+            let recovery_passphrase = recovery_passphrase();
+            let restored = client
+                .restore(&key, recovery_passphrase.as_deref().map(String::as_str))
+                .await?;
+            client.disconnect().await;
+            print_restored(&restored, cli.json)
+        }
         Command::Init {
             server,
             name,
@@ -538,7 +631,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let protection = new_protection(&profile, no_passphrase)?;
             let mut client =
                 Client::init(&profile, server, &name, &protection, proxy.flatten()).await?;
+            let recovery_passphrase = recovery_passphrase();
+            let recovery = client
+                .set_up_recovery(recovery_passphrase.as_deref().map(String::as_str))
+                .await?;
             client.disconnect().await;
+            eprintln!(
+                "Your recovery key restores this account if all its devices are lost (`miyu recover`). \
+                 Write it down and keep it apart from your devices; `miyu recovery-key` shows it again:\n{}",
+                recovery.as_str()
+            );
             if cli.json {
                 print_json(&serde_json::json!({ "account_id": client.account_id().to_string() }))
             } else {

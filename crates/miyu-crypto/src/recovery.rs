@@ -1,0 +1,320 @@
+//! Recovering an account when all its devices are lost, and its backups.
+//!
+//! At account creation the first device draws a **recovery key**: 256 random bits, shown to the
+//! user as text that also names the account. From it (and, if the user chose one, a recovery
+//! passphrase) come three keys by HKDF-SHA256 (RFC 5869): one the server checks before it hands
+//! out the recovery bundle (it stores only SHA-256 of it), one that seals the bundle (the
+//! identity key and the account's name), and one that seals backups. A passphrase is first
+//! stretched with Argon2id (64 MiB, 3 passes) salted with the recovery key, so that the key
+//! alone does not open the account. Every sealed item carries a random 32-byte salt from which
+//! its own file key is derived, so a key never seals two plaintexts.
+
+use hmac::{Hmac, Mac};
+use miyu_proto::AccountId;
+use rand::RngCore;
+use ring::hkdf;
+use sha2::{Digest, Sha256};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use crate::file::{self, FileKey};
+
+const TEXT_PREFIX: &str = "miyu-recovery:";
+const SALT_LEN: usize = 32;
+/// Salt and the plaintext's length.
+const HEADER_LEN: usize = SALT_LEN + 8;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecoveryError {
+    #[error("not a recovery key: {0}")]
+    BadText(&'static str),
+    #[error("deriving the recovery keys failed")]
+    Derive,
+    #[error("the recovery key or passphrase does not open this")]
+    Open,
+}
+
+/// An account's recovery key. Wiped from memory when dropped.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct RecoveryKey([u8; 32]);
+
+impl RecoveryKey {
+    pub fn generate() -> Self {
+        let mut key = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        Self(key)
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// `miyu-recovery:ACCOUNT:KEY`, the key in base32 in groups of four for writing down.
+    pub fn to_text(&self, account: &AccountId) -> Zeroizing<String> {
+        let encoded = Zeroizing::new(
+            data_encoding::BASE32_NOPAD
+                .encode(&self.0)
+                .to_ascii_lowercase(),
+        );
+        let grouped: Vec<&str> = encoded
+            .as_bytes()
+            .chunks(4)
+            .map(|chunk| std::str::from_utf8(chunk).unwrap_or_default())
+            .collect();
+        Zeroizing::new(format!("{TEXT_PREFIX}{account}:{}", grouped.join("-")))
+    }
+
+    /// Reads what [`to_text`](Self::to_text) wrote (any letter case, with or without the
+    /// dashes and spaces).
+    pub fn parse(text: &str) -> Result<(AccountId, Self), RecoveryError> {
+        let lowered = Zeroizing::new(text.trim().to_ascii_lowercase());
+        let rest = lowered
+            .strip_prefix(TEXT_PREFIX)
+            .ok_or(RecoveryError::BadText("it starts with miyu-recovery:"))?;
+        let (account, key) = rest
+            .split_once(':')
+            .ok_or(RecoveryError::BadText("it names the account"))?;
+        let account: AccountId = account
+            .trim()
+            .parse()
+            .map_err(|_| RecoveryError::BadText("the account id is malformed"))?;
+        let compact = Zeroizing::new(
+            key.chars()
+                .filter(|c| !matches!(c, '-' | ' '))
+                .collect::<String>()
+                .to_ascii_uppercase(),
+        );
+        let bytes = Zeroizing::new(
+            data_encoding::BASE32_NOPAD
+                .decode(compact.as_bytes())
+                .map_err(|_| RecoveryError::BadText("the key is malformed"))?,
+        );
+        let key: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| RecoveryError::BadText("the key has the wrong length"))?;
+        Ok((account, Self(key)))
+    }
+}
+
+/// The keys a recovery key (and passphrase) give for one account.
+pub struct RecoverySecrets {
+    auth: Zeroizing<[u8; 32]>,
+    bundle: Zeroizing<[u8; 32]>,
+    backup: Zeroizing<[u8; 32]>,
+}
+
+struct Len(usize);
+
+impl hkdf::KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+impl RecoverySecrets {
+    pub fn derive(
+        key: &RecoveryKey,
+        passphrase: Option<&str>,
+        account: &AccountId,
+    ) -> Result<Self, RecoveryError> {
+        let mut input = Zeroizing::new(key.0.to_vec());
+        if let Some(passphrase) = passphrase {
+            let params = argon2::Params::new(64 * 1024, 3, 1, Some(32))
+                .map_err(|_| RecoveryError::Derive)?;
+            let argon =
+                argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+            let mut stretched = Zeroizing::new([0u8; 32]);
+            argon
+                .hash_password_into(passphrase.as_bytes(), &key.0, stretched.as_mut())
+                .map_err(|_| RecoveryError::Derive)?;
+            input.extend_from_slice(stretched.as_slice());
+        }
+        let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, account.as_bytes());
+        let prk = salt.extract(&input);
+        let expand = |label: &[u8]| -> Result<Zeroizing<[u8; 32]>, RecoveryError> {
+            let info = [b"miyu recovery v1 ".as_slice(), label];
+            let mut out = Zeroizing::new([0u8; 32]);
+            prk.expand(&info, Len(32))
+                .and_then(|okm| okm.fill(out.as_mut()))
+                .map_err(|_| RecoveryError::Derive)?;
+            Ok(out)
+        };
+        Ok(Self {
+            auth: expand(b"auth")?,
+            bundle: expand(b"bundle")?,
+            backup: expand(b"backup")?,
+        })
+    }
+
+    /// What `Recover` presents to the server.
+    pub fn auth_key(&self) -> &[u8; 32] {
+        &self.auth
+    }
+
+    /// What the server keeps to check it: SHA-256 of the auth key.
+    pub fn verifier(&self) -> [u8; 32] {
+        Sha256::digest(self.auth.as_slice()).into()
+    }
+
+    pub fn seal_bundle(&self, plaintext: &[u8]) -> Result<Vec<u8>, RecoveryError> {
+        seal(&self.bundle, plaintext)
+    }
+
+    pub fn open_bundle(&self, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, RecoveryError> {
+        open(&self.bundle, sealed)
+    }
+
+    /// The key backups are sealed under, kept by the device that makes them (the passphrase,
+    /// if any, is not).
+    pub fn backup_key(&self) -> BackupKey {
+        BackupKey(self.backup.clone())
+    }
+
+    pub fn seal_backup(&self, plaintext: &[u8]) -> Result<Vec<u8>, RecoveryError> {
+        self.backup_key().seal(plaintext)
+    }
+
+    pub fn open_backup(&self, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, RecoveryError> {
+        self.backup_key().open(blob)
+    }
+}
+
+/// The key an account's backups are sealed under.
+pub struct BackupKey(Zeroizing<[u8; 32]>);
+
+impl BackupKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Seals a backup: the blob to upload.
+    pub fn seal(&self, plaintext: &[u8]) -> Result<Vec<u8>, RecoveryError> {
+        seal(&self.0, plaintext)
+    }
+
+    /// Opens a backup from its blob, or from the first [`sealed_len`] bytes of it.
+    pub fn open(&self, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, RecoveryError> {
+        open(&self.0, blob)
+    }
+}
+
+/// How many bytes at the start of a sealed item of `size` plaintext bytes hold it (the rest
+/// of its blob is padding).
+pub fn sealed_len(size: u64) -> Result<u64, RecoveryError> {
+    let layout = file::Layout::new(size, file::DEFAULT_CHUNK).map_err(|_| RecoveryError::Open)?;
+    Ok(HEADER_LEN as u64 + layout.ciphertext_len())
+}
+
+fn item_key(key: &[u8; 32], salt: &[u8]) -> FileKey {
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(salt);
+    FileKey::from_bytes(mac.finalize().into_bytes().into())
+}
+
+/// Salt, then the plaintext's length (8 bytes, big endian), then the file-sealed plaintext
+/// with its padding.
+fn seal(key: &[u8; 32], plaintext: &[u8]) -> Result<Vec<u8>, RecoveryError> {
+    let mut salt = [0u8; SALT_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut salt);
+    let sealed =
+        file::seal_all(&item_key(key, &salt), plaintext).map_err(|_| RecoveryError::Derive)?;
+    Ok([
+        salt.as_slice(),
+        &(plaintext.len() as u64).to_be_bytes(),
+        &sealed,
+    ]
+    .concat())
+}
+
+fn open(key: &[u8; 32], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, RecoveryError> {
+    let (header, ciphertext) = sealed
+        .split_at_checked(HEADER_LEN)
+        .ok_or(RecoveryError::Open)?;
+    let (salt, length) = header.split_at(SALT_LEN);
+    let length = u64::from_be_bytes(length.try_into().map_err(|_| RecoveryError::Open)?);
+    let end = (sealed_len(length)? as usize).saturating_sub(HEADER_LEN);
+    let ciphertext = ciphertext.get(..end).ok_or(RecoveryError::Open)?;
+    file::open_all(&item_key(key, salt), length, ciphertext)
+        .map(Zeroizing::new)
+        .map_err(|_| RecoveryError::Open)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account() -> AccountId {
+        AccountId::from_identity_key(&[5; 32])
+    }
+
+    #[test]
+    fn a_recovery_key_survives_writing_down_and_opens_only_its_own_bundle() {
+        let key = RecoveryKey::generate();
+        let text = key.to_text(&account());
+        let (read_account, read) = RecoveryKey::parse(&text.to_ascii_uppercase()).unwrap();
+        assert_eq!(read_account, account());
+        assert_eq!(read.as_bytes(), key.as_bytes());
+        assert!(RecoveryKey::parse("miyu-recovery:nonsense").is_err());
+
+        let secrets = RecoverySecrets::derive(&key, None, &account()).unwrap();
+        let bundle = secrets.seal_bundle(b"identity and name").unwrap();
+        assert_eq!(
+            secrets.open_bundle(&bundle).unwrap().as_slice(),
+            b"identity and name"
+        );
+        // Sealing twice never gives the same bytes (a fresh salt, so a fresh key).
+        assert_ne!(secrets.seal_bundle(b"identity and name").unwrap(), bundle);
+        // Another key, the same key for another account, or a passphrase it was not made
+        // with: the bundle does not open, and the server's check differs.
+        for other in [
+            RecoverySecrets::derive(&RecoveryKey::generate(), None, &account()).unwrap(),
+            RecoverySecrets::derive(&key, None, &AccountId::from_identity_key(&[6; 32])).unwrap(),
+            RecoverySecrets::derive(&key, Some("a passphrase"), &account()).unwrap(),
+        ] {
+            assert!(other.open_bundle(&bundle).is_err());
+            assert_ne!(other.verifier(), secrets.verifier());
+        }
+        let mut altered = bundle.clone();
+        let last = altered.len() - 1;
+        altered[SALT_LEN + 8] ^= 1;
+        altered[last] ^= 1;
+        assert!(secrets.open_bundle(&altered).is_err());
+        assert!(secrets.open_bundle(&bundle[..10]).is_err());
+        assert_eq!(
+            secrets.verifier(),
+            <[u8; 32]>::from(Sha256::digest(secrets.auth_key()))
+        );
+    }
+
+    #[test]
+    fn a_backup_opens_from_its_blob_or_its_announced_start() {
+        let key = RecoveryKey::generate();
+        let secrets = RecoverySecrets::derive(&key, Some("second factor"), &account()).unwrap();
+        let history: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let blob = secrets.seal_backup(&history).unwrap();
+        assert_eq!(
+            secrets.open_backup(&blob).unwrap().as_slice(),
+            history.as_slice()
+        );
+        let start = sealed_len(history.len() as u64).unwrap() as usize;
+        assert_eq!(
+            secrets.open_backup(&blob[..start]).unwrap().as_slice(),
+            history.as_slice()
+        );
+        assert!(secrets.open_backup(&blob[..start - 1]).is_err());
+        assert!(
+            secrets.open_bundle(&blob).is_err(),
+            "a backup is not a bundle"
+        );
+    }
+}
