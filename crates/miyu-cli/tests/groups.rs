@@ -77,20 +77,8 @@ fn a_group_grows_and_shrinks_and_the_server_never_sees_its_name_or_texts() {
     // The group's ratchet tree went to the server apart from the Welcome, as a sealed blob of
     // the group: Bob's and Carol's inboxes hold one small Welcome naming it.
     {
-        use prost::Message as _;
         let db = rusqlite::Connection::open(server.data.join("miyu.sqlite3")).unwrap();
-        let payloads: Vec<Vec<u8>> = db
-            .prepare("SELECT payload FROM inbox")
-            .unwrap()
-            .query_map([], |row| row.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        let packages: Vec<miyu_proto::wire::WelcomePackage> = payloads
-            .iter()
-            .map(|payload| miyu_proto::wire::WelcomePackage::decode(payload.as_slice()).unwrap())
-            .filter(|package| !package.tree_blob.is_empty())
-            .collect();
+        let packages = served_welcomes(&server);
         assert_eq!(packages.len(), 2);
         assert_eq!(packages[0], packages[1]);
         assert!(packages[0].welcome.len() < 4096);
@@ -791,8 +779,8 @@ fn a_refused_posting_key_is_renewed_and_the_held_message_goes_out() {
     );
 }
 
-/// The tree blob named by the one Welcome in the server's inboxes that names one.
-fn served_tree_file(server: &Server) -> PathBuf {
+/// The Welcomes in the server's inboxes that name a served tree.
+fn served_welcomes(server: &Server) -> Vec<miyu_proto::wire::WelcomePackage> {
     use prost::Message as _;
     let db = rusqlite::Connection::open(server.data.join("miyu.sqlite3")).unwrap();
     let payloads: Vec<Vec<u8>> = db
@@ -802,11 +790,18 @@ fn served_tree_file(server: &Server) -> PathBuf {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    let blobs: Vec<Vec<u8>> = payloads
+    payloads
         .iter()
         .filter_map(|payload| miyu_proto::wire::WelcomePackage::decode(payload.as_slice()).ok())
+        .filter(|package| !package.tree_blob.is_empty())
+        .collect()
+}
+
+/// The tree blob named by the one Welcome in the server's inboxes that names one.
+fn served_tree_file(server: &Server) -> PathBuf {
+    let blobs: Vec<Vec<u8>> = served_welcomes(server)
+        .into_iter()
         .map(|package| package.tree_blob)
-        .filter(|blob| !blob.is_empty())
         .collect();
     assert_eq!(blobs.len(), 1, "one Welcome naming a tree");
     let id = miyu_proto::blob::BlobId(blobs[0].as_slice().try_into().unwrap());

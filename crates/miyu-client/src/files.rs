@@ -378,6 +378,20 @@ impl<'a> BlobClient<'a> {
 }
 
 impl BlobClient<'_> {
+    /// Creates an empty blob (`POST /v1/blobs` with these headers) and returns its id.
+    async fn create(&mut self, headers: &[(&str, String)]) -> Result<BlobId, Error> {
+        let response = self.send(Method::POST, "/v1/blobs", headers, None).await?;
+        if response.status() != StatusCode::CREATED {
+            return Err(refusal(response).await);
+        }
+        response
+            .headers()
+            .get("miyu-blob")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::Protocol("the server named no blob".into()))
+    }
+
     /// Uploads a blob held in memory (a group's sealed ratchet tree, an account's history) in
     /// one request, to the group `group_id` or, without one, to the account; returns its id
     /// once the server holds all of it durably.
@@ -396,16 +410,7 @@ impl BlobClient<'_> {
                     .to_string(),
             ));
         }
-        let response = self.send(Method::POST, "/v1/blobs", &headers, None).await?;
-        if response.status() != StatusCode::CREATED {
-            return Err(refusal(response).await);
-        }
-        let blob_id: BlobId = response
-            .headers()
-            .get("miyu-blob")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| Error::Protocol("the server named no blob".into()))?;
+        let blob_id = self.create(&headers).await?;
         let body = Full::new(Bytes::from(blob))
             .map_err(|never| match never {})
             .boxed();
@@ -842,16 +847,7 @@ impl Client {
                     let at = now_ms() / 1000 + u64::from(timer_s);
                     headers.push(("miyu-expires", at.to_string()));
                 }
-                let response = http.send(Method::POST, "/v1/blobs", &headers, None).await?;
-                if response.status() != StatusCode::CREATED {
-                    return Err(refusal(response).await);
-                }
-                let blob_id: BlobId = response
-                    .headers()
-                    .get("miyu-blob")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .ok_or_else(|| Error::Protocol("the server named no blob".into()))?;
+                let blob_id = http.create(&headers).await?;
                 let key = FileKey::random();
                 // Remembered before any byte leaves, so that an interrupted upload resumes
                 // into the same blob under the same key.
