@@ -124,6 +124,19 @@ impl Blobs {
         &self.dir
     }
 
+    /// Removes the file of a blob whose row is gone. A file that is not there is fine (the
+    /// upload never started); one that cannot be removed is left to [`remove_orphans`].
+    pub(crate) async fn remove_file(&self, id: [u8; 32]) {
+        let path = self.path(&BlobId(id));
+        let removed = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Ok(Err(error)) => tracing::warn!("removing a replaced blob failed: {error}"),
+            Err(error) => tracing::warn!("removing a replaced blob failed: {error}"),
+        }
+    }
+
     /// Admits one signed request of a device: within its budget, and with a nonce it has not
     /// used inside the clock window. Nonces are kept with the time the request carried, so
     /// each is remembered for as long as that time is acceptable.
