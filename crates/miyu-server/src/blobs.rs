@@ -829,3 +829,28 @@ pub(crate) async fn remove_orphans(shared: &Shared) -> Result<usize, StoreError>
     .ok();
     Ok(count)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_replaced_blobs_file_is_removed_and_a_missing_one_is_no_error() {
+        let data = tempfile::tempdir().expect("a temporary folder");
+        let limits = BlobLimits {
+            max_bytes: 1024,
+            quota_bytes: 1024,
+            retention_s: 3600,
+        };
+        let blobs = Blobs::open(data.path(), limits).expect("a blob folder");
+        let (replaced, kept) = ([1; 32], [2; 32]);
+        for id in [replaced, kept] {
+            std::fs::write(blobs.path(&BlobId(id)), b"sealed").expect("a blob file");
+        }
+        blobs.remove_file(replaced).await;
+        assert!(!blobs.path(&BlobId(replaced)).exists());
+        assert!(blobs.path(&BlobId(kept)).exists());
+        // An upload that never started has no file.
+        blobs.remove_file(replaced).await;
+    }
+}
