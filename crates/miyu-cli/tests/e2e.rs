@@ -1341,3 +1341,227 @@ fn a_revoked_device_is_disconnected_at_once_and_can_never_get_back_in() {
         ));
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Recovery: a bundle handed out against a key, guessing locked out per account.
+// ---------------------------------------------------------------------------------------------
+
+fn set_recovery(verifier: &[u8], bundle: &[u8]) -> Request {
+    Request::SetRecovery(wire::SetRecovery {
+        verifier: verifier.to_vec(),
+        bundle: bundle.to_vec(),
+    })
+}
+
+fn recover(account: &[u8], auth_key: &[u8]) -> Request {
+    Request::Recover(wire::Recover {
+        account_id: account.to_vec(),
+        auth_key: auth_key.to_vec(),
+    })
+}
+
+fn set_backup(blob_id: &[u8], size: u64) -> Request {
+    Request::SetBackup(wire::SetBackup {
+        blob_id: blob_id.to_vec(),
+        size,
+    })
+}
+
+/// What a client registers for a recovery key from which it derived `auth_key`.
+fn verifier_of(auth_key: &[u8; 32]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(auth_key).to_vec()
+}
+
+fn random_key() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    getrandom(&mut key);
+    key
+}
+
+/// One `Recover` on a connection of its own that only said Hello, as a person who lost every
+/// device would send it.
+async fn recover_as_a_stranger(
+    address: &ServerAddress,
+    account: &miyu_proto::AccountId,
+    auth_key: &[u8; 32],
+) -> Result<Reply, wire::Error> {
+    let mut connection = Connection::open(address, None).await.unwrap();
+    let id = connection
+        .send(recover(account.as_bytes(), auth_key))
+        .await
+        .unwrap();
+    answer(&mut connection, id).await
+}
+
+#[test]
+fn a_lost_account_gets_its_recovery_bundle_before_authenticating_with_the_right_key_only() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let address: ServerAddress = server.address.parse().unwrap();
+    runtime().block_on(async {
+        let (mut phone, keys) = register(&address).await;
+        let account = keys.certificate().account_id();
+        let auth_key = random_key();
+        let verifier = verifier_of(&auth_key);
+        for malformed in [
+            set_recovery(&verifier[..31], b"sealed"),
+            set_recovery(&verifier, b""),
+            set_recovery(&verifier, &[0; 4097]),
+        ] {
+            assert_eq!(
+                refused(&mut phone, malformed).await,
+                ErrorCode::InvalidArgument
+            );
+        }
+        let id = phone
+            .send(set_recovery(&verifier, &[7; 4096]))
+            .await
+            .unwrap();
+        assert!(matches!(answer(&mut phone, id).await, Ok(Reply::Done(_))));
+        // The later one replaces it.
+        let id = phone
+            .send(set_recovery(&verifier, b"sealed identity key"))
+            .await
+            .unwrap();
+        assert!(matches!(answer(&mut phone, id).await, Ok(Reply::Done(_))));
+        // A backup must name a finished blob of the account; this one names nothing.
+        assert_eq!(
+            refused(&mut phone, set_backup(&[7; 32], 10)).await,
+            ErrorCode::NotFound
+        );
+        assert_eq!(
+            refused(&mut phone, set_backup(&[7; 31], 10)).await,
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            refused(&mut phone, set_backup(&[7; 32], (4 << 30) + 1)).await,
+            ErrorCode::InvalidArgument
+        );
+
+        // Whoever lost every device has only said Hello.
+        match recover_as_a_stranger(&address, &account, &auth_key).await {
+            Ok(Reply::RecoveryBundle(granted)) => {
+                assert_eq!(granted.bundle, b"sealed identity key");
+                assert!(granted.backup_blob.is_empty());
+                assert_eq!(granted.backup_size, 0);
+            }
+            other => panic!("expected the recovery bundle, got {other:?}"),
+        }
+        let wrong = code(
+            &recover_as_a_stranger(&address, &account, &random_key())
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(wrong, ErrorCode::AuthenticationFailed);
+        // An account without a bundle answers as one that does not exist.
+        let (_stranger, stranger_keys) = register(&address).await;
+        for unknown in [
+            stranger_keys.certificate().account_id(),
+            miyu_proto::AccountId::from_bytes(&[9; 16]).unwrap(),
+        ] {
+            let error = recover_as_a_stranger(&address, &unknown, &auth_key)
+                .await
+                .unwrap_err();
+            assert_eq!(code(&error), ErrorCode::NotFound);
+        }
+
+        let mut lost = Connection::open(&address, None).await.unwrap();
+        // Setting a bundle needs a device of the account.
+        assert_eq!(
+            refused(&mut lost, set_recovery(&verifier, b"x")).await,
+            ErrorCode::NotAuthenticated
+        );
+        assert_eq!(
+            refused(&mut lost, recover(&[1; 15], &auth_key)).await,
+            ErrorCode::InvalidArgument
+        );
+        // One connection soon runs out of attempts (2 a second), whatever the account.
+        let mut ids = std::collections::HashSet::new();
+        for _ in 0..10 {
+            ids.insert(lost.send(recover(&[9; 16], &auth_key)).await.unwrap());
+        }
+        // Refused at once or answered by the store: the answers come in any order.
+        let mut codes = Vec::new();
+        while !ids.is_empty() {
+            let frame = lost.receive().await.unwrap();
+            if ids.remove(&frame.request_id) {
+                match frame.body {
+                    Some(Reply::Error(error)) => codes.push(code(&error)),
+                    other => panic!("expected an error, got {other:?}"),
+                }
+            }
+        }
+        assert!(codes.contains(&ErrorCode::RateLimited), "{codes:?}");
+        assert!(codes.contains(&ErrorCode::NotFound), "{codes:?}");
+    });
+}
+
+#[test]
+fn five_wrong_recovery_keys_lock_the_account_even_against_the_right_one_across_a_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let address: ServerAddress = server.address.parse().unwrap();
+    let runtime = runtime();
+    let auth_key = random_key();
+    let (keys, account) = runtime.block_on(async {
+        let (mut phone, keys) = register(&address).await;
+        let id = phone
+            .send(set_recovery(&verifier_of(&auth_key), b"sealed"))
+            .await
+            .unwrap();
+        assert!(matches!(answer(&mut phone, id).await, Ok(Reply::Done(_))));
+        let account = keys.certificate().account_id();
+        // A fresh connection for every guess: the count is the account's, not the
+        // connection's.
+        for _ in 0..5 {
+            let error = recover_as_a_stranger(&address, &account, &random_key())
+                .await
+                .unwrap_err();
+            assert_eq!(code(&error), ErrorCode::AuthenticationFailed);
+        }
+        let error = recover_as_a_stranger(&address, &account, &auth_key)
+            .await
+            .unwrap_err();
+        assert_eq!(code(&error), ErrorCode::RateLimited);
+        (keys, account)
+    });
+
+    let (data, listen) = server.kill9();
+    let _server = Server::start(&data, &listen.to_string(), &[]);
+    runtime.block_on(async {
+        let error = recover_as_a_stranger(&address, &account, &auth_key)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            code(&error),
+            ErrorCode::RateLimited,
+            "the count was forgotten"
+        );
+
+        // A device of the account that sets the bundle again starts the count afresh.
+        let mut phone = Connection::open(&address, None).await.unwrap();
+        let (sha, nonce) = phone.challenge();
+        let signature = keys.sign_auth(sha, nonce);
+        let id = phone
+            .send(Request::Authenticate(wire::Authenticate {
+                device_id: keys.certificate().device_id().as_bytes().to_vec(),
+                signature,
+            }))
+            .await
+            .unwrap();
+        assert!(matches!(
+            answer(&mut phone, id).await,
+            Ok(Reply::Authenticated(_))
+        ));
+        let id = phone
+            .send(set_recovery(&verifier_of(&auth_key), b"sealed again"))
+            .await
+            .unwrap();
+        assert!(matches!(answer(&mut phone, id).await, Ok(Reply::Done(_))));
+        match recover_as_a_stranger(&address, &account, &auth_key).await {
+            Ok(Reply::RecoveryBundle(granted)) => assert_eq!(granted.bundle, b"sealed again"),
+            other => panic!("expected the recovery bundle, got {other:?}"),
+        }
+    });
+}

@@ -124,6 +124,19 @@ impl Blobs {
         &self.dir
     }
 
+    /// Removes the file of a blob whose row is gone. A file that is not there is fine (the
+    /// upload never started); one that cannot be removed is left to [`remove_orphans`].
+    pub(crate) async fn remove_file(&self, id: [u8; 32]) {
+        let path = self.path(&BlobId(id));
+        let removed = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Ok(Err(error)) => tracing::warn!("removing a replaced blob failed: {error}"),
+            Err(error) => tracing::warn!("removing a replaced blob failed: {error}"),
+        }
+    }
+
     /// Admits one signed request of a device: within its budget, and with a nonce it has not
     /// used inside the clock window. Nonces are kept with the time the request carried, so
     /// each is remembered for as long as that time is acceptable.
@@ -815,4 +828,29 @@ pub(crate) async fn remove_orphans(shared: &Shared) -> Result<usize, StoreError>
     .await
     .ok();
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_replaced_blobs_file_is_removed_and_a_missing_one_is_no_error() {
+        let data = tempfile::tempdir().expect("a temporary folder");
+        let limits = BlobLimits {
+            max_bytes: 1024,
+            quota_bytes: 1024,
+            retention_s: 3600,
+        };
+        let blobs = Blobs::open(data.path(), limits).expect("a blob folder");
+        let (replaced, kept) = ([1; 32], [2; 32]);
+        for id in [replaced, kept] {
+            std::fs::write(blobs.path(&BlobId(id)), b"sealed").expect("a blob file");
+        }
+        blobs.remove_file(replaced).await;
+        assert!(!blobs.path(&BlobId(replaced)).exists());
+        assert!(blobs.path(&BlobId(kept)).exists());
+        // An upload that never started has no file.
+        blobs.remove_file(replaced).await;
+    }
 }

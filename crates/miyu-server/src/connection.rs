@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use crate::hub::{Hub, Mailbox, PushedEntry};
 use crate::limits::TokenBucket;
 use crate::store::worker::StoreHandle;
-use crate::store::{EntryKind, NewCommit, NewDevice, NewGroup, StoreError};
+use crate::store::{EntryKind, NewCommit, NewDevice, NewGroup, Recovery, StoreError};
 
 /// Frames waiting to be written to one connection.
 const OUTBOUND_DEPTH: usize = 256;
@@ -81,6 +81,14 @@ const LINK_PUTS_PER_HOUR: f64 = 30.0;
 /// Mailbox takes one connection may make a second (bursts of as many): a new device polls its
 /// mailbox, and a connection that has not authenticated must not hammer the store.
 const LINK_TAKES_PER_SECOND: f64 = 2.0;
+/// The largest recovery bundle: the identity key, sealed, with room to spare.
+const MAX_RECOVERY_BUNDLE: usize = 4096;
+/// Recovery attempts one connection may make a second (bursts of as many). What bounds
+/// guessing is the account's count of failures, kept in the store; this only keeps a
+/// connection that has not authenticated from hammering the store.
+const RECOVERIES_PER_SECOND: f64 = 2.0;
+/// The longest backup, in plaintext bytes: the largest file a client sends.
+const MAX_BACKUP_SIZE: u64 = 4 * 1024 * 1024 * 1024;
 
 /// What every connection shares.
 pub(crate) struct Shared {
@@ -187,15 +195,16 @@ fn encode(request_id: u64, body: Reply) -> Vec<u8> {
 }
 
 fn error_frame(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Vec<u8> {
-    encode(
-        request_id,
-        Reply::Error(wire::Error {
-            code: code as i32,
-            message: message.into(),
-            current_epoch: 0,
-            supported_versions: vec![],
-        }),
-    )
+    encode(request_id, error_reply(code, message))
+}
+
+fn error_reply(code: ErrorCode, message: impl Into<String>) -> Reply {
+    Reply::Error(wire::Error {
+        code: code as i32,
+        message: message.into(),
+        current_epoch: 0,
+        supported_versions: vec![],
+    })
 }
 
 fn store_error_frame(request_id: u64, error: &StoreError) -> Vec<u8> {
@@ -276,6 +285,7 @@ struct Session {
     requests: TokenBucket,
     claims: TokenBucket,
     link_takes: TokenBucket,
+    recoveries: TokenBucket,
     bad_frames: u32,
     /// Told by the delivery task when it stops for a reason other than the peer leaving.
     delivery_failed: Arc<tokio::sync::Notify>,
@@ -318,6 +328,7 @@ pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
         requests: TokenBucket::new(rate, rate * 2.0, now),
         claims: TokenBucket::new(CLAIMS_PER_MINUTE / 60.0, CLAIMS_PER_MINUTE, now),
         link_takes: TokenBucket::new(LINK_TAKES_PER_SECOND, LINK_TAKES_PER_SECOND, now),
+        recoveries: TokenBucket::new(RECOVERIES_PER_SECOND, RECOVERIES_PER_SECOND, now),
         bad_frames: 0,
         delivery_failed: Arc::new(tokio::sync::Notify::new()),
         stalled: false,
@@ -487,6 +498,11 @@ impl Session {
             // can register.
             (Phase::Challenged { .. } | Phase::Authenticated(_), Request::LinkTake(take)) => {
                 self.link_take(id, take).await;
+            }
+            // All devices of the account may be lost: whoever holds the recovery key asks
+            // before it has a device to authenticate with.
+            (Phase::Challenged { .. } | Phase::Authenticated(_), Request::Recover(recover)) => {
+                self.recover(id, recover).await;
             }
             (Phase::Authenticated(_), Request::GroupPost(_)) => {
                 // Sent here it would say who posted: refuse rather than quietly attribute it.
@@ -1198,11 +1214,73 @@ impl Session {
                 );
                 self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
             }
+            Request::SetRecovery(set) => {
+                let Ok(verifier) = <[u8; 32]>::try_from(set.verifier.as_slice()) else {
+                    return self
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "a recovery verifier is 32 bytes",
+                        ))
+                        .await;
+                };
+                if set.bundle.is_empty() || set.bundle.len() > MAX_RECOVERY_BUNDLE {
+                    return self
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "a recovery bundle is 1 to 4,096 bytes",
+                        ))
+                        .await;
+                }
+                let account = context.account;
+                let pending = store.submit(move |store| {
+                    still_registered(store, &device)?;
+                    store.set_recovery(&account, verifier, set.bundle)
+                });
+                self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
+            }
+            Request::SetBackup(set) => {
+                let Ok(blob_id) = <[u8; 32]>::try_from(set.blob_id.as_slice()) else {
+                    return self
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "a blob id is 32 bytes",
+                        ))
+                        .await;
+                };
+                if set.size > MAX_BACKUP_SIZE {
+                    return self
+                        .bad_frame(error_frame(
+                            id,
+                            ErrorCode::InvalidArgument,
+                            "a backup is at most 4 GiB",
+                        ))
+                        .await;
+                }
+                let account = context.account;
+                let shared = Arc::clone(&self.shared);
+                let pending = store.submit(move |store| {
+                    still_registered(store, &device)?;
+                    store.set_backup(&account, &blob_id, set.size, now)
+                });
+                // The replaced backup's file goes before the answer, as its row did; should
+                // removing it fail, the sweep removes it as an orphan.
+                let pending = pending.await.map(|named| async move {
+                    if let Some(replaced) = named.await? {
+                        shared.blobs.remove_file(replaced).await;
+                    }
+                    Ok(())
+                });
+                self.answer(context, pending, |()| Reply::Done(wire::Done {}));
+            }
             Request::Hello(_)
             | Request::Register(_)
             | Request::Authenticate(_)
             | Request::GroupPost(_)
             | Request::LinkTake(_)
+            | Request::Recover(_)
             | Request::Ping(_) => {
                 // Routed elsewhere by `handle`.
             }
@@ -1342,6 +1420,66 @@ impl Session {
             .await;
         self.answer_to(id, pending, |payload| {
             Reply::LinkPayload(wire::LinkPayload { payload })
+        });
+    }
+
+    /// Hands out an account's recovery bundle against the key derived from its recovery key,
+    /// on a connection that may not have authenticated.
+    async fn recover(&mut self, id: u64, recover: wire::Recover) {
+        let Ok(account) = AccountId::from_bytes(&recover.account_id) else {
+            return self
+                .bad_frame(error_frame(
+                    id,
+                    ErrorCode::InvalidArgument,
+                    "an account id is 16 bytes",
+                ))
+                .await;
+        };
+        let Ok(auth_key) = <[u8; 32]>::try_from(recover.auth_key.as_slice()) else {
+            return self
+                .bad_frame(error_frame(
+                    id,
+                    ErrorCode::InvalidArgument,
+                    "a recovery authentication key is 32 bytes",
+                ))
+                .await;
+        };
+        if !self.recoveries.try_take(Instant::now()) {
+            return self
+                .send(error_frame(
+                    id,
+                    ErrorCode::RateLimited,
+                    "too many recovery attempts on this connection; slow down",
+                ))
+                .await;
+        }
+        let now = unix_now();
+        let pending = self
+            .shared
+            .store
+            .submit(move |store| store.recover(&account, &auth_key, now))
+            .await;
+        // A wrong key is counted in the store, durably, before it is answered: failing it as a
+        // store error would undo the count.
+        self.answer_to(id, pending, |recovery| match recovery {
+            Recovery::Granted(granted) => {
+                let (backup_blob, backup_size) = granted.backup.map_or((Vec::new(), 0), |backup| {
+                    (backup.blob_id.to_vec(), backup.size)
+                });
+                Reply::RecoveryBundle(wire::RecoveryBundle {
+                    bundle: granted.bundle,
+                    backup_blob,
+                    backup_size,
+                })
+            }
+            Recovery::WrongKey => error_reply(
+                ErrorCode::AuthenticationFailed,
+                "wrong recovery key; the attempt was counted",
+            ),
+            Recovery::Locked => error_reply(
+                ErrorCode::RateLimited,
+                "too many failed recovery attempts for this account; try again tomorrow",
+            ),
         });
     }
 

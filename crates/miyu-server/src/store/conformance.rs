@@ -6,8 +6,9 @@ use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 use super::memory::MemoryStore;
 use super::sqlite::SqliteStore;
 use super::{
-    BlobId, BlobRecord, ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated, InboxEntry,
-    LogEntry, Membership, NewBlob, NewCommit, NewDevice, NewGroup, Store, StoreError,
+    Backup, BlobId, BlobRecord, ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated,
+    InboxEntry, LogEntry, Membership, NewBlob, NewCommit, NewDevice, NewGroup, Recovery,
+    RecoveryBundle, Store, StoreError,
 };
 
 macro_rules! conformance_suite {
@@ -108,6 +109,14 @@ conformance_suite! {
     own_devices_are_added_to_groups_without_a_grant
     an_account_blob_is_seen_by_the_accounts_registered_devices_only
     account_blobs_count_against_the_quota_expire_and_go_with_the_account
+    a_recovery_bundle_is_handed_out_for_the_right_key_and_replaced_by_the_next
+    wrong_recovery_keys_lock_the_account_for_a_day_even_against_the_right_key
+    setting_the_recovery_again_forgets_the_failures
+    recovering_an_unknown_account_or_one_without_a_bundle_is_not_found
+    a_backup_is_a_finished_unexpired_blob_of_the_account_and_of_no_group
+    naming_another_backup_deletes_the_one_before
+    the_backup_outlives_its_expiry_while_it_is_named
+    recovery_and_backup_go_with_the_account
 }
 
 /// What the suite needs beyond the contract: a state that no operation reaches yet.
@@ -2469,5 +2478,332 @@ fn account_blobs_count_against_the_quota_expire_and_go_with_the_account(
     store.delete_account(&account(1))?;
     store.commit()?;
     assert_eq!(store.live_blob_ids()?, vec![blob_id(4)]);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recovery and backups
+// ---------------------------------------------------------------------------------------------
+
+/// The key a client derives from recovery key `number` for `recover`.
+fn auth_key(number: u8) -> [u8; 32] {
+    [number; 32]
+}
+
+/// What `set_recovery` stores for recovery key `number`.
+fn verifier(number: u8) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(auth_key(number)).into()
+}
+
+fn granted(
+    store: &mut dyn Store,
+    account_id: &AccountId,
+    key: u8,
+    now: u64,
+) -> Result<RecoveryBundle, StoreError> {
+    match store.recover(account_id, &auth_key(key), now)? {
+        Recovery::Granted(bundle) => Ok(bundle),
+        other => panic!("expected the bundle, got {other:?}"),
+    }
+}
+
+/// A finished blob of account 1, uploaded by device 1, that expires in 30 days.
+fn finished_account_blob(store: &mut dyn Store, number: u8, size: u64) -> Outcome {
+    store.create_blob(account_blob(number, device(1), size), QUOTA)?;
+    store.set_blob_length(&blob_id(number), &device(1), size)
+}
+
+fn a_recovery_bundle_is_handed_out_for_the_right_key_and_replaced_by_the_next(
+    store: &mut dyn Store,
+) -> Outcome {
+    register(store, &[1])?;
+    store.set_recovery(&account(1), verifier(1), b"sealed 1".to_vec())?;
+    store.commit()?;
+    assert_eq!(
+        granted(store, &account(1), 1, NOW)?,
+        RecoveryBundle {
+            bundle: b"sealed 1".to_vec(),
+            backup: None
+        }
+    );
+    // A right key counts no failure: it can be used again and again.
+    for _ in 0..10 {
+        assert_eq!(granted(store, &account(1), 1, NOW)?.bundle, b"sealed 1");
+    }
+
+    store.set_recovery(&account(1), verifier(2), b"sealed 2".to_vec())?;
+    store.commit()?;
+    assert_eq!(
+        store.recover(&account(1), &auth_key(1), NOW)?,
+        Recovery::WrongKey
+    );
+    assert_eq!(granted(store, &account(1), 2, NOW)?.bundle, b"sealed 2");
+    Ok(())
+}
+
+/// The window opens with the first failure and ends a day after the end of its hour.
+fn wrong_recovery_keys_lock_the_account_for_a_day_even_against_the_right_key(
+    store: &mut dyn Store,
+) -> Outcome {
+    register(store, &[1, 2])?;
+    store.set_recovery(&account(1), verifier(1), b"sealed 1".to_vec())?;
+    store.set_recovery(&account(2), verifier(2), b"sealed 2".to_vec())?;
+    store.commit()?;
+    let first_failure = NOW + HOUR / 2;
+    for attempt in 0..5 {
+        assert_eq!(
+            store.recover(&account(1), &auth_key(9), first_failure + attempt)?,
+            Recovery::WrongKey
+        );
+        // Each failure is kept with the batch it was made in.
+        store.commit()?;
+    }
+    let window_end = NOW + HOUR + DAY;
+    for key in [1, 9] {
+        assert_eq!(
+            store.recover(&account(1), &auth_key(key), window_end - 1)?,
+            Recovery::Locked
+        );
+    }
+    // Another account is not held up.
+    assert_eq!(
+        granted(store, &account(2), 2, NOW + HOUR)?.bundle,
+        b"sealed 2"
+    );
+
+    assert_eq!(
+        granted(store, &account(1), 1, window_end)?.bundle,
+        b"sealed 1"
+    );
+    // A new window opens with the next failure, with five attempts again.
+    for _ in 0..5 {
+        assert_eq!(
+            store.recover(&account(1), &auth_key(9), window_end)?,
+            Recovery::WrongKey
+        );
+    }
+    store.commit()?;
+    assert_eq!(
+        store.recover(&account(1), &auth_key(1), window_end + DAY)?,
+        Recovery::Locked
+    );
+    assert_eq!(
+        granted(store, &account(1), 1, window_end + DAY + HOUR)?.bundle,
+        b"sealed 1"
+    );
+    Ok(())
+}
+
+fn setting_the_recovery_again_forgets_the_failures(store: &mut dyn Store) -> Outcome {
+    register(store, &[1])?;
+    store.set_recovery(&account(1), verifier(1), b"sealed".to_vec())?;
+    for _ in 0..5 {
+        store.recover(&account(1), &auth_key(9), NOW)?;
+    }
+    store.commit()?;
+    assert_eq!(
+        store.recover(&account(1), &auth_key(1), NOW)?,
+        Recovery::Locked
+    );
+    store.set_recovery(&account(1), verifier(1), b"sealed again".to_vec())?;
+    store.commit()?;
+    assert_eq!(granted(store, &account(1), 1, NOW)?.bundle, b"sealed again");
+    // All five attempts are back.
+    for _ in 0..5 {
+        assert_eq!(
+            store.recover(&account(1), &auth_key(9), NOW)?,
+            Recovery::WrongKey
+        );
+    }
+    assert_eq!(
+        store.recover(&account(1), &auth_key(1), NOW)?,
+        Recovery::Locked
+    );
+    Ok(())
+}
+
+fn recovering_an_unknown_account_or_one_without_a_bundle_is_not_found(
+    store: &mut dyn Store,
+) -> Outcome {
+    register(store, &[1])?;
+    store.commit()?;
+    for account_id in [account(1), account(9)] {
+        for _ in 0..10 {
+            assert!(matches!(
+                store.recover(&account_id, &auth_key(1), NOW),
+                Err(StoreError::NotFound)
+            ));
+        }
+    }
+    // Those attempts counted nothing against a bundle set afterwards.
+    store.set_recovery(&account(1), verifier(1), b"sealed".to_vec())?;
+    for _ in 0..4 {
+        store.recover(&account(1), &auth_key(9), NOW)?;
+    }
+    assert_eq!(granted(store, &account(1), 1, NOW)?.bundle, b"sealed");
+    Ok(())
+}
+
+fn a_backup_is_a_finished_unexpired_blob_of_the_account_and_of_no_group(
+    store: &mut dyn Store,
+) -> Outcome {
+    // Device 4 is a second device of account 1; devices 2 and 3 are other accounts.
+    group_of_three_and_a_second_device_of_account_1(store)?;
+    store.create_blob(new_blob(1, device(1), group(1), 10), QUOTA)?;
+    store.set_blob_length(&blob_id(1), &device(1), 10)?;
+    store.create_blob(account_blob(2, device(2), 10), QUOTA)?;
+    store.set_blob_length(&blob_id(2), &device(2), 10)?;
+    store.create_blob(account_blob(3, device(1), 10), QUOTA)?;
+    store.set_blob_length(&blob_id(3), &device(1), 9)?;
+    store.create_blob(
+        NewBlob {
+            expires_at: NOW + HOUR,
+            ..account_blob(4, device(1), 10)
+        },
+        QUOTA,
+    )?;
+    store.set_blob_length(&blob_id(4), &device(1), 10)?;
+    // Any device of the account may have uploaded it.
+    store.create_blob(account_blob(5, device(4), 10), QUOTA)?;
+    store.set_blob_length(&blob_id(5), &device(4), 10)?;
+    store.commit()?;
+
+    // A group's blob, another account's, an unfinished one, an expired one, an unknown one.
+    for (number, now) in [(1, NOW), (2, NOW), (3, NOW), (4, NOW + HOUR), (9, NOW)] {
+        assert!(
+            matches!(
+                store.set_backup(&account(1), &blob_id(number), 100, now),
+                Err(StoreError::NotFound)
+            ),
+            "blob {number}"
+        );
+    }
+    assert_eq!(store.set_backup(&account(1), &blob_id(5), 100, NOW)?, None);
+    store.commit()?;
+    // A refused one changes nothing.
+    assert!(matches!(
+        store.set_backup(&account(1), &blob_id(3), 100, NOW),
+        Err(StoreError::NotFound)
+    ));
+    store.set_recovery(&account(1), verifier(1), b"sealed".to_vec())?;
+    assert_eq!(
+        granted(store, &account(1), 1, NOW)?.backup,
+        Some(Backup {
+            blob_id: blob_id(5),
+            size: 100
+        })
+    );
+    assert_eq!(
+        store.live_blob_ids()?,
+        [1, 2, 3, 4, 5].map(blob_id).to_vec()
+    );
+    Ok(())
+}
+
+fn naming_another_backup_deletes_the_one_before(store: &mut dyn Store) -> Outcome {
+    register(store, &[1])?;
+    store.set_recovery(&account(1), verifier(1), b"sealed".to_vec())?;
+    for number in [1, 2] {
+        finished_account_blob(store, number, 10)?;
+    }
+    store.commit()?;
+    assert_eq!(store.set_backup(&account(1), &blob_id(1), 100, NOW)?, None);
+    assert_eq!(
+        store.set_backup(&account(1), &blob_id(2), 200, NOW)?,
+        Some(blob_id(1))
+    );
+    store.commit()?;
+    assert_eq!(store.live_blob_ids()?, [blob_id(2)]);
+    assert!(matches!(
+        store.blob(&blob_id(1), &device(1), NOW),
+        Err(StoreError::NotFound)
+    ));
+    // Naming the same blob again only changes its size.
+    assert_eq!(store.set_backup(&account(1), &blob_id(2), 300, NOW)?, None);
+    assert_eq!(
+        granted(store, &account(1), 1, NOW)?.backup,
+        Some(Backup {
+            blob_id: blob_id(2),
+            size: 300
+        })
+    );
+    assert_eq!(store.live_blob_ids()?, [blob_id(2)]);
+    Ok(())
+}
+
+fn the_backup_outlives_its_expiry_while_it_is_named(store: &mut dyn Store) -> Outcome {
+    register(store, &[1])?;
+    for number in [1, 2] {
+        store.create_blob(
+            NewBlob {
+                expires_at: NOW + DAY,
+                ..account_blob(number, device(1), 10)
+            },
+            QUOTA,
+        )?;
+        store.set_blob_length(&blob_id(number), &device(1), 10)?;
+    }
+    store.set_backup(&account(1), &blob_id(1), 100, NOW)?;
+    store.commit()?;
+    let later = NOW + 90 * DAY;
+    store.touch_account(&account(1), None, later)?;
+    assert_eq!(store.expire(later, later)?, 1);
+    store.commit()?;
+    assert_eq!(store.live_blob_ids()?, [blob_id(1)]);
+    // It is still handed out, past its expiry, and can be named again.
+    assert_eq!(store.blob(&blob_id(1), &device(1), later)?.length, 10);
+    assert_eq!(
+        store.set_backup(&account(1), &blob_id(1), 100, later)?,
+        None
+    );
+
+    // Replaced, it goes at once.
+    finished_account_blob(store, 3, 10)?;
+    assert_eq!(
+        store.set_backup(&account(1), &blob_id(3), 100, NOW)?,
+        Some(blob_id(1))
+    );
+    store.commit()?;
+    assert_eq!(store.live_blob_ids()?, [blob_id(3)]);
+    Ok(())
+}
+
+fn recovery_and_backup_go_with_the_account(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2])?;
+    for number in [1, 2] {
+        store.set_recovery(&account(number), verifier(number), b"sealed".to_vec())?;
+    }
+    finished_account_blob(store, 1, 10)?;
+    store.set_backup(&account(1), &blob_id(1), 100, NOW)?;
+    store.create_blob(account_blob(2, device(2), 10), QUOTA)?;
+    store.set_blob_length(&blob_id(2), &device(2), 10)?;
+    store.set_backup(&account(2), &blob_id(2), 100, NOW)?;
+    store.touch_account(&account(2), Some(30), NOW)?;
+    store.commit()?;
+
+    store.delete_account(&account(1))?;
+    store.commit()?;
+    assert!(matches!(
+        store.recover(&account(1), &auth_key(1), NOW),
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(store.live_blob_ids()?, [blob_id(2)]);
+
+    // So do an inactive account's, backup and all.
+    store.expire(NOW + 30 * DAY, 0)?;
+    store.commit()?;
+    assert!(matches!(
+        store.recover(&account(2), &auth_key(2), NOW + 30 * DAY),
+        Err(StoreError::NotFound)
+    ));
+    assert!(store.live_blob_ids()?.is_empty());
+
+    // A new account of the same identity starts with neither.
+    register(store, &[1])?;
+    assert!(matches!(
+        store.recover(&account(1), &auth_key(1), NOW),
+        Err(StoreError::NotFound)
+    ));
     Ok(())
 }

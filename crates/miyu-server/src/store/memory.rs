@@ -9,10 +9,10 @@ use std::ops::Bound;
 use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 
 use super::{
-    Appended, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord, DeviceSummary,
-    EntryKind, GroupCreated, InboxEntry, LogEntry, Membership, NewBlob, NewCommit, NewDevice,
-    NewGroup, Store, StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_day,
-    coarse_hour, day_number,
+    Appended, Backup, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord,
+    DeviceSummary, EntryKind, GroupCreated, InboxEntry, LogEntry, Membership, NewBlob, NewCommit,
+    NewDevice, NewGroup, Recovery, RecoveryBundle, RecoveryDecision, RecoveryFailures, Store,
+    StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_day, coarse_hour, day_number,
 };
 
 /// A [`Store`] that keeps everything in memory; nothing survives the value.
@@ -31,6 +31,8 @@ pub struct MemoryStore {
     revoked: HashMap<DeviceId, AccountId>,
     /// Linking mailboxes: the sealed message and when it expires.
     links: HashMap<[u8; 32], (Vec<u8>, u64)>,
+    recoveries: HashMap<AccountId, StoredRecovery>,
+    backups: HashMap<AccountId, Backup>,
 }
 
 impl Store for MemoryStore {
@@ -276,6 +278,76 @@ impl Store for MemoryStore {
         }
     }
 
+    fn set_recovery(
+        &mut self,
+        account_id: &AccountId,
+        verifier: [u8; 32],
+        bundle: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        self.recoveries.insert(
+            *account_id,
+            StoredRecovery {
+                verifier,
+                bundle,
+                failures: RecoveryFailures::default(),
+            },
+        );
+        Ok(())
+    }
+
+    fn recover(
+        &mut self,
+        account_id: &AccountId,
+        auth_key: &[u8; 32],
+        now: u64,
+    ) -> Result<Recovery, StoreError> {
+        let recovery = self
+            .recoveries
+            .get_mut(account_id)
+            .ok_or(StoreError::NotFound)?;
+        match super::decide_recovery(&recovery.verifier, recovery.failures, auth_key, now)? {
+            RecoveryDecision::Locked => Ok(Recovery::Locked),
+            RecoveryDecision::WrongKey(failures) => {
+                recovery.failures = failures;
+                Ok(Recovery::WrongKey)
+            }
+            RecoveryDecision::Granted => Ok(Recovery::Granted(RecoveryBundle {
+                bundle: recovery.bundle.clone(),
+                backup: self.backups.get(account_id).copied(),
+            })),
+        }
+    }
+
+    fn set_backup(
+        &mut self,
+        account_id: &AccountId,
+        blob_id: &BlobId,
+        size: u64,
+        now: u64,
+    ) -> Result<Option<BlobId>, StoreError> {
+        let named_before = self.backups.get(account_id).map(|backup| backup.blob_id);
+        super::check_backup_blob(
+            self.blobs.get(blob_id).map(|blob| &blob.record),
+            account_id,
+            named_before == Some(*blob_id),
+            now,
+        )?;
+        self.backups.insert(
+            *account_id,
+            Backup {
+                blob_id: *blob_id,
+                size,
+            },
+        );
+        match named_before {
+            Some(replaced) if replaced != *blob_id => {
+                self.blobs.remove(&replaced);
+                Ok(Some(replaced))
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn delete_account(&mut self, account_id: &AccountId) -> Result<(), StoreError> {
         let devices: BTreeSet<DeviceId> = self
             .devices
@@ -297,6 +369,8 @@ impl Store for MemoryStore {
         self.blobs
             .retain(|_, blob| blob.record.account_id != *account_id);
         self.revoked.retain(|_, holder| holder != account_id);
+        self.recoveries.remove(account_id);
+        self.backups.remove(account_id);
         Ok(())
     }
 
@@ -692,10 +766,12 @@ impl Store for MemoryStore {
         // Likewise, only whole hours before the day's start surely are a day old.
         let unfinished_cutoff_hour = coarse_hour(now.saturating_sub(UNFINISHED_BLOB_LIFETIME));
         let groups = &self.groups;
+        let backups: BTreeSet<BlobId> =
+            self.backups.values().map(|backup| backup.blob_id).collect();
         let before = self.blobs.len();
-        self.blobs.retain(|_, blob| {
+        self.blobs.retain(|blob_id, blob| {
             let unfinished = blob.record.length < blob.record.size;
-            blob.record.expires_at > now
+            (blob.record.expires_at > now || backups.contains(blob_id))
                 && !(unfinished && blob.created_hour < unfinished_cutoff_hour)
                 && blob.record.group_id.as_ref().is_none_or(|group_id| {
                     groups
@@ -757,10 +833,15 @@ impl Store for MemoryStore {
         device: &DeviceId,
         now: u64,
     ) -> Result<BlobRecord, StoreError> {
+        let is_backup = || {
+            self.backups
+                .values()
+                .any(|backup| backup.blob_id == *blob_id)
+        };
         let blob = &self
             .blobs
             .get(blob_id)
-            .filter(|blob| blob.record.expires_at > now)
+            .filter(|blob| blob.record.expires_at > now || is_backup())
             .ok_or(StoreError::NotFound)?
             .record;
         let allowed = blob.uploader == *device
@@ -915,6 +996,12 @@ struct Stored<T> {
     created_hour: u64,
     /// When the entry disappears, for disappearing messages.
     expires_at: Option<u64>,
+}
+
+struct StoredRecovery {
+    verifier: [u8; 32],
+    bundle: Vec<u8>,
+    failures: RecoveryFailures,
 }
 
 struct StoredBlob {

@@ -192,6 +192,43 @@ pub struct BlobRecord {
     pub expires_at: u64,
 }
 
+/// How an account can be recovered when its devices are lost (PROTOCOL.md §7.18): the bundle
+/// its client sealed, opaque to the server, and the account's latest backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryBundle {
+    pub bundle: Vec<u8>,
+    pub backup: Option<Backup>,
+}
+
+/// The blob an account named as its latest backup, and the backup's plaintext length as its
+/// client gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backup {
+    pub blob_id: BlobId,
+    pub size: u64,
+}
+
+/// What one attempt to recover an account came to; see [`Store::recover`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// The key was right.
+    Granted(RecoveryBundle),
+    /// The key was wrong, and the failure is counted against the account.
+    WrongKey,
+    /// The account's failed attempts in the current window are used up: the key was not
+    /// checked.
+    Locked,
+}
+
+/// Failed recovery attempts an account may have in one window before every attempt is refused
+/// until the window ends.
+pub const MAX_RECOVERY_FAILURES: u32 = 5;
+
+/// How long a window of failed recovery attempts lasts at least. It opens with the first
+/// failure when none is open and closes this long after the end of that failure's hour (the
+/// server keeps only the hour), so it lasts 24 to 25 hours.
+pub const RECOVERY_WINDOW: u64 = 24 * 3600;
+
 /// Errors, sorted by who must act.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -336,9 +373,46 @@ pub trait Store: Send + 'static {
     /// none, or only one that has expired at `now`.
     fn take_link(&mut self, mailbox: &[u8; 32], now: u64) -> Result<Vec<u8>, StoreError>;
 
+    /// Stores the account's recovery bundle and `verifier`, the SHA-256 of the key that
+    /// [`recover`](Store::recover) must be given, replacing any earlier ones, and forgets the
+    /// account's failed recovery attempts.
+    fn set_recovery(
+        &mut self,
+        account_id: &AccountId,
+        verifier: [u8; 32],
+        bundle: Vec<u8>,
+    ) -> Result<(), StoreError>;
+
+    /// Hands out the account's recovery bundle and backup if the SHA-256 of `auth_key` is its
+    /// verifier (compared in constant time). Once [`MAX_RECOVERY_FAILURES`] attempts failed in
+    /// the current window (see [`RECOVERY_WINDOW`]), every attempt is `Locked`, the key
+    /// unchecked, until the window ends. A wrong key is `WrongKey` and counts one failure,
+    /// which stays with the batch like any other change. A right key changes nothing.
+    /// `NotFound` if the account has no bundle, whether or not it exists.
+    fn recover(
+        &mut self,
+        account_id: &AccountId,
+        auth_key: &[u8; 32],
+        now: u64,
+    ) -> Result<Recovery, StoreError>;
+
+    /// Names `blob_id`, `size` plaintext bytes, as the account's backup: a finished blob of
+    /// the account (none of a group) that has not expired at `now`, or the backup already.
+    /// While it stays the backup, `expire` leaves it be and `blob` hands it out whatever its
+    /// expiry. The blob named before, if another, is deleted, and its id returned so that its
+    /// file can go too. `NotFound` if the blob does not exist, has expired, is another
+    /// account's or a group's, or is unfinished.
+    fn set_backup(
+        &mut self,
+        account_id: &AccountId,
+        blob_id: &BlobId,
+        size: u64,
+        now: u64,
+    ) -> Result<Option<BlobId>, StoreError>;
+
     /// Deletes an account and everything stored for it: devices, the record of its revoked
-    /// devices, key packages, inboxes, group memberships, invites, grants, username and the
-    /// blobs its devices uploaded. Log
+    /// devices, key packages, inboxes, group memberships, invites, grants, username, recovery
+    /// bundle, backup and the blobs its devices uploaded. Log
     /// entries it posted stay until the other members have them (they carry no poster).
     fn delete_account(&mut self, account_id: &AccountId) -> Result<(), StoreError>;
 
@@ -451,8 +525,9 @@ pub trait Store: Send + 'static {
     /// Deletes a device's inbox entries up to and including `seq`.
     fn ack_inbox(&mut self, device_id: &DeviceId, seq: u64) -> Result<(), StoreError>;
 
-    /// Deletes log and inbox entries stored before `cutoff`, log entries, invites, grants and
-    /// blobs and linking mailboxes that expired before `now`, accounts inactive for longer than
+    /// Deletes log and inbox entries stored before `cutoff`, log entries, invites, grants,
+    /// blobs (but an account's backup) and linking mailboxes that expired before `now`,
+    /// accounts inactive for longer than
     /// their lifetime, blobs whose group has no member left, and unfinished blobs created more than a day before
     /// `now` (they go once their whole hour of creation is: late rather than early, so that no
     /// upload in progress loses its blob). Returns how many rows went.
@@ -467,8 +542,9 @@ pub trait Store: Send + 'static {
     fn create_blob(&mut self, blob: NewBlob, quota_bytes: u64) -> Result<(), StoreError>;
 
     /// A blob, for a device allowed to see it: its uploader, a current member of its group or,
-    /// for a blob of an account, a registered device of that account. `NotFound` if there is no such blob or it has expired at `now`; `Forbidden` for anyone
-    /// else.
+    /// for a blob of an account, a registered device of that account. `NotFound` if there is
+    /// no such blob or it has expired at `now` (an account's backup does not expire);
+    /// `Forbidden` for anyone else.
     fn blob(
         &mut self,
         blob_id: &BlobId,
@@ -543,6 +619,92 @@ fn check_revocation(
         return Err(StoreError::AuthenticationFailed);
     }
     Ok(())
+}
+
+/// The failed recovery attempts of an account in its current window; both backends store
+/// these two numbers and let this decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct RecoveryFailures {
+    count: u32,
+    /// Unix seconds, on the hour; 0 when no window was ever opened.
+    window_ends_at: u64,
+}
+
+impl RecoveryFailures {
+    /// True when no attempt may be made at `now`.
+    fn locked(&self, now: u64) -> bool {
+        now < self.window_ends_at && self.count >= MAX_RECOVERY_FAILURES
+    }
+
+    /// Counts one more failure at `now`, in the open window or in a new one.
+    fn counted(self, now: u64) -> Self {
+        if now < self.window_ends_at {
+            Self {
+                count: self.count.saturating_add(1),
+                ..self
+            }
+        } else {
+            Self {
+                count: 1,
+                window_ends_at: coarse_hour(now)
+                    .saturating_add(3600)
+                    .saturating_add(RECOVERY_WINDOW),
+            }
+        }
+    }
+}
+
+/// What [`Store::recover`] does, decided on the stored verifier and failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecoveryDecision {
+    /// Refuse without checking the key.
+    Locked,
+    /// Refuse, and store these failures.
+    WrongKey(RecoveryFailures),
+    /// Hand the bundle out.
+    Granted,
+}
+
+fn decide_recovery(
+    verifier: &[u8],
+    failures: RecoveryFailures,
+    auth_key: &[u8; 32],
+    now: u64,
+) -> Result<RecoveryDecision, StoreError> {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    let verifier: &[u8; 32] = verifier
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("a stored recovery verifier has the wrong length"))?;
+    if failures.locked(now) {
+        return Ok(RecoveryDecision::Locked);
+    }
+    if bool::from(Sha256::digest(auth_key).ct_eq(verifier)) {
+        Ok(RecoveryDecision::Granted)
+    } else {
+        Ok(RecoveryDecision::WrongKey(failures.counted(now)))
+    }
+}
+
+/// The checks of [`Store::set_backup`] on the blob's record: a finished blob of `account_id`
+/// and of no group that has not expired at `now`, unless it is the backup already.
+fn check_backup_blob(
+    blob: Option<&BlobRecord>,
+    account_id: &AccountId,
+    already_the_backup: bool,
+    now: u64,
+) -> Result<(), StoreError> {
+    let fits = blob.is_some_and(|blob| {
+        blob.account_id == *account_id
+            && blob.group_id.is_none()
+            && blob.length == blob.size
+            && (blob.expires_at > now || already_the_backup)
+    });
+    if fits {
+        Ok(())
+    } else {
+        Err(StoreError::NotFound)
+    }
 }
 
 /// The checks of [`Store::commit_members`] that need no stored data.

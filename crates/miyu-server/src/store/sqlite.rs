@@ -12,10 +12,10 @@ use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    Appended, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord, DeviceSummary,
-    EntryKind, GroupCreated, InboxEntry, LogEntry, Membership, NewBlob, NewCommit, NewDevice,
-    NewGroup, Store, StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_day,
-    coarse_hour, day_number,
+    Appended, Backup, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord,
+    DeviceSummary, EntryKind, GroupCreated, InboxEntry, LogEntry, Membership, NewBlob, NewCommit,
+    NewDevice, NewGroup, Recovery, RecoveryBundle, RecoveryDecision, RecoveryFailures, Store,
+    StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_day, coarse_hour, day_number,
 };
 
 /// A [`Store`] in one SQLite database file.
@@ -380,6 +380,112 @@ impl Store for SqliteStore {
             })
             .optional()?
             .ok_or(StoreError::NotFound)
+        })
+    }
+
+    fn set_recovery(
+        &mut self,
+        account_id: &AccountId,
+        verifier: [u8; 32],
+        bundle: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        self.write(|db| {
+            db.prepare_cached(
+                "INSERT INTO recovery (account_id, verifier, bundle, failures, window_ends_at) \
+                 VALUES (?1, ?2, ?3, 0, 0) ON CONFLICT (account_id) DO UPDATE SET \
+                 verifier = excluded.verifier, bundle = excluded.bundle, failures = 0, \
+                 window_ends_at = 0",
+            )?
+            .execute(params![
+                account_id.as_bytes().as_slice(),
+                verifier.as_slice(),
+                bundle
+            ])?;
+            Ok(())
+        })
+    }
+
+    fn recover(
+        &mut self,
+        account_id: &AccountId,
+        auth_key: &[u8; 32],
+        now: u64,
+    ) -> Result<Recovery, StoreError> {
+        self.write(|db| {
+            let account = account_id.as_bytes().as_slice();
+            let (verifier, bundle, count, window_ends_at) = db
+                .prepare_cached(
+                    "SELECT verifier, bundle, failures, window_ends_at FROM recovery \
+                     WHERE account_id = ?1",
+                )?
+                .query_row([account], |row| {
+                    Ok((
+                        row.get::<_, Vec<u8>>(0)?,
+                        row.get::<_, Vec<u8>>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, i64>(3)?,
+                    ))
+                })
+                .optional()?
+                .ok_or(StoreError::NotFound)?;
+            let failures = RecoveryFailures {
+                count: u32::try_from(count)
+                    .map_err(|_| StoreError::Corrupt("a stored failure count is out of range"))?,
+                window_ends_at: u64_from_sql(window_ends_at)?,
+            };
+            match super::decide_recovery(&verifier, failures, auth_key, now)? {
+                RecoveryDecision::Locked => Ok(Recovery::Locked),
+                RecoveryDecision::WrongKey(failures) => {
+                    db.prepare_cached(
+                        "UPDATE recovery SET failures = ?2, window_ends_at = ?3 \
+                         WHERE account_id = ?1",
+                    )?
+                    .execute(params![
+                        account,
+                        failures.count,
+                        clamp_to_sql(failures.window_ends_at)
+                    ])?;
+                    Ok(Recovery::WrongKey)
+                }
+                RecoveryDecision::Granted => Ok(Recovery::Granted(RecoveryBundle {
+                    bundle,
+                    backup: backup_of(db, account)?,
+                })),
+            }
+        })
+    }
+
+    fn set_backup(
+        &mut self,
+        account_id: &AccountId,
+        blob_id: &BlobId,
+        size: u64,
+        now: u64,
+    ) -> Result<Option<BlobId>, StoreError> {
+        self.write(|db| {
+            let account = account_id.as_bytes().as_slice();
+            let named_before = backup_of(db, account)?.map(|backup| backup.blob_id);
+            let blob = blob_row(db, blob_id)?;
+            super::check_backup_blob(
+                blob.as_ref(),
+                account_id,
+                named_before == Some(*blob_id),
+                now,
+            )?;
+            db.prepare_cached(
+                "INSERT INTO backups (account_id, blob_id, size) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (account_id) DO UPDATE SET blob_id = excluded.blob_id, \
+                 size = excluded.size",
+            )?
+            .execute(params![account, blob_id.as_slice(), clamp_to_sql(size)])?;
+            match named_before {
+                Some(replaced) if replaced != *blob_id => {
+                    db.prepare_cached("DELETE FROM blobs WHERE blob_id = ?1")?
+                        .execute([replaced.as_slice()])?;
+                    Ok(Some(replaced))
+                }
+                _ => Ok(None),
+            }
         })
     }
 
@@ -846,7 +952,11 @@ impl Store for SqliteStore {
                 ("DELETE FROM inbox WHERE created_hour < ?1", cutoff_hour),
                 ("DELETE FROM invites WHERE expires_at <= ?1", now),
                 ("DELETE FROM add_grants WHERE expires_at <= ?1", now),
-                ("DELETE FROM blobs WHERE expires_at <= ?1", now),
+                (
+                    "DELETE FROM blobs WHERE expires_at <= ?1 \
+                     AND blob_id NOT IN (SELECT blob_id FROM backups)",
+                    now,
+                ),
                 ("DELETE FROM link_mailboxes WHERE expires_at <= ?1", now),
                 (
                     "DELETE FROM blobs WHERE length < size AND created_hour < ?1",
@@ -936,45 +1046,23 @@ impl Store for SqliteStore {
         now: u64,
     ) -> Result<BlobRecord, StoreError> {
         self.read(|db| {
-            let blob = db
-                .prepare_cached(
-                    "SELECT account_id, uploader, group_id, size, length, expires_at FROM blobs \
-                     WHERE blob_id = ?1 AND expires_at > ?2",
-                )?
-                .query_row(params![blob_id.as_slice(), clamp_to_sql(now)], |row| {
-                    Ok((
-                        row.get::<_, Vec<u8>>(0)?,
-                        row.get::<_, Vec<u8>>(1)?,
-                        row.get::<_, Option<Vec<u8>>>(2)?,
-                        row.get::<_, i64>(3)?,
-                        row.get::<_, i64>(4)?,
-                        row.get::<_, i64>(5)?,
-                    ))
-                })
-                .optional()?;
-            let Some((account_id, uploader, group_id, size, length, expires_at)) = blob else {
+            let Some(blob) = blob_row(db, blob_id)? else {
                 return Err(StoreError::NotFound);
             };
-            let uploader = decode_device_id(&uploader)?;
-            let allowed = uploader == *device
-                || match &group_id {
-                    Some(group_id) => is_member(db, group_id, device)?,
+            if blob.expires_at <= now && !is_backup(db, blob_id)? {
+                return Err(StoreError::NotFound);
+            }
+            let allowed = blob.uploader == *device
+                || match &blob.group_id {
+                    Some(group_id) => is_member(db, group_id.as_bytes(), device)?,
                     // An account's blob: for its registered devices, not revoked ones.
-                    None => account_of(db, device)?.is_some_and(|of| of == account_id),
+                    None => account_of(db, device)?
+                        .is_some_and(|of| of.as_slice() == blob.account_id.as_bytes().as_slice()),
                 };
             if !allowed {
                 return Err(StoreError::Forbidden);
             }
-            Ok(BlobRecord {
-                blob_id: *blob_id,
-                account_id: AccountId::from_bytes(&account_id)
-                    .map_err(|_| StoreError::Corrupt("a stored account id has the wrong length"))?,
-                uploader,
-                group_id: group_id.as_deref().map(decode_group_id).transpose()?,
-                size: u64_from_sql(size)?,
-                length: u64_from_sql(length)?,
-                expires_at: u64_from_sql(expires_at)?,
-            })
+            Ok(blob)
         })
     }
 
@@ -1119,7 +1207,7 @@ impl SqliteStore {
 /// How long the right to add a device, won by claiming an invite, lasts.
 const GRANT_LIFETIME: u64 = 24 * 3600;
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA: &str = "
 CREATE TABLE devices (
@@ -1295,12 +1383,35 @@ CREATE INDEX blobs_by_group ON blobs (group_id);
 CREATE INDEX blobs_unfinished_by_hour ON blobs (created_hour) WHERE length < size;
 ";
 
+/// Version 6: account recovery and backups. The recovery bundle is sealed by the client and
+/// opaque here; the verifier is the SHA-256 of the key `Recover` must present. An account's
+/// backup blob is kept past its expiry while it is named here, which the reference makes
+/// sure of: a blob row cannot go while a backup names it.
+const MIGRATION_6: &str = "
+-- Failed recovery attempts: how many in the window that ends at `window_ends_at` (Unix
+-- seconds, on the hour). A table with row ids: a bundle may take a few KiB.
+CREATE TABLE recovery (
+    account_id BLOB PRIMARY KEY NOT NULL,
+    verifier BLOB NOT NULL,
+    bundle BLOB NOT NULL,
+    failures INTEGER NOT NULL,
+    window_ends_at INTEGER NOT NULL
+);
+
+-- `size` is the backup's plaintext length as the client gave it, handed back by `Recover`.
+CREATE TABLE backups (
+    account_id BLOB PRIMARY KEY NOT NULL,
+    blob_id BLOB NOT NULL UNIQUE REFERENCES blobs (blob_id),
+    size INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
 fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     // Immediate, so that two processes opening a new file do not both create the schema.
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let version: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
     match version {
-        0..=4 => {
+        0..=5 => {
             if version == 0 {
                 transaction.execute_batch(SCHEMA)?;
             }
@@ -1313,7 +1424,10 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
             if version < 4 {
                 transaction.execute_batch(MIGRATION_4)?;
             }
-            transaction.execute_batch(MIGRATION_5)?;
+            if version < 5 {
+                transaction.execute_batch(MIGRATION_5)?;
+            }
+            transaction.execute_batch(MIGRATION_6)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         SCHEMA_VERSION => {}
@@ -1340,11 +1454,14 @@ fn delete_account_rows(db: &Connection, account_id: &[u8]) -> Result<(), StoreEr
          OR target IN (SELECT device_id FROM devices WHERE account_id = ?1)",
         "DELETE FROM group_members WHERE device_id IN (SELECT device_id FROM devices WHERE account_id = ?1)",
         "DELETE FROM inbox WHERE device_id IN (SELECT device_id FROM devices WHERE account_id = ?1)",
+        // Before the blobs, one of which it names.
+        "DELETE FROM backups WHERE account_id = ?1",
         "DELETE FROM blobs WHERE account_id = ?1",
         "DELETE FROM devices WHERE account_id = ?1",
         "DELETE FROM revoked_devices WHERE account_id = ?1",
         "DELETE FROM invites WHERE account_id = ?1",
         "DELETE FROM usernames WHERE account_id = ?1",
+        "DELETE FROM recovery WHERE account_id = ?1",
         "DELETE FROM accounts WHERE account_id = ?1",
     ];
     for sql in by_device {
@@ -1366,6 +1483,64 @@ fn touch_account_row(db: &Connection, account: &[u8], now: u64) -> Result<(), St
         clamp_to_sql(coarse_day(now))
     ])?;
     Ok(())
+}
+
+/// A blob's record, expired or not.
+fn blob_row(db: &Connection, blob_id: &BlobId) -> Result<Option<BlobRecord>, StoreError> {
+    let row = db
+        .prepare_cached(
+            "SELECT account_id, uploader, group_id, size, length, expires_at FROM blobs \
+             WHERE blob_id = ?1",
+        )?
+        .query_row([blob_id.as_slice()], |row| {
+            Ok((
+                row.get::<_, Vec<u8>>(0)?,
+                row.get::<_, Vec<u8>>(1)?,
+                row.get::<_, Option<Vec<u8>>>(2)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, i64>(4)?,
+                row.get::<_, i64>(5)?,
+            ))
+        })
+        .optional()?;
+    let Some((account_id, uploader, group_id, size, length, expires_at)) = row else {
+        return Ok(None);
+    };
+    Ok(Some(BlobRecord {
+        blob_id: *blob_id,
+        account_id: AccountId::from_bytes(&account_id)
+            .map_err(|_| StoreError::Corrupt("a stored account id has the wrong length"))?,
+        uploader: decode_device_id(&uploader)?,
+        group_id: group_id.as_deref().map(decode_group_id).transpose()?,
+        size: u64_from_sql(size)?,
+        length: u64_from_sql(length)?,
+        expires_at: u64_from_sql(expires_at)?,
+    }))
+}
+
+/// True when an account names the blob as its backup.
+fn is_backup(db: &Connection, blob_id: &BlobId) -> Result<bool, StoreError> {
+    Ok(db
+        .prepare_cached("SELECT 1 FROM backups WHERE blob_id = ?1")?
+        .exists([blob_id.as_slice()])?)
+}
+
+/// The backup an account named, if any.
+fn backup_of(db: &Connection, account: &[u8]) -> Result<Option<Backup>, StoreError> {
+    let row = db
+        .prepare_cached("SELECT blob_id, size FROM backups WHERE account_id = ?1")?
+        .query_row([account], |row| {
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, i64>(1)?))
+        })
+        .optional()?;
+    let Some((blob_id, size)) = row else {
+        return Ok(None);
+    };
+    Ok(Some(Backup {
+        blob_id: BlobId::try_from(blob_id)
+            .map_err(|_| StoreError::Corrupt("a stored blob id has the wrong length"))?,
+        size: u64_from_sql(size)?,
+    }))
 }
 
 /// The account of a registered device.
@@ -1926,11 +2101,11 @@ mod tests {
     }
 
     #[test]
-    fn a_database_of_versions_1_to_4_is_upgraded_in_place_and_keeps_its_data()
+    fn a_database_of_versions_1_to_5_is_upgraded_in_place_and_keeps_its_data()
     -> Result<(), StoreError> {
         const DAY: u64 = 86_400;
         let account_active_day = NOW - NOW % DAY + 2 * DAY;
-        for old_version in [1, 2, 3, 4] {
+        for old_version in [1, 2, 3, 4, 5] {
             let folder = tempfile::tempdir().expect("a temporary folder");
             let path = folder.path().join("miyu.sqlite");
             let device_id = new_device(1).device_id;
@@ -1938,7 +2113,12 @@ mod tests {
             {
                 let connection = Connection::open(&path)?;
                 connection.execute_batch(SCHEMA)?;
-                for (version, migration) in [(2, MIGRATION_2), (3, MIGRATION_3), (4, MIGRATION_4)] {
+                for (version, migration) in [
+                    (2, MIGRATION_2),
+                    (3, MIGRATION_3),
+                    (4, MIGRATION_4),
+                    (5, MIGRATION_5),
+                ] {
                     if old_version >= version {
                         connection.execute_batch(migration)?;
                     }
@@ -1984,9 +2164,38 @@ mod tests {
                         ],
                     )?;
                 }
+                if old_version >= 5 {
+                    // Version 5 kept the device's own active day; a finished blob of the
+                    // account, which version 5 introduced; a linking mailbox.
+                    connection.execute(
+                        "UPDATE devices SET active_day = ?1",
+                        [clamp_to_sql(account_active_day)],
+                    )?;
+                    connection.execute(
+                        "INSERT INTO blobs (blob_id, account_id, uploader, group_id, size, \
+                         length, created_hour, expires_at) VALUES (?1, ?2, ?3, NULL, 10, 10, \
+                         ?4, ?5)",
+                        params![
+                            [4u8; 32].as_slice(),
+                            account_id.as_bytes().as_slice(),
+                            device_id.as_bytes().as_slice(),
+                            clamp_to_sql(NOW),
+                            clamp_to_sql(NOW + 3600),
+                        ],
+                    )?;
+                    connection.execute(
+                        "INSERT INTO link_mailboxes (mailbox, payload, expires_at) \
+                         VALUES (?1, x'01', ?2)",
+                        params![[6u8; 32].as_slice(), clamp_to_sql(NOW + 600)],
+                    )?;
+                }
             }
             let mut store = SqliteStore::open(&path)?;
             assert!(store.device(&device_id)?.is_some());
+            if old_version >= 5 {
+                assert_eq!(store.take_link(&[6; 32], NOW)?, [1]);
+                assert_eq!(store.blob(&[4; 32], &device_id, NOW)?.length, 10);
+            }
             // The device's last active day is its account's, which version 1 did not keep.
             let listed = store.account_devices(&device_id)?;
             assert_eq!(listed.len(), 1);
@@ -2022,10 +2231,13 @@ mod tests {
                 max_blobs: 10,
                 now: NOW,
             };
-            store.create_blob(blob(1, Some(group_id)), 30)?;
+            store.create_blob(blob(1, Some(group_id)), 40)?;
             // A blob of the account, which has no group.
-            store.create_blob(blob(3, None), 30)?;
+            store.create_blob(blob(3, None), 40)?;
             store.put_link([5; 32], b"sealed".to_vec(), NOW + 600, NOW)?;
+            store.set_recovery(&account_id, [8; 32], b"sealed".to_vec())?;
+            store.set_blob_length(&[3; 32], &device_id, 10)?;
+            assert_eq!(store.set_backup(&account_id, &[3; 32], 5, NOW)?, None);
             store.commit()?;
             drop(store);
             let connection = Connection::open(&path)?;
@@ -2045,9 +2257,42 @@ mod tests {
                 assert_eq!(old.group_id, GroupId::from_bytes(&[2; 16]).ok());
                 assert_eq!(old.length, 10);
             }
+            if old_version >= 5 {
+                live.push([4; 32]);
+            }
             assert_eq!(store.live_blob_ids()?, live);
             assert_eq!(store.blob(&[3; 32], &device_id, NOW)?.group_id, None);
+            // The new tables work: a wrong key counts, and the backup outlives its expiry.
+            assert_eq!(
+                store.recover(&account_id, &[1; 32], NOW)?,
+                Recovery::WrongKey
+            );
+            store.expire(NOW + 7200, 0)?;
+            store.commit()?;
+            assert_eq!(store.live_blob_ids()?, [[3; 32]]);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn failed_recovery_attempts_survive_closing_and_reopening() -> Result<(), StoreError> {
+        use sha2::{Digest, Sha256};
+        let folder = tempfile::tempdir().expect("a temporary folder");
+        let path = folder.path().join("miyu.sqlite");
+        let account_id = new_device(1).account_id;
+        let verifier: [u8; 32] = Sha256::digest([1u8; 32]).into();
+        let mut store = SqliteStore::open(&path)?;
+        store.set_recovery(&account_id, verifier, b"sealed".to_vec())?;
+        for _ in 0..5 {
+            assert_eq!(
+                store.recover(&account_id, &[9; 32], NOW)?,
+                Recovery::WrongKey
+            );
+            store.commit()?;
+            drop(store);
+            store = SqliteStore::open(&path)?;
+        }
+        assert_eq!(store.recover(&account_id, &[1; 32], NOW)?, Recovery::Locked);
         Ok(())
     }
 
