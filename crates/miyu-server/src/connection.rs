@@ -446,6 +446,12 @@ impl Session {
         self.send(bytes).await;
     }
 
+    /// Refuses request `id` as malformed, counting it as a bad frame.
+    async fn invalid(&mut self, id: u64, message: &str) {
+        self.bad_frame(error_frame(id, ErrorCode::InvalidArgument, message))
+            .await;
+    }
+
     async fn handle(&mut self, bytes: &[u8]) {
         let frame = match frame::decode_client_frame(bytes) {
             Ok(frame) => frame,
@@ -615,13 +621,7 @@ impl Session {
                     .await;
             }
             None => {
-                return self
-                    .bad_frame(error_frame(
-                        id,
-                        ErrorCode::InvalidArgument,
-                        "certificate missing",
-                    ))
-                    .await;
+                return self.invalid(id, "certificate missing").await;
             }
         };
         if !certificate.verify_auth(
@@ -641,11 +641,10 @@ impl Session {
             || register.last_resort_key_package.is_empty()
         {
             return self
-                .bad_frame(error_frame(
+                .invalid(
                     id,
-                    ErrorCode::InvalidArgument,
                     "register with at most 200 key packages and one last-resort key package",
-                ))
+                )
                 .await;
         }
         // Only a well-formed, signed registration spends from the server-wide budget, so
@@ -822,13 +821,7 @@ impl Session {
         match request {
             Request::UploadKeyPackages(upload) => {
                 if upload.key_packages.len() > MAX_KEY_PACKAGES_PER_UPLOAD {
-                    return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "too many key packages",
-                        ))
-                        .await;
+                    return self.invalid(id, "too many key packages").await;
                 }
                 let last_resort =
                     Some(upload.last_resort_key_package).filter(|bytes| !bytes.is_empty());
@@ -846,21 +839,11 @@ impl Session {
             }
             Request::CreateInvite(invite) => {
                 let Ok(token_hash) = <[u8; 32]>::try_from(invite.token_hash.as_slice()) else {
-                    return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "token hash is 32 bytes",
-                        ))
-                        .await;
+                    return self.invalid(id, "token hash is 32 bytes").await;
                 };
                 if invite.uses > MAX_INVITE_USES {
                     return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "an invite can be used at most 1,000 times",
-                        ))
+                        .invalid(id, "an invite can be used at most 1,000 times")
                         .await;
                 }
                 let account = context.account;
@@ -910,11 +893,7 @@ impl Session {
             Request::SetAccountLifetime(set) => {
                 if !ACCOUNT_LIFETIMES_DAYS.contains(&set.days) {
                     return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "an account lifetime is 30, 91, 182 or 365 days",
-                        ))
+                        .invalid(id, "an account lifetime is 30, 91, 182 or 365 days")
                         .await;
                 }
                 let account = context.account;
@@ -951,13 +930,7 @@ impl Session {
             }
             Request::CreateGroup(create) => {
                 let Some(new_group) = parse_new_group(create, device, now) else {
-                    return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "malformed group id or device id",
-                        ))
-                        .await;
+                    return self.invalid(id, "malformed group id or device id").await;
                 };
                 let group_id = new_group.group_id.clone();
                 let shared = Arc::clone(&self.shared);
@@ -975,13 +948,7 @@ impl Session {
                     Ok(wire::EntryKind::Application) => EntryKind::Application,
                     Ok(wire::EntryKind::Commit) => EntryKind::Commit,
                     _ => {
-                        return self
-                            .bad_frame(error_frame(
-                                id,
-                                ErrorCode::InvalidArgument,
-                                "unknown entry kind",
-                            ))
-                            .await;
+                        return self.invalid(id, "unknown entry kind").await;
                     }
                 };
                 let Some(group_id) = self.group_id(id, &post.group_id).await else {
@@ -995,13 +962,7 @@ impl Session {
                 let epoch = Epoch(post.epoch);
                 let expires_at = stored_expiry(post.expires_at, kind, now);
                 let Ok(next_posting_key) = posting_key_of(&post.next_posting_key) else {
-                    return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "a posting key is 32 bytes",
-                        ))
-                        .await;
+                    return self.invalid(id, "a posting key is 32 bytes").await;
                 };
                 let payload = post.payload;
                 let connection = context.connection;
@@ -1065,13 +1026,7 @@ impl Session {
                         .await;
                 }
                 let Ok(account) = AccountId::from_bytes(&claim.account_id) else {
-                    return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "an account id is 16 bytes",
-                        ))
-                        .await;
+                    return self.invalid(id, "an account id is 16 bytes").await;
                 };
                 let pending =
                     store.submit(move |store| store.claim_contact(&account, &device, now));
@@ -1080,11 +1035,7 @@ impl Session {
             Request::Commit(commit) => {
                 let Some(new_commit) = parse_commit(commit, device, now) else {
                     return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "malformed group id, device id or empty commit",
-                        ))
+                        .invalid(id, "malformed group id, device id or empty commit")
                         .await;
                 };
                 let group_id = new_commit.group_id.clone();
@@ -1152,21 +1103,11 @@ impl Session {
             }
             Request::LinkPut(put) => {
                 let Ok(mailbox) = <[u8; 32]>::try_from(put.mailbox.as_slice()) else {
-                    return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "a linking mailbox id is 32 bytes",
-                        ))
-                        .await;
+                    return self.invalid(id, "a linking mailbox id is 32 bytes").await;
                 };
                 if put.payload.len() > MAX_LINK_PAYLOAD {
                     return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "a linking message is at most 64 KiB",
-                        ))
+                        .invalid(id, "a linking message is at most 64 KiB")
                         .await;
                 }
                 let allowed = self
@@ -1197,13 +1138,7 @@ impl Session {
             }
             Request::RevokeDevice(revoke) => {
                 let Ok(revoked) = DeviceId::from_bytes(&revoke.device_id) else {
-                    return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "a device id is 16 bytes",
-                        ))
-                        .await;
+                    return self.invalid(id, "a device id is 16 bytes").await;
                 };
                 let shared = Arc::clone(&self.shared);
                 // Its connections close as soon as the revocation is durable, this one too if
@@ -1216,21 +1151,11 @@ impl Session {
             }
             Request::SetRecovery(set) => {
                 let Ok(verifier) = <[u8; 32]>::try_from(set.verifier.as_slice()) else {
-                    return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "a recovery verifier is 32 bytes",
-                        ))
-                        .await;
+                    return self.invalid(id, "a recovery verifier is 32 bytes").await;
                 };
                 if set.bundle.is_empty() || set.bundle.len() > MAX_RECOVERY_BUNDLE {
                     return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "a recovery bundle is 1 to 4,096 bytes",
-                        ))
+                        .invalid(id, "a recovery bundle is 1 to 4,096 bytes")
                         .await;
                 }
                 let account = context.account;
@@ -1242,22 +1167,10 @@ impl Session {
             }
             Request::SetBackup(set) => {
                 let Ok(blob_id) = <[u8; 32]>::try_from(set.blob_id.as_slice()) else {
-                    return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "a blob id is 32 bytes",
-                        ))
-                        .await;
+                    return self.invalid(id, "a blob id is 32 bytes").await;
                 };
                 if set.size > MAX_BACKUP_SIZE {
-                    return self
-                        .bad_frame(error_frame(
-                            id,
-                            ErrorCode::InvalidArgument,
-                            "a backup is at most 4 GiB",
-                        ))
-                        .await;
+                    return self.invalid(id, "a backup is at most 4 GiB").await;
                 }
                 let account = context.account;
                 let shared = Arc::clone(&self.shared);
@@ -1295,11 +1208,7 @@ impl Session {
         };
         if post.payload.is_empty() || post.signature.len() != 64 {
             return self
-                .bad_frame(error_frame(
-                    id,
-                    ErrorCode::InvalidArgument,
-                    "an empty payload or a signature that is not 64 bytes",
-                ))
+                .invalid(id, "an empty payload or a signature that is not 64 bytes")
                 .await;
         }
         let now = unix_now();
@@ -1395,13 +1304,7 @@ impl Session {
     /// authenticated.
     async fn link_take(&mut self, id: u64, take: wire::LinkTake) {
         let Ok(mailbox) = <[u8; 32]>::try_from(take.mailbox.as_slice()) else {
-            return self
-                .bad_frame(error_frame(
-                    id,
-                    ErrorCode::InvalidArgument,
-                    "a linking mailbox id is 32 bytes",
-                ))
-                .await;
+            return self.invalid(id, "a linking mailbox id is 32 bytes").await;
         };
         if !self.link_takes.try_take(Instant::now()) {
             return self
@@ -1427,21 +1330,11 @@ impl Session {
     /// on a connection that may not have authenticated.
     async fn recover(&mut self, id: u64, recover: wire::Recover) {
         let Ok(account) = AccountId::from_bytes(&recover.account_id) else {
-            return self
-                .bad_frame(error_frame(
-                    id,
-                    ErrorCode::InvalidArgument,
-                    "an account id is 16 bytes",
-                ))
-                .await;
+            return self.invalid(id, "an account id is 16 bytes").await;
         };
         let Ok(auth_key) = <[u8; 32]>::try_from(recover.auth_key.as_slice()) else {
             return self
-                .bad_frame(error_frame(
-                    id,
-                    ErrorCode::InvalidArgument,
-                    "a recovery authentication key is 32 bytes",
-                ))
+                .invalid(id, "a recovery authentication key is 32 bytes")
                 .await;
         };
         if !self.recoveries.try_take(Instant::now()) {
