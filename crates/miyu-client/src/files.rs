@@ -464,7 +464,8 @@ impl BlobClient<'_> {
                 "the blob on the server is shorter than announced".into(),
             ));
         }
-        let mut bytes = Vec::with_capacity(len as usize);
+        // Grown as bytes arrive: a length the server announces is not reserved up front.
+        let mut bytes = Vec::with_capacity(len.min(1 << 20) as usize);
         let mut body = response.into_body();
         while (bytes.len() as u64) < len {
             match body.frame().await {

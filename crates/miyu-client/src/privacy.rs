@@ -175,63 +175,45 @@ pub(crate) fn store_message(
     body: &str,
     kind: &str,
 ) -> Result<Option<i64>, Error> {
-    if received.own {
-        // A deletion that came first stands only if it was ours too: another member cannot
-        // delete our message in advance.
+    if received.own || received.sender.is_some() {
+        // A deletion that came first stands only if the message's author sent it (our own
+        // device, or in a group that very member): nobody deletes another's message in advance.
         db.execute(
             "DELETE FROM messages WHERE group_id = ?1 AND message_id = ?2 AND deleted = 1
-             AND outgoing = 0",
-            params![received.group_id, received.message_id],
-        )?;
-        let inserted = db.execute(
-            "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq, expires_at_ms, kind)
-             VALUES (?1, ?2, 1, ?3, ?4, ?5, 'sent', ?6, ?7, ?8)",
+             AND outgoing = 0 AND (?3 OR sender IS NOT ?4)",
             params![
                 received.group_id,
                 received.message_id,
-                body,
-                received.sent_at_ms,
-                now_ms(),
-                received.seq,
-                expiry(received),
-                kind
+                received.own,
+                received.sender
             ],
-        )?;
-        if inserted == 0 {
-            // Known from the history the other device handed over, still waiting there.
-            db.execute(
-                "UPDATE messages SET state = 'sent', seq = ?3
-                 WHERE group_id = ?1 AND message_id = ?2 AND outgoing = 1 AND state = 'pending'",
-                params![received.group_id, received.message_id, received.seq],
-            )?;
-            return Ok(None);
-        }
-        return Ok(Some(db.last_insert_rowid()));
-    }
-    if received.sender.is_some() {
-        // In a group, a deletion that came first stands only if its sender wrote the message:
-        // another member cannot delete it in advance.
-        db.execute(
-            "DELETE FROM messages WHERE group_id = ?1 AND message_id = ?2 AND deleted = 1
-             AND outgoing = 0 AND sender IS NOT ?3",
-            params![received.group_id, received.message_id, received.sender],
         )?;
     }
     let inserted = db.execute(
         "INSERT OR IGNORE INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, seq, expires_at_ms, kind, sender)
-         VALUES (?1, ?2, 0, ?3, ?4, ?5, 'received', ?6, ?7, ?8, ?9)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
             received.group_id,
             received.message_id,
+            received.own,
             body,
             received.sent_at_ms,
             now_ms(),
+            if received.own { "sent" } else { "received" },
             received.seq,
             expiry(received),
             kind,
-            received.sender
+            if received.own { None } else { received.sender }
         ],
     )?;
+    if inserted == 0 && received.own {
+        // Known from the history the other device handed over, still waiting there.
+        db.execute(
+            "UPDATE messages SET state = 'sent', seq = ?3
+             WHERE group_id = ?1 AND message_id = ?2 AND outgoing = 1 AND state = 'pending'",
+            params![received.group_id, received.message_id, received.seq],
+        )?;
+    }
     Ok((inserted > 0).then(|| db.last_insert_rowid()))
 }
 
@@ -1162,6 +1144,54 @@ mod tests {
         for bad in ["29s", "5w", "1y", "h", "", "-1h", "99999999999w"] {
             assert!(parse_timer(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_message_of_our_other_device_stands_against_a_deletion_someone_else_sent_first() {
+        let folder = tempfile::tempdir().unwrap();
+        let mut db = Connection::open(folder.path().join("p.db")).unwrap();
+        crate::db::configure(&mut db).unwrap();
+        let group_id = [1u8; 16];
+        let message_id = [2u8; 16];
+        let received = |own: bool, sender: Option<&'static str>| Received {
+            group_id: &group_id,
+            seq: 3,
+            contact_account: "bob",
+            contact_name: "bob",
+            conversation_name: "bob",
+            sender,
+            message_id: &message_id,
+            sent_at_ms: 5,
+            expires_in_s: 0,
+            own,
+        };
+        // A member's deletion of the message arrived first (the server reordered the log).
+        db.execute(
+            "INSERT INTO messages (group_id, message_id, outgoing, body, sent_at_ms, received_at_ms, state, kind, deleted, sender)
+             VALUES (?1, ?2, 0, '', 1, 1, 'received', 'text', 1, 'mallory')",
+            params![group_id.as_slice(), message_id.as_slice()],
+        )
+        .unwrap();
+        let row = store_message(&db, &received(true, None), "from my laptop", "text")
+            .unwrap()
+            .expect("stored");
+        let (body, outgoing, state, deleted): (String, bool, String, bool) = db
+            .query_row(
+                "SELECT body, outgoing, state, deleted FROM messages WHERE id = ?1",
+                params![row],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (body.as_str(), outgoing, state.as_str(), deleted),
+            ("from my laptop", true, "sent", false)
+        );
+        // A repeat is not stored twice.
+        assert!(
+            store_message(&db, &received(true, None), "again", "text")
+                .unwrap()
+                .is_none()
+        );
     }
 
     fn files_contain(folder: &std::path::Path, needle: &[u8]) -> bool {

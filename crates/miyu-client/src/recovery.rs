@@ -30,6 +30,9 @@ use crate::{Client, Error, NewAccount, claim_new_profile, discard_new_profile, h
 /// account's name.
 const BUNDLE_V1: u8 = 1;
 
+/// The largest backup this client makes or takes: its history is held in memory.
+const MAX_BACKUP_BYTES: u64 = 1 << 30;
+
 /// What a recovery or restore brought back.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Restored {
@@ -124,6 +127,11 @@ impl Client {
         self.connect().await?;
         self.catch_up().await?;
         let bytes = Zeroizing::new(history::export(&self.db)?);
+        if bytes.len() as u64 > MAX_BACKUP_BYTES {
+            return Err(Error::Usage(
+                "the history is too large to back up (1 GiB at most)".into(),
+            ));
+        }
         let messages: usize = self
             .db
             .query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0))?;
@@ -182,6 +190,12 @@ impl Client {
                 .try_into()
                 .map_err(|_| Error::Protocol("the backup's blob id is malformed".into()))?,
         );
+        // The size comes from the server: a backup is held in memory, so bound it.
+        if bundle.backup_size > MAX_BACKUP_BYTES {
+            return Err(Error::Security(
+                "the server announces a backup larger than any this client makes".into(),
+            ));
+        }
         let length = sealed_len(bundle.backup_size).map_err(recovery_error)?;
         let sealed = BlobClient::new(&self.keys, &self.server, self.proxy)
             .download_whole(&blob_id, length)
