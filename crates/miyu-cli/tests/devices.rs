@@ -211,3 +211,116 @@ fn a_link_without_approval_or_with_a_bad_or_used_code_changes_nothing() {
     assert_eq!(devices(&phone).len(), 2);
     assert_eq!(devices(&profile).len(), 2);
 }
+
+/// How many messages of `name` the profile counts as unread, from `contacts --json`.
+fn unread(profile: &Path, name: &str) -> u64 {
+    let contacts: serde_json::Value =
+        serde_json::from_str(&miyu_ok(profile, &["--json", "contacts"])).unwrap();
+    contacts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|contact| contact["name"] == name)
+        .unwrap_or_else(|| panic!("no contact {name}: {contacts}"))["unread"]
+        .as_u64()
+        .unwrap()
+}
+
+fn group_unread(profile: &Path, name: &str) -> u64 {
+    let groups: serde_json::Value =
+        serde_json::from_str(&miyu_ok(profile, &["--json", "groups"])).unwrap();
+    groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|group| group["name"] == name)
+        .unwrap_or_else(|| panic!("no group {name}: {groups}"))["unread"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn the_devices_of_an_account_share_read_state_contacts_and_settings() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let phone = profile(root.path(), &server.address, "alice");
+    let laptop = link(root.path(), &server.address, &phone, "laptop");
+    let bob = profile(root.path(), &server.address, "bob");
+
+    // An invite the phone makes after the laptop was linked: whoever uses it is a contact on
+    // the laptop too, even before the phone has seen them (the laptop checks the invite).
+    let invite = miyu_ok(&phone, &["invite"]);
+    miyu_ok(&bob, &["accept", invite.trim(), "--name", "alice"]);
+    miyu_ok(&bob, &["send", "alice", "one"]);
+    miyu_ok(&bob, &["send", "alice", "two"]);
+    miyu_ok(&laptop, &["sync"]);
+    assert_eq!(unread(&laptop, "bob"), 2);
+    assert!(miyu_ok(&laptop, &["requests"]).contains("no message requests"));
+    miyu_ok(&phone, &["sync"]);
+    assert_eq!(unread(&phone, "bob"), 2);
+
+    // Read on one device, read on all: also what reaches a device after another read it.
+    let shown = miyu_ok(&phone, &["messages", "bob"]);
+    assert!(shown.contains("two"), "{shown}");
+    assert_eq!(unread(&phone, "bob"), 0);
+    miyu_ok(&laptop, &["sync"]);
+    assert_eq!(unread(&laptop, "bob"), 0);
+    miyu_ok(&bob, &["send", "alice", "three"]);
+    miyu_ok(&laptop, &["sync"]);
+    assert_eq!(unread(&laptop, "bob"), 1);
+    miyu_ok(&laptop, &["messages", "bob"]);
+    miyu_ok(&phone, &["sync"]);
+    assert!(conversation(&phone, "bob").contains(&"bob: three".to_string()));
+    assert_eq!(unread(&phone, "bob"), 0);
+
+    // The same in a group.
+    miyu_ok(&phone, &["group", "create", "Harbor", "bob"]);
+    miyu_ok(&bob, &["sync"]);
+    miyu_ok(&bob, &["send", "Harbor", "the tide is low"]);
+    for device in [&phone, &laptop] {
+        miyu_ok(device, &["sync"]);
+        assert_eq!(group_unread(device, "Harbor"), 1);
+    }
+    miyu_ok(&laptop, &["messages", "Harbor"]);
+    miyu_ok(&phone, &["sync"]);
+    assert_eq!(group_unread(&phone, "Harbor"), 0);
+
+    // Renamed and verified on the laptop: so on the phone.
+    miyu_ok(&laptop, &["rename", "bob", "Robert"]);
+    miyu_ok(&laptop, &["verify", "Robert"]);
+    miyu_ok(&phone, &["sync"]);
+    let contacts: serde_json::Value =
+        serde_json::from_str(&miyu_ok(&phone, &["--json", "contacts"])).unwrap();
+    let [robert] = contacts.as_array().unwrap().as_slice() else {
+        panic!("one contact: {contacts}");
+    };
+    assert_eq!(robert["name"], "Robert");
+    assert_eq!(robert["verified"], true);
+    assert!(conversation(&phone, "Robert").contains(&"Robert: three".to_string()));
+
+    // A privacy setting changed on one device holds on all.
+    miyu_ok(&phone, &["settings", "set", "read_receipts", "on"]);
+    miyu_ok(&laptop, &["sync"]);
+    let settings: serde_json::Value =
+        serde_json::from_str(&miyu_ok(&laptop, &["--json", "settings"])).unwrap();
+    assert_eq!(settings["read_receipts"], true, "{settings}");
+
+    // A stranger's request blocked on the laptop is gone from the phone, and stays blocked.
+    miyu_ok(&phone, &["username", "set", "alice_here"]);
+    miyu_ok(&phone, &["settings", "set", "discoverable", "on"]);
+    let dave = profile(root.path(), &server.address, "dave");
+    miyu_ok(&dave, &["add", "alice_here"]);
+    miyu_ok(&dave, &["send", "alice_here", "let me in"]);
+    for device in [&phone, &laptop] {
+        miyu_ok(device, &["sync"]);
+        assert!(miyu_ok(device, &["requests"]).contains("dave"));
+    }
+    miyu_ok(&laptop, &["requests", "block", "dave"]);
+    miyu_ok(&phone, &["sync"]);
+    assert!(miyu_ok(&phone, &["requests"]).contains("no message requests"));
+    let blocked: serde_json::Value =
+        serde_json::from_str(&miyu_ok(&phone, &["--json", "requests", "blocked"])).unwrap();
+    assert_eq!(blocked.as_array().unwrap().len(), 1, "{blocked}");
+    miyu_ok(&dave, &["send", "alice_here", "still here"]);
+    assert!(miyu_ok(&phone, &["sync"]).is_empty());
+}

@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::Error;
 use crate::vault::DatabaseKey;
 
-pub(crate) const SCHEMA_VERSION: i64 = 7;
+pub(crate) const SCHEMA_VERSION: i64 = 8;
 
 const SCHEMA: &str = "
 CREATE TABLE account (
@@ -278,6 +278,19 @@ ALTER TABLE account ADD COLUMN recovery_key BLOB;
 ALTER TABLE account ADD COLUMN backup_key BLOB;
 ";
 
+/// Version 8: what the account's devices share: how far each conversation is read (its
+/// messages up to this seq of the group log count as read here too, whenever they arrive), and
+/// introductions an invite made on another device may answer.
+const MIGRATION_8: &str = "
+ALTER TABLE conversations ADD COLUMN read_seq INTEGER NOT NULL DEFAULT 0;
+-- A message request's introduction that matched none of this device's invites: checked again
+-- when another device of the account tells of an invite it made (the conversation, the
+-- sender's certificate and the proof).
+ALTER TABLE contacts ADD COLUMN intro_group_id BLOB;
+ALTER TABLE contacts ADD COLUMN intro_certificate BLOB;
+ALTER TABLE contacts ADD COLUMN intro_proof BLOB;
+";
+
 /// Opens (or creates) the profile database, encrypted with `key`. A wrong key is reported as
 /// [`Error::Locked`].
 pub(crate) fn open(path: &Path, key: &DatabaseKey) -> Result<Connection, Error> {
@@ -296,7 +309,7 @@ pub(crate) fn configure(connection: &mut Connection) -> Result<(), Error> {
     connection.busy_timeout(std::time::Duration::from_secs(5))?;
     let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     match version {
-        0..=6 => {
+        0..=7 => {
             let transaction = connection.transaction()?;
             if version == 0 {
                 transaction.execute_batch(SCHEMA)?;
@@ -316,7 +329,10 @@ pub(crate) fn configure(connection: &mut Connection) -> Result<(), Error> {
             if version < 6 {
                 transaction.execute_batch(MIGRATION_6)?;
             }
-            transaction.execute_batch(MIGRATION_7)?;
+            if version < 7 {
+                transaction.execute_batch(MIGRATION_7)?;
+            }
+            transaction.execute_batch(MIGRATION_8)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             transaction.commit()?;
         }

@@ -274,6 +274,10 @@ impl Client {
                 "that device is linked already; a code serves once".into(),
             ));
         }
+        // The account's devices share a group for what each does (read state, contacts,
+        // settings): made before the new device registers, which is then added to it like to
+        // every conversation.
+        self.ensure_account_group().await?;
         let package = wire::LinkPackage {
             certificate: Some(certificate.to_wire()),
             account_name: self.name.clone(),

@@ -258,6 +258,8 @@ pub struct GroupView {
     pub state: String,
     pub my_role: Role,
     pub members: Vec<MemberView>,
+    /// Messages that no device of the account has shown yet.
+    pub unread: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -2073,6 +2075,14 @@ impl Client {
             .iter()
             .find(|member| member.me)
             .map_or(Role::Member, |member| member.role);
+        let unread: u64 = self.db.query_row(
+            &format!(
+                "SELECT COUNT(*) FROM messages m WHERE m.group_id = ?1 AND {}",
+                crate::mirror::UNREAD
+            ),
+            params![group_id],
+            |row| row.get(0),
+        )?;
         Ok(GroupView {
             name,
             avatar_bytes: info.avatar.len(),
@@ -2085,6 +2095,7 @@ impl Client {
             state,
             my_role,
             members,
+            unread,
         })
     }
 

@@ -13,6 +13,9 @@ use miyu_proto::wire;
 
 use crate::{Error, db};
 
+/// The oldest profile schema whose histories this version takes: the first that wrote them.
+const OLDEST_SCHEMA: i64 = 6;
+
 /// The tables handed over, in an order that satisfies their references, and the columns of
 /// each whose value belongs to the device that made it: the new device starts them afresh.
 const TABLES: &[(&str, &[(&str, Value)])] = &[
@@ -29,7 +32,12 @@ const TABLES: &[(&str, &[(&str, Value)])] = &[
             ("posting_refused", Value::Integer(0)),
         ],
     ),
-    ("invites", &[]),
+    // A group's invite stays with the device that manages the group: here it only lets in
+    // the contact who uses it.
+    (
+        "invites",
+        &[("group_id", Value::Null), ("approval", Value::Integer(0))],
+    ),
     ("messages", &[]),
     ("reactions", &[]),
     (
@@ -123,9 +131,11 @@ pub(crate) struct Imported {
 pub(crate) fn import(db: &Connection, bytes: &[u8]) -> Result<Imported, Error> {
     let history = wire::History::decode(bytes)
         .map_err(|error| Error::Protocol(format!("the account's history is malformed: {error}")))?;
-    if i64::from(history.schema) != db::SCHEMA_VERSION {
+    // An older history (a backup made before an update, say) has fewer columns, which take
+    // their defaults here; a newer one may mean what this version cannot know.
+    if !(OLDEST_SCHEMA..=db::SCHEMA_VERSION).contains(&i64::from(history.schema)) {
         return Err(Error::Usage(format!(
-            "the other device runs another version of miyu (profile schema {}, this one {}); update both",
+            "the history was written by another version of miyu (profile schema {}, this one {}); update this one",
             history.schema,
             db::SCHEMA_VERSION
         )));
@@ -282,6 +292,7 @@ mod tests {
         };
         let cases = [
             history(vec![good.clone()], db::SCHEMA_VERSION + 1),
+            history(vec![good.clone()], OLDEST_SCHEMA - 1),
             history(
                 vec![
                     good.clone(),
@@ -321,6 +332,17 @@ mod tests {
                 .unwrap();
             assert_eq!(settings, 0, "nothing of a refused history stays");
         }
-        import(&new, &history(vec![good], db::SCHEMA_VERSION)).unwrap();
+        import(&new, &history(vec![good.clone()], db::SCHEMA_VERSION)).unwrap();
+        // A history of an older version: its rows come in, columns it lacks take defaults.
+        let older = database(&folder, "older.db");
+        import(&older, &history(vec![good], OLDEST_SCHEMA)).unwrap();
+        let typing: String = older
+            .query_row(
+                "SELECT value FROM settings WHERE key = 'typing'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(typing, "on");
     }
 }

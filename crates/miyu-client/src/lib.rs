@@ -26,6 +26,7 @@ pub mod files;
 pub mod groups;
 mod history;
 mod keyring;
+mod mirror;
 pub mod net;
 mod privacy;
 pub mod recovery;
@@ -126,6 +127,8 @@ pub struct Contact {
     pub online: bool,
     /// When the contact was last online, Unix milliseconds to the minute, if shared.
     pub last_seen_ms: Option<u64>,
+    /// Messages from them that no device of the account has shown yet.
+    pub unread: u64,
 }
 
 /// Where a message stands.
@@ -273,6 +276,35 @@ fn forget_commit_hash(db: &Connection, group_id: &[u8]) -> Result<(), Error> {
         params![group_id],
     )?;
     Ok(())
+}
+
+/// The unused invite of ours whose token `proof` shows the sender of an introduction holds
+/// (over the conversation's id and the sender's certificate).
+fn find_invite(
+    db: &Connection,
+    group_id: &[u8],
+    certificate: &[u8],
+    proof: &[u8],
+) -> Result<Option<Vec<u8>>, Error> {
+    if proof.is_empty() {
+        return Ok(None);
+    }
+    let unused: Vec<Vec<u8>> = {
+        // Links expire on the server after 30 days (and an hour): so here.
+        let mut statement =
+            db.prepare("SELECT token FROM invites WHERE used = 0 AND created_at_ms > ?1")?;
+        statement
+            .query_map(
+                params![now_ms().saturating_sub(INVITE_LIFETIME_MS)],
+                |row| row.get(0),
+            )?
+            .collect::<Result<_, _>>()?
+    };
+    Ok(unused.into_iter().find(|token| {
+        <[u8; 32]>::try_from(token.as_slice()).is_ok_and(|token| {
+            miyu_crypto::invite::verify_introduction(&token, group_id, certificate, proof)
+        })
+    }))
 }
 
 /// What another device of this account said in a conversation: what it wrote, edited, deleted
@@ -1063,6 +1095,9 @@ impl Client {
         if groups::is_group_id(joined.group.group_id().as_slice()) {
             return groups::join(db, &joined, self.account_id());
         }
+        if mirror::is_account_group_id(joined.group.group_id().as_slice()) {
+            return mirror::join(db, &joined, self.account_id());
+        }
         let me = self.account_id();
         let others: Vec<&VerifiedCertificate> = joined
             .members
@@ -1240,11 +1275,12 @@ impl Client {
             mls::discard_own_commit(&provider, &mut group)?;
             forget_commit_hash(db, &entry.group_id)?;
         }
+        let account_group = mirror::is_account_group_id(&entry.group_id);
         let incoming = match mls::process(
             &provider,
             &mut group,
             &entry.payload,
-            contact_account.is_none(),
+            contact_account.is_none() && !account_group,
         ) {
             Ok(Incoming::Own) => {
                 // One of our messages, echoed after a reconnect: it reached the server.
@@ -1261,6 +1297,9 @@ impl Client {
                 return Ok(None);
             }
         };
+        if account_group {
+            return self.on_account_entry(db, &entry.group_id, &group, incoming);
+        }
         let Some(contact_account) = contact_account else {
             return match incoming {
                 Incoming::Application { plaintext, sender } => {
@@ -1389,7 +1428,11 @@ impl Client {
                 features::on_delete(db, &received, &delete)
             }
             // Group business means nothing between two contacts.
-            Some(wire::app_message::Body::GroupInfo(_) | wire::app_message::Body::Leave(_))
+            Some(
+                wire::app_message::Body::GroupInfo(_)
+                | wire::app_message::Body::Leave(_)
+                | wire::app_message::Body::Sync(_),
+            )
             | None => Ok(None),
         }
     }
@@ -1405,38 +1448,6 @@ impl Client {
         certificate: &[u8],
         profile: &wire::Profile,
     ) -> Result<Option<Event>, Error> {
-        let unused: Vec<Vec<u8>> = {
-            // Links expire on the server after 30 days (and an hour): so here.
-            let mut statement =
-                db.prepare("SELECT token FROM invites WHERE used = 0 AND created_at_ms > ?1")?;
-            statement
-                .query_map(
-                    params![now_ms().saturating_sub(INVITE_LIFETIME_MS)],
-                    |row| row.get(0),
-                )?
-                .collect::<Result<_, _>>()?
-        };
-        let answered = unused.into_iter().find(|token| {
-            <[u8; 32]>::try_from(token.as_slice()).is_ok_and(|token| {
-                miyu_crypto::invite::verify_introduction(
-                    &token,
-                    group_id,
-                    certificate,
-                    &profile.invite_proof,
-                )
-            })
-        });
-        let redeemed = match &answered {
-            Some(token) => {
-                db.execute(
-                    "UPDATE invites SET uses_left = uses_left - 1,
-                     used = CASE WHEN uses_left <= 1 THEN 1 ELSE 0 END WHERE token = ?1",
-                    params![token],
-                )?;
-                true
-            }
-            None => false,
-        };
         let wanted = profile_name(profile);
         let fallback = contact_account.get(..8).unwrap_or(contact_account);
         let name = db::free_contact_name(
@@ -1444,34 +1455,63 @@ impl Client {
             if wanted.is_empty() { fallback } else { &wanted },
             contact_account,
         )?;
-        if !redeemed {
+        let Some(token) = find_invite(db, group_id, certificate, &profile.invite_proof)? else {
             // A stranger (they found our username, or replayed an old invite): a message
-            // request, or nothing at all if requests are off.
-            return privacy::on_stranger(db, contact_account, &name);
-        }
+            // request, or nothing at all if requests are off. Their proof is kept: an invite
+            // another device of the account made, and tells us of later, may still answer it.
+            let event = privacy::on_stranger(db, contact_account, &name)?;
+            if !profile.invite_proof.is_empty() {
+                db.execute(
+                    "UPDATE contacts SET intro_group_id = ?2, intro_certificate = ?3, intro_proof = ?4
+                     WHERE account_id = ?1 AND state = 'unsolicited'",
+                    params![contact_account, group_id, certificate, profile.invite_proof],
+                )?;
+            }
+            return Ok(event);
+        };
+        self.accept_introduced(db, group_id, contact_account, &name, &token)
+            .map(Some)
+    }
+
+    /// Makes a contact of whoever proved they hold our invite `token`: the invite is used once
+    /// more, and we introduce ourselves, in the caller's transaction (so a crash cannot accept
+    /// them without introducing us).
+    pub(crate) fn accept_introduced(
+        &self,
+        db: &Connection,
+        group_id: &[u8],
+        contact_account: &str,
+        name: &str,
+        token: &[u8],
+    ) -> Result<Event, Error> {
         db.execute(
-            "UPDATE contacts SET state = 'accepted', name = ?1 WHERE account_id = ?2",
+            "UPDATE invites SET uses_left = uses_left - 1,
+             used = CASE WHEN uses_left <= 1 THEN 1 ELSE 0 END WHERE token = ?1",
+            params![token],
+        )?;
+        db.execute(
+            "UPDATE contacts SET state = 'accepted', name = ?1, intro_group_id = NULL,
+             intro_certificate = NULL, intro_proof = NULL WHERE account_id = ?2",
             params![name, contact_account],
         )?;
-        // They proved they hold one of our invites: now tell them who we are, in the same
-        // transaction, so a crash cannot accept them without introducing us.
         let profile = wire::app_message::Body::Profile(wire::Profile {
             name: self.name.clone(),
             invite_proof: Vec::new(),
         });
         self.queue_app_message_in(db, group_id, profile, None)?;
-        if let Some(token) = &answered
-            && let Some(event) = groups::on_join_request(db, token, contact_account, &name)?
-        {
+        if let Some(event) = groups::on_join_request(db, token, contact_account, name)? {
             self.extra_events.borrow_mut().push(event);
         }
-        Ok(Some(Event::ContactAdded(Contact {
-            name,
+        // Our other devices may not know the invite (made after they were linked).
+        self.share_contact_in(db, contact_account)?;
+        Ok(Event::ContactAdded(Contact {
+            name: name.to_string(),
             account_id: contact_account.to_string(),
             verified: false,
             online: false,
             last_seen_ms: None,
-        })))
+            unread: 0,
+        }))
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1498,10 +1538,34 @@ impl Client {
             uses,
         }))
         .await?;
-        self.db.execute(
-            "INSERT INTO invites (token, created_at_ms, group_id, uses_left, approval) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![token.as_slice(), now_ms(), group_id, uses.max(1), approval],
-        )?;
+        let created_at_ms = now_ms();
+        db::in_transaction(&self.db, |db| {
+            db.execute(
+                "INSERT INTO invites (token, created_at_ms, group_id, uses_left, approval) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![token.as_slice(), created_at_ms, group_id, uses.max(1), approval],
+            )?;
+            if group_id.is_none() {
+                // Any device of the account can then check the introduction of whoever uses it.
+                let invite = wire::SyncInvite {
+                    token: token.to_vec(),
+                    created_at_ms,
+                    uses: uses.max(1),
+                };
+                self.queue_sync_in(
+                    db,
+                    wire::Sync {
+                        invites: vec![invite],
+                        ..Default::default()
+                    },
+                )?;
+            }
+            Ok(())
+        })?;
+        // The other devices learn of it now, or at the next connection.
+        match self.flush_outbox().await {
+            Err(error) if !error.is_transient() => return Err(error),
+            _ => {}
+        }
         Ok(InviteLink {
             server: self.server.clone(),
             account: self.account_id(),
@@ -1705,6 +1769,7 @@ impl Client {
                 verified: false,
                 online: false,
                 last_seen_ms: None,
+                unread: 0,
             })
         })?;
         let invite_proof = link.map_or_else(Vec::new, |link| {
@@ -1720,6 +1785,9 @@ impl Client {
             invite_proof,
         });
         self.queue_app_message(&group_id, profile, None)?;
+        db::in_transaction(&self.db, |db| {
+            self.share_contact_in(db, &contact.account_id)
+        })?;
         self.announce_pending_groups().await?;
         self.flush_outbox().await?;
         Ok(contact)
@@ -2355,10 +2423,13 @@ impl Client {
 
     pub fn contacts(&self) -> Result<Vec<Contact>, Error> {
         let settings = self.settings()?;
-        let mut statement = self.db.prepare(
-            "SELECT name, account_id, verified, online, last_seen_ms, presence_at_ms FROM contacts
-             WHERE state = 'accepted' ORDER BY name",
-        )?;
+        let mut statement = self.db.prepare(&format!(
+            "SELECT c.name, c.account_id, c.verified, c.online, c.last_seen_ms, c.presence_at_ms,
+                 (SELECT COUNT(*) FROM messages m WHERE {} AND m.group_id IN
+                     (SELECT group_id FROM conversations WHERE scope = c.account_id))
+                 FROM contacts c WHERE c.state = 'accepted' ORDER BY c.name",
+            mirror::UNREAD
+        ))?;
         let contacts = statement
             .query_map([], |row| {
                 let (online, last_seen_ms) =
@@ -2369,6 +2440,7 @@ impl Client {
                     verified: row.get(2)?,
                     online,
                     last_seen_ms,
+                    unread: row.get(6)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -2396,26 +2468,38 @@ impl Client {
                 "another contact is already called {new:?}"
             )));
         }
-        let changed = self.db.execute(
-            "UPDATE contacts SET name = ?1, named_locally = 1 WHERE name = ?2 AND state = 'accepted'",
-            params![new, old],
-        )?;
-        if changed == 0 {
-            return Err(Error::Usage(format!("no contact called {old:?}")));
-        }
-        Ok(())
+        db::in_transaction(&self.db, |db| {
+            let account: Option<String> = db
+                .query_row(
+                    "UPDATE contacts SET name = ?1, named_locally = 1 WHERE name = ?2 AND state = 'accepted'
+                     RETURNING account_id",
+                    params![new, old],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            let account =
+                account.ok_or_else(|| Error::Usage(format!("no contact called {old:?}")))?;
+            self.share_contact_in(db, &account)?;
+            Ok(())
+        })
     }
 
     /// Marks a contact as verified, after the safety numbers were compared out of band.
     pub fn verify(&self, contact: &str) -> Result<(), Error> {
-        let changed = self.db.execute(
-            "UPDATE contacts SET verified = 1 WHERE name = ?1 AND state = 'accepted'",
-            params![contact],
-        )?;
-        if changed == 0 {
-            return Err(Error::Usage(format!("no contact called {contact:?}")));
-        }
-        Ok(())
+        db::in_transaction(&self.db, |db| {
+            let account: Option<String> = db
+                .query_row(
+                    "UPDATE contacts SET verified = 1 WHERE name = ?1 AND state = 'accepted'
+                     RETURNING account_id",
+                    params![contact],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            let account =
+                account.ok_or_else(|| Error::Usage(format!("no contact called {contact:?}")))?;
+            self.share_contact_in(db, &account)?;
+            Ok(())
+        })
     }
 
     /// The conversation with a contact, oldest first, without messages whose time is up.

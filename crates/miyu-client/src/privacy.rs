@@ -578,21 +578,32 @@ impl Client {
                     .await?;
             }
         }
-        settings.store(&self.db, key)?;
-        if (key == "read_receipts" && !settings.read_receipts)
-            || (key == "typing" && !settings.typing)
-        {
-            self.drop_queued_signals(!settings.read_receipts, !settings.typing)?;
-        }
-        if key == "presence" && settings.presence != before.presence {
-            if settings.presence == Presence::Nobody {
-                self.db.execute(
-                    "UPDATE contacts SET online = 0, last_seen_ms = NULL, presence_at_ms = NULL",
-                    [],
+        db::in_transaction(&self.db, |db| {
+            settings.store(db, key)?;
+            after_setting_changed(db, &before, &settings)?;
+            // The account's other devices take it over.
+            let shared = wire::SyncSetting {
+                key: key.to_string(),
+                value: settings.text(key),
+            };
+            if crate::mirror::is_shared_setting(key) {
+                self.queue_sync_in(
+                    db,
+                    wire::Sync {
+                        settings: vec![shared],
+                        ..Default::default()
+                    },
                 )?;
             }
+            Ok(())
+        })?;
+        if key == "presence" && settings.presence != before.presence {
             self.send_presence(false, settings.presence == Presence::Nobody)
                 .await?;
+        } else if let Err(error) = self.flush().await
+            && !error.is_transient()
+        {
+            return Err(error);
         }
         Ok(settings)
     }
@@ -806,6 +817,7 @@ impl Client {
                 invite_proof: Vec::new(),
             });
             self.queue_app_message_in(db, &group_id, profile, None)?;
+            self.share_contact_in(db, &account)?;
             Ok(name)
         })?;
         // Accepted locally either way; the introduction waits in the outbox if offline.
@@ -820,6 +832,7 @@ impl Client {
             verified: false,
             online: false,
             last_seen_ms: None,
+            unread: 0,
         })
     }
 
@@ -827,7 +840,17 @@ impl Client {
     /// again (to stop that, `block`).
     pub fn decline_request(&self, name: &str) -> Result<(), Error> {
         let account = self.request_account(name)?;
-        db::in_transaction(&self.db, |db| forget_contact(db, &account))?;
+        db::in_transaction(&self.db, |db| {
+            forget_contact(db, &account)?;
+            self.queue_sync_in(
+                db,
+                wire::Sync {
+                    declined: account_bytes(&account).into_iter().collect(),
+                    ..Default::default()
+                },
+            )?;
+            Ok(())
+        })?;
         self.checkpoint()
     }
 
@@ -835,12 +858,8 @@ impl Client {
     pub fn block_request(&self, name: &str) -> Result<(), Error> {
         let account = self.request_account(name)?;
         db::in_transaction(&self.db, |db| {
-            forget_contact(db, &account)?;
-            db.execute(
-                "INSERT OR IGNORE INTO blocked (account_id, blocked_at_ms) VALUES (?1, ?2)",
-                params![account, now_ms()],
-            )?;
-            Ok(())
+            block(db, &account)?;
+            self.share_block_in(db, &account, true)
         })?;
         self.checkpoint()
     }
@@ -864,35 +883,39 @@ impl Client {
     /// Lets a blocked account reach us again, as a stranger: its next invitation is a message
     /// request like anyone's.
     pub fn unblock(&self, account_id: &str) -> Result<(), Error> {
-        let removed = self.db.execute(
-            "DELETE FROM blocked WHERE account_id = ?1",
-            params![account_id.trim()],
-        )?;
-        if removed == 0 {
-            return Err(Error::Usage(format!(
-                "{account_id} is not blocked; `miyu requests blocked` lists who is"
-            )));
-        }
-        Ok(())
+        db::in_transaction(&self.db, |db| {
+            let removed = db.execute(
+                "DELETE FROM blocked WHERE account_id = ?1",
+                params![account_id.trim()],
+            )?;
+            if removed == 0 {
+                return Err(Error::Usage(format!(
+                    "{account_id} is not blocked; `miyu requests blocked` lists who is"
+                )));
+            }
+            self.share_block_in(db, account_id.trim(), false)
+        })
     }
 
     // -----------------------------------------------------------------------------------------
     // Receipts, typing, presence
     // -----------------------------------------------------------------------------------------
 
-    /// Marks the contact's messages read. With read receipts on, tells the contact which
-    /// (queued; returns true when something was queued, to be sent by `flush`).
+    /// Marks the contact's messages read, on every device of the account. With read receipts
+    /// on, tells the contact which (queued; returns true when something was queued, to be sent
+    /// by `flush`).
     pub fn mark_read(&self, contact: &str) -> Result<bool, Error> {
         let (scope, group_id) = self.conversation_of(contact)?;
         // Receipts go to contacts only: in a group they would tell every member.
         let receipts = self.settings()?.read_receipts && !crate::groups::is_group_id(&group_id);
         db::in_transaction(&self.db, |db| {
+            // Those another device of the account showed were answered with receipts there.
             let unread: Vec<Vec<u8>> = {
-                let mut statement = db.prepare(
-                    "SELECT message_id FROM messages WHERE outgoing = 0 AND kind = 'text'
-                     AND read_at_ms IS NULL
-                     AND group_id IN (SELECT group_id FROM conversations WHERE scope = ?1)",
-                )?;
+                let mut statement = db.prepare(&format!(
+                    "SELECT m.message_id FROM messages m WHERE m.kind = 'text' AND {}
+                     AND m.group_id IN (SELECT group_id FROM conversations WHERE scope = ?1)",
+                    crate::mirror::UNREAD
+                ))?;
                 statement
                     .query_map(params![scope], |row| row.get(0))?
                     .collect::<Result<_, _>>()?
@@ -902,8 +925,17 @@ impl Client {
                  AND group_id IN (SELECT group_id FROM conversations WHERE scope = ?2)",
                 params![now_ms(), scope],
             )?;
+            // The account's other devices stop counting them as unread.
+            let read = crate::mirror::advance_read(db, &scope)?;
+            let shared = self.queue_sync_in(
+                db,
+                wire::Sync {
+                    read,
+                    ..Default::default()
+                },
+            )?;
             if !receipts || unread.is_empty() {
-                return Ok(false);
+                return Ok(shared);
             }
             for chunk in unread.chunks(500) {
                 let receipt = wire::app_message::Body::Receipt(wire::Receipt {
@@ -913,6 +945,15 @@ impl Client {
             }
             Ok(true)
         })
+    }
+
+    /// Whether the outbox holds something to post (`flush` posts it).
+    pub fn outbox_waiting(&self) -> Result<bool, Error> {
+        Ok(self
+            .db
+            .query_row("SELECT 1 FROM outbox LIMIT 1", [], |_| Ok(()))
+            .optional()?
+            .is_some())
     }
 
     /// Posts whatever the outbox holds (receipts queued by `mark_read`, say).
@@ -948,33 +989,23 @@ impl Client {
         Ok(())
     }
 
-    /// Deletes receipts or typing notices still waiting in the outbox, so that turning them
-    /// off also stops what was queued while offline.
-    fn drop_queued_signals(&self, receipts: bool, typing: bool) -> Result<(), Error> {
-        use prost::Message as _;
-        db::in_transaction(&self.db, |db| {
-            let queued: Vec<(i64, Vec<u8>)> = {
-                let mut statement =
-                    db.prepare("SELECT id, plaintext FROM outbox WHERE message_row IS NULL")?;
-                statement
-                    .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
-                    .collect::<Result<_, _>>()?
-            };
-            for (id, plaintext) in queued {
-                let body = wire::AppMessage::decode(plaintext.as_slice())
-                    .ok()
-                    .and_then(|message| message.body);
-                let drop = match body {
-                    Some(wire::app_message::Body::Receipt(_)) => receipts,
-                    Some(wire::app_message::Body::Typing(_)) => typing,
-                    _ => false,
-                };
-                if drop {
-                    db.execute("DELETE FROM outbox WHERE id = ?1", params![id])?;
-                }
-            }
-            Ok(())
-        })
+    /// Tells the account's other devices that an account is blocked or unblocked.
+    fn share_block_in(&self, db: &Connection, account: &str, blocked: bool) -> Result<(), Error> {
+        let blocked = account_bytes(account)
+            .map(|account_id| wire::SyncBlock {
+                account_id,
+                blocked,
+            })
+            .into_iter()
+            .collect();
+        self.queue_sync_in(
+            db,
+            wire::Sync {
+                blocked,
+                ..Default::default()
+            },
+        )?;
+        Ok(())
     }
 
     /// Sends last seen to contacts when presence is shared and the last one is old.
@@ -1127,6 +1158,87 @@ fn delete_expired(db: &Connection, now: u64) -> Result<usize, Error> {
 pub(crate) fn checkpoint(db: &Connection) -> Result<(), Error> {
     db.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     Ok(())
+}
+
+/// Deletes receipts or typing notices still waiting in the outbox, so that turning them off
+/// also stops what was queued while offline.
+fn drop_queued_signals(db: &Connection, receipts: bool, typing: bool) -> Result<(), Error> {
+    use prost::Message as _;
+    let queued: Vec<(i64, Vec<u8>)> = {
+        let mut statement =
+            db.prepare("SELECT id, plaintext FROM outbox WHERE message_row IS NULL")?;
+        statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<Result<_, _>>()?
+    };
+    for (id, plaintext) in queued {
+        let body = wire::AppMessage::decode(plaintext.as_slice())
+            .ok()
+            .and_then(|message| message.body);
+        let drop = match body {
+            Some(wire::app_message::Body::Receipt(_)) => receipts,
+            Some(wire::app_message::Body::Typing(_)) => typing,
+            _ => false,
+        };
+        if drop {
+            db.execute("DELETE FROM outbox WHERE id = ?1", params![id])?;
+        }
+    }
+    Ok(())
+}
+
+/// What changes on this device with a setting, here or on another device of the account:
+/// signals queued while they were on are dropped when turned off, and the contacts' presence
+/// is forgotten when ours is no longer shared.
+pub(crate) fn after_setting_changed(
+    db: &Connection,
+    before: &Settings,
+    after: &Settings,
+) -> Result<(), Error> {
+    if (before.read_receipts && !after.read_receipts) || (before.typing && !after.typing) {
+        drop_queued_signals(db, !after.read_receipts, !after.typing)?;
+    }
+    if after.presence == Presence::Nobody && before.presence != Presence::Nobody {
+        db.execute(
+            "UPDATE contacts SET online = 0, last_seen_ms = NULL, presence_at_ms = NULL",
+            [],
+        )?;
+    }
+    Ok(())
+}
+
+/// Forgets an account and drops everything it sends from now on.
+pub(crate) fn block(db: &Connection, account: &str) -> Result<(), Error> {
+    forget_contact(db, account)?;
+    db.execute(
+        "INSERT OR IGNORE INTO blocked (account_id, blocked_at_ms) VALUES (?1, ?2)",
+        params![account, now_ms()],
+    )?;
+    Ok(())
+}
+
+/// Forgets a message request (and nothing else: a contact stays).
+pub(crate) fn forget_request(db: &Connection, account: &str) -> Result<(), Error> {
+    let unsolicited = db
+        .query_row(
+            "SELECT 1 FROM contacts WHERE account_id = ?1 AND state = 'unsolicited'",
+            params![account],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    if unsolicited {
+        forget_contact(db, account)?;
+    }
+    Ok(())
+}
+
+/// An account id as the wire carries it (16 bytes), from its text form.
+fn account_bytes(account: &str) -> Option<Vec<u8>> {
+    account
+        .parse::<miyu_proto::AccountId>()
+        .ok()
+        .map(|account| account.as_bytes().to_vec())
 }
 
 #[cfg(test)]

@@ -257,10 +257,15 @@ pub(crate) fn list(client: &Client, json: bool) -> anyhow::Result<()> {
             "active" => String::new(),
             other => format!(" ({other})"),
         };
+        let unread = match group.unread {
+            0 => String::new(),
+            count => format!(", {count} unread"),
+        };
         println!(
-            "{}  {} members{}",
+            "{}  {} members{}{}",
             printable(&group.name),
             group.members.len(),
+            unread,
             state
         );
     }

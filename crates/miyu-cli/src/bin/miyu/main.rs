@@ -696,18 +696,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     (false, Some(at)) => format!("\tlast seen {}", format_time(at)),
                     (false, None) => String::new(),
                 };
+                let unread = match contact.unread {
+                    0 => String::new(),
+                    count => format!("\t{count} unread"),
+                };
                 println!(
-                    "{}\t{}\t{}{}",
+                    "{}\t{}\t{}{}{}",
                     printable(&contact.name),
                     contact.account_id,
                     verified,
+                    unread,
                     presence
                 );
             }
             Ok(())
         }
-        Command::Rename { old, new } => Ok(open(&profile, proxy).await?.rename(&old, &new)?),
-        Command::Verify { contact } => Ok(open(&profile, proxy).await?.verify(&contact)?),
+        Command::Rename { old, new } => {
+            let mut client = open(&profile, proxy).await?;
+            client.rename(&old, &new)?;
+            privacy::tell_other_devices(&mut client).await
+        }
+        Command::Verify { contact } => {
+            let mut client = open(&profile, proxy).await?;
+            client.verify(&contact)?;
+            privacy::tell_other_devices(&mut client).await
+        }
         Command::Send { contact, text } => {
             let mut client = open(&profile, proxy).await?;
             client.send(&contact, &text).await?;

@@ -164,11 +164,13 @@ pub(crate) async fn requests(
         }
         Some(RequestsAction::Decline { name }) => {
             client.decline_request(&name)?;
+            tell_other_devices(&mut client).await?;
             println!("declined; everything {} sent is deleted", printable(&name));
             Ok(())
         }
         Some(RequestsAction::Block { name }) => {
             client.block_request(&name)?;
+            tell_other_devices(&mut client).await?;
             println!(
                 "blocked {}; nothing they send will reach you",
                 printable(&name)
@@ -194,6 +196,7 @@ pub(crate) async fn requests(
         }
         Some(RequestsAction::Unblock { account_id }) => {
             client.unblock(&account_id)?;
+            tell_other_devices(&mut client).await?;
             println!("unblocked {}", printable(&account_id));
             Ok(())
         }
@@ -253,6 +256,19 @@ pub(crate) async fn timer(
         );
         Ok(())
     }
+}
+
+/// Posts what a local change queued for the account's other devices, if anything (best
+/// effort: what cannot go out now waits in the outbox for the next connection).
+pub(crate) async fn tell_other_devices(client: &mut Client) -> anyhow::Result<()> {
+    if client.outbox_waiting()? {
+        match client.flush().await {
+            Err(error) if !error.is_transient() => return Err(error.into()),
+            _ => {}
+        }
+        client.disconnect().await;
+    }
+    Ok(())
 }
 
 /// Marks the contact's messages read; with read receipts on, tells them (best effort: a
