@@ -185,7 +185,7 @@ pub(crate) fn run(members: usize) -> Result<GroupSizes> {
         .context("the added member is missing")?
         .0;
     let started = Instant::now();
-    let remove_commit = mls::remove_members(&provider, &committer, &mut group, &[leaf])?;
+    let remove_commit = mls::remove_members(&provider, &committer, &mut group, &[leaf], &[])?;
     let remove_build_ms = started.elapsed().as_secs_f64() * 1e3;
     mls::merge_own_commit(&provider, &mut group)?;
     let started = Instant::now();

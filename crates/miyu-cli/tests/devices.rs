@@ -259,16 +259,21 @@ fn the_devices_of_an_account_share_read_state_contacts_and_settings() {
     miyu_ok(&phone, &["sync"]);
     assert_eq!(unread(&phone, "bob"), 2);
 
-    // Read on one device, read on all: also what reaches a device after another read it.
+    // Read on one device, read on all (told when that device next connects, not at the moment
+    // of reading): also what reaches a device after another read it.
     let shown = miyu_ok(&phone, &["messages", "bob"]);
     assert!(shown.contains("two"), "{shown}");
     assert_eq!(unread(&phone, "bob"), 0);
+    miyu_ok(&laptop, &["sync"]);
+    assert_eq!(unread(&laptop, "bob"), 2, "not told yet");
+    miyu_ok(&phone, &["sync"]);
     miyu_ok(&laptop, &["sync"]);
     assert_eq!(unread(&laptop, "bob"), 0);
     miyu_ok(&bob, &["send", "alice", "three"]);
     miyu_ok(&laptop, &["sync"]);
     assert_eq!(unread(&laptop, "bob"), 1);
     miyu_ok(&laptop, &["messages", "bob"]);
+    miyu_ok(&laptop, &["sync"]);
     miyu_ok(&phone, &["sync"]);
     assert!(conversation(&phone, "bob").contains(&"bob: three".to_string()));
     assert_eq!(unread(&phone, "bob"), 0);
@@ -282,6 +287,7 @@ fn the_devices_of_an_account_share_read_state_contacts_and_settings() {
         assert_eq!(group_unread(device, "Harbor"), 1);
     }
     miyu_ok(&laptop, &["messages", "Harbor"]);
+    miyu_ok(&laptop, &["sync"]);
     miyu_ok(&phone, &["sync"]);
     assert_eq!(group_unread(&phone, "Harbor"), 0);
 

@@ -280,7 +280,8 @@ ALTER TABLE account ADD COLUMN backup_key BLOB;
 
 /// Version 8: what the account's devices share: how far each conversation is read (its
 /// messages up to this seq of the group log count as read here too, whenever they arrive), and
-/// introductions an invite made on another device may answer.
+/// introductions an invite made on another device may answer (such a stranger is kept in the
+/// contact state 'held', unseen, while message requests are off).
 const MIGRATION_8: &str = "
 ALTER TABLE conversations ADD COLUMN read_seq INTEGER NOT NULL DEFAULT 0;
 -- A message request's introduction that matched none of this device's invites: checked again
@@ -289,6 +290,9 @@ ALTER TABLE conversations ADD COLUMN read_seq INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE contacts ADD COLUMN intro_group_id BLOB;
 ALTER TABLE contacts ADD COLUMN intro_certificate BLOB;
 ALTER TABLE contacts ADD COLUMN intro_proof BLOB;
+-- The identity key's signature over a revoked device's revocation: with it any device of the
+-- account may remove the device from a group.
+ALTER TABLE devices ADD COLUMN revocation BLOB;
 ";
 
 /// Opens (or creates) the profile database, encrypted with `key`. A wrong key is reported as

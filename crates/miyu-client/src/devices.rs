@@ -19,13 +19,15 @@ use miyu_proto::link::valid_device_name;
 use miyu_proto::wire::{self, client_frame::Body as Request, server_frame::Body as Reply};
 use miyu_proto::{DeviceId, LinkCode, ServerAddress};
 use prost::Message as _;
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::files::BlobClient;
 use crate::groups::{Claimed, Gone};
 use crate::net::{self, Proxy};
 use crate::vault::Protection;
-use crate::{Client, Error, NewAccount, claim_new_profile, discard_new_profile, history, now_ms};
+use crate::{
+    Client, Error, NewAccount, claim_new_profile, db, discard_new_profile, history, now_ms,
+};
 
 /// How long either side of a link waits for the other by default.
 pub const LINK_WAIT: Duration = Duration::from_secs(600);
@@ -569,12 +571,23 @@ impl Client {
             .sign_revocation(&device)
             .map_err(|error| Error::Usage(error.to_string()))?;
         // Remembered first: the removals below are retried at every sync until done, and the
-        // device is never added anywhere again.
-        self.db.execute(
-            "INSERT INTO devices (device_id, name, revoked_at_ms) VALUES (?1, '', ?2)
-             ON CONFLICT (device_id) DO UPDATE SET revoked_at_ms = ?2",
-            params![device.to_string(), now_ms()],
-        )?;
+        // device is never added anywhere again. The account's other devices are told, with
+        // the signature, so that they remove it from their groups too (this device may not be
+        // in all of them).
+        db::in_transaction(&self.db, |db| {
+            record_revocation(db, &device, &signature)?;
+            self.queue_sync_in(
+                db,
+                wire::Sync {
+                    revoked: vec![wire::DeviceRevocation {
+                        device_id: device.as_bytes().to_vec(),
+                        signature: signature.to_vec(),
+                    }],
+                    ..Default::default()
+                },
+            )?;
+            Ok(())
+        })?;
         self.call(Request::RevokeDevice(wire::RevokeDevice {
             device_id: device.as_bytes().to_vec(),
             signature: signature.to_vec(),
@@ -586,19 +599,12 @@ impl Client {
     }
 
     fn is_revoked(&self, device: &DeviceId) -> Result<bool, Error> {
-        Ok(self
-            .db
-            .query_row(
-                "SELECT 1 FROM devices WHERE device_id = ?1 AND revoked_at_ms IS NOT NULL",
-                params![device.to_string()],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some())
+        is_revoked(&self.db, device)
     }
 
     /// Commits the removal of revoked devices of the account from every conversation this
-    /// device is in and they still are: at revocation, and again at each sync until done.
+    /// device is in and they still are: at revocation, and again at each sync until done, on
+    /// every device of the account that knows of the revocation.
     pub(crate) async fn remove_revoked_devices(&mut self) -> Result<(), Error> {
         let revoked: Vec<DeviceId> = {
             let mut statement = self
@@ -637,4 +643,49 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// Whether this device knows `device` as revoked.
+pub(crate) fn is_revoked(db: &Connection, device: &DeviceId) -> Result<bool, Error> {
+    Ok(db
+        .query_row(
+            "SELECT 1 FROM devices WHERE device_id = ?1 AND revoked_at_ms IS NOT NULL",
+            params![device.to_string()],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// Remembers a device the identity key revoked, with the signature that lets this device
+/// remove it from groups.
+pub(crate) fn record_revocation(
+    db: &Connection,
+    device: &DeviceId,
+    signature: &[u8; 64],
+) -> Result<(), Error> {
+    db.execute(
+        "INSERT INTO devices (device_id, name, revoked_at_ms, revocation) VALUES (?1, '', ?2, ?3)
+         ON CONFLICT (device_id) DO UPDATE SET revoked_at_ms = COALESCE(revoked_at_ms, ?2), revocation = ?3",
+        params![device.to_string(), now_ms(), signature.as_slice()],
+    )?;
+    Ok(())
+}
+
+/// The revocations this device holds, for commits removing revoked devices.
+pub(crate) fn revocations(db: &Connection) -> Result<Vec<mls::Revocation>, Error> {
+    let mut statement = db
+        .prepare_cached("SELECT device_id, revocation FROM devices WHERE revocation IS NOT NULL")?;
+    let rows: Vec<(String, Vec<u8>)> = statement
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(device, signature)| {
+            Some(mls::Revocation {
+                device: device.parse().ok()?,
+                signature: signature.try_into().ok()?,
+            })
+        })
+        .collect())
 }

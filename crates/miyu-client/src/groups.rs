@@ -1639,7 +1639,13 @@ impl Client {
                 let (commit, welcome) = if adding.is_empty() {
                     let leaves: Vec<u32> = leaving.iter().map(|(leaf, _)| *leaf).collect();
                     (
-                        mls::remove_members(&provider, &self.keys, &mut group, &leaves)?,
+                        mls::remove_members(
+                            &provider,
+                            &self.keys,
+                            &mut group,
+                            &leaves,
+                            &crate::devices::revocations(db)?,
+                        )?,
                         None,
                     )
                 } else {

@@ -1459,11 +1459,12 @@ impl Client {
             // A stranger (they found our username, or replayed an old invite): a message
             // request, or nothing at all if requests are off. Their proof is kept: an invite
             // another device of the account made, and tells us of later, may still answer it.
-            let event = privacy::on_stranger(db, contact_account, &name)?;
-            if !profile.invite_proof.is_empty() {
+            let has_proof = !profile.invite_proof.is_empty();
+            let event = privacy::on_stranger(db, contact_account, &name, has_proof)?;
+            if has_proof {
                 db.execute(
                     "UPDATE contacts SET intro_group_id = ?2, intro_certificate = ?3, intro_proof = ?4
-                     WHERE account_id = ?1 AND state = 'unsolicited'",
+                     WHERE account_id = ?1 AND state IN ('unsolicited', 'held')",
                     params![contact_account, group_id, certificate, profile.invite_proof],
                 )?;
             }
@@ -1484,10 +1485,11 @@ impl Client {
         name: &str,
         token: &[u8],
     ) -> Result<Event, Error> {
-        db.execute(
+        let used_up: bool = db.query_row(
             "UPDATE invites SET uses_left = uses_left - 1,
-             used = CASE WHEN uses_left <= 1 THEN 1 ELSE 0 END WHERE token = ?1",
+             used = CASE WHEN uses_left <= 1 THEN 1 ELSE 0 END WHERE token = ?1 RETURNING used",
             params![token],
+            |row| row.get(0),
         )?;
         db.execute(
             "UPDATE contacts SET state = 'accepted', name = ?1, intro_group_id = NULL,
@@ -1502,8 +1504,23 @@ impl Client {
         if let Some(event) = groups::on_join_request(db, token, contact_account, name)? {
             self.extra_events.borrow_mut().push(event);
         }
-        // Our other devices may not know the invite (made after they were linked).
-        self.share_contact_in(db, contact_account)?;
+        // Our other devices may not know the invite (made after they were linked), nor that
+        // it is used up.
+        let contacts = mirror::contact_item(db, contact_account)?
+            .into_iter()
+            .collect();
+        self.queue_sync_in(
+            db,
+            wire::Sync {
+                contacts,
+                invites_used: if used_up {
+                    vec![token.to_vec()]
+                } else {
+                    Vec::new()
+                },
+                ..Default::default()
+            },
+        )?;
         Ok(Event::ContactAdded(Contact {
             name: name.to_string(),
             account_id: contact_account.to_string(),
@@ -1640,6 +1657,11 @@ impl Client {
             Some((name, state)) if state == "unsolicited" => Err(Error::Usage(format!(
                 "{name} already wrote to you: `miyu requests accept {name}`"
             ))),
+            Some((_, state)) if state == "held" => {
+                // Held unseen for an invite another device may have made: starting afresh
+                // with them is the user's answer.
+                db::in_transaction(&self.db, |db| privacy::forget_request(db, account))
+            }
             Some((name, _)) => Err(Error::Usage(format!("{name} is already a contact"))),
             None if privacy::is_blocked(&self.db, account)? => {
                 Err(Error::Usage("you blocked this account".into()))
@@ -1763,6 +1785,7 @@ impl Client {
                 "INSERT INTO conversations (group_id, contact, scope, announce, last_update_ms) VALUES (?1, ?2, ?2, ?3, ?4)",
                 params![group_id.as_slice(), account, announce.encode_to_vec(), now_ms()],
             )?;
+            self.share_contact_in(db, &account)?;
             Ok(Contact {
                 name: contact_name,
                 account_id: account.clone(),
@@ -1785,9 +1808,6 @@ impl Client {
             invite_proof,
         });
         self.queue_app_message(&group_id, profile, None)?;
-        db::in_transaction(&self.db, |db| {
-            self.share_contact_in(db, &contact.account_id)
-        })?;
         self.announce_pending_groups().await?;
         self.flush_outbox().await?;
         Ok(contact)

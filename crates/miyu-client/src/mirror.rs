@@ -15,7 +15,7 @@ use prost::Message as _;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::settings::Settings;
-use crate::{Client, Contact, Error, Event, db, now_ms, privacy, random};
+use crate::{Client, Contact, Error, Event, db, devices, now_ms, privacy, random};
 
 /// The length of an account group's id: neither a conversation's (16) nor a group's (32).
 pub(crate) const ACCOUNT_GROUP_ID_LEN: usize = 24;
@@ -37,6 +37,11 @@ type WaitingIntroduction = (String, String, Vec<u8>, Vec<u8>, Vec<u8>);
 
 /// At most this many items of each kind are taken from one `Sync`.
 const MAX_ITEMS: usize = 1000;
+/// Unused invites beyond this many are not taken from other devices.
+const MAX_INVITES: usize = 1000;
+/// How far past what this device has processed of a conversation another device's read mark
+/// may reach.
+const READ_AHEAD: i64 = 100_000;
 
 pub(crate) fn is_shared_setting(key: &str) -> bool {
     SHARED_SETTINGS.contains(&key)
@@ -63,6 +68,13 @@ pub(crate) fn join(db: &Connection, joined: &JoinedGroup, me: AccountId) -> Resu
         return Err(Error::Security(
             "an account group must hold only this account's devices".into(),
         ));
+    }
+    for member in &joined.members {
+        if devices::is_revoked(db, &member.device_id())? {
+            return Err(Error::Security(
+                "an account group with a revoked device in it".into(),
+            ));
+        }
     }
     db.execute(
         "INSERT INTO conversations (group_id, contact, scope, cursor, last_update_ms) VALUES (?1, NULL, ?2, 0, ?3)
@@ -142,11 +154,13 @@ pub(crate) fn contact_item(
 }
 
 /// How far each conversation of `scope` is read on this device, where that moved: the
-/// conversations' `read_seq` is raised to the last message they hold.
+/// conversations' `read_seq` is raised to the last incoming message they hold (not past what
+/// this device has processed, which may hold entries it has not shown yet).
 pub(crate) fn advance_read(db: &Connection, scope: &str) -> Result<Vec<wire::ReadUpTo>, Error> {
     let moved: Vec<(Vec<u8>, i64)> = {
         let mut statement = db.prepare(
-            "SELECT v.group_id, (SELECT MAX(m.seq) FROM messages m WHERE m.group_id = v.group_id) AS last
+            "SELECT v.group_id, MIN(v.cursor,
+                 (SELECT MAX(m.seq) FROM messages m WHERE m.group_id = v.group_id AND m.outgoing = 0)) AS last
              FROM conversations v WHERE v.scope = ?1 AND last > v.read_seq",
         )?;
         statement
@@ -219,8 +233,12 @@ impl Client {
     ) -> Result<Option<Event>, Error> {
         match incoming {
             Incoming::Application { plaintext, sender } => {
-                if sender.account_id() != self.account_id() {
-                    tracing::debug!("dropped an account group message from another account");
+                if sender.account_id() != self.account_id()
+                    || devices::is_revoked(db, &sender.device_id())?
+                {
+                    tracing::debug!(
+                        "dropped an account group message of another account or a revoked device"
+                    );
                     return Ok(None);
                 }
                 match wire::AppMessage::decode(plaintext.as_slice()).map(|message| message.body) {
@@ -299,35 +317,76 @@ impl Client {
             let Ok(seq) = i64::try_from(read.seq) else {
                 continue;
             };
-            db.execute(
-                "UPDATE conversations SET read_seq = MAX(read_seq, ?2) WHERE group_id = ?1",
-                params![read.group_id, seq],
-            )?;
+            // The other device may be ahead of this one, but not by more than it could have
+            // read: a mark far in the future would hide every later message as read.
+            let seq: Option<i64> = db
+                .query_row(
+                    "UPDATE conversations SET read_seq = MAX(read_seq, MIN(?2, cursor + ?3))
+                     WHERE group_id = ?1 RETURNING read_seq",
+                    params![read.group_id, seq, READ_AHEAD],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            let Some(seq) = seq else {
+                continue;
+            };
             db.execute(
                 "UPDATE messages SET read_at_ms = ?3 WHERE group_id = ?1 AND outgoing = 0
                  AND read_at_ms IS NULL AND seq <= ?2",
                 params![read.group_id, seq, now],
             )?;
         }
-        let mut event = None;
-        for contact in sync.contacts.iter().take(MAX_ITEMS) {
-            if let Some(added) = self.take_contact(db, contact)? {
-                event = Some(added);
+        let mut events = Vec::new();
+        for revocation in sync.revoked.iter().take(MAX_ITEMS) {
+            let Ok(device) = DeviceId::from_bytes(&revocation.device_id) else {
+                continue;
+            };
+            let Ok(signature) = <[u8; 64]>::try_from(revocation.signature.as_slice()) else {
+                continue;
+            };
+            // Only the identity key revokes; this device learns of its own revocation from
+            // the server, which refuses it.
+            if device != self.keys.certificate().device_id()
+                && miyu_proto::cert::verify_revocation(
+                    self.keys.certificate().identity_key(),
+                    &device,
+                    &signature,
+                )
+            {
+                devices::record_revocation(db, &device, &signature)?;
             }
         }
-        for invite in sync.invites.iter().take(MAX_ITEMS) {
-            if invite.token.len() != 32 || i64::try_from(invite.created_at_ms).is_err() {
+        for contact in sync.contacts.iter().take(MAX_ITEMS) {
+            events.extend(self.take_contact(db, contact)?);
+        }
+        let unused: i64 =
+            db.query_row("SELECT COUNT(*) FROM invites WHERE used = 0", [], |row| {
+                row.get(0)
+            })?;
+        let room = MAX_INVITES.saturating_sub(usize::try_from(unused).unwrap_or(MAX_INVITES));
+        for invite in sync.invites.iter().take(room) {
+            if invite.token.len() != 32 {
                 continue;
             }
             // A group's invite stays with the device that manages the group; here it only
-            // lets the contact who uses it in.
+            // lets the contact who uses it in. Its age counts from no later than now.
             db.execute(
                 "INSERT OR IGNORE INTO invites (token, created_at_ms, uses_left) VALUES (?1, ?2, ?3)",
-                params![invite.token, invite.created_at_ms, invite.uses.clamp(1, 10_000)],
+                params![
+                    invite.token,
+                    invite.created_at_ms.min(now),
+                    invite.uses.clamp(1, 10_000)
+                ],
+            )?;
+        }
+        for token in sync.invites_used.iter().take(MAX_ITEMS) {
+            db.execute(
+                "UPDATE invites SET used = 1, uses_left = 0 WHERE token = ?1",
+                params![token],
             )?;
         }
         if !sync.invites.is_empty() {
-            event = self.answer_waiting_introductions(db)?.or(event);
+            events.extend(self.answer_waiting_introductions(db)?);
         }
         if !sync.settings.is_empty() {
             let mut settings = Settings::load(db)?;
@@ -363,16 +422,19 @@ impl Client {
             };
             privacy::forget_request(db, &account.to_string())?;
         }
-        Ok(event)
+        // The caller reports one event; the others go with it.
+        let last = events.pop();
+        self.extra_events.borrow_mut().extend(events);
+        Ok(last)
     }
 
     /// Message requests whose introduction an invite of the account (made on another device,
     /// and known here only now) answers: they become contacts, as on the invite's device.
-    fn answer_waiting_introductions(&self, db: &Connection) -> Result<Option<Event>, Error> {
+    fn answer_waiting_introductions(&self, db: &Connection) -> Result<Vec<Event>, Error> {
         let waiting: Vec<WaitingIntroduction> = {
             let mut statement = db.prepare(
                 "SELECT account_id, name, intro_group_id, intro_certificate, intro_proof FROM contacts
-                 WHERE state = 'unsolicited' AND intro_proof IS NOT NULL",
+                 WHERE state IN ('unsolicited', 'held') AND intro_proof IS NOT NULL",
             )?;
             statement
                 .query_map([], |row| {
@@ -386,13 +448,13 @@ impl Client {
                 })?
                 .collect::<Result<_, _>>()?
         };
-        let mut event = None;
+        let mut events = Vec::new();
         for (account, name, group_id, certificate, proof) in waiting {
             if let Some(token) = crate::find_invite(db, &group_id, &certificate, &proof)? {
-                event = Some(self.accept_introduced(db, &group_id, &account, &name, &token)?);
+                events.push(self.accept_introduced(db, &group_id, &account, &name, &token)?);
             }
         }
-        Ok(event)
+        Ok(events)
     }
 
     /// A contact another device of the account accepted, named or verified: the same here.
@@ -417,6 +479,10 @@ impl Client {
             return Ok(None);
         }
         let account = account_id.to_string();
+        if privacy::is_blocked(db, &account)? {
+            // Blocked here: only an unblock (SyncBlock) lifts it, never a rename crossing it.
+            return Ok(None);
+        }
         let known: Option<(String, Vec<u8>)> = db
             .query_row(
                 "SELECT state, certificate FROM contacts WHERE account_id = ?1",
@@ -425,10 +491,6 @@ impl Client {
             )
             .optional()?;
         let name = db::free_contact_name(db, wanted, &account)?;
-        db.execute(
-            "DELETE FROM blocked WHERE account_id = ?1",
-            params![account],
-        )?;
         let newly = match known {
             Some((state, stored)) => {
                 // Verification is of the contact's identity key: carried over only if this

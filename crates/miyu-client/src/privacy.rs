@@ -127,7 +127,7 @@ pub(crate) fn valid_timer(seconds: u32) -> bool {
 pub(crate) fn make_room_for_newcomer(db: &Connection) -> Result<(), Error> {
     let stale: Vec<String> = {
         let mut statement = db.prepare(
-            "SELECT account_id FROM contacts WHERE state = 'pending' AND added_at_ms < ?1",
+            "SELECT account_id FROM contacts WHERE state IN ('pending', 'held') AND added_at_ms < ?1",
         )?;
         statement
             .query_map(
@@ -140,7 +140,7 @@ pub(crate) fn make_room_for_newcomer(db: &Connection) -> Result<(), Error> {
         forget_contact(db, &account)?;
     }
     let waiting: i64 = db.query_row(
-        "SELECT count(*) FROM contacts WHERE state IN ('pending', 'unsolicited')",
+        "SELECT count(*) FROM contacts WHERE state IN ('pending', 'unsolicited', 'held')",
         [],
         |row| row.get(0),
     )?;
@@ -286,13 +286,24 @@ pub(crate) fn store_request_message(
     }))
 }
 
-/// A newcomer whose introduction carried no invite of ours.
+/// A newcomer whose introduction carried no invite of ours. With message requests off they are
+/// forgotten, unless their introduction carries an invite proof: an invite another device of
+/// the account made may answer it, so they are held, unseen, until then (or until they expire
+/// like a newcomer who never introduced themselves).
 pub(crate) fn on_stranger(
     db: &Connection,
     account: &str,
     name: &str,
+    has_proof: bool,
 ) -> Result<Option<Event>, Error> {
     if !Settings::load(db)?.message_requests {
+        if has_proof {
+            db.execute(
+                "UPDATE contacts SET state = 'held', name = ?1 WHERE account_id = ?2",
+                params![name, account],
+            )?;
+            return Ok(None);
+        }
         tracing::debug!("dropped a stranger's conversation: message requests are off");
         forget_contact(db, account)?;
         return Ok(None);
@@ -901,9 +912,9 @@ impl Client {
     // Receipts, typing, presence
     // -----------------------------------------------------------------------------------------
 
-    /// Marks the contact's messages read, on every device of the account. With read receipts
-    /// on, tells the contact which (queued; returns true when something was queued, to be sent
-    /// by `flush`).
+    /// Marks the contact's messages read, on every device of the account (told at this
+    /// device's next connection). With read receipts on, tells the contact which (queued;
+    /// returns true when receipts were queued, to be sent by `flush`).
     pub fn mark_read(&self, contact: &str) -> Result<bool, Error> {
         let (scope, group_id) = self.conversation_of(contact)?;
         // Receipts go to contacts only: in a group they would tell every member.
@@ -925,9 +936,10 @@ impl Client {
                  AND group_id IN (SELECT group_id FROM conversations WHERE scope = ?2)",
                 params![now_ms(), scope],
             )?;
-            // The account's other devices stop counting them as unread.
+            // The account's other devices stop counting them as unread, once this device next
+            // connects: posting now would tell the server when the user reads, receipts or not.
             let read = crate::mirror::advance_read(db, &scope)?;
-            let shared = self.queue_sync_in(
+            self.queue_sync_in(
                 db,
                 wire::Sync {
                     read,
@@ -935,7 +947,7 @@ impl Client {
                 },
             )?;
             if !receipts || unread.is_empty() {
-                return Ok(shared);
+                return Ok(false);
             }
             for chunk in unread.chunks(500) {
                 let receipt = wire::app_message::Body::Receipt(wire::Receipt {
@@ -1217,11 +1229,11 @@ pub(crate) fn block(db: &Connection, account: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Forgets a message request (and nothing else: a contact stays).
+/// Forgets a message request, or a stranger held unseen (and nothing else: a contact stays).
 pub(crate) fn forget_request(db: &Connection, account: &str) -> Result<(), Error> {
     let unsolicited = db
         .query_row(
-            "SELECT 1 FROM contacts WHERE account_id = ?1 AND state = 'unsolicited'",
+            "SELECT 1 FROM contacts WHERE account_id = ?1 AND state IN ('unsolicited', 'held')",
             params![account],
             |_| Ok(()),
         )

@@ -535,11 +535,40 @@ pub fn remove_members(
     keys: &AccountKeys,
     group: &mut MlsGroup,
     leaves: &[u32],
+    revocations: &[Revocation],
 ) -> Result<Vec<u8>, MlsError> {
     let leaves: Vec<LeafNodeIndex> = leaves
         .iter()
         .map(|leaf| LeafNodeIndex::new(*leaf))
         .collect();
+    // Devices of our own account go only with the identity key's revocation of each (made
+    // here, or passed on from the device that holds the key), which every member checks: a
+    // stolen linked device cannot push the account's others out.
+    let me = keys.certificate().account_id();
+    let mut authenticated_data = Vec::new();
+    for leaf in &leaves {
+        let member = group.member_at(*leaf).ok_or(MlsError::BadMember(
+            "a removal names a leaf not in the group",
+        ))?;
+        let device = member_certificate(&member.credential, &member.signature_key)?;
+        if device.account_id() == me {
+            let device_id = device.device_id();
+            let signature = match revocations
+                .iter()
+                .find(|revocation| revocation.device == device_id)
+            {
+                Some(revocation) => revocation.signature,
+                None => keys.sign_revocation(&device_id).map_err(|_| {
+                    MlsError::BadMember(
+                        "an own device is removed only once the identity key revoked it",
+                    )
+                })?,
+            };
+            authenticated_data.extend_from_slice(device_id.as_bytes());
+            authenticated_data.extend_from_slice(&signature);
+        }
+    }
+    group.set_aad(authenticated_data);
     let (commit, _welcome, _info) = group
         .remove_members(provider, &DeviceSigner(keys), &leaves)
         .map_err(state_error)?;
@@ -674,6 +703,40 @@ fn check_replacement(
     Ok(())
 }
 
+/// A device's revocation: the identity key's signature over it (PROTOCOL.md §7.17), which
+/// lets any device of the account remove it from a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Revocation {
+    pub device: miyu_proto::DeviceId,
+    pub signature: [u8; 64],
+}
+
+/// Length of one revocation in a commit's authenticated data: a device id (16 bytes) and the
+/// identity key's signature over its revocation (64 bytes, PROTOCOL.md §10.10).
+const REVOCATION_LEN: usize = 16 + 64;
+
+/// Whether a commit's authenticated data carries the revocation of `device`, signed by the
+/// identity key of the committer's account (which is also the device's).
+fn revoked_in(
+    authenticated_data: &[u8],
+    committer: &VerifiedCertificate,
+    device: &VerifiedCertificate,
+) -> bool {
+    let device_id = device.device_id();
+    authenticated_data.len().is_multiple_of(REVOCATION_LEN)
+        && authenticated_data
+            .chunks_exact(REVOCATION_LEN)
+            .any(|revocation| {
+                let (id, signature) = revocation.split_at(16);
+                id == device_id.as_bytes()
+                    && miyu_proto::cert::verify_revocation(
+                        committer.identity_key(),
+                        &device_id,
+                        signature,
+                    )
+            })
+}
+
 /// Decrypts and verifies one message of the group's log. Unless `membership_changes`, a commit
 /// may add or remove only devices of its committer's own account (a one-to-one conversation
 /// keeps its two accounts, while each links and revokes its own devices).
@@ -692,6 +755,7 @@ pub fn process(
         .map_err(|error| MlsError::Rejected(error.to_string()))?;
     let sender_leaf = processed.sender().clone();
     let credential = processed.credential().clone();
+    let authenticated_data = processed.aad().to_vec();
     match processed.into_content() {
         ProcessedMessageContent::ApplicationMessage(application) => {
             let Sender::Member(index) = sender_leaf else {
@@ -745,6 +809,16 @@ pub fn process(
                     .any(|device| device.account_id() != committer.account_id())
             {
                 return Err(MlsError::BadMember("commit changes the group's members"));
+            }
+            for device in removed
+                .iter()
+                .filter(|device| device.account_id() == committer.account_id())
+            {
+                if !revoked_in(&authenticated_data, &committer, device) {
+                    return Err(MlsError::BadMember(
+                        "a removal of the committer's own device without its revocation",
+                    ));
+                }
             }
             if let (Some(leaf), Sender::Member(index)) =
                 (staged.update_path_leaf_node(), &sender_leaf)
@@ -956,13 +1030,48 @@ mod tests {
             Incoming::Application { .. }
         ));
 
+        // The laptop holds no identity key: it cannot remove Bob's first device, and a commit
+        // that does so without the identity key's revocation is refused by every member.
+        let phone_leaf = members(&laptop_group)
+            .into_iter()
+            .find(|(_, member)| member == bob.certificate())
+            .unwrap()
+            .0;
+        assert!(matches!(
+            remove_members(&laptop_mls, &laptop, &mut laptop_group, &[phone_leaf], &[]),
+            Err(MlsError::BadMember(_))
+        ));
+        let forged = laptop_group
+            .remove_members(
+                &laptop_mls,
+                &DeviceSigner(&laptop),
+                &[LeafNodeIndex::new(phone_leaf)],
+            )
+            .unwrap()
+            .0
+            .tls_serialize_detached()
+            .unwrap();
+        laptop_group
+            .clear_pending_commit(laptop_mls.storage())
+            .unwrap();
+        let epoch = alice_group.epoch();
+        assert!(matches!(
+            process(&alice_mls, &mut alice_group, &forged, false),
+            Err(MlsError::BadMember(_))
+        ));
+        assert_eq!(
+            alice_group.epoch(),
+            epoch,
+            "the refused commit was not merged"
+        );
+
         // And revokes it: removed, it cannot read what follows.
         let leaf = members(&bob_group)
             .into_iter()
             .find(|(_, member)| *member == certificate)
             .unwrap()
             .0;
-        let commit = remove_members(&bob_mls, &bob, &mut bob_group, &[leaf]).unwrap();
+        let commit = remove_members(&bob_mls, &bob, &mut bob_group, &[leaf], &[]).unwrap();
         merge_own_commit(&bob_mls, &mut bob_group).unwrap();
         assert!(matches!(
             process(&alice_mls, &mut alice_group, &commit, false).unwrap(),
@@ -984,6 +1093,109 @@ mod tests {
             Err(MlsError::BadMember(_))
         ));
         assert_eq!(bob_group.epoch(), epoch);
+    }
+
+    /// A device certified by `owner`'s identity key, with its database, keys and certificate.
+    fn linked_device(owner: &AccountKeys) -> (Connection, AccountKeys, VerifiedCertificate) {
+        let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+        let certificate = owner
+            .certify_device(key.verifying_key().as_bytes())
+            .unwrap();
+        let keys = AccountKeys::linked(&key.to_bytes(), certificate.clone()).unwrap();
+        (database(), keys, certificate)
+    }
+
+    #[test]
+    fn a_revocation_made_by_the_identity_key_lets_any_own_device_remove_the_revoked_one() {
+        let (alice_db, bob_db, _alice, bob, welcome) = bob_invites_alice(13);
+        let (alice_mls, bob_mls) = (Provider::new(&alice_db), Provider::new(&bob_db));
+        join_group(&alice_mls, &welcome, None).unwrap();
+        let mut alice_group = load_group(&alice_mls, &[13; 16]).unwrap().unwrap();
+        let mut bob_group = load_group(&bob_mls, &[13; 16]).unwrap().unwrap();
+        let (laptop_db, laptop, laptop_certificate) = linked_device(&bob);
+        let (tablet_db, tablet, tablet_certificate) = linked_device(&bob);
+        let (laptop_mls, tablet_mls) = (Provider::new(&laptop_db), Provider::new(&tablet_db));
+        let packages = [
+            (&laptop_mls, &laptop, &laptop_certificate),
+            (&tablet_mls, &tablet, &tablet_certificate),
+        ]
+        .map(|(provider, keys, certificate)| {
+            let package = new_key_package(provider, keys, false).unwrap();
+            check_key_package(&bob_mls, &package, certificate).unwrap()
+        });
+        let added = add_members(&bob_mls, &bob, &mut bob_group, &packages).unwrap();
+        merge_own_commit(&bob_mls, &mut bob_group).unwrap();
+        process(&alice_mls, &mut alice_group, &added.commit, false).unwrap();
+        join_group(&laptop_mls, &added.welcome, None).unwrap();
+        let mut laptop_group = load_group(&laptop_mls, &[13; 16]).unwrap().unwrap();
+        let tablet_leaf = members(&laptop_group)
+            .into_iter()
+            .find(|(_, member)| *member == tablet_certificate)
+            .unwrap()
+            .0;
+
+        // A revocation of another device does not stand in for the tablet's.
+        let wrong = Revocation {
+            device: laptop_certificate.device_id(),
+            signature: bob
+                .sign_revocation(&laptop_certificate.device_id())
+                .unwrap(),
+        };
+        let forged = Revocation {
+            device: tablet_certificate.device_id(),
+            ..wrong
+        };
+        assert!(matches!(
+            remove_members(
+                &laptop_mls,
+                &laptop,
+                &mut laptop_group,
+                &[tablet_leaf],
+                &[wrong]
+            ),
+            Err(MlsError::BadMember(_))
+        ));
+        let commit = remove_members(
+            &laptop_mls,
+            &laptop,
+            &mut laptop_group,
+            &[tablet_leaf],
+            &[forged],
+        )
+        .unwrap();
+        laptop_group
+            .clear_pending_commit(laptop_mls.storage())
+            .unwrap();
+        assert!(matches!(
+            process(&alice_mls, &mut alice_group, &commit, false),
+            Err(MlsError::BadMember(_))
+        ));
+
+        // The identity key revoked the tablet (on the first device); the laptop, told of it,
+        // removes the tablet, and everyone follows.
+        let revocation = Revocation {
+            device: tablet_certificate.device_id(),
+            signature: bob
+                .sign_revocation(&tablet_certificate.device_id())
+                .unwrap(),
+        };
+        let commit = remove_members(
+            &laptop_mls,
+            &laptop,
+            &mut laptop_group,
+            &[tablet_leaf],
+            &[revocation],
+        )
+        .unwrap();
+        merge_own_commit(&laptop_mls, &mut laptop_group).unwrap();
+        for (provider, group) in [(&alice_mls, &mut alice_group), (&bob_mls, &mut bob_group)] {
+            match process(provider, group, &commit, false).unwrap() {
+                Incoming::Commit(summary) => {
+                    assert_eq!(summary.removed, vec![tablet_certificate.clone()]);
+                }
+                _ => panic!("expected a commit"),
+            }
+        }
     }
 
     #[test]
@@ -1052,7 +1264,8 @@ mod tests {
             .find(|(_, certificate)| certificate == carol.certificate())
             .unwrap()
             .0;
-        let commit = remove_members(&alice_mls, &alice, &mut alice_group, &[carol_leaf]).unwrap();
+        let commit =
+            remove_members(&alice_mls, &alice, &mut alice_group, &[carol_leaf], &[]).unwrap();
         merge_own_commit(&alice_mls, &mut alice_group).unwrap();
         // Where membership changes are not allowed (a one-to-one conversation), it is refused.
         let epoch = dave_group.epoch();
