@@ -330,3 +330,64 @@ fn the_devices_of_an_account_share_read_state_contacts_and_settings() {
     miyu_ok(&dave, &["send", "alice_here", "still here"]);
     assert!(miyu_ok(&phone, &["sync"]).is_empty());
 }
+
+#[test]
+fn a_recovered_device_is_brought_into_the_conversations_by_a_device_that_survived() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let phone = root.path().join("alice");
+    let output = miyu(
+        &phone,
+        &["init", "--server", &server.address, "--name", "alice"],
+    );
+    assert!(output.status.success());
+    let recovery_key = String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .find(|line| line.starts_with("miyu-recovery:"))
+        .unwrap()
+        .to_string();
+    let laptop = link(root.path(), &server.address, &phone, "laptop");
+    let bob = profile(root.path(), &server.address, "bob");
+    let invite = miyu_ok(&phone, &["invite"]);
+    miyu_ok(&bob, &["accept", invite.trim(), "--name", "alice"]);
+    miyu_ok(&bob, &["send", "alice", "before"]);
+    for device in [&phone, &laptop] {
+        miyu_ok(device, &["sync"]);
+    }
+    miyu_ok(&phone, &["backup"]);
+    let old_phone = devices(&laptop)
+        .into_iter()
+        .find(|device| device["this_device"] == false)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // The phone is lost; the account comes back on a new one, which revokes the lost phone.
+    std::fs::remove_dir_all(&phone).unwrap();
+    let new_phone = root.path().join("new-phone");
+    miyu_ok(
+        &new_phone,
+        &["recover", "--server", &server.address, &recovery_key],
+    );
+    miyu_ok(&new_phone, &["devices", "revoke", &old_phone]);
+
+    // The laptop, told of the new phone by the account group it made, brings it into the
+    // conversation: the new phone reads and writes there like any device of the account.
+    miyu_ok(&laptop, &["sync"]);
+    miyu_ok(&new_phone, &["sync"]);
+    miyu_ok(&bob, &["send", "alice", "after the recovery"]);
+    miyu_ok(&new_phone, &["sync"]);
+    let seen = conversation(&new_phone, "bob");
+    assert!(seen.contains(&"bob: before".to_string()), "{seen:?}");
+    assert!(
+        seen.contains(&"bob: after the recovery".to_string()),
+        "{seen:?}"
+    );
+    miyu_ok(&new_phone, &["send", "bob", "back again"]);
+    miyu_ok(&bob, &["sync"]);
+    assert!(conversation(&bob, "alice").contains(&"alice: back again".to_string()));
+    miyu_ok(&laptop, &["sync"]);
+    assert!(conversation(&laptop, "bob").contains(&"me: back again".to_string()));
+    assert_eq!(devices(&new_phone).len(), 2);
+}

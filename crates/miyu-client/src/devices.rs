@@ -368,7 +368,7 @@ impl Client {
     }
 
     /// The conversations this device takes part in (and so can add a device to).
-    fn own_conversations(&self) -> Result<Vec<Vec<u8>>, Error> {
+    pub(crate) fn own_conversations(&self) -> Result<Vec<Vec<u8>>, Error> {
         let mut statement = self.db.prepare(
             "SELECT c.group_id FROM conversations c LEFT JOIN groups g ON g.group_id = c.group_id
              WHERE c.broken IS NULL AND c.announce IS NULL AND (g.state IS NULL OR g.state = 'active')

@@ -856,6 +856,7 @@ impl Client {
         }
         self.remove_leavers().await?;
         self.remove_revoked_devices().await?;
+        self.add_missing_own_devices().await?;
         self.decline_silent_groups().await?;
         self.admit_requests().await?;
         self.refresh_posting_keys().await?;

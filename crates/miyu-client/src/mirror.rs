@@ -15,6 +15,9 @@ use prost::Message as _;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::settings::Settings;
+use std::collections::HashSet;
+
+use crate::groups::{Claimed, Gone};
 use crate::{Client, Contact, Error, Event, db, devices, now_ms, privacy, random};
 
 /// The length of an account group's id: neither a conversation's (16) nor a group's (32).
@@ -105,6 +108,33 @@ fn shared_groups(db: &Connection) -> Result<Vec<Vec<u8>>, Error> {
         }
     }
     Ok(groups)
+}
+
+/// The account's other devices as its account groups know them (MLS-authenticated members,
+/// certified by the identity key), without those revoked.
+fn account_devices(db: &Connection, me: DeviceId) -> Result<HashSet<DeviceId>, Error> {
+    let candidates: Vec<Vec<u8>> = {
+        let mut statement =
+            db.prepare("SELECT group_id FROM conversations WHERE scope = ?1 AND broken IS NULL")?;
+        statement
+            .query_map(params![SCOPE], |row| row.get(0))?
+            .collect::<Result<_, _>>()?
+    };
+    let provider = Provider::new(db);
+    let mut found = HashSet::new();
+    for group_id in candidates {
+        if let Some(group) = mls::load_group(&provider, &group_id)?
+            && mls::is_active(&group)
+        {
+            for (_, member) in mls::members(&group) {
+                let device = member.device_id();
+                if device != me && !devices::is_revoked(db, &device)? {
+                    found.insert(device);
+                }
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// Whether this device has an account group it is still a member of.
@@ -207,6 +237,86 @@ impl Client {
             )?;
         }
         Ok(!groups.is_empty())
+    }
+
+    /// Adds the account's devices (as its account groups know them) to every conversation this
+    /// device is in and they are not: a device recovered with the identity key, which the
+    /// devices that survived bring into their conversations, or one a link missed. Runs at
+    /// each sync; when several devices do it at once, the first commit wins and the others
+    /// find nothing left to do.
+    pub(crate) async fn add_missing_own_devices(&mut self) -> Result<(), Error> {
+        let mine = account_devices(&self.db, self.keys.certificate().device_id())?;
+        if mine.is_empty() {
+            return Ok(());
+        }
+        let mut lacking = Vec::new();
+        {
+            let provider = Provider::new(&self.db);
+            for group_id in self.own_conversations()? {
+                if is_account_group_id(&group_id) {
+                    continue;
+                }
+                let Some(group) = mls::load_group(&provider, &group_id)? else {
+                    continue;
+                };
+                let present: HashSet<DeviceId> = mls::members(&group)
+                    .into_iter()
+                    .map(|(_, member)| member.device_id())
+                    .collect();
+                if mine.iter().any(|device| !present.contains(device)) {
+                    lacking.push(group_id);
+                }
+            }
+        }
+        if lacking.is_empty() {
+            return Ok(());
+        }
+        for group_id in lacking {
+            // One key package of each other device: those already in are left out by the
+            // commit itself.
+            let Some(claimed) = self.claim_own_devices().await? else {
+                return Ok(());
+            };
+            let (devices, key_packages) = claimed
+                .devices
+                .into_iter()
+                .zip(claimed.key_packages)
+                .filter(|(device, _)| mine.contains(device))
+                .unzip();
+            let claimed = Claimed {
+                account: claimed.account,
+                devices,
+                key_packages,
+            };
+            if claimed.devices.is_empty() {
+                continue;
+            }
+            match self
+                .commit_membership_once(&group_id, std::slice::from_ref(&claimed), Gone::NOBODY)
+                .await
+            {
+                Ok(()) => {
+                    // The newcomer may know nothing of the contact (no backup): their name.
+                    let contact: Option<String> = self
+                        .db
+                        .query_row(
+                            "SELECT contact FROM conversations WHERE group_id = ?1",
+                            params![group_id],
+                            |row| row.get(0),
+                        )
+                        .optional()?
+                        .flatten();
+                    if let Some(contact) = contact {
+                        db::in_transaction(&self.db, |db| self.share_contact_in(db, &contact))?;
+                    }
+                }
+                Err(error) if error.is_transient() => return Err(error),
+                Err(error) => {
+                    tracing::warn!("could not add an own device to a conversation: {error}")
+                }
+            }
+        }
+        self.flush_outbox().await
     }
 
     /// Tells the account's other devices about a contact as this device now has it (in the

@@ -268,10 +268,19 @@ impl Client {
             Ok::<_, Error>((client, restored))
         }
         .await;
-        if created.is_err() {
-            discard_new_profile(profile, &path);
+        let (mut client, restored) = match created {
+            Ok(created) => created,
+            Err(error) => {
+                discard_new_profile(profile, &path);
+                return Err(error);
+            }
+        };
+        // The account's devices that survive learn of this one through a new account group,
+        // and bring it into their conversations (PROTOCOL.md §10.12).
+        if let Err(error) = client.ensure_account_group().await {
+            tracing::warn!("could not tell the account's other devices of this one: {error}");
         }
-        created
+        Ok((client, restored))
     }
 }
 
