@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use miyu_crypto::identity::AccountKeys;
-use miyu_crypto::recovery::{BackupKey, RecoveryKey, RecoverySecrets, sealed_len};
+use miyu_crypto::recovery::{BackupKey, ChainLink, RecoveryKey, RecoverySecrets, sealed_len};
 use miyu_proto::blob::BlobId;
 use miyu_proto::wire::{self, client_frame::Body as Request, server_frame::Body as Reply};
 use miyu_proto::{AccountId, ServerAddress};
@@ -135,9 +135,11 @@ impl Client {
         let messages: usize = self
             .db
             .query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0))?;
-        let blob = key.seal(&bytes).map_err(recovery_error)?;
+        let sealed = key
+            .seal_segment(&bytes, &ChainLink::FIRST)
+            .map_err(recovery_error)?;
         let blob_id = BlobClient::new(&self.keys, &self.server, self.proxy)
-            .upload_whole(None, blob)
+            .upload_whole(None, sealed.blob)
             .await?;
         self.call(Request::SetBackup(wire::SetBackup {
             blob_id: blob_id.0.to_vec(),
@@ -200,8 +202,10 @@ impl Client {
         let sealed = BlobClient::new(&self.keys, &self.server, self.proxy)
             .download_whole(&blob_id, length)
             .await?;
-        let bytes = key.open(&sealed).map_err(recovery_error)?;
-        let imported = history::import(&self.db, &bytes)?;
+        let opened = key
+            .open_segment(&sealed, &ChainLink::FIRST)
+            .map_err(recovery_error)?;
+        let imported = history::import(&self.db, &opened.plaintext)?;
         restored.conversations = imported.conversations;
         restored.messages = imported.messages;
         restored.backup = true;
