@@ -1366,10 +1366,11 @@ fn recover(account: &[u8], auth_key: &[u8]) -> Request {
     })
 }
 
-fn set_backup(blob_id: &[u8], size: u64) -> Request {
+fn set_backup(blob_id: &[u8], size: u64, append_after: &[u8]) -> Request {
     Request::SetBackup(wire::SetBackup {
         blob_id: blob_id.to_vec(),
         size,
+        append_after: append_after.to_vec(),
     })
 }
 
@@ -1431,26 +1432,30 @@ fn a_lost_account_gets_its_recovery_bundle_before_authenticating_with_the_right_
             .await
             .unwrap();
         assert!(matches!(answer(&mut phone, id).await, Ok(Reply::Done(_))));
-        // A backup must name a finished blob of the account; this one names nothing.
-        assert_eq!(
-            refused(&mut phone, set_backup(&[7; 32], 10)).await,
-            ErrorCode::NotFound
-        );
-        assert_eq!(
-            refused(&mut phone, set_backup(&[7; 31], 10)).await,
-            ErrorCode::InvalidArgument
-        );
-        assert_eq!(
-            refused(&mut phone, set_backup(&[7; 32], (4 << 30) + 1)).await,
-            ErrorCode::InvalidArgument
-        );
+        // A backup must name a finished blob of the account; this one names nothing, and
+        // there is no backup to append a segment to.
+        for nothing in [
+            set_backup(&[7; 32], 10, &[]),
+            set_backup(&[7; 32], 10, &[8; 32]),
+        ] {
+            assert_eq!(refused(&mut phone, nothing).await, ErrorCode::NotFound);
+        }
+        for malformed in [
+            set_backup(&[7; 31], 10, &[]),
+            set_backup(&[7; 32], (4 << 30) + 1, &[]),
+            set_backup(&[7; 32], 10, &[8; 31]),
+        ] {
+            assert_eq!(
+                refused(&mut phone, malformed).await,
+                ErrorCode::InvalidArgument
+            );
+        }
 
         // Whoever lost every device has only said Hello.
         match recover_as_a_stranger(&address, &account, &auth_key).await {
             Ok(Reply::RecoveryBundle(granted)) => {
                 assert_eq!(granted.bundle, b"sealed identity key");
-                assert!(granted.backup_blob.is_empty());
-                assert_eq!(granted.backup_size, 0);
+                assert!(granted.backup.is_empty());
             }
             other => panic!("expected the recovery bundle, got {other:?}"),
         }

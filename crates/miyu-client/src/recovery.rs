@@ -30,8 +30,12 @@ use crate::{Client, Error, NewAccount, claim_new_profile, discard_new_profile, h
 /// account's name.
 const BUNDLE_V1: u8 = 1;
 
-/// The largest backup this client makes or takes: its history is held in memory.
+/// The largest backup this client makes or takes, all its segments together: its history is
+/// held in memory.
 const MAX_BACKUP_BYTES: u64 = 1 << 30;
+
+/// The most segments a server keeps of a backup (PROTOCOL.md §7.19).
+const MAX_BACKUP_SEGMENTS: usize = 64;
 
 /// What a recovery or restore brought back.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -144,6 +148,7 @@ impl Client {
         self.call(Request::SetBackup(wire::SetBackup {
             blob_id: blob_id.0.to_vec(),
             size: bytes.len() as u64,
+            append_after: Vec::new(),
         }))
         .await?;
         Ok(messages)
@@ -182,34 +187,61 @@ impl Client {
             messages: 0,
             backup: false,
         };
-        if bundle.backup_blob.is_empty() {
+        if bundle.backup.is_empty() {
             return Ok(restored);
         }
-        let blob_id = BlobId(
-            bundle
-                .backup_blob
-                .as_slice()
-                .try_into()
-                .map_err(|_| Error::Protocol("the backup's blob id is malformed".into()))?,
-        );
-        // The size comes from the server: a backup is held in memory, so bound it.
-        if bundle.backup_size > MAX_BACKUP_BYTES {
-            return Err(Error::Security(
-                "the server announces a backup larger than any this client makes".into(),
-            ));
+        let segments = self.fetch_backup(&bundle.backup, key).await?;
+        let mut imported = history::Imported::default();
+        for segment in &segments {
+            imported = history::import(&self.db, segment)?;
         }
-        let length = sealed_len(bundle.backup_size).map_err(recovery_error)?;
-        let sealed = BlobClient::new(&self.keys, &self.server, self.proxy)
-            .download_whole(&blob_id, length)
-            .await?;
-        let opened = key
-            .open_segment(&sealed, &ChainLink::FIRST)
-            .map_err(recovery_error)?;
-        let imported = history::import(&self.db, &opened.plaintext)?;
         restored.conversations = imported.conversations;
         restored.messages = imported.messages;
         restored.backup = true;
         Ok(restored)
+    }
+
+    /// Downloads the segments of the account's backup and opens each at its place in the
+    /// chain: the plaintexts, first to last. Fails, having kept nothing, if one is missing from
+    /// the middle, altered, out of order or from another chain.
+    async fn fetch_backup(
+        &mut self,
+        chain: &[wire::BackupSegment],
+        key: &BackupKey,
+    ) -> Result<Vec<Zeroizing<Vec<u8>>>, Error> {
+        // The sizes come from the server: a backup is held in memory, so bound them.
+        let total = chain
+            .iter()
+            .try_fold(0u64, |total, segment| total.checked_add(segment.size));
+        if chain.len() > MAX_BACKUP_SEGMENTS || total.is_none_or(|total| total > MAX_BACKUP_BYTES) {
+            return Err(Error::Security(
+                "the server announces a backup larger than any this client makes".into(),
+            ));
+        }
+        let mut blobs = BlobClient::new(&self.keys, &self.server, self.proxy);
+        let mut link = ChainLink::FIRST;
+        let mut plaintexts = Vec::with_capacity(chain.len());
+        for (index, segment) in chain.iter().enumerate() {
+            let blob_id =
+                BlobId(segment.blob_id.as_slice().try_into().map_err(|_| {
+                    Error::Protocol("a backup segment's blob id is malformed".into())
+                })?);
+            let length = sealed_len(segment.size).map_err(recovery_error)?;
+            let sealed = blobs.download_whole(&blob_id, length).await?;
+            let opened = key.open_segment(&sealed, &link).map_err(|_| {
+                Error::Security(format!(
+                    "segment {} of the backup's {} does not open in its place: the server \
+                     altered, reordered or left out segments (or the size it announced is wrong)",
+                    index + 1,
+                    chain.len()
+                ))
+            })?;
+            link = link.next(opened.digest).ok_or_else(|| {
+                Error::Security("the backup has more segments than a chain can".into())
+            })?;
+            plaintexts.push(opened.plaintext);
+        }
+        Ok(plaintexts)
     }
 
     /// On a new device, when the account's devices are lost: takes the identity key back from

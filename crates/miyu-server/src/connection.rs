@@ -26,7 +26,9 @@ use tokio::sync::{mpsc, watch};
 use crate::hub::{Hub, Mailbox, PushedEntry};
 use crate::limits::TokenBucket;
 use crate::store::worker::StoreHandle;
-use crate::store::{EntryKind, NewCommit, NewDevice, NewGroup, Recovery, StoreError};
+use crate::store::{
+    BackupSegment, EntryKind, NewCommit, NewDevice, NewGroup, Recovery, StoreError,
+};
 
 /// Frames waiting to be written to one connection.
 const OUTBOUND_DEPTH: usize = 256;
@@ -1169,19 +1171,33 @@ impl Session {
                 let Ok(blob_id) = <[u8; 32]>::try_from(set.blob_id.as_slice()) else {
                     return self.invalid(id, "a blob id is 32 bytes").await;
                 };
+                let append_after = if set.append_after.is_empty() {
+                    None
+                } else {
+                    let Ok(after) = <[u8; 32]>::try_from(set.append_after.as_slice()) else {
+                        return self
+                            .invalid(id, "append_after is empty or a 32-byte blob id")
+                            .await;
+                    };
+                    Some(after)
+                };
                 if set.size > MAX_BACKUP_SIZE {
                     return self.invalid(id, "a backup is at most 4 GiB").await;
                 }
                 let account = context.account;
                 let shared = Arc::clone(&self.shared);
+                let segment = BackupSegment {
+                    blob_id,
+                    size: set.size,
+                };
                 let pending = store.submit(move |store| {
                     still_registered(store, &device)?;
-                    store.set_backup(&account, &blob_id, set.size, now)
+                    store.set_backup(&account, segment, append_after.as_ref(), now)
                 });
-                // The replaced backup's file goes before the answer, as its row did; should
-                // removing it fail, the sweep removes it as an orphan.
+                // The replaced segments' files go before the answer, as their rows did; should
+                // removing one fail, the sweep removes it as an orphan.
                 let pending = pending.await.map(|named| async move {
-                    if let Some(replaced) = named.await? {
+                    for replaced in named.await? {
                         shared.blobs.remove_file(replaced).await;
                     }
                     Ok(())
@@ -1355,16 +1371,17 @@ impl Session {
         // A wrong key is counted in the store, durably, before it is answered: failing it as a
         // store error would undo the count.
         self.answer_to(id, pending, |recovery| match recovery {
-            Recovery::Granted(granted) => {
-                let (backup_blob, backup_size) = granted.backup.map_or((Vec::new(), 0), |backup| {
-                    (backup.blob_id.to_vec(), backup.size)
-                });
-                Reply::RecoveryBundle(wire::RecoveryBundle {
-                    bundle: granted.bundle,
-                    backup_blob,
-                    backup_size,
-                })
-            }
+            Recovery::Granted(granted) => Reply::RecoveryBundle(wire::RecoveryBundle {
+                bundle: granted.bundle,
+                backup: granted
+                    .backup
+                    .into_iter()
+                    .map(|segment| wire::BackupSegment {
+                        blob_id: segment.blob_id.to_vec(),
+                        size: segment.size,
+                    })
+                    .collect(),
+            }),
             Recovery::WrongKey => error_reply(
                 ErrorCode::AuthenticationFailed,
                 "wrong recovery key; the attempt was counted",

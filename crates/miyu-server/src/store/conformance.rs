@@ -6,9 +6,9 @@ use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 use super::memory::MemoryStore;
 use super::sqlite::SqliteStore;
 use super::{
-    Backup, BlobId, BlobRecord, ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated,
-    InboxEntry, LogEntry, Membership, NewBlob, NewCommit, NewDevice, NewGroup, Recovery,
-    RecoveryBundle, Store, StoreError,
+    BackupSegment, BlobId, BlobRecord, ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated,
+    InboxEntry, LogEntry, MAX_BACKUP_SEGMENTS, Membership, NewBlob, NewCommit, NewDevice, NewGroup,
+    Recovery, RecoveryBundle, Store, StoreError,
 };
 
 macro_rules! conformance_suite {
@@ -117,6 +117,10 @@ conformance_suite! {
     naming_another_backup_deletes_the_one_before
     the_backup_outlives_its_expiry_while_it_is_named
     recovery_and_backup_go_with_the_account
+    segments_are_appended_in_order_after_the_last_one_named
+    a_whole_backup_replaces_the_chain_and_deletes_its_segments
+    a_backup_holds_at_most_64_segments
+    every_segment_outlives_its_expiry_and_goes_with_the_account
 }
 
 /// What the suite needs beyond the contract: a state that no operation reaches yet.
@@ -2524,7 +2528,7 @@ fn a_recovery_bundle_is_handed_out_for_the_right_key_and_replaced_by_the_next(
         granted(store, &account(1), 1, NOW)?,
         RecoveryBundle {
             bundle: b"sealed 1".to_vec(),
-            backup: None
+            backup: Vec::new()
         }
     );
     // A right key counts no failure: it can be used again and again.
@@ -2645,6 +2649,22 @@ fn recovering_an_unknown_account_or_one_without_a_bundle_is_not_found(
     Ok(())
 }
 
+/// One segment of `size` plaintext bytes in blob `number`.
+fn segment(number: u8, size: u64) -> BackupSegment {
+    BackupSegment {
+        blob_id: blob_id(number),
+        size,
+    }
+}
+
+/// The account's backup as `recover` hands it out with recovery key 1.
+fn backup_of(
+    store: &mut dyn Store,
+    account_id: &AccountId,
+) -> Result<Vec<BackupSegment>, StoreError> {
+    Ok(granted(store, account_id, 1, NOW)?.backup)
+}
+
 fn a_backup_is_a_finished_unexpired_blob_of_the_account_and_of_no_group(
     store: &mut dyn Store,
 ) -> Outcome {
@@ -2667,36 +2687,41 @@ fn a_backup_is_a_finished_unexpired_blob_of_the_account_and_of_no_group(
     // Any device of the account may have uploaded it.
     store.create_blob(account_blob(5, device(4), 10), QUOTA)?;
     store.set_blob_length(&blob_id(5), &device(4), 10)?;
+    finished_account_blob(store, 6, 10)?;
     store.commit()?;
 
-    // A group's blob, another account's, an unfinished one, an expired one, an unknown one.
+    // A group's blob, another account's, an unfinished one, an expired one, an unknown one:
+    // neither a whole backup nor a segment appended.
     for (number, now) in [(1, NOW), (2, NOW), (3, NOW), (4, NOW + HOUR), (9, NOW)] {
         assert!(
             matches!(
-                store.set_backup(&account(1), &blob_id(number), 100, now),
+                store.set_backup(&account(1), segment(number, 100), None, now),
                 Err(StoreError::NotFound)
             ),
             "blob {number}"
         );
     }
-    assert_eq!(store.set_backup(&account(1), &blob_id(5), 100, NOW)?, None);
-    store.commit()?;
-    // A refused one changes nothing.
-    assert!(matches!(
-        store.set_backup(&account(1), &blob_id(3), 100, NOW),
-        Err(StoreError::NotFound)
-    ));
-    store.set_recovery(&account(1), verifier(1), b"sealed".to_vec())?;
-    assert_eq!(
-        granted(store, &account(1), 1, NOW)?.backup,
-        Some(Backup {
-            blob_id: blob_id(5),
-            size: 100
-        })
+    assert!(
+        store
+            .set_backup(&account(1), segment(5, 100), None, NOW)?
+            .is_empty()
     );
+    store.commit()?;
+    for (number, now) in [(1, NOW), (2, NOW), (3, NOW), (4, NOW + HOUR), (9, NOW)] {
+        assert!(
+            matches!(
+                store.set_backup(&account(1), segment(number, 100), Some(&blob_id(5)), now),
+                Err(StoreError::NotFound)
+            ),
+            "blob {number} appended"
+        );
+    }
+    // A refused one changes nothing.
+    store.set_recovery(&account(1), verifier(1), b"sealed".to_vec())?;
+    assert_eq!(backup_of(store, &account(1))?, [segment(5, 100)]);
     assert_eq!(
         store.live_blob_ids()?,
-        [1, 2, 3, 4, 5].map(blob_id).to_vec()
+        [1, 2, 3, 4, 5, 6].map(blob_id).to_vec()
     );
     Ok(())
 }
@@ -2708,10 +2733,14 @@ fn naming_another_backup_deletes_the_one_before(store: &mut dyn Store) -> Outcom
         finished_account_blob(store, number, 10)?;
     }
     store.commit()?;
-    assert_eq!(store.set_backup(&account(1), &blob_id(1), 100, NOW)?, None);
+    assert!(
+        store
+            .set_backup(&account(1), segment(1, 100), None, NOW)?
+            .is_empty()
+    );
     assert_eq!(
-        store.set_backup(&account(1), &blob_id(2), 200, NOW)?,
-        Some(blob_id(1))
+        store.set_backup(&account(1), segment(2, 200), None, NOW)?,
+        [blob_id(1)]
     );
     store.commit()?;
     assert_eq!(store.live_blob_ids()?, [blob_id(2)]);
@@ -2720,14 +2749,12 @@ fn naming_another_backup_deletes_the_one_before(store: &mut dyn Store) -> Outcom
         Err(StoreError::NotFound)
     ));
     // Naming the same blob again only changes its size.
-    assert_eq!(store.set_backup(&account(1), &blob_id(2), 300, NOW)?, None);
-    assert_eq!(
-        granted(store, &account(1), 1, NOW)?.backup,
-        Some(Backup {
-            blob_id: blob_id(2),
-            size: 300
-        })
+    assert!(
+        store
+            .set_backup(&account(1), segment(2, 300), None, NOW)?
+            .is_empty()
     );
+    assert_eq!(backup_of(store, &account(1))?, [segment(2, 300)]);
     assert_eq!(store.live_blob_ids()?, [blob_id(2)]);
     Ok(())
 }
@@ -2744,7 +2771,7 @@ fn the_backup_outlives_its_expiry_while_it_is_named(store: &mut dyn Store) -> Ou
         )?;
         store.set_blob_length(&blob_id(number), &device(1), 10)?;
     }
-    store.set_backup(&account(1), &blob_id(1), 100, NOW)?;
+    store.set_backup(&account(1), segment(1, 100), None, NOW)?;
     store.commit()?;
     let later = NOW + 90 * DAY;
     store.touch_account(&account(1), None, later)?;
@@ -2753,16 +2780,17 @@ fn the_backup_outlives_its_expiry_while_it_is_named(store: &mut dyn Store) -> Ou
     assert_eq!(store.live_blob_ids()?, [blob_id(1)]);
     // It is still handed out, past its expiry, and can be named again.
     assert_eq!(store.blob(&blob_id(1), &device(1), later)?.length, 10);
-    assert_eq!(
-        store.set_backup(&account(1), &blob_id(1), 100, later)?,
-        None
+    assert!(
+        store
+            .set_backup(&account(1), segment(1, 100), None, later)?
+            .is_empty()
     );
 
     // Replaced, it goes at once.
     finished_account_blob(store, 3, 10)?;
     assert_eq!(
-        store.set_backup(&account(1), &blob_id(3), 100, NOW)?,
-        Some(blob_id(1))
+        store.set_backup(&account(1), segment(3, 100), None, NOW)?,
+        [blob_id(1)]
     );
     store.commit()?;
     assert_eq!(store.live_blob_ids()?, [blob_id(3)]);
@@ -2775,10 +2803,10 @@ fn recovery_and_backup_go_with_the_account(store: &mut dyn Store) -> Outcome {
         store.set_recovery(&account(number), verifier(number), b"sealed".to_vec())?;
     }
     finished_account_blob(store, 1, 10)?;
-    store.set_backup(&account(1), &blob_id(1), 100, NOW)?;
+    store.set_backup(&account(1), segment(1, 100), None, NOW)?;
     store.create_blob(account_blob(2, device(2), 10), QUOTA)?;
     store.set_blob_length(&blob_id(2), &device(2), 10)?;
-    store.set_backup(&account(2), &blob_id(2), 100, NOW)?;
+    store.set_backup(&account(2), segment(2, 100), None, NOW)?;
     store.touch_account(&account(2), Some(30), NOW)?;
     store.commit()?;
 
@@ -2803,6 +2831,184 @@ fn recovery_and_backup_go_with_the_account(store: &mut dyn Store) -> Outcome {
     register(store, &[1])?;
     assert!(matches!(
         store.recover(&account(1), &auth_key(1), NOW),
+        Err(StoreError::NotFound)
+    ));
+    Ok(())
+}
+
+fn segments_are_appended_in_order_after_the_last_one_named(store: &mut dyn Store) -> Outcome {
+    register(store, &[1])?;
+    store.set_recovery(&account(1), verifier(1), b"sealed".to_vec())?;
+    for number in 1..=5 {
+        finished_account_blob(store, number, 10)?;
+    }
+    store.commit()?;
+    // Nothing to append to yet.
+    assert!(matches!(
+        store.set_backup(&account(1), segment(2, 20), Some(&blob_id(1)), NOW),
+        Err(StoreError::NotFound)
+    ));
+    store.set_backup(&account(1), segment(1, 100), None, NOW)?;
+    assert!(
+        store
+            .set_backup(&account(1), segment(2, 20), Some(&blob_id(1)), NOW)?
+            .is_empty()
+    );
+    assert!(
+        store
+            .set_backup(&account(1), segment(3, 30), Some(&blob_id(2)), NOW)?
+            .is_empty()
+    );
+    store.commit()?;
+    let chain = [segment(1, 100), segment(2, 20), segment(3, 30)];
+    assert_eq!(backup_of(store, &account(1))?, chain);
+
+    // After any segment but the last (another device's chain moved on), after a blob not in
+    // the chain, or a segment the chain holds already: refused, and nothing changes.
+    for after in [1, 2, 5] {
+        assert!(
+            matches!(
+                store.set_backup(&account(1), segment(4, 40), Some(&blob_id(after)), NOW),
+                Err(StoreError::NotFound)
+            ),
+            "after blob {after}"
+        );
+    }
+    for again in [1, 3] {
+        assert!(
+            matches!(
+                store.set_backup(&account(1), segment(again, 40), Some(&blob_id(3)), NOW),
+                Err(StoreError::Invalid(_))
+            ),
+            "blob {again} again"
+        );
+    }
+    store.commit()?;
+    assert_eq!(backup_of(store, &account(1))?, chain);
+    assert_eq!(
+        store.live_blob_ids()?,
+        [1, 2, 3, 4, 5].map(blob_id).to_vec()
+    );
+    Ok(())
+}
+
+fn a_whole_backup_replaces_the_chain_and_deletes_its_segments(store: &mut dyn Store) -> Outcome {
+    register(store, &[1])?;
+    store.set_recovery(&account(1), verifier(1), b"sealed".to_vec())?;
+    for number in 1..=5 {
+        finished_account_blob(store, number, 10)?;
+    }
+    store.set_backup(&account(1), segment(1, 100), None, NOW)?;
+    store.set_backup(&account(1), segment(2, 20), Some(&blob_id(1)), NOW)?;
+    store.set_backup(&account(1), segment(3, 30), Some(&blob_id(2)), NOW)?;
+    store.commit()?;
+
+    let mut replaced = store.set_backup(&account(1), segment(4, 400), None, NOW)?;
+    replaced.sort();
+    assert_eq!(replaced, [1, 2, 3].map(blob_id));
+    store.commit()?;
+    assert_eq!(backup_of(store, &account(1))?, [segment(4, 400)]);
+    assert_eq!(store.live_blob_ids()?, [blob_id(4), blob_id(5)]);
+    // The new chain grows after its own first segment only.
+    assert!(matches!(
+        store.set_backup(&account(1), segment(5, 50), Some(&blob_id(3)), NOW),
+        Err(StoreError::NotFound)
+    ));
+    store.set_backup(&account(1), segment(5, 50), Some(&blob_id(4)), NOW)?;
+    // A segment of the chain named as the whole backup: the others go.
+    assert_eq!(
+        store.set_backup(&account(1), segment(5, 500), None, NOW)?,
+        [blob_id(4)]
+    );
+    store.commit()?;
+    assert_eq!(backup_of(store, &account(1))?, [segment(5, 500)]);
+    assert_eq!(store.live_blob_ids()?, [blob_id(5)]);
+    Ok(())
+}
+
+fn a_backup_holds_at_most_64_segments(store: &mut dyn Store) -> Outcome {
+    register(store, &[1])?;
+    store.set_recovery(&account(1), verifier(1), b"sealed".to_vec())?;
+    for number in 1..=66 {
+        finished_account_blob(store, number, 1)?;
+    }
+    store.set_backup(&account(1), segment(1, 1), None, NOW)?;
+    for number in 2..=64 {
+        store.set_backup(
+            &account(1),
+            segment(number, 1),
+            Some(&blob_id(number - 1)),
+            NOW,
+        )?;
+    }
+    store.commit()?;
+    assert_eq!(backup_of(store, &account(1))?.len(), MAX_BACKUP_SEGMENTS);
+    assert!(matches!(
+        store.set_backup(&account(1), segment(65, 1), Some(&blob_id(64)), NOW),
+        Err(StoreError::Invalid(_))
+    ));
+    store.commit()?;
+    let chain = backup_of(store, &account(1))?;
+    assert_eq!(chain.len(), 64);
+    assert_eq!(chain.last(), Some(&segment(64, 1)));
+    // A whole backup starts a chain again.
+    assert_eq!(
+        store
+            .set_backup(&account(1), segment(65, 1), None, NOW)?
+            .len(),
+        64
+    );
+    store.set_backup(&account(1), segment(66, 1), Some(&blob_id(65)), NOW)?;
+    store.commit()?;
+    assert_eq!(
+        backup_of(store, &account(1))?,
+        [segment(65, 1), segment(66, 1)]
+    );
+    Ok(())
+}
+
+fn every_segment_outlives_its_expiry_and_goes_with_the_account(store: &mut dyn Store) -> Outcome {
+    register(store, &[1, 2])?;
+    store.set_recovery(&account(1), verifier(1), b"sealed".to_vec())?;
+    for number in 1..=4 {
+        store.create_blob(
+            NewBlob {
+                expires_at: NOW + DAY,
+                ..account_blob(number, device(1), 10)
+            },
+            QUOTA,
+        )?;
+        store.set_blob_length(&blob_id(number), &device(1), 10)?;
+    }
+    store.create_blob(account_blob(5, device(2), 10), QUOTA)?;
+    store.set_blob_length(&blob_id(5), &device(2), 10)?;
+    store.set_backup(&account(2), segment(5, 10), None, NOW)?;
+    store.set_backup(&account(1), segment(1, 100), None, NOW)?;
+    store.set_backup(&account(1), segment(2, 20), Some(&blob_id(1)), NOW)?;
+    store.set_backup(&account(1), segment(3, 30), Some(&blob_id(2)), NOW)?;
+    store.commit()?;
+
+    // Blob 4 was never a segment: it expires; the three segments stay and are handed out.
+    let later = NOW + 90 * DAY;
+    store.touch_account(&account(1), None, later)?;
+    store.touch_account(&account(2), None, later)?;
+    assert_eq!(store.expire(later, later)?, 1);
+    store.commit()?;
+    assert_eq!(store.live_blob_ids()?, [1, 2, 3, 5].map(blob_id).to_vec());
+    for number in 1..=3 {
+        assert_eq!(store.blob(&blob_id(number), &device(1), later)?.length, 10);
+    }
+    // The blob that expired is gone: it cannot become a segment.
+    assert!(matches!(
+        store.set_backup(&account(1), segment(4, 40), Some(&blob_id(3)), later),
+        Err(StoreError::NotFound)
+    ));
+
+    store.delete_account(&account(1))?;
+    store.commit()?;
+    assert_eq!(store.live_blob_ids()?, [blob_id(5)]);
+    assert!(matches!(
+        store.recover(&account(1), &auth_key(1), later),
         Err(StoreError::NotFound)
     ));
     Ok(())

@@ -9,7 +9,7 @@ use std::ops::Bound;
 use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 
 use super::{
-    Appended, Backup, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord,
+    Appended, BackupSegment, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord,
     DeviceSummary, EntryKind, GroupCreated, InboxEntry, LogEntry, Membership, NewBlob, NewCommit,
     NewDevice, NewGroup, Recovery, RecoveryBundle, RecoveryDecision, RecoveryFailures, Store,
     StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_day, coarse_hour, day_number,
@@ -32,7 +32,8 @@ pub struct MemoryStore {
     /// Linking mailboxes: the sealed message and when it expires.
     links: HashMap<[u8; 32], (Vec<u8>, u64)>,
     recoveries: HashMap<AccountId, StoredRecovery>,
-    backups: HashMap<AccountId, Backup>,
+    /// Each account's backup, first segment first.
+    backups: HashMap<AccountId, Vec<BackupSegment>>,
 }
 
 impl Store for MemoryStore {
@@ -313,7 +314,7 @@ impl Store for MemoryStore {
             }
             RecoveryDecision::Granted => Ok(Recovery::Granted(RecoveryBundle {
                 bundle: recovery.bundle.clone(),
-                backup: self.backups.get(account_id).copied(),
+                backup: self.backups.get(account_id).cloned().unwrap_or_default(),
             })),
         }
     }
@@ -321,31 +322,28 @@ impl Store for MemoryStore {
     fn set_backup(
         &mut self,
         account_id: &AccountId,
-        blob_id: &BlobId,
-        size: u64,
+        segment: BackupSegment,
+        append_after: Option<&BlobId>,
         now: u64,
-    ) -> Result<Option<BlobId>, StoreError> {
-        let named_before = self.backups.get(account_id).map(|backup| backup.blob_id);
-        super::check_backup_blob(
-            self.blobs.get(blob_id).map(|blob| &blob.record),
+    ) -> Result<Vec<BlobId>, StoreError> {
+        let chain = self
+            .backups
+            .get(account_id)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let (chain, replaced) = super::next_backup_chain(
+            chain,
+            self.blobs.get(&segment.blob_id).map(|blob| &blob.record),
             account_id,
-            named_before == Some(*blob_id),
+            segment,
+            append_after,
             now,
         )?;
-        self.backups.insert(
-            *account_id,
-            Backup {
-                blob_id: *blob_id,
-                size,
-            },
-        );
-        match named_before {
-            Some(replaced) if replaced != *blob_id => {
-                self.blobs.remove(&replaced);
-                Ok(Some(replaced))
-            }
-            _ => Ok(None),
+        self.backups.insert(*account_id, chain);
+        for blob_id in &replaced {
+            self.blobs.remove(blob_id);
         }
+        Ok(replaced)
     }
 
     fn delete_account(&mut self, account_id: &AccountId) -> Result<(), StoreError> {
@@ -766,8 +764,12 @@ impl Store for MemoryStore {
         // Likewise, only whole hours before the day's start surely are a day old.
         let unfinished_cutoff_hour = coarse_hour(now.saturating_sub(UNFINISHED_BLOB_LIFETIME));
         let groups = &self.groups;
-        let backups: BTreeSet<BlobId> =
-            self.backups.values().map(|backup| backup.blob_id).collect();
+        let backups: BTreeSet<BlobId> = self
+            .backups
+            .values()
+            .flatten()
+            .map(|segment| segment.blob_id)
+            .collect();
         let before = self.blobs.len();
         self.blobs.retain(|blob_id, blob| {
             let unfinished = blob.record.length < blob.record.size;
@@ -836,7 +838,8 @@ impl Store for MemoryStore {
         let is_backup = || {
             self.backups
                 .values()
-                .any(|backup| backup.blob_id == *blob_id)
+                .flatten()
+                .any(|segment| segment.blob_id == *blob_id)
         };
         let blob = &self
             .blobs

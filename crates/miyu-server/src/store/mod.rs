@@ -193,20 +193,26 @@ pub struct BlobRecord {
 }
 
 /// How an account can be recovered when its devices are lost (PROTOCOL.md §7.18): the bundle
-/// its client sealed, opaque to the server, and the account's latest backup.
+/// its client sealed, opaque to the server, and the account's backup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecoveryBundle {
     pub bundle: Vec<u8>,
-    pub backup: Option<Backup>,
+    /// The segments of the account's backup, first to last; empty when it has none.
+    pub backup: Vec<BackupSegment>,
 }
 
-/// The blob an account named as its latest backup, and the backup's plaintext length as its
-/// client gave it.
+/// One segment of an account's backup (PROTOCOL.md §7.19): a blob of the account, and the
+/// segment's plaintext length as its client gave it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backup {
+pub struct BackupSegment {
     pub blob_id: BlobId,
     pub size: u64,
 }
+
+/// The most segments an account's backup may have: a whole one, then changes.
+pub const MAX_BACKUP_SEGMENTS: usize = 64;
+// The refusal of one more segment names the number.
+const _: () = assert!(MAX_BACKUP_SEGMENTS == 64);
 
 /// What one attempt to recover an account came to; see [`Store::recover`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -396,19 +402,23 @@ pub trait Store: Send + 'static {
         now: u64,
     ) -> Result<Recovery, StoreError>;
 
-    /// Names `blob_id`, `size` plaintext bytes, as the account's backup: a finished blob of
-    /// the account (none of a group) that has not expired at `now`, or the backup already.
-    /// While it stays the backup, `expire` leaves it be and `blob` hands it out whatever its
-    /// expiry. The blob named before, if another, is deleted, and its id returned so that its
-    /// file can go too. `NotFound` if the blob does not exist, has expired, is another
-    /// account's or a group's, or is unfinished.
+    /// Sets the account's backup, a chain of segments (PROTOCOL.md §7.19). Without
+    /// `append_after`, `segment` becomes the whole backup, replacing the chain; with it, the
+    /// segment is added after the chain's last, which must be the blob `append_after` names
+    /// (`NotFound` otherwise, also when the account has no backup). The segment's blob must be
+    /// a finished blob of the account (none of a group) that has not expired at `now`, unless
+    /// it is in the chain already and replaces it (then only its size changes); `NotFound`
+    /// otherwise. `Invalid` if an appended blob is in the chain already, or the chain has
+    /// [`MAX_BACKUP_SEGMENTS`] already. The segments replaced are deleted, and their ids
+    /// returned so that their files can go too. While a blob is a segment, `expire` leaves it
+    /// be and `blob` hands it out whatever its expiry.
     fn set_backup(
         &mut self,
         account_id: &AccountId,
-        blob_id: &BlobId,
-        size: u64,
+        segment: BackupSegment,
+        append_after: Option<&BlobId>,
         now: u64,
-    ) -> Result<Option<BlobId>, StoreError>;
+    ) -> Result<Vec<BlobId>, StoreError>;
 
     /// Deletes an account and everything stored for it: devices, the record of its revoked
     /// devices, key packages, inboxes, group memberships, invites, grants, username, recovery
@@ -526,7 +536,7 @@ pub trait Store: Send + 'static {
     fn ack_inbox(&mut self, device_id: &DeviceId, seq: u64) -> Result<(), StoreError>;
 
     /// Deletes log and inbox entries stored before `cutoff`, log entries, invites, grants,
-    /// blobs (but an account's backup) and linking mailboxes that expired before `now`,
+    /// blobs (but an account's backup segments) and linking mailboxes that expired before `now`,
     /// accounts inactive for longer than
     /// their lifetime, blobs whose group has no member left, and unfinished blobs created more than a day before
     /// `now` (they go once their whole hour of creation is: late rather than early, so that no
@@ -543,7 +553,7 @@ pub trait Store: Send + 'static {
 
     /// A blob, for a device allowed to see it: its uploader, a current member of its group or,
     /// for a blob of an account, a registered device of that account. `NotFound` if there is
-    /// no such blob or it has expired at `now` (an account's backup does not expire);
+    /// no such blob or it has expired at `now` (an account's backup segments do not expire);
     /// `Forbidden` for anyone else.
     fn blob(
         &mut self,
@@ -686,25 +696,52 @@ fn decide_recovery(
     }
 }
 
-/// The checks of [`Store::set_backup`] on the blob's record: a finished blob of `account_id`
-/// and of no group that has not expired at `now`, unless it is the backup already.
-fn check_backup_blob(
+/// What [`Store::set_backup`] makes of the account's `chain`, given the record of the
+/// segment's blob: the chain to store and the blobs that leave it. Both backends store the
+/// chain and let this decide.
+fn next_backup_chain(
+    chain: &[BackupSegment],
     blob: Option<&BlobRecord>,
     account_id: &AccountId,
-    already_the_backup: bool,
+    segment: BackupSegment,
+    append_after: Option<&BlobId>,
     now: u64,
-) -> Result<(), StoreError> {
+) -> Result<(Vec<BackupSegment>, Vec<BlobId>), StoreError> {
+    let in_chain = chain.iter().any(|kept| kept.blob_id == segment.blob_id);
+    if let Some(after) = append_after {
+        if chain.last().map(|last| &last.blob_id) != Some(after) {
+            return Err(StoreError::NotFound);
+        }
+        if in_chain {
+            return Err(StoreError::Invalid("that blob is in the backup already"));
+        }
+        if chain.len() >= MAX_BACKUP_SEGMENTS {
+            return Err(StoreError::Invalid(
+                "the backup has 64 segments, the most it may have: send a whole backup",
+            ));
+        }
+    }
+    // A segment replacing the chain it is in may have outlived its expiry.
     let fits = blob.is_some_and(|blob| {
         blob.account_id == *account_id
             && blob.group_id.is_none()
             && blob.length == blob.size
-            && (blob.expires_at > now || already_the_backup)
+            && (blob.expires_at > now || (in_chain && append_after.is_none()))
     });
-    if fits {
-        Ok(())
-    } else {
-        Err(StoreError::NotFound)
+    if !fits {
+        return Err(StoreError::NotFound);
     }
+    if append_after.is_some() {
+        let mut longer = chain.to_vec();
+        longer.push(segment);
+        return Ok((longer, Vec::new()));
+    }
+    let replaced = chain
+        .iter()
+        .map(|kept| kept.blob_id)
+        .filter(|blob_id| *blob_id != segment.blob_id)
+        .collect();
+    Ok((vec![segment], replaced))
 }
 
 /// The checks of [`Store::commit_members`] that need no stored data.

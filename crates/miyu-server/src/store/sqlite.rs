@@ -12,7 +12,7 @@ use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    Appended, Backup, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord,
+    Appended, BackupSegment, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord,
     DeviceSummary, EntryKind, GroupCreated, InboxEntry, LogEntry, Membership, NewBlob, NewCommit,
     NewDevice, NewGroup, Recovery, RecoveryBundle, RecoveryDecision, RecoveryFailures, Store,
     StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_day, coarse_hour, day_number,
@@ -449,7 +449,7 @@ impl Store for SqliteStore {
                 }
                 RecoveryDecision::Granted => Ok(Recovery::Granted(RecoveryBundle {
                     bundle,
-                    backup: backup_of(db, account)?,
+                    backup: backup_chain(db, account)?,
                 })),
             }
         })
@@ -458,34 +458,42 @@ impl Store for SqliteStore {
     fn set_backup(
         &mut self,
         account_id: &AccountId,
-        blob_id: &BlobId,
-        size: u64,
+        segment: BackupSegment,
+        append_after: Option<&BlobId>,
         now: u64,
-    ) -> Result<Option<BlobId>, StoreError> {
+    ) -> Result<Vec<BlobId>, StoreError> {
         self.write(|db| {
             let account = account_id.as_bytes().as_slice();
-            let named_before = backup_of(db, account)?.map(|backup| backup.blob_id);
-            let blob = blob_row(db, blob_id)?;
-            super::check_backup_blob(
+            let chain = backup_chain(db, account)?;
+            let blob = blob_row(db, &segment.blob_id)?;
+            let (chain, replaced) = super::next_backup_chain(
+                &chain,
                 blob.as_ref(),
                 account_id,
-                named_before == Some(*blob_id),
+                segment,
+                append_after,
                 now,
             )?;
-            db.prepare_cached(
-                "INSERT INTO backups (account_id, blob_id, size) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (account_id) DO UPDATE SET blob_id = excluded.blob_id, \
-                 size = excluded.size",
-            )?
-            .execute(params![account, blob_id.as_slice(), clamp_to_sql(size)])?;
-            match named_before {
-                Some(replaced) if replaced != *blob_id => {
-                    db.prepare_cached("DELETE FROM blobs WHERE blob_id = ?1")?
-                        .execute([replaced.as_slice()])?;
-                    Ok(Some(replaced))
-                }
-                _ => Ok(None),
+            // At most 64 rows: rewritten whole rather than patched.
+            db.prepare_cached("DELETE FROM backup_segments WHERE account_id = ?1")?
+                .execute([account])?;
+            let mut insert = db.prepare_cached(
+                "INSERT INTO backup_segments (account_id, position, blob_id, size) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (position, kept) in chain.iter().enumerate() {
+                insert.execute(params![
+                    account,
+                    i64::try_from(position).unwrap_or(i64::MAX),
+                    kept.blob_id.as_slice(),
+                    clamp_to_sql(kept.size)
+                ])?;
             }
+            let mut delete = db.prepare_cached("DELETE FROM blobs WHERE blob_id = ?1")?;
+            for blob_id in &replaced {
+                delete.execute([blob_id.as_slice()])?;
+            }
+            Ok(replaced)
         })
     }
 
@@ -954,7 +962,7 @@ impl Store for SqliteStore {
                 ("DELETE FROM add_grants WHERE expires_at <= ?1", now),
                 (
                     "DELETE FROM blobs WHERE expires_at <= ?1 \
-                     AND blob_id NOT IN (SELECT blob_id FROM backups)",
+                     AND blob_id NOT IN (SELECT blob_id FROM backup_segments)",
                     now,
                 ),
                 ("DELETE FROM link_mailboxes WHERE expires_at <= ?1", now),
@@ -1207,7 +1215,7 @@ impl SqliteStore {
 /// How long the right to add a device, won by claiming an invite, lasts.
 const GRANT_LIFETIME: u64 = 24 * 3600;
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 const SCHEMA: &str = "
 CREATE TABLE devices (
@@ -1406,12 +1414,29 @@ CREATE TABLE backups (
 ) WITHOUT ROWID;
 ";
 
+/// Version 7: an account's backup is a chain of segments, a whole one then changes (at most
+/// 64), each a blob kept past its expiry while it is in the chain. A backup named before
+/// becomes a chain of one.
+const MIGRATION_7: &str = "
+CREATE TABLE backup_segments (
+    account_id BLOB NOT NULL,
+    -- 0 for the first segment, then 1, 2, ... without gaps.
+    position INTEGER NOT NULL,
+    blob_id BLOB NOT NULL UNIQUE REFERENCES blobs (blob_id),
+    size INTEGER NOT NULL,
+    PRIMARY KEY (account_id, position)
+) WITHOUT ROWID;
+INSERT INTO backup_segments (account_id, position, blob_id, size)
+    SELECT account_id, 0, blob_id, size FROM backups;
+DROP TABLE backups;
+";
+
 fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     // Immediate, so that two processes opening a new file do not both create the schema.
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let version: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
     match version {
-        0..=5 => {
+        0..=6 => {
             if version == 0 {
                 transaction.execute_batch(SCHEMA)?;
             }
@@ -1427,7 +1452,10 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
             if version < 5 {
                 transaction.execute_batch(MIGRATION_5)?;
             }
-            transaction.execute_batch(MIGRATION_6)?;
+            if version < 6 {
+                transaction.execute_batch(MIGRATION_6)?;
+            }
+            transaction.execute_batch(MIGRATION_7)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         SCHEMA_VERSION => {}
@@ -1454,8 +1482,8 @@ fn delete_account_rows(db: &Connection, account_id: &[u8]) -> Result<(), StoreEr
          OR target IN (SELECT device_id FROM devices WHERE account_id = ?1)",
         "DELETE FROM group_members WHERE device_id IN (SELECT device_id FROM devices WHERE account_id = ?1)",
         "DELETE FROM inbox WHERE device_id IN (SELECT device_id FROM devices WHERE account_id = ?1)",
-        // Before the blobs, one of which it names.
-        "DELETE FROM backups WHERE account_id = ?1",
+        // Before the blobs, which it names.
+        "DELETE FROM backup_segments WHERE account_id = ?1",
         "DELETE FROM blobs WHERE account_id = ?1",
         "DELETE FROM devices WHERE account_id = ?1",
         "DELETE FROM revoked_devices WHERE account_id = ?1",
@@ -1518,29 +1546,32 @@ fn blob_row(db: &Connection, blob_id: &BlobId) -> Result<Option<BlobRecord>, Sto
     }))
 }
 
-/// True when an account names the blob as its backup.
+/// True when the blob is a segment of an account's backup.
 fn is_backup(db: &Connection, blob_id: &BlobId) -> Result<bool, StoreError> {
     Ok(db
-        .prepare_cached("SELECT 1 FROM backups WHERE blob_id = ?1")?
+        .prepare_cached("SELECT 1 FROM backup_segments WHERE blob_id = ?1")?
         .exists([blob_id.as_slice()])?)
 }
 
-/// The backup an account named, if any.
-fn backup_of(db: &Connection, account: &[u8]) -> Result<Option<Backup>, StoreError> {
-    let row = db
-        .prepare_cached("SELECT blob_id, size FROM backups WHERE account_id = ?1")?
-        .query_row([account], |row| {
+/// The segments of an account's backup, first to last.
+fn backup_chain(db: &Connection, account: &[u8]) -> Result<Vec<BackupSegment>, StoreError> {
+    let rows = db
+        .prepare_cached(
+            "SELECT blob_id, size FROM backup_segments WHERE account_id = ?1 ORDER BY position",
+        )?
+        .query_map([account], |row| {
             Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, i64>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|(blob_id, size)| {
+            Ok(BackupSegment {
+                blob_id: BlobId::try_from(blob_id)
+                    .map_err(|_| StoreError::Corrupt("a stored blob id has the wrong length"))?,
+                size: u64_from_sql(size)?,
+            })
         })
-        .optional()?;
-    let Some((blob_id, size)) = row else {
-        return Ok(None);
-    };
-    Ok(Some(Backup {
-        blob_id: BlobId::try_from(blob_id)
-            .map_err(|_| StoreError::Corrupt("a stored blob id has the wrong length"))?,
-        size: u64_from_sql(size)?,
-    }))
+        .collect()
 }
 
 /// The account of a registered device.
@@ -2101,11 +2132,12 @@ mod tests {
     }
 
     #[test]
-    fn a_database_of_versions_1_to_5_is_upgraded_in_place_and_keeps_its_data()
+    fn a_database_of_versions_1_to_6_is_upgraded_in_place_and_keeps_its_data()
     -> Result<(), StoreError> {
+        use sha2::{Digest, Sha256};
         const DAY: u64 = 86_400;
         let account_active_day = NOW - NOW % DAY + 2 * DAY;
-        for old_version in [1, 2, 3, 4, 5] {
+        for old_version in [1, 2, 3, 4, 5, 6] {
             let folder = tempfile::tempdir().expect("a temporary folder");
             let path = folder.path().join("miyu.sqlite");
             let device_id = new_device(1).device_id;
@@ -2118,6 +2150,7 @@ mod tests {
                     (3, MIGRATION_3),
                     (4, MIGRATION_4),
                     (5, MIGRATION_5),
+                    (6, MIGRATION_6),
                 ] {
                     if old_version >= version {
                         connection.execute_batch(migration)?;
@@ -2189,12 +2222,40 @@ mod tests {
                         params![[6u8; 32].as_slice(), clamp_to_sql(NOW + 600)],
                     )?;
                 }
+                if old_version >= 6 {
+                    // Version 6 named one blob as the account's backup.
+                    connection.execute(
+                        "INSERT INTO recovery (account_id, verifier, bundle, failures, \
+                         window_ends_at) VALUES (?1, ?2, x'02', 0, 0)",
+                        params![
+                            account_id.as_bytes().as_slice(),
+                            Sha256::digest([1u8; 32]).as_slice()
+                        ],
+                    )?;
+                    connection.execute(
+                        "INSERT INTO backups (account_id, blob_id, size) VALUES (?1, ?2, 7)",
+                        params![account_id.as_bytes().as_slice(), [4u8; 32].as_slice()],
+                    )?;
+                }
             }
             let mut store = SqliteStore::open(&path)?;
             assert!(store.device(&device_id)?.is_some());
             if old_version >= 5 {
                 assert_eq!(store.take_link(&[6; 32], NOW)?, [1]);
                 assert_eq!(store.blob(&[4; 32], &device_id, NOW)?.length, 10);
+            }
+            if old_version >= 6 {
+                // The backup became a chain of one segment.
+                assert_eq!(
+                    store.recover(&account_id, &[1; 32], NOW)?,
+                    Recovery::Granted(RecoveryBundle {
+                        bundle: vec![2],
+                        backup: vec![BackupSegment {
+                            blob_id: [4; 32],
+                            size: 7
+                        }],
+                    })
+                );
             }
             // The device's last active day is its account's, which version 1 did not keep.
             let listed = store.account_devices(&device_id)?;
@@ -2237,7 +2298,13 @@ mod tests {
             store.put_link([5; 32], b"sealed".to_vec(), NOW + 600, NOW)?;
             store.set_recovery(&account_id, [8; 32], b"sealed".to_vec())?;
             store.set_blob_length(&[3; 32], &device_id, 10)?;
-            assert_eq!(store.set_backup(&account_id, &[3; 32], 5, NOW)?, None);
+            let segment = BackupSegment {
+                blob_id: [3; 32],
+                size: 5,
+            };
+            // The one named before, if any, is replaced.
+            let replaced = store.set_backup(&account_id, segment, None, NOW)?;
+            assert_eq!(replaced.len(), usize::from(old_version >= 6));
             store.commit()?;
             drop(store);
             let connection = Connection::open(&path)?;
@@ -2257,7 +2324,7 @@ mod tests {
                 assert_eq!(old.group_id, GroupId::from_bytes(&[2; 16]).ok());
                 assert_eq!(old.length, 10);
             }
-            if old_version >= 5 {
+            if old_version == 5 {
                 live.push([4; 32]);
             }
             assert_eq!(store.live_blob_ids()?, live);
