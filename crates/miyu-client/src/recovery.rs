@@ -6,8 +6,10 @@
 //! that the server hands out only against a second derived key, five wrong tries a day at most.
 //! A recovered device holds the identity key again, as a new device of the same account: its
 //! contacts see the same account and safety number. Its history comes back only from a backup
-//! (`miyu backup`: the history, sealed under the backup key, in an account blob the server keeps
-//! until the next backup).
+//! (`miyu backup`, PROTOCOL.md §10.11): a chain of segments sealed under the backup key, each
+//! an account blob the server keeps while it is in the chain. The first segment holds the whole
+//! history, each later one what changed since the segment before; a restore rebuilds the
+//! history from them in a scratch database in memory, then adds it to the profile.
 
 use std::path::Path;
 use std::time::Duration;
@@ -18,7 +20,7 @@ use miyu_proto::blob::BlobId;
 use miyu_proto::wire::{self, client_frame::Body as Request, server_frame::Body as Reply};
 use miyu_proto::{AccountId, ServerAddress};
 use rand::RngCore;
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 use zeroize::Zeroizing;
 
 use crate::files::BlobClient;
@@ -37,6 +39,35 @@ const MAX_BACKUP_BYTES: u64 = 1 << 30;
 /// The most segments a server keeps of a backup (PROTOCOL.md §7.19).
 const MAX_BACKUP_SEGMENTS: usize = 64;
 
+/// This client makes a whole backup again once its chain has this many segments, so that a
+/// restore downloads few of them.
+const MAX_CHAIN_SEGMENTS: u32 = 16;
+
+/// What a backup did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BackedUp {
+    pub kind: BackupKind,
+    /// Plaintext bytes of the segment uploaded (0 when nothing was).
+    pub size: u64,
+    /// Bytes uploaded: the segment sealed, with its padding.
+    pub uploaded: u64,
+    /// Segments of the account's backup on the server now, this one included.
+    pub segments: u32,
+    /// Messages the history holds.
+    pub messages: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupKind {
+    /// The whole history, starting a new chain.
+    Full,
+    /// What changed since the last backup, added to the chain.
+    Incremental,
+    /// Nothing changed since the last backup: nothing was uploaded.
+    Unchanged,
+}
+
 /// What a recovery or restore brought back.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Restored {
@@ -45,6 +76,8 @@ pub struct Restored {
     pub messages: usize,
     /// Whether the account had a backup.
     pub backup: bool,
+    /// The segments the backup was rebuilt from.
+    pub segments: usize,
 }
 
 fn recovery_error(error: miyu_crypto::recovery::RecoveryError) -> Error {
@@ -124,34 +157,145 @@ impl Client {
         Ok(BackupKey::from_bytes(bytes))
     }
 
-    /// Uploads the account's history, sealed under the backup key; the server keeps it until
-    /// the next backup, which replaces it. Returns how many messages it holds.
-    pub async fn backup(&mut self) -> Result<usize, Error> {
+    /// Backs the account's history up, sealed under the backup key: what changed since the last
+    /// backup, added to its chain on the server, or the whole history, which replaces the
+    /// chain. A whole one when this device has no chain the server confirmed, when the chain
+    /// has [`MAX_CHAIN_SEGMENTS`] segments, or when its changes together would reach the size
+    /// of the whole history it starts with; nothing when nothing changed.
+    pub async fn backup(&mut self) -> Result<BackedUp, Error> {
         let key = self.backup_key()?;
         self.connect().await?;
         self.catch_up().await?;
-        let bytes = Zeroizing::new(history::export(&self.db)?);
-        if bytes.len() as u64 > MAX_BACKUP_BYTES {
+        let messages: usize = self
+            .db
+            .query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0))?;
+        let Some(chain) = Chain::stored(&self.db)? else {
+            return self.back_up_whole(&key, messages).await;
+        };
+        let Some(changes) = history::export_changes(&self.db)? else {
+            return Ok(BackedUp {
+                kind: BackupKind::Unchanged,
+                size: 0,
+                uploaded: 0,
+                segments: chain.segments,
+                messages,
+            });
+        };
+        let size = changes.bytes.len() as u64;
+        let changes_size = chain.changes_size.saturating_add(size);
+        let worth_it = chain.segments < MAX_CHAIN_SEGMENTS
+            && changes_size < chain.whole_size
+            && chain.whole_size.saturating_add(changes_size) <= MAX_BACKUP_BYTES;
+        if !worth_it {
+            return self.back_up_whole(&key, messages).await;
+        }
+        let sealed = key
+            .seal_segment(&changes.bytes, &chain.next)
+            .map_err(recovery_error)?;
+        let uploaded = sealed.blob.len() as u64;
+        let blob_id = BlobClient::new(&self.keys, &self.server, self.proxy)
+            .upload_whole(None, sealed.blob)
+            .await?;
+        Chain::forget(&self.db)?;
+        let appended = self
+            .call(Request::SetBackup(wire::SetBackup {
+                blob_id: blob_id.0.to_vec(),
+                size,
+                append_after: chain.last_blob.0.to_vec(),
+            }))
+            .await;
+        match appended {
+            Ok(_) => {}
+            // The server's chain is not the one this device made (another device of the
+            // account made a backup since), or it is full: start a new one.
+            Err(Error::Server(refused))
+                if matches!(
+                    refused.code,
+                    wire::ErrorCode::NotFound | wire::ErrorCode::InvalidArgument
+                ) =>
+            {
+                return self.back_up_whole(&key, messages).await;
+            }
+            Err(error) => return Err(error),
+        }
+        let grown = Chain {
+            segments: chain.segments + 1,
+            last_blob: blob_id,
+            next: chain
+                .next
+                .next(sealed.digest)
+                .ok_or_else(|| Error::Bug("a backup chain outgrew its index".into()))?,
+            whole_size: chain.whole_size,
+            changes_size,
+        };
+        crate::db::in_transaction(&self.db, |db| {
+            history::forget_changes(db, changes.last_change)?;
+            grown.store(db)
+        })?;
+        Ok(BackedUp {
+            kind: BackupKind::Incremental,
+            size,
+            uploaded,
+            segments: grown.segments,
+            messages,
+        })
+    }
+
+    /// Uploads the whole history as the first segment of a new chain, which replaces the
+    /// account's backup on the server.
+    async fn back_up_whole(&mut self, key: &BackupKey, messages: usize) -> Result<BackedUp, Error> {
+        // Changes are noted from the moment the history is read: whatever changes later goes
+        // into the next backup.
+        let (bytes, last_change) = crate::db::in_transaction(&self.db, |db| {
+            let bytes = Zeroizing::new(history::export(db)?);
+            let last_change: i64 = db.query_row(
+                "SELECT coalesce(max(seq), 0) FROM backup_changes",
+                [],
+                |row| row.get(0),
+            )?;
+            db.execute("UPDATE account SET backup_tracking = 1 WHERE id = 1", [])?;
+            Ok((bytes, last_change))
+        })?;
+        let size = bytes.len() as u64;
+        if size > MAX_BACKUP_BYTES {
             return Err(Error::Usage(
                 "the history is too large to back up (1 GiB at most)".into(),
             ));
         }
-        let messages: usize = self
-            .db
-            .query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0))?;
         let sealed = key
             .seal_segment(&bytes, &ChainLink::FIRST)
             .map_err(recovery_error)?;
+        let uploaded = sealed.blob.len() as u64;
         let blob_id = BlobClient::new(&self.keys, &self.server, self.proxy)
             .upload_whole(None, sealed.blob)
             .await?;
+        Chain::forget(&self.db)?;
         self.call(Request::SetBackup(wire::SetBackup {
             blob_id: blob_id.0.to_vec(),
-            size: bytes.len() as u64,
+            size,
             append_after: Vec::new(),
         }))
         .await?;
-        Ok(messages)
+        let chain = Chain {
+            segments: 1,
+            last_blob: blob_id,
+            next: ChainLink::FIRST
+                .next(sealed.digest)
+                .ok_or_else(|| Error::Bug("a backup chain outgrew its index".into()))?,
+            whole_size: size,
+            changes_size: 0,
+        };
+        crate::db::in_transaction(&self.db, |db| {
+            history::forget_changes(db, last_change)?;
+            chain.store(db)
+        })?;
+        Ok(BackedUp {
+            kind: BackupKind::Full,
+            size,
+            uploaded,
+            segments: 1,
+            messages,
+        })
     }
 
     /// Brings the account's latest backup into this device's history (what it already has
@@ -186,29 +330,28 @@ impl Client {
             conversations: 0,
             messages: 0,
             backup: false,
+            segments: 0,
         };
         if bundle.backup.is_empty() {
             return Ok(restored);
         }
-        let segments = self.fetch_backup(&bundle.backup, key).await?;
-        let mut imported = history::Imported::default();
-        for segment in &segments {
-            imported = history::import(&self.db, segment)?;
-        }
+        let whole = self.rebuild_backup(&bundle.backup, key).await?;
+        let imported = history::import(&self.db, &whole)?;
+        restored.segments = bundle.backup.len();
         restored.conversations = imported.conversations;
         restored.messages = imported.messages;
         restored.backup = true;
         Ok(restored)
     }
 
-    /// Downloads the segments of the account's backup and opens each at its place in the
-    /// chain: the plaintexts, first to last. Fails, having kept nothing, if one is missing from
-    /// the middle, altered, out of order or from another chain.
-    async fn fetch_backup(
+    /// Downloads the segments of the account's backup, opens each at its place in the chain
+    /// and plays them in order onto a scratch database: the history they make, whole. Fails
+    /// if a segment is missing from the middle, altered, out of order or from another chain.
+    async fn rebuild_backup(
         &mut self,
         chain: &[wire::BackupSegment],
         key: &BackupKey,
-    ) -> Result<Vec<Zeroizing<Vec<u8>>>, Error> {
+    ) -> Result<Zeroizing<Vec<u8>>, Error> {
         // The sizes come from the server: a backup is held in memory, so bound them.
         let total = chain
             .iter()
@@ -218,9 +361,9 @@ impl Client {
                 "the server announces a backup larger than any this client makes".into(),
             ));
         }
+        let scratch = history::scratch()?;
         let mut blobs = BlobClient::new(&self.keys, &self.server, self.proxy);
         let mut link = ChainLink::FIRST;
-        let mut plaintexts = Vec::with_capacity(chain.len());
         for (index, segment) in chain.iter().enumerate() {
             let blob_id =
                 BlobId(segment.blob_id.as_slice().try_into().map_err(|_| {
@@ -236,12 +379,12 @@ impl Client {
                     chain.len()
                 ))
             })?;
+            history::apply(&scratch, &opened.plaintext)?;
             link = link.next(opened.digest).ok_or_else(|| {
                 Error::Security("the backup has more segments than a chain can".into())
             })?;
-            plaintexts.push(opened.plaintext);
         }
-        Ok(plaintexts)
+        Ok(Zeroizing::new(history::export(&scratch)?))
     }
 
     /// On a new device, when the account's devices are lost: takes the identity key back from
@@ -345,5 +488,83 @@ async fn ask_bundle(
             _ => Error::Server(error),
         }),
         Err(error) => Err(error),
+    }
+}
+
+/// The chain of backup segments this device last stored on the server.
+struct Chain {
+    segments: u32,
+    last_blob: BlobId,
+    /// Where the next segment goes.
+    next: ChainLink,
+    whole_size: u64,
+    /// The plaintext sizes of the segments after the first, together.
+    changes_size: u64,
+}
+
+impl Chain {
+    /// The chain this device stored, if it can grow: none if it never made one, if the last
+    /// attempt to store one may have failed (the server's chain is unknown), or if it follows
+    /// another version of the profile's schema than this client's.
+    fn stored(db: &rusqlite::Connection) -> Result<Option<Self>, Error> {
+        let row = db
+            .query_row(
+                "SELECT segments, last_blob, last_digest, whole_size, changes_size, schema \
+                 FROM backup_chain WHERE id = 1",
+                [],
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, Vec<u8>>(1)?,
+                        row.get::<_, Vec<u8>>(2)?,
+                        row.get::<_, i64>(3)?,
+                        row.get::<_, i64>(4)?,
+                        row.get::<_, i64>(5)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((segments, last_blob, last_digest, whole_size, changes_size, schema)) = row else {
+            return Ok(None);
+        };
+        let chain = (|| {
+            let segments = u32::try_from(segments).ok()?;
+            Some(Self {
+                segments,
+                last_blob: BlobId(last_blob.try_into().ok()?),
+                next: ChainLink {
+                    index: segments,
+                    previous: last_digest.try_into().ok()?,
+                },
+                whole_size: u64::try_from(whole_size).ok()?,
+                changes_size: u64::try_from(changes_size).ok()?,
+            })
+        })();
+        // A damaged record costs a whole backup, nothing more.
+        Ok(chain.filter(|_| schema == crate::db::SCHEMA_VERSION))
+    }
+
+    fn store(&self, db: &rusqlite::Connection) -> Result<(), Error> {
+        db.execute(
+            "INSERT OR REPLACE INTO backup_chain \
+             (id, segments, last_blob, last_digest, whole_size, changes_size, schema) \
+             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                self.segments,
+                self.last_blob.0.as_slice(),
+                self.next.previous.as_slice(),
+                i64::try_from(self.whole_size).unwrap_or(i64::MAX),
+                i64::try_from(self.changes_size).unwrap_or(i64::MAX),
+                crate::db::SCHEMA_VERSION
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets the chain: until the server confirms the next segment, which chain it holds is
+    /// unknown, and the next backup is a whole one.
+    fn forget(db: &rusqlite::Connection) -> Result<(), Error> {
+        db.execute("DELETE FROM backup_chain", [])?;
+        Ok(())
     }
 }
