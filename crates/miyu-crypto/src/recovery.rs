@@ -4,7 +4,9 @@
 //! user as text that also names the account. From it (and, if the user chose one, a recovery
 //! passphrase) come three keys by HKDF-SHA256 (RFC 5869): one the server checks before it hands
 //! out the recovery bundle (it stores only SHA-256 of it), one that seals the bundle (the
-//! identity key and the account's name), and one that seals backups. A passphrase is first
+//! identity key and the account's name), and one that seals backups. From the key alone comes
+//! the bundle's *locator*, under which the server keeps it: without the key nobody can ask for
+//! the bundle, let alone spend the account's few wrong tries. A passphrase is first
 //! stretched with Argon2id (64 MiB, 3 passes) salted with the recovery key, so that the key
 //! alone does not open the account. Every sealed item carries a random 32-byte salt from which
 //! its own file key is derived, so a key never seals two plaintexts.
@@ -29,6 +31,8 @@ const TEXT_PREFIX: &str = "miyu-recovery:";
 const SALT_LEN: usize = 32;
 /// Salt and the plaintext's length.
 const HEADER_LEN: usize = SALT_LEN + 8;
+/// What the recovery bundle's locator is derived under (see [`RecoveryKey::locator`]).
+const LOCATOR_LABEL: &[u8] = b"miyu recovery locator v1";
 /// What a backup segment's place in its chain is bound under (see [`ChainLink`]).
 const SEGMENT_LABEL: &[u8] = b"miyu backup segment v1";
 
@@ -107,6 +111,18 @@ impl RecoveryKey {
             .try_into()
             .map_err(|_| RecoveryError::BadText("the key has the wrong length"))?;
         Ok((account, Self(key)))
+    }
+
+    /// Where the server keeps the account's recovery bundle: derived from the key alone, not
+    /// the passphrase, so that only whoever holds the key can even ask for the bundle (and
+    /// spend the account's wrong tries).
+    pub fn locator(&self, account: &AccountId) -> [u8; 32] {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, account.as_bytes()).extract(&self.0);
+        let mut locator = [0u8; 32];
+        prk.expand(&[LOCATOR_LABEL], Len(32))
+            .and_then(|okm| okm.fill(&mut locator))
+            .expect("HKDF-SHA256 gives 32 bytes");
+        locator
     }
 }
 
@@ -372,6 +388,30 @@ mod tests {
             secrets.verifier(),
             <[u8; 32]>::from(Sha256::digest(secrets.auth_key()))
         );
+    }
+
+    #[test]
+    fn the_locator_comes_from_the_key_and_account_alone() {
+        let key = RecoveryKey::generate();
+        let locator = key.locator(&account());
+        // The same key finds the same bundle again; no passphrase goes into it, so a key whose
+        // passphrase is forgotten still finds the bundle (and a wrong one counts as a try).
+        assert_eq!(
+            RecoveryKey::from_bytes(*key.as_bytes()).locator(&account()),
+            locator
+        );
+        assert_ne!(RecoveryKey::generate().locator(&account()), locator);
+        assert_ne!(
+            key.locator(&AccountId::from_identity_key(&[6; 32])),
+            locator
+        );
+        // Nor is it any key the server could use: neither the key it checks nor its hash.
+        for passphrase in [None, Some("a passphrase")] {
+            let secrets = RecoverySecrets::derive(&key, passphrase, &account()).unwrap();
+            assert_ne!(secrets.auth_key(), &locator);
+            assert_ne!(secrets.verifier(), locator);
+        }
+        assert_ne!(&locator, key.as_bytes());
     }
 
     #[test]
