@@ -108,7 +108,25 @@ fn an_account_comes_back_from_its_recovery_key_with_its_backup() {
     );
     let refused = miyu(&new, &["recover", "--server", &server.address, &wrong]);
     assert_eq!(refused.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("refused this recovery key"));
+    // It does not even find the bundle: the key locates it.
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("no recovery bundle for this recovery key")
+    );
+    assert!(!new.join("miyu.db").exists());
+    // The right key with a passphrase it was not made with finds the bundle, and is refused.
+    let refused = common::miyu_command()
+        .env("MIYU_RECOVERY_PASSPHRASE", "not the passphrase")
+        .arg("--profile")
+        .arg(&new)
+        .args(["recover", "--server", &server.address, &key])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("refused this recovery key (or passphrase)")
+    );
     assert!(!new.join("miyu.db").exists());
 
     // The right key: the same account, its history back from the backup.

@@ -104,10 +104,18 @@ impl Client {
         plaintext.extend_from_slice(identity.as_slice());
         plaintext.extend_from_slice(self.name.as_bytes());
         let bundle = secrets.seal_bundle(&plaintext).map_err(recovery_error)?;
+        let verifier = secrets.verifier();
+        let locator = key.locator(&account);
+        let signature = self
+            .keys
+            .sign_recovery(&verifier, &locator, &bundle)
+            .map_err(|error| Error::Usage(error.to_string()))?;
         self.connect().await?;
         self.call(Request::SetRecovery(wire::SetRecovery {
-            verifier: secrets.verifier().to_vec(),
+            verifier: verifier.to_vec(),
             bundle,
+            locator: locator.to_vec(),
+            signature: signature.to_vec(),
         }))
         .await?;
         self.db.execute(
@@ -313,7 +321,8 @@ impl Client {
         }
         let secrets =
             RecoverySecrets::derive(&key, passphrase, &account).map_err(recovery_error)?;
-        let bundle = ask_bundle(&self.server, self.proxy.as_ref(), &account, &secrets).await?;
+        let locator = key.locator(&account);
+        let bundle = ask_bundle(&self.server, self.proxy.as_ref(), &locator, &secrets).await?;
         self.connect().await?;
         self.take_backup(&bundle, &secrets.backup_key(), account)
             .await
@@ -402,7 +411,7 @@ impl Client {
         let (lock, path) = claim_new_profile(profile)?;
         let secrets =
             RecoverySecrets::derive(&key, recovery_passphrase, &account).map_err(recovery_error)?;
-        let bundle = ask_bundle(&server, proxy.as_ref(), &account, &secrets).await?;
+        let bundle = ask_bundle(&server, proxy.as_ref(), &key.locator(&account), &secrets).await?;
         let plaintext = secrets
             .open_bundle(&bundle.bundle)
             .map_err(recovery_error)?;
@@ -454,17 +463,17 @@ impl Client {
     }
 }
 
-/// Asks the server for the account's recovery bundle on a connection that has not
+/// Asks the server for the recovery bundle at `locator` on a connection that has not
 /// authenticated.
 async fn ask_bundle(
     server: &ServerAddress,
     proxy: Option<&Proxy>,
-    account: &AccountId,
+    locator: &[u8; 32],
     secrets: &RecoverySecrets,
 ) -> Result<wire::RecoveryBundle, Error> {
     let mut connection = net::Connection::open(server, proxy).await?;
     let asked = connection.call(Request::Recover(wire::Recover {
-        account_id: account.as_bytes().to_vec(),
+        locator: locator.to_vec(),
         auth_key: secrets.auth_key().to_vec(),
     }));
     let answer = tokio::time::timeout(Duration::from_secs(30), asked)
@@ -482,9 +491,12 @@ async fn ask_bundle(
             wire::ErrorCode::RateLimited => Error::Usage(
                 "too many wrong recovery tries for this account; try again tomorrow".into(),
             ),
-            wire::ErrorCode::NotFound => {
-                Error::Usage("the server has no recovery bundle for this account".into())
-            }
+            // Found by a locator derived from the key: a wrong key finds nothing.
+            wire::ErrorCode::NotFound => Error::Usage(
+                "the server has no recovery bundle for this recovery key (is it the right key, \
+                 and the right server?)"
+                    .into(),
+            ),
             _ => Error::Server(error),
         }),
         Err(error) => Err(error),

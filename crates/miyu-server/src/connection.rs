@@ -27,7 +27,7 @@ use crate::hub::{Hub, Mailbox, PushedEntry};
 use crate::limits::TokenBucket;
 use crate::store::worker::StoreHandle;
 use crate::store::{
-    BackupSegment, EntryKind, NewCommit, NewDevice, NewGroup, Recovery, StoreError,
+    BackupSegment, EntryKind, NewCommit, NewDevice, NewGroup, NewRecovery, Recovery, StoreError,
 };
 
 /// Frames waiting to be written to one connection.
@@ -1155,16 +1155,26 @@ impl Session {
                 let Ok(verifier) = <[u8; 32]>::try_from(set.verifier.as_slice()) else {
                     return self.invalid(id, "a recovery verifier is 32 bytes").await;
                 };
+                let Ok(locator) = <[u8; 32]>::try_from(set.locator.as_slice()) else {
+                    return self.invalid(id, "a recovery locator is 32 bytes").await;
+                };
+                if set.signature.len() != 64 {
+                    return self.invalid(id, "a recovery signature is 64 bytes").await;
+                }
                 if set.bundle.is_empty() || set.bundle.len() > MAX_RECOVERY_BUNDLE {
                     return self
                         .invalid(id, "a recovery bundle is 1 to 4,096 bytes")
                         .await;
                 }
-                let account = context.account;
-                let pending = store.submit(move |store| {
-                    still_registered(store, &device)?;
-                    store.set_recovery(&account, verifier, set.bundle)
-                });
+                let recovery = NewRecovery {
+                    verifier,
+                    locator,
+                    bundle: set.bundle,
+                    signature: set.signature,
+                };
+                // The store checks that the device is still registered and that the account's
+                // identity key signed the bundle.
+                let pending = store.submit(move |store| store.set_recovery(&device, recovery));
                 self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
             }
             Request::SetBackup(set) => {
@@ -1345,8 +1355,8 @@ impl Session {
     /// Hands out an account's recovery bundle against the key derived from its recovery key,
     /// on a connection that may not have authenticated.
     async fn recover(&mut self, id: u64, recover: wire::Recover) {
-        let Ok(account) = AccountId::from_bytes(&recover.account_id) else {
-            return self.invalid(id, "an account id is 16 bytes").await;
+        let Ok(locator) = <[u8; 32]>::try_from(recover.locator.as_slice()) else {
+            return self.invalid(id, "a recovery locator is 32 bytes").await;
         };
         let Ok(auth_key) = <[u8; 32]>::try_from(recover.auth_key.as_slice()) else {
             return self
@@ -1366,7 +1376,7 @@ impl Session {
         let pending = self
             .shared
             .store
-            .submit(move |store| store.recover(&account, &auth_key, now))
+            .submit(move |store| store.recover(&locator, &auth_key, now))
             .await;
         // A wrong key is counted in the store, durably, before it is answered: failing it as a
         // store error would undo the count.

@@ -11,8 +11,9 @@ use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 use super::{
     Appended, BackupSegment, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord,
     DeviceSummary, EntryKind, GroupCreated, InboxEntry, LogEntry, Membership, NewBlob, NewCommit,
-    NewDevice, NewGroup, Recovery, RecoveryBundle, RecoveryDecision, RecoveryFailures, Store,
-    StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_day, coarse_hour, day_number,
+    NewDevice, NewGroup, NewRecovery, Recovery, RecoveryBundle, RecoveryDecision, RecoveryFailures,
+    Store, StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_day, coarse_hour,
+    day_number,
 };
 
 /// A [`Store`] that keeps everything in memory; nothing survives the value.
@@ -281,15 +282,29 @@ impl Store for MemoryStore {
 
     fn set_recovery(
         &mut self,
-        account_id: &AccountId,
-        verifier: [u8; 32],
-        bundle: Vec<u8>,
+        requester: &DeviceId,
+        recovery: NewRecovery,
     ) -> Result<(), StoreError> {
+        let record = &self
+            .devices
+            .get(requester)
+            .ok_or(StoreError::AuthenticationFailed)?
+            .record;
+        let account_id = record.account_id;
+        super::check_recovery(&record.certificate, &account_id, &recovery)?;
+        let taken = self
+            .recoveries
+            .iter()
+            .any(|(holder, stored)| *holder != account_id && stored.locator == recovery.locator);
+        if taken {
+            return Err(StoreError::AlreadyExists);
+        }
         self.recoveries.insert(
-            *account_id,
+            account_id,
             StoredRecovery {
-                verifier,
-                bundle,
+                locator: recovery.locator,
+                verifier: recovery.verifier,
+                bundle: recovery.bundle,
                 failures: RecoveryFailures::default(),
             },
         );
@@ -298,13 +313,14 @@ impl Store for MemoryStore {
 
     fn recover(
         &mut self,
-        account_id: &AccountId,
+        locator: &[u8; 32],
         auth_key: &[u8; 32],
         now: u64,
     ) -> Result<Recovery, StoreError> {
-        let recovery = self
+        let (account_id, recovery) = self
             .recoveries
-            .get_mut(account_id)
+            .iter_mut()
+            .find(|(_, stored)| stored.locator == *locator)
             .ok_or(StoreError::NotFound)?;
         match super::decide_recovery(&recovery.verifier, recovery.failures, auth_key, now)? {
             RecoveryDecision::Locked => Ok(Recovery::Locked),
@@ -1002,6 +1018,7 @@ struct Stored<T> {
 }
 
 struct StoredRecovery {
+    locator: [u8; 32],
     verifier: [u8; 32],
     bundle: Vec<u8>,
     failures: RecoveryFailures,

@@ -192,6 +192,19 @@ pub struct BlobRecord {
     pub expires_at: u64,
 }
 
+/// A recovery bundle to store for an account; see [`Store::set_recovery`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRecovery {
+    /// SHA-256 of the key [`Store::recover`] must be given.
+    pub verifier: [u8; 32],
+    /// What [`Store::recover`] finds the bundle by.
+    pub locator: [u8; 32],
+    pub bundle: Vec<u8>,
+    /// The account's identity key's signature over the three
+    /// (`miyu_proto::cert::recovery_payload`).
+    pub signature: Vec<u8>,
+}
+
 /// How an account can be recovered when its devices are lost (PROTOCOL.md §7.18): the bundle
 /// its client sealed, opaque to the server, and the account's backup.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -379,25 +392,26 @@ pub trait Store: Send + 'static {
     /// none, or only one that has expired at `now`.
     fn take_link(&mut self, mailbox: &[u8; 32], now: u64) -> Result<Vec<u8>, StoreError>;
 
-    /// Stores the account's recovery bundle and `verifier`, the SHA-256 of the key that
-    /// [`recover`](Store::recover) must be given, replacing any earlier ones, and forgets the
-    /// account's failed recovery attempts.
+    /// Stores the recovery bundle of `requester`'s account, with its verifier and locator,
+    /// replacing any earlier one, and forgets the account's failed recovery attempts.
+    /// `AuthenticationFailed` if the requester is not a registered device, or the signature
+    /// does not verify under the account's identity key (named by the requester's
+    /// certificate); `AlreadyExists` if another account's bundle has the locator.
     fn set_recovery(
         &mut self,
-        account_id: &AccountId,
-        verifier: [u8; 32],
-        bundle: Vec<u8>,
+        requester: &DeviceId,
+        recovery: NewRecovery,
     ) -> Result<(), StoreError>;
 
-    /// Hands out the account's recovery bundle and backup if the SHA-256 of `auth_key` is its
-    /// verifier (compared in constant time). Once [`MAX_RECOVERY_FAILURES`] attempts failed in
-    /// the current window (see [`RECOVERY_WINDOW`]), every attempt is `Locked`, the key
-    /// unchecked, until the window ends. A wrong key is `WrongKey` and counts one failure,
-    /// which stays with the batch like any other change. A right key changes nothing.
-    /// `NotFound` if the account has no bundle, whether or not it exists.
+    /// Hands out the recovery bundle found by `locator`, and its account's backup, if the
+    /// SHA-256 of `auth_key` is its verifier (compared in constant time). Once
+    /// [`MAX_RECOVERY_FAILURES`] attempts failed in the current window (see
+    /// [`RECOVERY_WINDOW`]), every attempt is `Locked`, the key unchecked, until the window
+    /// ends. A wrong key is `WrongKey` and counts one failure, which stays with the batch like
+    /// any other change. A right key changes nothing. `NotFound` if no bundle has the locator.
     fn recover(
         &mut self,
-        account_id: &AccountId,
+        locator: &[u8; 32],
         auth_key: &[u8; 32],
         now: u64,
     ) -> Result<Recovery, StoreError>;
@@ -608,14 +622,12 @@ fn check_unattributed(
     Ok(())
 }
 
-/// The signature check of [`Store::revoke_device`]: the requester's certificate (compact form)
-/// names the account's identity key, which must have signed the revocation.
-fn check_revocation(
+/// The identity key of `account_id` as the certificate (compact form) of one of its devices
+/// names it.
+fn identity_key_of(
     requester_certificate: &[u8],
     account_id: &AccountId,
-    device_id: &DeviceId,
-    signature: &[u8],
-) -> Result<(), StoreError> {
+) -> Result<[u8; 32], StoreError> {
     let identity_key: [u8; 32] = requester_certificate
         .get(..32)
         .and_then(|bytes| bytes.try_into().ok())
@@ -625,7 +637,38 @@ fn check_revocation(
             "a stored certificate names another account's identity key",
         ));
     }
+    Ok(identity_key)
+}
+
+/// The signature check of [`Store::revoke_device`]: the requester's certificate (compact form)
+/// names the account's identity key, which must have signed the revocation.
+fn check_revocation(
+    requester_certificate: &[u8],
+    account_id: &AccountId,
+    device_id: &DeviceId,
+    signature: &[u8],
+) -> Result<(), StoreError> {
+    let identity_key = identity_key_of(requester_certificate, account_id)?;
     if !miyu_proto::cert::verify_revocation(&identity_key, device_id, signature) {
+        return Err(StoreError::AuthenticationFailed);
+    }
+    Ok(())
+}
+
+/// The signature check of [`Store::set_recovery`], as for a revocation.
+fn check_recovery(
+    requester_certificate: &[u8],
+    account_id: &AccountId,
+    recovery: &NewRecovery,
+) -> Result<(), StoreError> {
+    let identity_key = identity_key_of(requester_certificate, account_id)?;
+    if !miyu_proto::cert::verify_recovery(
+        &identity_key,
+        &recovery.verifier,
+        &recovery.locator,
+        &recovery.bundle,
+        &recovery.signature,
+    ) {
         return Err(StoreError::AuthenticationFailed);
     }
     Ok(())

@@ -14,8 +14,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use super::{
     Appended, BackupSegment, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord,
     DeviceSummary, EntryKind, GroupCreated, InboxEntry, LogEntry, Membership, NewBlob, NewCommit,
-    NewDevice, NewGroup, Recovery, RecoveryBundle, RecoveryDecision, RecoveryFailures, Store,
-    StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_day, coarse_hour, day_number,
+    NewDevice, NewGroup, NewRecovery, Recovery, RecoveryBundle, RecoveryDecision, RecoveryFailures,
+    Store, StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_day, coarse_hour,
+    day_number,
 };
 
 /// A [`Store`] in one SQLite database file.
@@ -385,21 +386,37 @@ impl Store for SqliteStore {
 
     fn set_recovery(
         &mut self,
-        account_id: &AccountId,
-        verifier: [u8; 32],
-        bundle: Vec<u8>,
+        requester: &DeviceId,
+        recovery: NewRecovery,
     ) -> Result<(), StoreError> {
         self.write(|db| {
+            let (account, certificate) = db
+                .prepare_cached("SELECT account_id, certificate FROM devices WHERE device_id = ?1")?
+                .query_row([requester.as_bytes().as_slice()], |row| {
+                    Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
+                })
+                .optional()?
+                .ok_or(StoreError::AuthenticationFailed)?;
+            let account_id = AccountId::from_bytes(&account)
+                .map_err(|_| StoreError::Corrupt("a stored account id has the wrong length"))?;
+            super::check_recovery(&certificate, &account_id, &recovery)?;
+            let taken = db
+                .prepare_cached("SELECT 1 FROM recovery WHERE locator = ?1 AND account_id != ?2")?
+                .exists(params![recovery.locator.as_slice(), account])?;
+            if taken {
+                return Err(StoreError::AlreadyExists);
+            }
             db.prepare_cached(
-                "INSERT INTO recovery (account_id, verifier, bundle, failures, window_ends_at) \
-                 VALUES (?1, ?2, ?3, 0, 0) ON CONFLICT (account_id) DO UPDATE SET \
-                 verifier = excluded.verifier, bundle = excluded.bundle, failures = 0, \
-                 window_ends_at = 0",
+                "INSERT INTO recovery (account_id, locator, verifier, bundle, failures, \
+                 window_ends_at) VALUES (?1, ?2, ?3, ?4, 0, 0) ON CONFLICT (account_id) DO \
+                 UPDATE SET locator = excluded.locator, verifier = excluded.verifier, \
+                 bundle = excluded.bundle, failures = 0, window_ends_at = 0",
             )?
             .execute(params![
-                account_id.as_bytes().as_slice(),
-                verifier.as_slice(),
-                bundle
+                account,
+                recovery.locator.as_slice(),
+                recovery.verifier.as_slice(),
+                recovery.bundle
             ])?;
             Ok(())
         })
@@ -407,23 +424,23 @@ impl Store for SqliteStore {
 
     fn recover(
         &mut self,
-        account_id: &AccountId,
+        locator: &[u8; 32],
         auth_key: &[u8; 32],
         now: u64,
     ) -> Result<Recovery, StoreError> {
         self.write(|db| {
-            let account = account_id.as_bytes().as_slice();
-            let (verifier, bundle, count, window_ends_at) = db
+            let (account, verifier, bundle, count, window_ends_at) = db
                 .prepare_cached(
-                    "SELECT verifier, bundle, failures, window_ends_at FROM recovery \
-                     WHERE account_id = ?1",
+                    "SELECT account_id, verifier, bundle, failures, window_ends_at FROM recovery \
+                     WHERE locator = ?1",
                 )?
-                .query_row([account], |row| {
+                .query_row([locator.as_slice()], |row| {
                     Ok((
                         row.get::<_, Vec<u8>>(0)?,
                         row.get::<_, Vec<u8>>(1)?,
-                        row.get::<_, i64>(2)?,
+                        row.get::<_, Vec<u8>>(2)?,
                         row.get::<_, i64>(3)?,
+                        row.get::<_, i64>(4)?,
                     ))
                 })
                 .optional()?
@@ -449,7 +466,7 @@ impl Store for SqliteStore {
                 }
                 RecoveryDecision::Granted => Ok(Recovery::Granted(RecoveryBundle {
                     bundle,
-                    backup: backup_chain(db, account)?,
+                    backup: backup_chain(db, &account)?,
                 })),
             }
         })
@@ -1215,7 +1232,7 @@ impl SqliteStore {
 /// How long the right to add a device, won by claiming an invite, lasts.
 const GRANT_LIFETIME: u64 = 24 * 3600;
 
-const SCHEMA_VERSION: i64 = 7;
+const SCHEMA_VERSION: i64 = 8;
 
 const SCHEMA: &str = "
 CREATE TABLE devices (
@@ -1431,12 +1448,29 @@ INSERT INTO backup_segments (account_id, position, blob_id, size)
 DROP TABLE backups;
 ";
 
+/// Version 8: a recovery bundle is found by its locator, derived from the recovery key, which
+/// only the key's holder knows, rather than by the account id anyone may know. Bundles stored
+/// before have none and can never be found: they are dropped (their accounts set recovery up
+/// again).
+const MIGRATION_8: &str = "
+CREATE TABLE recovery_8 (
+    account_id BLOB PRIMARY KEY NOT NULL,
+    locator BLOB NOT NULL UNIQUE,
+    verifier BLOB NOT NULL,
+    bundle BLOB NOT NULL,
+    failures INTEGER NOT NULL,
+    window_ends_at INTEGER NOT NULL
+);
+DROP TABLE recovery;
+ALTER TABLE recovery_8 RENAME TO recovery;
+";
+
 fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     // Immediate, so that two processes opening a new file do not both create the schema.
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let version: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
     match version {
-        0..=6 => {
+        0..=7 => {
             if version == 0 {
                 transaction.execute_batch(SCHEMA)?;
             }
@@ -1455,7 +1489,10 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
             if version < 6 {
                 transaction.execute_batch(MIGRATION_6)?;
             }
-            transaction.execute_batch(MIGRATION_7)?;
+            if version < 7 {
+                transaction.execute_batch(MIGRATION_7)?;
+            }
+            transaction.execute_batch(MIGRATION_8)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         SCHEMA_VERSION => {}
@@ -1959,6 +1996,35 @@ mod tests {
         }
     }
 
+    /// A device of the account of identity key `seed`, whose certificate names that key (its
+    /// signature left blank: the store trusts certificates checked at registration), and the
+    /// identity key's signature setting recovery with `verifier` at `locator`.
+    fn owner(seed: u8, verifier: [u8; 32], locator: [u8; 32]) -> (NewDevice, NewRecovery) {
+        use ed25519_dalek::Signer;
+        let identity = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let identity_key = identity.verifying_key().to_bytes();
+        let device = NewDevice {
+            device_id: DeviceId::from_device_key(&[seed; 32]),
+            account_id: AccountId::from_identity_key(&identity_key),
+            certificate: [identity_key.as_slice(), &[seed; 32], &[0; 64]].concat(),
+            ..new_device(seed)
+        };
+        let bundle = b"sealed".to_vec();
+        let signature = identity
+            .sign(&miyu_proto::cert::recovery_payload(
+                &verifier, &locator, &bundle,
+            ))
+            .to_bytes()
+            .to_vec();
+        let recovery = NewRecovery {
+            verifier,
+            locator,
+            bundle,
+            signature,
+        };
+        (device, recovery)
+    }
+
     /// Device 1 alone in group 1.
     fn group_alone(store: &mut SqliteStore) -> Result<(DeviceId, GroupId), StoreError> {
         let device = new_device(1);
@@ -2132,12 +2198,12 @@ mod tests {
     }
 
     #[test]
-    fn a_database_of_versions_1_to_6_is_upgraded_in_place_and_keeps_its_data()
+    fn a_database_of_versions_1_to_7_is_upgraded_in_place_and_keeps_its_data()
     -> Result<(), StoreError> {
         use sha2::{Digest, Sha256};
         const DAY: u64 = 86_400;
         let account_active_day = NOW - NOW % DAY + 2 * DAY;
-        for old_version in [1, 2, 3, 4, 5, 6] {
+        for old_version in [1, 2, 3, 4, 5, 6, 7] {
             let folder = tempfile::tempdir().expect("a temporary folder");
             let path = folder.path().join("miyu.sqlite");
             let device_id = new_device(1).device_id;
@@ -2151,6 +2217,7 @@ mod tests {
                     (4, MIGRATION_4),
                     (5, MIGRATION_5),
                     (6, MIGRATION_6),
+                    (7, MIGRATION_7),
                 ] {
                     if old_version >= version {
                         connection.execute_batch(migration)?;
@@ -2223,7 +2290,8 @@ mod tests {
                     )?;
                 }
                 if old_version >= 6 {
-                    // Version 6 named one blob as the account's backup.
+                    // A recovery bundle without a locator, and one blob as the account's
+                    // backup: version 6 named it, version 7 made it a chain of one.
                     connection.execute(
                         "INSERT INTO recovery (account_id, verifier, bundle, failures, \
                          window_ends_at) VALUES (?1, ?2, x'02', 0, 0)",
@@ -2232,8 +2300,14 @@ mod tests {
                             Sha256::digest([1u8; 32]).as_slice()
                         ],
                     )?;
+                    let backup = if old_version == 6 {
+                        "INSERT INTO backups (account_id, blob_id, size) VALUES (?1, ?2, 7)"
+                    } else {
+                        "INSERT INTO backup_segments (account_id, position, blob_id, size) \
+                         VALUES (?1, 0, ?2, 7)"
+                    };
                     connection.execute(
-                        "INSERT INTO backups (account_id, blob_id, size) VALUES (?1, ?2, 7)",
+                        backup,
                         params![account_id.as_bytes().as_slice(), [4u8; 32].as_slice()],
                     )?;
                 }
@@ -2245,17 +2319,8 @@ mod tests {
                 assert_eq!(store.blob(&[4; 32], &device_id, NOW)?.length, 10);
             }
             if old_version >= 6 {
-                // The backup became a chain of one segment.
-                assert_eq!(
-                    store.recover(&account_id, &[1; 32], NOW)?,
-                    Recovery::Granted(RecoveryBundle {
-                        bundle: vec![2],
-                        backup: vec![BackupSegment {
-                            blob_id: [4; 32],
-                            size: 7
-                        }],
-                    })
-                );
+                // The backup is a segment: served past its expiry.
+                assert_eq!(store.blob(&[4; 32], &device_id, NOW + 7200)?.length, 10);
             }
             // The device's last active day is its account's, which version 1 did not keep.
             let listed = store.account_devices(&device_id)?;
@@ -2296,7 +2361,9 @@ mod tests {
             // A blob of the account, which has no group.
             store.create_blob(blob(3, None), 40)?;
             store.put_link([5; 32], b"sealed".to_vec(), NOW + 600, NOW)?;
-            store.set_recovery(&account_id, [8; 32], b"sealed".to_vec())?;
+            let (owner_device, owner_recovery) = owner(9, [8; 32], [10; 32]);
+            store.register_device(owner_device)?;
+            store.set_recovery(&DeviceId::from_device_key(&[9; 32]), owner_recovery)?;
             store.set_blob_length(&[3; 32], &device_id, 10)?;
             let segment = BackupSegment {
                 blob_id: [3; 32],
@@ -2316,6 +2383,10 @@ mod tests {
                 |row| row.get(0),
             )?;
             assert_eq!(dangling, 0);
+            // A bundle without a locator could never be found again: it went.
+            let bundles: i64 =
+                connection.query_row("SELECT count(*) FROM recovery", [], |row| row.get(0))?;
+            assert_eq!(bundles, 1);
             let mut store = SqliteStore::open(&path)?;
             let mut live = vec![[1; 32], [3; 32]];
             if old_version >= 3 {
@@ -2329,11 +2400,9 @@ mod tests {
             }
             assert_eq!(store.live_blob_ids()?, live);
             assert_eq!(store.blob(&[3; 32], &device_id, NOW)?.group_id, None);
-            // The new tables work: a wrong key counts, and the backup outlives its expiry.
-            assert_eq!(
-                store.recover(&account_id, &[1; 32], NOW)?,
-                Recovery::WrongKey
-            );
+            // The new tables work: a bundle is found by its locator and a wrong key counts,
+            // and the backup outlives its expiry.
+            assert_eq!(store.recover(&[10; 32], &[1; 32], NOW)?, Recovery::WrongKey);
             store.expire(NOW + 7200, 0)?;
             store.commit()?;
             assert_eq!(store.live_blob_ids()?, [[3; 32]]);
@@ -2346,20 +2415,19 @@ mod tests {
         use sha2::{Digest, Sha256};
         let folder = tempfile::tempdir().expect("a temporary folder");
         let path = folder.path().join("miyu.sqlite");
-        let account_id = new_device(1).account_id;
         let verifier: [u8; 32] = Sha256::digest([1u8; 32]).into();
+        let (device, recovery) = owner(1, verifier, [10; 32]);
+        let requester = device.device_id;
         let mut store = SqliteStore::open(&path)?;
-        store.set_recovery(&account_id, verifier, b"sealed".to_vec())?;
+        store.register_device(device)?;
+        store.set_recovery(&requester, recovery)?;
         for _ in 0..5 {
-            assert_eq!(
-                store.recover(&account_id, &[9; 32], NOW)?,
-                Recovery::WrongKey
-            );
+            assert_eq!(store.recover(&[10; 32], &[9; 32], NOW)?, Recovery::WrongKey);
             store.commit()?;
             drop(store);
             store = SqliteStore::open(&path)?;
         }
-        assert_eq!(store.recover(&account_id, &[1; 32], NOW)?, Recovery::Locked);
+        assert_eq!(store.recover(&[10; 32], &[1; 32], NOW)?, Recovery::Locked);
         Ok(())
     }
 
