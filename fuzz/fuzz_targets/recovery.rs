@@ -1,12 +1,12 @@
 //! What recovery reads from people and from the server: `RecoveryKey::parse` (typed or pasted
-//! by users) and opening a recovery bundle or a backup (handed out by the server). Must
+//! by users) and opening a recovery bundle or a backup segment (handed out by the server). Must
 //! return, never panic, whatever the bytes.
 #![no_main]
 
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use miyu_crypto::recovery::{RecoveryKey, RecoverySecrets};
+use miyu_crypto::recovery::{ChainLink, RecoveryKey, RecoverySecrets};
 use miyu_proto::AccountId;
 
 fn secrets() -> &'static RecoverySecrets {
@@ -26,5 +26,13 @@ fuzz_target!(|data: &[u8]| {
         let _ = RecoveryKey::parse(text);
     }
     let _ = secrets().open_bundle(data);
-    let _ = secrets().open_backup(data);
+    let backup = secrets().backup_key();
+    let _ = backup.open_segment(data, &ChainLink::FIRST);
+    let _ = backup.open_segment(
+        data,
+        &ChainLink {
+            index: 1,
+            previous: [3; 32],
+        },
+    );
 });

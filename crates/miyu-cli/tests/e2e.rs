@@ -1349,34 +1349,62 @@ fn a_revoked_device_is_disconnected_at_once_and_can_never_get_back_in() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Recovery: a bundle handed out against a key, guessing locked out per account.
+// Recovery: a bundle found by its locator, handed out against a key, set by the identity key
+// only, guessing locked out per bundle.
 // ---------------------------------------------------------------------------------------------
 
-fn set_recovery(verifier: &[u8], bundle: &[u8]) -> Request {
-    Request::SetRecovery(wire::SetRecovery {
-        verifier: verifier.to_vec(),
-        bundle: bundle.to_vec(),
-    })
+/// What a recovery key gives a client, as far as the server sees: the key `Recover` presents
+/// and the locator it finds the bundle by.
+struct RecoveryKeys {
+    auth_key: [u8; 32],
+    locator: [u8; 32],
 }
 
-fn recover(account: &[u8], auth_key: &[u8]) -> Request {
+impl RecoveryKeys {
+    fn random() -> Self {
+        Self {
+            auth_key: random_key(),
+            locator: random_key(),
+        }
+    }
+
+    /// What a client registers for this key.
+    fn verifier(&self) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(self.auth_key).into()
+    }
+
+    /// `SetRecovery` of `bundle`, signed by the account's identity key in `keys`.
+    fn set(&self, keys: &miyu_crypto::identity::AccountKeys, bundle: &[u8]) -> Request {
+        let signature = keys
+            .sign_recovery(&self.verifier(), &self.locator, bundle)
+            .unwrap();
+        self.set_signed(bundle, &signature)
+    }
+
+    fn set_signed(&self, bundle: &[u8], signature: &[u8]) -> Request {
+        Request::SetRecovery(wire::SetRecovery {
+            verifier: self.verifier().to_vec(),
+            bundle: bundle.to_vec(),
+            locator: self.locator.to_vec(),
+            signature: signature.to_vec(),
+        })
+    }
+}
+
+fn recover(locator: &[u8], auth_key: &[u8]) -> Request {
     Request::Recover(wire::Recover {
-        account_id: account.to_vec(),
+        locator: locator.to_vec(),
         auth_key: auth_key.to_vec(),
     })
 }
 
-fn set_backup(blob_id: &[u8], size: u64) -> Request {
+fn set_backup(blob_id: &[u8], size: u64, append_after: &[u8]) -> Request {
     Request::SetBackup(wire::SetBackup {
         blob_id: blob_id.to_vec(),
         size,
+        append_after: append_after.to_vec(),
     })
-}
-
-/// What a client registers for a recovery key from which it derived `auth_key`.
-fn verifier_of(auth_key: &[u8; 32]) -> Vec<u8> {
-    use sha2::Digest;
-    sha2::Sha256::digest(auth_key).to_vec()
 }
 
 fn random_key() -> [u8; 32] {
@@ -1389,15 +1417,20 @@ fn random_key() -> [u8; 32] {
 /// device would send it.
 async fn recover_as_a_stranger(
     address: &ServerAddress,
-    account: &miyu_proto::AccountId,
+    locator: &[u8; 32],
     auth_key: &[u8; 32],
 ) -> Result<Reply, wire::Error> {
     let mut connection = Connection::open(address, None).await.unwrap();
-    let id = connection
-        .send(recover(account.as_bytes(), auth_key))
-        .await
-        .unwrap();
+    let id = connection.send(recover(locator, auth_key)).await.unwrap();
     answer(&mut connection, id).await
+}
+
+/// The bundle `recover_as_a_stranger` gets with the right key.
+async fn bundle_at(address: &ServerAddress, keys: &RecoveryKeys) -> Vec<u8> {
+    match recover_as_a_stranger(address, &keys.locator, &keys.auth_key).await {
+        Ok(Reply::RecoveryBundle(granted)) => granted.bundle,
+        other => panic!("expected the recovery bundle, got {other:?}"),
+    }
 }
 
 #[test]
@@ -1407,66 +1440,75 @@ fn a_lost_account_gets_its_recovery_bundle_before_authenticating_with_the_right_
     let address: ServerAddress = server.address.parse().unwrap();
     runtime().block_on(async {
         let (mut phone, keys) = register(&address).await;
-        let account = keys.certificate().account_id();
-        let auth_key = random_key();
-        let verifier = verifier_of(&auth_key);
+        let recovery = RecoveryKeys::random();
+        let signature = keys
+            .sign_recovery(&recovery.verifier(), &recovery.locator, b"sealed")
+            .unwrap();
+        let verifier = recovery.verifier();
+        let malformed = |verifier: &[u8], locator: &[u8], bundle: &[u8], signature: &[u8]| {
+            Request::SetRecovery(wire::SetRecovery {
+                verifier: verifier.to_vec(),
+                bundle: bundle.to_vec(),
+                locator: locator.to_vec(),
+                signature: signature.to_vec(),
+            })
+        };
         for malformed in [
-            set_recovery(&verifier[..31], b"sealed"),
-            set_recovery(&verifier, b""),
-            set_recovery(&verifier, &[0; 4097]),
+            malformed(&verifier[..31], &recovery.locator, b"sealed", &signature),
+            malformed(&verifier, &recovery.locator[..31], b"sealed", &signature),
+            malformed(&verifier, &recovery.locator, b"sealed", &signature[..63]),
+            malformed(&verifier, &recovery.locator, b"", &signature),
+            malformed(&verifier, &recovery.locator, &[0; 4097], &signature),
         ] {
             assert_eq!(
                 refused(&mut phone, malformed).await,
                 ErrorCode::InvalidArgument
             );
         }
-        let id = phone
-            .send(set_recovery(&verifier, &[7; 4096]))
-            .await
-            .unwrap();
+        let id = phone.send(recovery.set(&keys, &[7; 4096])).await.unwrap();
         assert!(matches!(answer(&mut phone, id).await, Ok(Reply::Done(_))));
         // The later one replaces it.
         let id = phone
-            .send(set_recovery(&verifier, b"sealed identity key"))
+            .send(recovery.set(&keys, b"sealed identity key"))
             .await
             .unwrap();
         assert!(matches!(answer(&mut phone, id).await, Ok(Reply::Done(_))));
-        // A backup must name a finished blob of the account; this one names nothing.
-        assert_eq!(
-            refused(&mut phone, set_backup(&[7; 32], 10)).await,
-            ErrorCode::NotFound
-        );
-        assert_eq!(
-            refused(&mut phone, set_backup(&[7; 31], 10)).await,
-            ErrorCode::InvalidArgument
-        );
-        assert_eq!(
-            refused(&mut phone, set_backup(&[7; 32], (4 << 30) + 1)).await,
-            ErrorCode::InvalidArgument
-        );
+        // A backup must name a finished blob of the account; this one names nothing, and
+        // there is no backup to append a segment to.
+        for nothing in [
+            set_backup(&[7; 32], 10, &[]),
+            set_backup(&[7; 32], 10, &[8; 32]),
+        ] {
+            assert_eq!(refused(&mut phone, nothing).await, ErrorCode::NotFound);
+        }
+        for malformed in [
+            set_backup(&[7; 31], 10, &[]),
+            set_backup(&[7; 32], (4 << 30) + 1, &[]),
+            set_backup(&[7; 32], 10, &[8; 31]),
+        ] {
+            assert_eq!(
+                refused(&mut phone, malformed).await,
+                ErrorCode::InvalidArgument
+            );
+        }
 
         // Whoever lost every device has only said Hello.
-        match recover_as_a_stranger(&address, &account, &auth_key).await {
+        match recover_as_a_stranger(&address, &recovery.locator, &recovery.auth_key).await {
             Ok(Reply::RecoveryBundle(granted)) => {
                 assert_eq!(granted.bundle, b"sealed identity key");
-                assert!(granted.backup_blob.is_empty());
-                assert_eq!(granted.backup_size, 0);
+                assert!(granted.backup.is_empty());
             }
             other => panic!("expected the recovery bundle, got {other:?}"),
         }
         let wrong = code(
-            &recover_as_a_stranger(&address, &account, &random_key())
+            &recover_as_a_stranger(&address, &recovery.locator, &random_key())
                 .await
                 .unwrap_err(),
         );
         assert_eq!(wrong, ErrorCode::AuthenticationFailed);
-        // An account without a bundle answers as one that does not exist.
-        let (_stranger, stranger_keys) = register(&address).await;
-        for unknown in [
-            stranger_keys.certificate().account_id(),
-            miyu_proto::AccountId::from_bytes(&[9; 16]).unwrap(),
-        ] {
-            let error = recover_as_a_stranger(&address, &unknown, &auth_key)
+        // A locator no bundle has, the right key or not: as if nothing were there.
+        for auth_key in [recovery.auth_key, random_key()] {
+            let error = recover_as_a_stranger(&address, &random_key(), &auth_key)
                 .await
                 .unwrap_err();
             assert_eq!(code(&error), ErrorCode::NotFound);
@@ -1475,17 +1517,21 @@ fn a_lost_account_gets_its_recovery_bundle_before_authenticating_with_the_right_
         let mut lost = Connection::open(&address, None).await.unwrap();
         // Setting a bundle needs a device of the account.
         assert_eq!(
-            refused(&mut lost, set_recovery(&verifier, b"x")).await,
+            refused(&mut lost, recovery.set(&keys, b"x")).await,
             ErrorCode::NotAuthenticated
         );
         assert_eq!(
-            refused(&mut lost, recover(&[1; 15], &auth_key)).await,
+            refused(&mut lost, recover(&[1; 31], &recovery.auth_key)).await,
             ErrorCode::InvalidArgument
         );
-        // One connection soon runs out of attempts (2 a second), whatever the account.
+        // One connection soon runs out of attempts (2 a second), whatever the locator.
         let mut ids = std::collections::HashSet::new();
         for _ in 0..10 {
-            ids.insert(lost.send(recover(&[9; 16], &auth_key)).await.unwrap());
+            ids.insert(
+                lost.send(recover(&random_key(), &recovery.auth_key))
+                    .await
+                    .unwrap(),
+            );
         }
         // Refused at once or answered by the store: the answers come in any order.
         let mut codes = Vec::new();
@@ -1504,39 +1550,122 @@ fn a_lost_account_gets_its_recovery_bundle_before_authenticating_with_the_right_
 }
 
 #[test]
-fn five_wrong_recovery_keys_lock_the_account_even_against_the_right_one_across_a_restart() {
+fn only_the_identity_key_sets_the_recovery_bundle_not_a_linked_device_nor_a_bad_signature() {
+    use ed25519_dalek::Signer;
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let address: ServerAddress = server.address.parse().unwrap();
+    runtime().block_on(async {
+        let (mut phone, phone_keys) = register(&address).await;
+        // A linked laptop: a certificate from the identity key, but not the key.
+        let laptop_key = ed25519_dalek::SigningKey::from_bytes(&random_key());
+        let certificate = phone_keys
+            .certify_device(laptop_key.verifying_key().as_bytes())
+            .unwrap();
+        let laptop_keys =
+            miyu_crypto::identity::AccountKeys::linked(&laptop_key.to_bytes(), certificate)
+                .unwrap();
+        assert!(!laptop_keys.has_identity());
+        let mut laptop = register_keys(&address, &laptop_keys).await;
+        let (_stranger, stranger_keys) = register(&address).await;
+
+        let recovery = RecoveryKeys::random();
+        let id = phone
+            .send(recovery.set(&phone_keys, b"the real bundle"))
+            .await
+            .unwrap();
+        assert!(matches!(answer(&mut phone, id).await, Ok(Reply::Done(_))));
+
+        // The laptop signs with the only key it has; the phone sends another account's
+        // signature, or one over other bytes; either sends no signature worth the name.
+        let payload = |bundle: &[u8]| {
+            miyu_proto::cert::recovery_payload(&recovery.verifier(), &recovery.locator, bundle)
+        };
+        let by_laptop = laptop_key.sign(&payload(b"spoilt")).to_bytes();
+        let by_stranger = stranger_keys
+            .sign_recovery(&recovery.verifier(), &recovery.locator, b"spoilt")
+            .unwrap();
+        let over_other_bytes = phone_keys
+            .sign_recovery(&recovery.verifier(), &recovery.locator, b"other")
+            .unwrap();
+        for (from_laptop, signature) in [
+            (true, by_laptop),
+            (true, [0; 64]),
+            (false, by_stranger),
+            (false, over_other_bytes),
+        ] {
+            let connection = if from_laptop { &mut laptop } else { &mut phone };
+            assert_eq!(
+                refused(connection, recovery.set_signed(b"spoilt", &signature)).await,
+                ErrorCode::AuthenticationFailed
+            );
+        }
+        // Nor may the laptop move the bundle elsewhere, or start one of its own.
+        let elsewhere = RecoveryKeys::random();
+        let by_laptop = laptop_key.sign(&miyu_proto::cert::recovery_payload(
+            &elsewhere.verifier(),
+            &elsewhere.locator,
+            b"spoilt",
+        ));
+        assert_eq!(
+            refused(
+                &mut laptop,
+                elsewhere.set_signed(b"spoilt", &by_laptop.to_bytes())
+            )
+            .await,
+            ErrorCode::AuthenticationFailed
+        );
+        // The stored bundle is the identity key's, where it was.
+        assert_eq!(bundle_at(&address, &recovery).await, b"the real bundle");
+        let error = recover_as_a_stranger(&address, &elsewhere.locator, &elsewhere.auth_key)
+            .await
+            .unwrap_err();
+        assert_eq!(code(&error), ErrorCode::NotFound);
+        // Refusals are not bad frames: the laptop's connection carries on.
+        let id = laptop.send(Request::Ping(wire::Ping {})).await.unwrap();
+        assert!(matches!(answer(&mut laptop, id).await, Ok(Reply::Pong(_))));
+    });
+}
+
+#[test]
+fn five_wrong_recovery_keys_lock_the_bundle_even_against_the_right_one_across_a_restart() {
     let root = tempfile::tempdir().unwrap();
     let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
     let address: ServerAddress = server.address.parse().unwrap();
     let runtime = runtime();
-    let auth_key = random_key();
-    let (keys, account) = runtime.block_on(async {
+    let recovery = RecoveryKeys::random();
+    let keys = runtime.block_on(async {
         let (mut phone, keys) = register(&address).await;
-        let id = phone
-            .send(set_recovery(&verifier_of(&auth_key), b"sealed"))
-            .await
-            .unwrap();
+        let id = phone.send(recovery.set(&keys, b"sealed")).await.unwrap();
         assert!(matches!(answer(&mut phone, id).await, Ok(Reply::Done(_))));
-        let account = keys.certificate().account_id();
-        // A fresh connection for every guess: the count is the account's, not the
+        // Without the locator, which only the recovery key gives, no guess even reaches the
+        // bundle: knowing the account is no way to lock it.
+        for _ in 0..10 {
+            let error = recover_as_a_stranger(&address, &random_key(), &random_key())
+                .await
+                .unwrap_err();
+            assert_eq!(code(&error), ErrorCode::NotFound);
+        }
+        assert_eq!(bundle_at(&address, &recovery).await, b"sealed");
+        // A fresh connection for every guess: the count is the bundle's, not the
         // connection's.
         for _ in 0..5 {
-            let error = recover_as_a_stranger(&address, &account, &random_key())
+            let error = recover_as_a_stranger(&address, &recovery.locator, &random_key())
                 .await
                 .unwrap_err();
             assert_eq!(code(&error), ErrorCode::AuthenticationFailed);
         }
-        let error = recover_as_a_stranger(&address, &account, &auth_key)
+        let error = recover_as_a_stranger(&address, &recovery.locator, &recovery.auth_key)
             .await
             .unwrap_err();
         assert_eq!(code(&error), ErrorCode::RateLimited);
-        (keys, account)
+        keys
     });
 
     let (data, listen) = server.kill9();
     let _server = Server::start(&data, &listen.to_string(), &[]);
     runtime.block_on(async {
-        let error = recover_as_a_stranger(&address, &account, &auth_key)
+        let error = recover_as_a_stranger(&address, &recovery.locator, &recovery.auth_key)
             .await
             .unwrap_err();
         assert_eq!(
@@ -1545,7 +1674,7 @@ fn five_wrong_recovery_keys_lock_the_account_even_against_the_right_one_across_a
             "the count was forgotten"
         );
 
-        // A device of the account that sets the bundle again starts the count afresh.
+        // The identity key's device, setting the bundle again, starts the count afresh.
         let mut phone = Connection::open(&address, None).await.unwrap();
         let (sha, nonce) = phone.challenge();
         let signature = keys.sign_auth(sha, nonce);
@@ -1561,13 +1690,10 @@ fn five_wrong_recovery_keys_lock_the_account_even_against_the_right_one_across_a
             Ok(Reply::Authenticated(_))
         ));
         let id = phone
-            .send(set_recovery(&verifier_of(&auth_key), b"sealed again"))
+            .send(recovery.set(&keys, b"sealed again"))
             .await
             .unwrap();
         assert!(matches!(answer(&mut phone, id).await, Ok(Reply::Done(_))));
-        match recover_as_a_stranger(&address, &account, &auth_key).await {
-            Ok(Reply::RecoveryBundle(granted)) => assert_eq!(granted.bundle, b"sealed again"),
-            other => panic!("expected the recovery bundle, got {other:?}"),
-        }
+        assert_eq!(bundle_at(&address, &recovery).await, b"sealed again");
     });
 }

@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::Error;
 use crate::vault::DatabaseKey;
 
-pub(crate) const SCHEMA_VERSION: i64 = 8;
+pub(crate) const SCHEMA_VERSION: i64 = 9;
 
 const SCHEMA: &str = "
 CREATE TABLE account (
@@ -295,6 +295,32 @@ ALTER TABLE contacts ADD COLUMN intro_proof BLOB;
 ALTER TABLE devices ADD COLUMN revocation BLOB;
 ";
 
+/// Version 9: incremental backups. The keys of rows a backup holds that changed since the last
+/// backup, noted by the triggers `history::track_changes` makes once `backup_tracking` is set
+/// (at the first backup), and the chain of backup segments this device last stored on the
+/// server: how many, the last one's blob and digest (the next is bound to it), the sizes of the
+/// whole segment and of the changes after it, and the schema they follow.
+const MIGRATION_9: &str = "
+CREATE TABLE backup_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    table_name TEXT NOT NULL,
+    -- The row's primary key, of one or two columns ('' for the second of one), as stored.
+    key_1,
+    key_2 NOT NULL DEFAULT '',
+    UNIQUE (table_name, key_1, key_2)
+);
+ALTER TABLE account ADD COLUMN backup_tracking INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE backup_chain (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    segments INTEGER NOT NULL,
+    last_blob BLOB NOT NULL,
+    last_digest BLOB NOT NULL,
+    whole_size INTEGER NOT NULL,
+    changes_size INTEGER NOT NULL,
+    schema INTEGER NOT NULL
+);
+";
+
 /// Opens (or creates) the profile database, encrypted with `key`. A wrong key is reported as
 /// [`Error::Locked`].
 pub(crate) fn open(path: &Path, key: &DatabaseKey) -> Result<Connection, Error> {
@@ -310,10 +336,13 @@ pub(crate) fn configure(connection: &mut Connection) -> Result<(), Error> {
     connection.pragma_update(None, "synchronous", "FULL")?;
     connection.pragma_update(None, "foreign_keys", true)?;
     connection.pragma_update(None, "secure_delete", true)?;
+    // A row that INSERT OR REPLACE removes for a unique column other than its key fires its
+    // delete triggers, so that backups learn it went.
+    connection.pragma_update(None, "recursive_triggers", true)?;
     connection.busy_timeout(std::time::Duration::from_secs(5))?;
     let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     match version {
-        0..=7 => {
+        0..=8 => {
             let transaction = connection.transaction()?;
             if version == 0 {
                 transaction.execute_batch(SCHEMA)?;
@@ -336,7 +365,12 @@ pub(crate) fn configure(connection: &mut Connection) -> Result<(), Error> {
             if version < 7 {
                 transaction.execute_batch(MIGRATION_7)?;
             }
-            transaction.execute_batch(MIGRATION_8)?;
+            if version < 8 {
+                transaction.execute_batch(MIGRATION_8)?;
+            }
+            transaction.execute_batch(MIGRATION_9)?;
+            // After every migration: the tables and columns may have changed.
+            crate::history::track_changes(&transaction)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             transaction.commit()?;
         }
@@ -504,5 +538,23 @@ mod tests {
                 [],
             )
             .unwrap();
+        // Changes are noted for backups once the account starts making them.
+        connection
+            .execute_batch(
+                "INSERT INTO account (id, server, name, identity_secret, device_secret)
+                     VALUES (1, 'server', 'me', x'', x'');
+                 UPDATE contacts SET name = 'robert';
+                 UPDATE account SET backup_tracking = 1;
+                 UPDATE contacts SET name = 'bobby';",
+            )
+            .unwrap();
+        let noted: Vec<(String, String)> = connection
+            .prepare("SELECT table_name, key_1 FROM backup_changes")
+            .unwrap()
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(noted, [("contacts".to_string(), "a".to_string())]);
     }
 }

@@ -107,6 +107,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Something this client should never do; please report it.
+    #[error("bug: {0}")]
+    Bug(String),
 }
 
 impl Error {

@@ -113,6 +113,20 @@ impl AccountKeys {
             .to_bytes())
     }
 
+    /// The identity key's signature setting the account's recovery bundle (its verifier,
+    /// locator and sealed bundle), so that no other device of the account can replace it.
+    pub fn sign_recovery(
+        &self,
+        verifier: &[u8; 32],
+        locator: &[u8; 32],
+        bundle: &[u8],
+    ) -> Result<[u8; 64], IdentityError> {
+        Ok(self
+            .identity()?
+            .sign(&cert::recovery_payload(verifier, locator, bundle))
+            .to_bytes())
+    }
+
     /// Rebuilds the keys from their stored secret halves.
     pub fn from_secrets(identity: &[u8], device: &[u8]) -> Result<Self, IdentityError> {
         let identity: &[u8; 32] = identity.try_into().map_err(|_| IdentityError::Malformed)?;
@@ -208,6 +222,7 @@ mod tests {
             Err(IdentityError::NoIdentity)
         ));
         assert!(linked.sign_revocation(&certificate.device_id()).is_err());
+        assert!(linked.sign_recovery(&[1; 32], &[2; 32], b"sealed").is_err());
         // Another key cannot wear this certificate.
         let other = SigningKey::generate(&mut rand::rngs::OsRng);
         assert!(matches!(
@@ -220,6 +235,38 @@ mod tests {
             certificate.identity_key(),
             &certificate.device_id(),
             &signature
+        ));
+        // So does its recovery bundle's, and only over what it signed.
+        let signature = account
+            .sign_recovery(&[1; 32], &[2; 32], b"sealed")
+            .unwrap();
+        let identity_key = certificate.identity_key();
+        assert!(cert::verify_recovery(
+            identity_key,
+            &[1; 32],
+            &[2; 32],
+            b"sealed",
+            &signature
+        ));
+        for (verifier, locator, bundle) in [
+            ([9; 32], [2; 32], b"sealed".as_slice()),
+            ([1; 32], [9; 32], b"sealed"),
+            ([1; 32], [2; 32], b"spoilt"),
+        ] {
+            assert!(!cert::verify_recovery(
+                identity_key,
+                &verifier,
+                &locator,
+                bundle,
+                &signature
+            ));
+        }
+        assert!(!cert::verify_recovery(
+            identity_key,
+            &[1; 32],
+            &[2; 32],
+            b"sealed",
+            &signature[..63]
         ));
     }
 }

@@ -4,10 +4,19 @@
 //! user as text that also names the account. From it (and, if the user chose one, a recovery
 //! passphrase) come three keys by HKDF-SHA256 (RFC 5869): one the server checks before it hands
 //! out the recovery bundle (it stores only SHA-256 of it), one that seals the bundle (the
-//! identity key and the account's name), and one that seals backups. A passphrase is first
+//! identity key and the account's name), and one that seals backups. From the key alone comes
+//! the bundle's *locator*, under which the server keeps it: without the key nobody can ask for
+//! the bundle, let alone spend the account's few wrong tries. A passphrase is first
 //! stretched with Argon2id (64 MiB, 3 passes) salted with the recovery key, so that the key
 //! alone does not open the account. Every sealed item carries a random 32-byte salt from which
 //! its own file key is derived, so a key never seals two plaintexts.
+//!
+//! A backup is a chain of segments: a whole history, then changes. Each segment's key also
+//! depends on where it sits in its chain (its index and the digest of the segment before it),
+//! so a segment opens only in its own place: a server cannot reorder segments, swap one for
+//! another or leave one out of the middle without the restore failing. It can still hand out
+//! fewer segments from the end, or an older chain, which only a client remembering the chain
+//! would notice.
 
 use hmac::{Hmac, Mac};
 use miyu_proto::AccountId;
@@ -22,6 +31,10 @@ const TEXT_PREFIX: &str = "miyu-recovery:";
 const SALT_LEN: usize = 32;
 /// Salt and the plaintext's length.
 const HEADER_LEN: usize = SALT_LEN + 8;
+/// What the recovery bundle's locator is derived under (see [`RecoveryKey::locator`]).
+const LOCATOR_LABEL: &[u8] = b"miyu recovery locator v1";
+/// What a backup segment's place in its chain is bound under (see [`ChainLink`]).
+const SEGMENT_LABEL: &[u8] = b"miyu backup segment v1";
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -99,6 +112,18 @@ impl RecoveryKey {
             .map_err(|_| RecoveryError::BadText("the key has the wrong length"))?;
         Ok((account, Self(key)))
     }
+
+    /// Where the server keeps the account's recovery bundle: derived from the key alone, not
+    /// the passphrase, so that only whoever holds the key can even ask for the bundle (and
+    /// spend the account's wrong tries).
+    pub fn locator(&self, account: &AccountId) -> [u8; 32] {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, account.as_bytes()).extract(&self.0);
+        let mut locator = [0u8; 32];
+        prk.expand(&[LOCATOR_LABEL], Len(32))
+            .and_then(|okm| okm.fill(&mut locator))
+            .expect("HKDF-SHA256 gives 32 bytes");
+        locator
+    }
 }
 
 /// The keys a recovery key (and passphrase) give for one account.
@@ -162,11 +187,11 @@ impl RecoverySecrets {
     }
 
     pub fn seal_bundle(&self, plaintext: &[u8]) -> Result<Vec<u8>, RecoveryError> {
-        seal(&self.bundle, plaintext)
+        seal(&self.bundle, plaintext, &[])
     }
 
     pub fn open_bundle(&self, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, RecoveryError> {
-        open(&self.bundle, sealed)
+        open(&self.bundle, sealed, &[]).map(|(plaintext, _)| plaintext)
     }
 
     /// The key backups are sealed under, kept by the device that makes them (the passphrase,
@@ -174,14 +199,54 @@ impl RecoverySecrets {
     pub fn backup_key(&self) -> BackupKey {
         BackupKey(self.backup.clone())
     }
+}
 
-    pub fn seal_backup(&self, plaintext: &[u8]) -> Result<Vec<u8>, RecoveryError> {
-        self.backup_key().seal(plaintext)
+/// Where a backup segment sits in its chain: the first (a whole history) has index 0 and no
+/// segment before it, each later one the next index and the digest of the one before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainLink {
+    pub index: u32,
+    /// [`SealedSegment::digest`] of the segment before; zeros before the first.
+    pub previous: [u8; 32],
+}
+
+impl ChainLink {
+    /// The place of a chain's first segment.
+    pub const FIRST: Self = Self {
+        index: 0,
+        previous: [0; 32],
+    };
+
+    /// The place right after the segment at this place whose digest is `digest`.
+    pub fn next(&self, digest: [u8; 32]) -> Option<Self> {
+        Some(Self {
+            index: self.index.checked_add(1)?,
+            previous: digest,
+        })
     }
 
-    pub fn open_backup(&self, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, RecoveryError> {
-        self.backup_key().open(blob)
+    /// What the segment's item key is bound to besides its salt.
+    fn context(&self) -> Vec<u8> {
+        [
+            SEGMENT_LABEL,
+            &self.index.to_be_bytes(),
+            self.previous.as_slice(),
+        ]
+        .concat()
     }
+}
+
+/// A backup segment ready to upload, and the digest the next segment is bound to.
+pub struct SealedSegment {
+    pub blob: Vec<u8>,
+    /// SHA-256 of the sealed item without its padding: salt, length and ciphertext.
+    pub digest: [u8; 32],
+}
+
+/// A backup segment opened at its place, and its digest.
+pub struct OpenedSegment {
+    pub plaintext: Zeroizing<Vec<u8>>,
+    pub digest: [u8; 32],
 }
 
 /// The key an account's backups are sealed under.
@@ -196,14 +261,31 @@ impl BackupKey {
         &self.0
     }
 
-    /// Seals a backup: the blob to upload.
-    pub fn seal(&self, plaintext: &[u8]) -> Result<Vec<u8>, RecoveryError> {
-        seal(&self.0, plaintext)
+    /// Seals one segment of a backup for its place in the chain: the blob to upload.
+    pub fn seal_segment(
+        &self,
+        plaintext: &[u8],
+        link: &ChainLink,
+    ) -> Result<SealedSegment, RecoveryError> {
+        let blob = seal(&self.0, plaintext, &link.context())?;
+        let end = usize::try_from(sealed_len(plaintext.len() as u64)?)
+            .map_err(|_| RecoveryError::Derive)?;
+        let digest = Sha256::digest(blob.get(..end).ok_or(RecoveryError::Derive)?).into();
+        Ok(SealedSegment { blob, digest })
     }
 
-    /// Opens a backup from its blob, or from the first [`sealed_len`] bytes of it.
-    pub fn open(&self, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>, RecoveryError> {
-        open(&self.0, blob)
+    /// Opens a segment from its blob, or from the first [`sealed_len`] bytes of it, if it was
+    /// sealed for exactly this place in the chain.
+    pub fn open_segment(
+        &self,
+        blob: &[u8],
+        link: &ChainLink,
+    ) -> Result<OpenedSegment, RecoveryError> {
+        let (plaintext, item) = open(&self.0, blob, &link.context())?;
+        Ok(OpenedSegment {
+            plaintext,
+            digest: Sha256::digest(item).into(),
+        })
     }
 }
 
@@ -214,20 +296,23 @@ pub fn sealed_len(size: u64) -> Result<u64, RecoveryError> {
     Ok(HEADER_LEN as u64 + layout.ciphertext_len())
 }
 
-fn item_key(key: &[u8; 32], salt: &[u8]) -> FileKey {
+/// HMAC-SHA256(key, salt ‖ context): the salt has a fixed length, so the two never run into
+/// each other.
+fn item_key(key: &[u8; 32], salt: &[u8], context: &[u8]) -> FileKey {
     let mut mac =
         <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes a key of any length");
     mac.update(salt);
+    mac.update(context);
     FileKey::from_bytes(mac.finalize().into_bytes().into())
 }
 
 /// Salt, then the plaintext's length (8 bytes, big endian), then the file-sealed plaintext
-/// with its padding.
-fn seal(key: &[u8; 32], plaintext: &[u8]) -> Result<Vec<u8>, RecoveryError> {
+/// with its padding. The item opens only with the same `context`.
+fn seal(key: &[u8; 32], plaintext: &[u8], context: &[u8]) -> Result<Vec<u8>, RecoveryError> {
     let mut salt = [0u8; SALT_LEN];
     rand::rngs::OsRng.fill_bytes(&mut salt);
-    let sealed =
-        file::seal_all(&item_key(key, &salt), plaintext).map_err(|_| RecoveryError::Derive)?;
+    let sealed = file::seal_all(&item_key(key, &salt, context), plaintext)
+        .map_err(|_| RecoveryError::Derive)?;
     Ok([
         salt.as_slice(),
         &(plaintext.len() as u64).to_be_bytes(),
@@ -236,17 +321,26 @@ fn seal(key: &[u8; 32], plaintext: &[u8]) -> Result<Vec<u8>, RecoveryError> {
     .concat())
 }
 
-fn open(key: &[u8; 32], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, RecoveryError> {
+/// The plaintext, and the sealed item it came from without its padding.
+fn open<'a>(
+    key: &[u8; 32],
+    sealed: &'a [u8],
+    context: &[u8],
+) -> Result<(Zeroizing<Vec<u8>>, &'a [u8]), RecoveryError> {
     let (header, ciphertext) = sealed
         .split_at_checked(HEADER_LEN)
         .ok_or(RecoveryError::Open)?;
     let (salt, length) = header.split_at(SALT_LEN);
     let length = u64::from_be_bytes(length.try_into().map_err(|_| RecoveryError::Open)?);
-    let end = (sealed_len(length)? as usize).saturating_sub(HEADER_LEN);
-    let ciphertext = ciphertext.get(..end).ok_or(RecoveryError::Open)?;
-    file::open_all(&item_key(key, salt), length, ciphertext)
+    let end = usize::try_from(sealed_len(length)?).map_err(|_| RecoveryError::Open)?;
+    let item = sealed.get(..end).ok_or(RecoveryError::Open)?;
+    let ciphertext = ciphertext
+        .get(..end.saturating_sub(HEADER_LEN))
+        .ok_or(RecoveryError::Open)?;
+    let plaintext = file::open_all(&item_key(key, salt, context), length, ciphertext)
         .map(Zeroizing::new)
-        .map_err(|_| RecoveryError::Open)
+        .map_err(|_| RecoveryError::Open)?;
+    Ok((plaintext, item))
 }
 
 #[cfg(test)]
@@ -297,24 +391,124 @@ mod tests {
     }
 
     #[test]
-    fn a_backup_opens_from_its_blob_or_its_announced_start() {
+    fn the_locator_comes_from_the_key_and_account_alone() {
+        let key = RecoveryKey::generate();
+        let locator = key.locator(&account());
+        // The same key finds the same bundle again; no passphrase goes into it, so a key whose
+        // passphrase is forgotten still finds the bundle (and a wrong one counts as a try).
+        assert_eq!(
+            RecoveryKey::from_bytes(*key.as_bytes()).locator(&account()),
+            locator
+        );
+        assert_ne!(RecoveryKey::generate().locator(&account()), locator);
+        assert_ne!(
+            key.locator(&AccountId::from_identity_key(&[6; 32])),
+            locator
+        );
+        // Nor is it any key the server could use: neither the key it checks nor its hash.
+        for passphrase in [None, Some("a passphrase")] {
+            let secrets = RecoverySecrets::derive(&key, passphrase, &account()).unwrap();
+            assert_ne!(secrets.auth_key(), &locator);
+            assert_ne!(secrets.verifier(), locator);
+        }
+        assert_ne!(&locator, key.as_bytes());
+    }
+
+    #[test]
+    fn a_backup_segment_opens_from_its_blob_or_its_announced_start() {
         let key = RecoveryKey::generate();
         let secrets = RecoverySecrets::derive(&key, Some("second factor"), &account()).unwrap();
+        let backup = secrets.backup_key();
         let history: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-        let blob = secrets.seal_backup(&history).unwrap();
-        assert_eq!(
-            secrets.open_backup(&blob).unwrap().as_slice(),
-            history.as_slice()
-        );
+        let sealed = backup.seal_segment(&history, &ChainLink::FIRST).unwrap();
+        let opened = backup
+            .open_segment(&sealed.blob, &ChainLink::FIRST)
+            .unwrap();
+        assert_eq!(opened.plaintext.as_slice(), history.as_slice());
+        assert_eq!(opened.digest, sealed.digest);
         let start = sealed_len(history.len() as u64).unwrap() as usize;
+        assert!(sealed.blob.len() > start, "the blob is padded");
         assert_eq!(
-            secrets.open_backup(&blob[..start]).unwrap().as_slice(),
-            history.as_slice()
+            sealed.digest,
+            <[u8; 32]>::from(Sha256::digest(&sealed.blob[..start])),
+            "the digest leaves the padding out"
         );
-        assert!(secrets.open_backup(&blob[..start - 1]).is_err());
+        let from_start = backup
+            .open_segment(&sealed.blob[..start], &ChainLink::FIRST)
+            .unwrap();
+        assert_eq!(from_start.plaintext.as_slice(), history.as_slice());
+        assert_eq!(from_start.digest, sealed.digest);
         assert!(
-            secrets.open_bundle(&blob).is_err(),
+            backup
+                .open_segment(&sealed.blob[..start - 1], &ChainLink::FIRST)
+                .is_err()
+        );
+        assert!(
+            secrets.open_bundle(&sealed.blob).is_err(),
             "a backup is not a bundle"
+        );
+        let other = RecoverySecrets::derive(&key, None, &account()).unwrap();
+        assert!(
+            other
+                .backup_key()
+                .open_segment(&sealed.blob, &ChainLink::FIRST)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_segment_opens_only_at_its_place_in_the_chain() {
+        let backup = RecoverySecrets::derive(&RecoveryKey::generate(), None, &account())
+            .unwrap()
+            .backup_key();
+        let first = backup
+            .seal_segment(b"everything", &ChainLink::FIRST)
+            .unwrap();
+        let second_link = ChainLink::FIRST.next(first.digest).unwrap();
+        let second = backup.seal_segment(b"what changed", &second_link).unwrap();
+        let third_link = second_link.next(second.digest).unwrap();
+        assert_eq!(third_link.index, 2);
+        let third = backup.seal_segment(b"more changes", &third_link).unwrap();
+
+        // In order, each opens and gives the digest the next one is bound to.
+        let mut link = ChainLink::FIRST;
+        for (segment, plaintext) in [
+            (&first, b"everything".as_slice()),
+            (&second, b"what changed"),
+            (&third, b"more changes"),
+        ] {
+            let opened = backup.open_segment(&segment.blob, &link).unwrap();
+            assert_eq!(opened.plaintext.as_slice(), plaintext);
+            link = link.next(opened.digest).unwrap();
+        }
+        // Out of order, in another chain's place or after a segment left out: none opens.
+        let other_first = backup
+            .seal_segment(b"everything", &ChainLink::FIRST)
+            .unwrap();
+        assert_ne!(other_first.digest, first.digest);
+        for (segment, link) in [
+            (&second, ChainLink::FIRST),
+            (&third, second_link),
+            (&first, second_link),
+            (&second, ChainLink::FIRST.next(other_first.digest).unwrap()),
+            (&third, ChainLink::FIRST.next(first.digest).unwrap()),
+            (
+                &second,
+                ChainLink {
+                    index: 2,
+                    previous: first.digest,
+                },
+            ),
+        ] {
+            assert!(backup.open_segment(&segment.blob, &link).is_err());
+        }
+        assert_eq!(
+            ChainLink {
+                index: u32::MAX,
+                previous: [0; 32]
+            }
+            .next([1; 32]),
+            None
         );
     }
 }

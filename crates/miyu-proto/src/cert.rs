@@ -15,6 +15,8 @@ pub const AUTH_CONTEXT: &[u8] = b"miyu auth v1";
 pub const GROUP_POST_CONTEXT: &[u8] = b"miyu group post v1";
 /// Domain separation for an identity key revoking one of its devices.
 pub const REVOKE_CONTEXT: &[u8] = b"miyu revoke device v1";
+/// Domain separation for an identity key setting its account's recovery bundle.
+pub const RECOVERY_CONTEXT: &[u8] = b"miyu set recovery v1";
 /// Bytes of a certificate in its compact form: identity key, device key, signature.
 pub const CERTIFICATE_LEN: usize = 32 + 32 + 64;
 
@@ -93,6 +95,33 @@ pub fn verify_revocation(
     };
     key.verify_strict(
         &revoke_payload(device_id),
+        &Signature::from_bytes(&signature),
+    )
+    .is_ok()
+}
+
+/// The bytes an account's identity key signs to set the account's recovery bundle: the
+/// verifier and the locator (32 bytes each), then the sealed bundle.
+pub fn recovery_payload(verifier: &[u8; 32], locator: &[u8; 32], bundle: &[u8]) -> Vec<u8> {
+    [RECOVERY_CONTEXT, verifier, locator, bundle].concat()
+}
+
+/// Checks an identity key's signature setting a recovery bundle.
+pub fn verify_recovery(
+    identity_key: &[u8; 32],
+    verifier: &[u8; 32],
+    locator: &[u8; 32],
+    bundle: &[u8],
+    signature: &[u8],
+) -> bool {
+    let Ok(key) = VerifyingKey::from_bytes(identity_key) else {
+        return false;
+    };
+    let Ok(signature) = <[u8; 64]>::try_from(signature) else {
+        return false;
+    };
+    key.verify_strict(
+        &recovery_payload(verifier, locator, bundle),
         &Signature::from_bytes(&signature),
     )
     .is_ok()

@@ -26,7 +26,9 @@ use tokio::sync::{mpsc, watch};
 use crate::hub::{Hub, Mailbox, PushedEntry};
 use crate::limits::TokenBucket;
 use crate::store::worker::StoreHandle;
-use crate::store::{EntryKind, NewCommit, NewDevice, NewGroup, Recovery, StoreError};
+use crate::store::{
+    BackupSegment, EntryKind, NewCommit, NewDevice, NewGroup, NewRecovery, Recovery, StoreError,
+};
 
 /// Frames waiting to be written to one connection.
 const OUTBOUND_DEPTH: usize = 256;
@@ -1153,35 +1155,59 @@ impl Session {
                 let Ok(verifier) = <[u8; 32]>::try_from(set.verifier.as_slice()) else {
                     return self.invalid(id, "a recovery verifier is 32 bytes").await;
                 };
+                let Ok(locator) = <[u8; 32]>::try_from(set.locator.as_slice()) else {
+                    return self.invalid(id, "a recovery locator is 32 bytes").await;
+                };
+                if set.signature.len() != 64 {
+                    return self.invalid(id, "a recovery signature is 64 bytes").await;
+                }
                 if set.bundle.is_empty() || set.bundle.len() > MAX_RECOVERY_BUNDLE {
                     return self
                         .invalid(id, "a recovery bundle is 1 to 4,096 bytes")
                         .await;
                 }
-                let account = context.account;
-                let pending = store.submit(move |store| {
-                    still_registered(store, &device)?;
-                    store.set_recovery(&account, verifier, set.bundle)
-                });
+                let recovery = NewRecovery {
+                    verifier,
+                    locator,
+                    bundle: set.bundle,
+                    signature: set.signature,
+                };
+                // The store checks that the device is still registered and that the account's
+                // identity key signed the bundle.
+                let pending = store.submit(move |store| store.set_recovery(&device, recovery));
                 self.answer(context, pending.await, |()| Reply::Done(wire::Done {}));
             }
             Request::SetBackup(set) => {
                 let Ok(blob_id) = <[u8; 32]>::try_from(set.blob_id.as_slice()) else {
                     return self.invalid(id, "a blob id is 32 bytes").await;
                 };
+                let append_after = if set.append_after.is_empty() {
+                    None
+                } else {
+                    let Ok(after) = <[u8; 32]>::try_from(set.append_after.as_slice()) else {
+                        return self
+                            .invalid(id, "append_after is empty or a 32-byte blob id")
+                            .await;
+                    };
+                    Some(after)
+                };
                 if set.size > MAX_BACKUP_SIZE {
                     return self.invalid(id, "a backup is at most 4 GiB").await;
                 }
                 let account = context.account;
                 let shared = Arc::clone(&self.shared);
+                let segment = BackupSegment {
+                    blob_id,
+                    size: set.size,
+                };
                 let pending = store.submit(move |store| {
                     still_registered(store, &device)?;
-                    store.set_backup(&account, &blob_id, set.size, now)
+                    store.set_backup(&account, segment, append_after.as_ref(), now)
                 });
-                // The replaced backup's file goes before the answer, as its row did; should
-                // removing it fail, the sweep removes it as an orphan.
+                // The replaced segments' files go before the answer, as their rows did; should
+                // removing one fail, the sweep removes it as an orphan.
                 let pending = pending.await.map(|named| async move {
-                    if let Some(replaced) = named.await? {
+                    for replaced in named.await? {
                         shared.blobs.remove_file(replaced).await;
                     }
                     Ok(())
@@ -1329,8 +1355,8 @@ impl Session {
     /// Hands out an account's recovery bundle against the key derived from its recovery key,
     /// on a connection that may not have authenticated.
     async fn recover(&mut self, id: u64, recover: wire::Recover) {
-        let Ok(account) = AccountId::from_bytes(&recover.account_id) else {
-            return self.invalid(id, "an account id is 16 bytes").await;
+        let Ok(locator) = <[u8; 32]>::try_from(recover.locator.as_slice()) else {
+            return self.invalid(id, "a recovery locator is 32 bytes").await;
         };
         let Ok(auth_key) = <[u8; 32]>::try_from(recover.auth_key.as_slice()) else {
             return self
@@ -1350,21 +1376,22 @@ impl Session {
         let pending = self
             .shared
             .store
-            .submit(move |store| store.recover(&account, &auth_key, now))
+            .submit(move |store| store.recover(&locator, &auth_key, now))
             .await;
         // A wrong key is counted in the store, durably, before it is answered: failing it as a
         // store error would undo the count.
         self.answer_to(id, pending, |recovery| match recovery {
-            Recovery::Granted(granted) => {
-                let (backup_blob, backup_size) = granted.backup.map_or((Vec::new(), 0), |backup| {
-                    (backup.blob_id.to_vec(), backup.size)
-                });
-                Reply::RecoveryBundle(wire::RecoveryBundle {
-                    bundle: granted.bundle,
-                    backup_blob,
-                    backup_size,
-                })
-            }
+            Recovery::Granted(granted) => Reply::RecoveryBundle(wire::RecoveryBundle {
+                bundle: granted.bundle,
+                backup: granted
+                    .backup
+                    .into_iter()
+                    .map(|segment| wire::BackupSegment {
+                        blob_id: segment.blob_id.to_vec(),
+                        size: segment.size,
+                    })
+                    .collect(),
+            }),
             Recovery::WrongKey => error_reply(
                 ErrorCode::AuthenticationFailed,
                 "wrong recovery key; the attempt was counted",

@@ -6,9 +6,9 @@ use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 use super::memory::MemoryStore;
 use super::sqlite::SqliteStore;
 use super::{
-    Backup, BlobId, BlobRecord, ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated,
-    InboxEntry, LogEntry, Membership, NewBlob, NewCommit, NewDevice, NewGroup, Recovery,
-    RecoveryBundle, Store, StoreError,
+    BackupSegment, BlobId, BlobRecord, ClaimedKeyPackage, DeviceRecord, EntryKind, GroupCreated,
+    InboxEntry, LogEntry, MAX_BACKUP_SEGMENTS, Membership, NewBlob, NewCommit, NewDevice, NewGroup,
+    NewRecovery, Recovery, RecoveryBundle, Store, StoreError,
 };
 
 macro_rules! conformance_suite {
@@ -109,14 +109,19 @@ conformance_suite! {
     own_devices_are_added_to_groups_without_a_grant
     an_account_blob_is_seen_by_the_accounts_registered_devices_only
     account_blobs_count_against_the_quota_expire_and_go_with_the_account
-    a_recovery_bundle_is_handed_out_for_the_right_key_and_replaced_by_the_next
-    wrong_recovery_keys_lock_the_account_for_a_day_even_against_the_right_key
+    a_recovery_bundle_is_found_by_its_locator_for_the_right_key_and_replaced_by_the_next
+    only_the_accounts_identity_key_sets_its_recovery_bundle
+    wrong_recovery_keys_lock_the_bundle_for_a_day_even_against_the_right_key
     setting_the_recovery_again_forgets_the_failures
-    recovering_an_unknown_account_or_one_without_a_bundle_is_not_found
+    recovering_at_an_unknown_locator_is_not_found_and_counts_nothing
     a_backup_is_a_finished_unexpired_blob_of_the_account_and_of_no_group
     naming_another_backup_deletes_the_one_before
     the_backup_outlives_its_expiry_while_it_is_named
     recovery_and_backup_go_with_the_account
+    segments_are_appended_in_order_after_the_last_one_named
+    a_whole_backup_replaces_the_chain_and_deletes_its_segments
+    a_backup_holds_at_most_64_segments
+    every_segment_outlives_its_expiry_and_goes_with_the_account
 }
 
 /// What the suite needs beyond the contract: a state that no operation reaches yet.
@@ -2485,75 +2490,182 @@ fn account_blobs_count_against_the_quota_expire_and_go_with_the_account(
 // Recovery and backups
 // ---------------------------------------------------------------------------------------------
 
-/// The key a client derives from recovery key `number` for `recover`.
-fn auth_key(number: u8) -> [u8; 32] {
-    [number; 32]
+/// Registers device `number` of the account of identity `number`, with a certificate naming
+/// that identity key so that the account's signatures check out; returns the account.
+fn register_owner(store: &mut dyn Store, number: u8) -> Result<AccountId, StoreError> {
+    store.register_device(device_of(&identity(number), number))?;
+    Ok(account_of_identity(&identity(number)))
 }
 
-/// What `set_recovery` stores for recovery key `number`.
-fn verifier(number: u8) -> [u8; 32] {
+/// The key a client derives from recovery key `key` for `recover`.
+fn auth_key(key: u8) -> [u8; 32] {
+    [key; 32]
+}
+
+/// What `set_recovery` stores for recovery key `key`.
+fn verifier(key: u8) -> [u8; 32] {
     use sha2::{Digest, Sha256};
-    Sha256::digest(auth_key(number)).into()
+    Sha256::digest(auth_key(key)).into()
 }
 
-fn granted(
-    store: &mut dyn Store,
-    account_id: &AccountId,
-    key: u8,
-    now: u64,
-) -> Result<RecoveryBundle, StoreError> {
-    match store.recover(account_id, &auth_key(key), now)? {
+/// Where recovery key `key` finds its bundle.
+fn locator(key: u8) -> [u8; 32] {
+    [key.wrapping_add(100); 32]
+}
+
+/// Recovery key `key` with `bundle`, signed by `identity`.
+fn recovery(identity: &ed25519_dalek::SigningKey, key: u8, bundle: &[u8]) -> NewRecovery {
+    use ed25519_dalek::Signer;
+    let payload = miyu_proto::cert::recovery_payload(&verifier(key), &locator(key), bundle);
+    NewRecovery {
+        verifier: verifier(key),
+        locator: locator(key),
+        bundle: bundle.to_vec(),
+        signature: identity.sign(&payload).to_bytes().to_vec(),
+    }
+}
+
+/// Device `owner` of the account of identity `owner` sets up recovery key `key`.
+fn set_recovery(store: &mut dyn Store, owner: u8, key: u8, bundle: &[u8]) -> Outcome {
+    store.set_recovery(&device(owner), recovery(&identity(owner), key, bundle))
+}
+
+fn granted(store: &mut dyn Store, key: u8, now: u64) -> Result<RecoveryBundle, StoreError> {
+    match store.recover(&locator(key), &auth_key(key), now)? {
         Recovery::Granted(bundle) => Ok(bundle),
         other => panic!("expected the bundle, got {other:?}"),
     }
 }
 
-/// A finished blob of account 1, uploaded by device 1, that expires in 30 days.
+/// A finished blob of owner 1's account, uploaded by its device 1, that expires in 30 days.
 fn finished_account_blob(store: &mut dyn Store, number: u8, size: u64) -> Outcome {
     store.create_blob(account_blob(number, device(1), size), QUOTA)?;
     store.set_blob_length(&blob_id(number), &device(1), size)
 }
 
-fn a_recovery_bundle_is_handed_out_for_the_right_key_and_replaced_by_the_next(
+fn a_recovery_bundle_is_found_by_its_locator_for_the_right_key_and_replaced_by_the_next(
     store: &mut dyn Store,
 ) -> Outcome {
-    register(store, &[1])?;
-    store.set_recovery(&account(1), verifier(1), b"sealed 1".to_vec())?;
+    register_owner(store, 1)?;
+    register_owner(store, 2)?;
+    set_recovery(store, 1, 1, b"sealed 1")?;
     store.commit()?;
     assert_eq!(
-        granted(store, &account(1), 1, NOW)?,
+        granted(store, 1, NOW)?,
         RecoveryBundle {
             bundle: b"sealed 1".to_vec(),
-            backup: None
+            backup: Vec::new()
         }
     );
     // A right key counts no failure: it can be used again and again.
     for _ in 0..10 {
-        assert_eq!(granted(store, &account(1), 1, NOW)?.bundle, b"sealed 1");
+        assert_eq!(granted(store, 1, NOW)?.bundle, b"sealed 1");
     }
+    // The right key at another locator finds nothing.
+    assert!(matches!(
+        store.recover(&locator(2), &auth_key(1), NOW),
+        Err(StoreError::NotFound)
+    ));
 
-    store.set_recovery(&account(1), verifier(2), b"sealed 2".to_vec())?;
+    // A new recovery key replaces the bundle, its verifier and its locator.
+    set_recovery(store, 1, 2, b"sealed 2")?;
     store.commit()?;
+    assert!(matches!(
+        store.recover(&locator(1), &auth_key(1), NOW),
+        Err(StoreError::NotFound)
+    ));
     assert_eq!(
-        store.recover(&account(1), &auth_key(1), NOW)?,
+        store.recover(&locator(2), &auth_key(1), NOW)?,
         Recovery::WrongKey
     );
-    assert_eq!(granted(store, &account(1), 2, NOW)?.bundle, b"sealed 2");
+    assert_eq!(granted(store, 2, NOW)?.bundle, b"sealed 2");
+    // Another account cannot take a locator in use.
+    assert!(matches!(
+        set_recovery(store, 2, 2, b"sealed 3"),
+        Err(StoreError::AlreadyExists)
+    ));
+    store.commit()?;
+    assert_eq!(granted(store, 2, NOW)?.bundle, b"sealed 2");
+    Ok(())
+}
+
+fn only_the_accounts_identity_key_sets_its_recovery_bundle(store: &mut dyn Store) -> Outcome {
+    register_owner(store, 1)?;
+    // Device 4 is a device of the same account (its certificate names the identity key).
+    store.register_device(device_of(&identity(1), 4))?;
+    register_owner(store, 2)?;
+    set_recovery(store, 1, 1, b"sealed")?;
+    store.commit()?;
+    let signed = recovery(&identity(1), 1, b"sealed");
+    for (requester, spoilt) in [
+        // Another identity's signature; one over other bytes; no signature worth the name.
+        (device(1), recovery(&identity(2), 1, b"spoilt")),
+        (
+            device(1),
+            NewRecovery {
+                bundle: b"spoilt".to_vec(),
+                ..signed.clone()
+            },
+        ),
+        (
+            device(1),
+            NewRecovery {
+                locator: locator(3),
+                ..signed.clone()
+            },
+        ),
+        (
+            device(4),
+            NewRecovery {
+                signature: vec![0; 64],
+                ..recovery(&identity(1), 1, b"spoilt")
+            },
+        ),
+        (
+            device(4),
+            NewRecovery {
+                signature: vec![1, 2, 3],
+                ..recovery(&identity(1), 1, b"spoilt")
+            },
+        ),
+        // A device that is not registered, even with the right signature.
+        (device(9), recovery(&identity(1), 1, b"spoilt")),
+    ] {
+        assert!(
+            matches!(
+                store.set_recovery(&requester, spoilt),
+                Err(StoreError::AuthenticationFailed)
+            ),
+            "from {requester:?}"
+        );
+    }
+    store.commit()?;
+    assert_eq!(granted(store, 1, NOW)?.bundle, b"sealed");
+    // Any registered device of the account may carry what the identity key signed.
+    store.set_recovery(&device(4), recovery(&identity(1), 1, b"sealed again"))?;
+    store.commit()?;
+    assert_eq!(granted(store, 1, NOW)?.bundle, b"sealed again");
+    // The account's signature is its own: another account's device cannot use it.
+    assert!(matches!(
+        store.set_recovery(&device(2), recovery(&identity(1), 5, b"sealed")),
+        Err(StoreError::AuthenticationFailed)
+    ));
     Ok(())
 }
 
 /// The window opens with the first failure and ends a day after the end of its hour.
-fn wrong_recovery_keys_lock_the_account_for_a_day_even_against_the_right_key(
+fn wrong_recovery_keys_lock_the_bundle_for_a_day_even_against_the_right_key(
     store: &mut dyn Store,
 ) -> Outcome {
-    register(store, &[1, 2])?;
-    store.set_recovery(&account(1), verifier(1), b"sealed 1".to_vec())?;
-    store.set_recovery(&account(2), verifier(2), b"sealed 2".to_vec())?;
+    register_owner(store, 1)?;
+    register_owner(store, 2)?;
+    set_recovery(store, 1, 1, b"sealed 1")?;
+    set_recovery(store, 2, 2, b"sealed 2")?;
     store.commit()?;
     let first_failure = NOW + HOUR / 2;
     for attempt in 0..5 {
         assert_eq!(
-            store.recover(&account(1), &auth_key(9), first_failure + attempt)?,
+            store.recover(&locator(1), &auth_key(9), first_failure + attempt)?,
             Recovery::WrongKey
         );
         // Each failure is kept with the batch it was made in.
@@ -2562,94 +2674,117 @@ fn wrong_recovery_keys_lock_the_account_for_a_day_even_against_the_right_key(
     let window_end = NOW + HOUR + DAY;
     for key in [1, 9] {
         assert_eq!(
-            store.recover(&account(1), &auth_key(key), window_end - 1)?,
+            store.recover(&locator(1), &auth_key(key), window_end - 1)?,
             Recovery::Locked
         );
     }
-    // Another account is not held up.
-    assert_eq!(
-        granted(store, &account(2), 2, NOW + HOUR)?.bundle,
-        b"sealed 2"
-    );
+    // Another bundle is not held up.
+    assert_eq!(granted(store, 2, NOW + HOUR)?.bundle, b"sealed 2");
 
-    assert_eq!(
-        granted(store, &account(1), 1, window_end)?.bundle,
-        b"sealed 1"
-    );
+    assert_eq!(granted(store, 1, window_end)?.bundle, b"sealed 1");
     // A new window opens with the next failure, with five attempts again.
     for _ in 0..5 {
         assert_eq!(
-            store.recover(&account(1), &auth_key(9), window_end)?,
+            store.recover(&locator(1), &auth_key(9), window_end)?,
             Recovery::WrongKey
         );
     }
     store.commit()?;
     assert_eq!(
-        store.recover(&account(1), &auth_key(1), window_end + DAY)?,
+        store.recover(&locator(1), &auth_key(1), window_end + DAY)?,
         Recovery::Locked
     );
     assert_eq!(
-        granted(store, &account(1), 1, window_end + DAY + HOUR)?.bundle,
+        granted(store, 1, window_end + DAY + HOUR)?.bundle,
         b"sealed 1"
     );
     Ok(())
 }
 
 fn setting_the_recovery_again_forgets_the_failures(store: &mut dyn Store) -> Outcome {
-    register(store, &[1])?;
-    store.set_recovery(&account(1), verifier(1), b"sealed".to_vec())?;
+    register_owner(store, 1)?;
+    set_recovery(store, 1, 1, b"sealed")?;
     for _ in 0..5 {
-        store.recover(&account(1), &auth_key(9), NOW)?;
+        store.recover(&locator(1), &auth_key(9), NOW)?;
     }
     store.commit()?;
     assert_eq!(
-        store.recover(&account(1), &auth_key(1), NOW)?,
+        store.recover(&locator(1), &auth_key(1), NOW)?,
         Recovery::Locked
     );
-    store.set_recovery(&account(1), verifier(1), b"sealed again".to_vec())?;
+    set_recovery(store, 1, 1, b"sealed again")?;
     store.commit()?;
-    assert_eq!(granted(store, &account(1), 1, NOW)?.bundle, b"sealed again");
+    assert_eq!(granted(store, 1, NOW)?.bundle, b"sealed again");
     // All five attempts are back.
     for _ in 0..5 {
         assert_eq!(
-            store.recover(&account(1), &auth_key(9), NOW)?,
+            store.recover(&locator(1), &auth_key(9), NOW)?,
             Recovery::WrongKey
         );
     }
     assert_eq!(
-        store.recover(&account(1), &auth_key(1), NOW)?,
+        store.recover(&locator(1), &auth_key(1), NOW)?,
         Recovery::Locked
     );
     Ok(())
 }
 
-fn recovering_an_unknown_account_or_one_without_a_bundle_is_not_found(
+fn recovering_at_an_unknown_locator_is_not_found_and_counts_nothing(
     store: &mut dyn Store,
 ) -> Outcome {
-    register(store, &[1])?;
+    register_owner(store, 1)?;
     store.commit()?;
-    for account_id in [account(1), account(9)] {
+    for key in [1, 9] {
         for _ in 0..10 {
             assert!(matches!(
-                store.recover(&account_id, &auth_key(1), NOW),
+                store.recover(&locator(key), &auth_key(key), NOW),
                 Err(StoreError::NotFound)
             ));
         }
     }
-    // Those attempts counted nothing against a bundle set afterwards.
-    store.set_recovery(&account(1), verifier(1), b"sealed".to_vec())?;
-    for _ in 0..4 {
-        store.recover(&account(1), &auth_key(9), NOW)?;
+    set_recovery(store, 1, 1, b"sealed")?;
+    // Whoever does not know the locator cannot spend the bundle's attempts.
+    for _ in 0..10 {
+        assert!(matches!(
+            store.recover(&locator(9), &auth_key(9), NOW),
+            Err(StoreError::NotFound)
+        ));
     }
-    assert_eq!(granted(store, &account(1), 1, NOW)?.bundle, b"sealed");
+    for _ in 0..4 {
+        store.recover(&locator(1), &auth_key(9), NOW)?;
+    }
+    assert_eq!(granted(store, 1, NOW)?.bundle, b"sealed");
     Ok(())
+}
+
+/// One segment of `size` plaintext bytes in blob `number`.
+fn segment(number: u8, size: u64) -> BackupSegment {
+    BackupSegment {
+        blob_id: blob_id(number),
+        size,
+    }
+}
+
+/// The backup of the account whose bundle recovery key 1 opens, as `recover` hands it out.
+fn backup_of(store: &mut dyn Store) -> Result<Vec<BackupSegment>, StoreError> {
+    Ok(granted(store, 1, NOW)?.backup)
+}
+
+/// Owner 1's account with recovery key 1 set up.
+fn owner_with_recovery(store: &mut dyn Store) -> Result<AccountId, StoreError> {
+    let owner = register_owner(store, 1)?;
+    set_recovery(store, 1, 1, b"sealed")?;
+    Ok(owner)
 }
 
 fn a_backup_is_a_finished_unexpired_blob_of_the_account_and_of_no_group(
     store: &mut dyn Store,
 ) -> Outcome {
-    // Device 4 is a second device of account 1; devices 2 and 3 are other accounts.
-    group_of_three_and_a_second_device_of_account_1(store)?;
+    let owner = owner_with_recovery(store)?;
+    // Device 4 is a second device of the account; device 2 is another account's.
+    store.register_device(device_of(&identity(1), 4))?;
+    register_owner(store, 2)?;
+    store.create_group(new_group(1, device(1), &[]))?;
     store.create_blob(new_blob(1, device(1), group(1), 10), QUOTA)?;
     store.set_blob_length(&blob_id(1), &device(1), 10)?;
     store.create_blob(account_blob(2, device(2), 10), QUOTA)?;
@@ -2667,51 +2802,58 @@ fn a_backup_is_a_finished_unexpired_blob_of_the_account_and_of_no_group(
     // Any device of the account may have uploaded it.
     store.create_blob(account_blob(5, device(4), 10), QUOTA)?;
     store.set_blob_length(&blob_id(5), &device(4), 10)?;
+    finished_account_blob(store, 6, 10)?;
     store.commit()?;
 
-    // A group's blob, another account's, an unfinished one, an expired one, an unknown one.
+    // A group's blob, another account's, an unfinished one, an expired one, an unknown one:
+    // neither a whole backup nor a segment appended.
     for (number, now) in [(1, NOW), (2, NOW), (3, NOW), (4, NOW + HOUR), (9, NOW)] {
         assert!(
             matches!(
-                store.set_backup(&account(1), &blob_id(number), 100, now),
+                store.set_backup(&owner, segment(number, 100), None, now),
                 Err(StoreError::NotFound)
             ),
             "blob {number}"
         );
     }
-    assert_eq!(store.set_backup(&account(1), &blob_id(5), 100, NOW)?, None);
-    store.commit()?;
-    // A refused one changes nothing.
-    assert!(matches!(
-        store.set_backup(&account(1), &blob_id(3), 100, NOW),
-        Err(StoreError::NotFound)
-    ));
-    store.set_recovery(&account(1), verifier(1), b"sealed".to_vec())?;
-    assert_eq!(
-        granted(store, &account(1), 1, NOW)?.backup,
-        Some(Backup {
-            blob_id: blob_id(5),
-            size: 100
-        })
+    assert!(
+        store
+            .set_backup(&owner, segment(5, 100), None, NOW)?
+            .is_empty()
     );
+    store.commit()?;
+    for (number, now) in [(1, NOW), (2, NOW), (3, NOW), (4, NOW + HOUR), (9, NOW)] {
+        assert!(
+            matches!(
+                store.set_backup(&owner, segment(number, 100), Some(&blob_id(5)), now),
+                Err(StoreError::NotFound)
+            ),
+            "blob {number} appended"
+        );
+    }
+    // A refused one changes nothing.
+    assert_eq!(backup_of(store)?, [segment(5, 100)]);
     assert_eq!(
         store.live_blob_ids()?,
-        [1, 2, 3, 4, 5].map(blob_id).to_vec()
+        [1, 2, 3, 4, 5, 6].map(blob_id).to_vec()
     );
     Ok(())
 }
 
 fn naming_another_backup_deletes_the_one_before(store: &mut dyn Store) -> Outcome {
-    register(store, &[1])?;
-    store.set_recovery(&account(1), verifier(1), b"sealed".to_vec())?;
+    let owner = owner_with_recovery(store)?;
     for number in [1, 2] {
         finished_account_blob(store, number, 10)?;
     }
     store.commit()?;
-    assert_eq!(store.set_backup(&account(1), &blob_id(1), 100, NOW)?, None);
+    assert!(
+        store
+            .set_backup(&owner, segment(1, 100), None, NOW)?
+            .is_empty()
+    );
     assert_eq!(
-        store.set_backup(&account(1), &blob_id(2), 200, NOW)?,
-        Some(blob_id(1))
+        store.set_backup(&owner, segment(2, 200), None, NOW)?,
+        [blob_id(1)]
     );
     store.commit()?;
     assert_eq!(store.live_blob_ids()?, [blob_id(2)]);
@@ -2720,20 +2862,18 @@ fn naming_another_backup_deletes_the_one_before(store: &mut dyn Store) -> Outcom
         Err(StoreError::NotFound)
     ));
     // Naming the same blob again only changes its size.
-    assert_eq!(store.set_backup(&account(1), &blob_id(2), 300, NOW)?, None);
-    assert_eq!(
-        granted(store, &account(1), 1, NOW)?.backup,
-        Some(Backup {
-            blob_id: blob_id(2),
-            size: 300
-        })
+    assert!(
+        store
+            .set_backup(&owner, segment(2, 300), None, NOW)?
+            .is_empty()
     );
+    assert_eq!(backup_of(store)?, [segment(2, 300)]);
     assert_eq!(store.live_blob_ids()?, [blob_id(2)]);
     Ok(())
 }
 
 fn the_backup_outlives_its_expiry_while_it_is_named(store: &mut dyn Store) -> Outcome {
-    register(store, &[1])?;
+    let owner = register_owner(store, 1)?;
     for number in [1, 2] {
         store.create_blob(
             NewBlob {
@@ -2744,25 +2884,26 @@ fn the_backup_outlives_its_expiry_while_it_is_named(store: &mut dyn Store) -> Ou
         )?;
         store.set_blob_length(&blob_id(number), &device(1), 10)?;
     }
-    store.set_backup(&account(1), &blob_id(1), 100, NOW)?;
+    store.set_backup(&owner, segment(1, 100), None, NOW)?;
     store.commit()?;
     let later = NOW + 90 * DAY;
-    store.touch_account(&account(1), None, later)?;
+    store.touch_account(&owner, None, later)?;
     assert_eq!(store.expire(later, later)?, 1);
     store.commit()?;
     assert_eq!(store.live_blob_ids()?, [blob_id(1)]);
     // It is still handed out, past its expiry, and can be named again.
     assert_eq!(store.blob(&blob_id(1), &device(1), later)?.length, 10);
-    assert_eq!(
-        store.set_backup(&account(1), &blob_id(1), 100, later)?,
-        None
+    assert!(
+        store
+            .set_backup(&owner, segment(1, 100), None, later)?
+            .is_empty()
     );
 
     // Replaced, it goes at once.
     finished_account_blob(store, 3, 10)?;
     assert_eq!(
-        store.set_backup(&account(1), &blob_id(3), 100, NOW)?,
-        Some(blob_id(1))
+        store.set_backup(&owner, segment(3, 100), None, NOW)?,
+        [blob_id(1)]
     );
     store.commit()?;
     assert_eq!(store.live_blob_ids()?, [blob_id(3)]);
@@ -2770,22 +2911,23 @@ fn the_backup_outlives_its_expiry_while_it_is_named(store: &mut dyn Store) -> Ou
 }
 
 fn recovery_and_backup_go_with_the_account(store: &mut dyn Store) -> Outcome {
-    register(store, &[1, 2])?;
+    let first = register_owner(store, 1)?;
+    let second = register_owner(store, 2)?;
     for number in [1, 2] {
-        store.set_recovery(&account(number), verifier(number), b"sealed".to_vec())?;
+        set_recovery(store, number, number, b"sealed")?;
     }
     finished_account_blob(store, 1, 10)?;
-    store.set_backup(&account(1), &blob_id(1), 100, NOW)?;
+    store.set_backup(&first, segment(1, 100), None, NOW)?;
     store.create_blob(account_blob(2, device(2), 10), QUOTA)?;
     store.set_blob_length(&blob_id(2), &device(2), 10)?;
-    store.set_backup(&account(2), &blob_id(2), 100, NOW)?;
-    store.touch_account(&account(2), Some(30), NOW)?;
+    store.set_backup(&second, segment(2, 100), None, NOW)?;
+    store.touch_account(&second, Some(30), NOW)?;
     store.commit()?;
 
-    store.delete_account(&account(1))?;
+    store.delete_account(&first)?;
     store.commit()?;
     assert!(matches!(
-        store.recover(&account(1), &auth_key(1), NOW),
+        store.recover(&locator(1), &auth_key(1), NOW),
         Err(StoreError::NotFound)
     ));
     assert_eq!(store.live_blob_ids()?, [blob_id(2)]);
@@ -2794,15 +2936,182 @@ fn recovery_and_backup_go_with_the_account(store: &mut dyn Store) -> Outcome {
     store.expire(NOW + 30 * DAY, 0)?;
     store.commit()?;
     assert!(matches!(
-        store.recover(&account(2), &auth_key(2), NOW + 30 * DAY),
+        store.recover(&locator(2), &auth_key(2), NOW + 30 * DAY),
         Err(StoreError::NotFound)
     ));
     assert!(store.live_blob_ids()?.is_empty());
 
-    // A new account of the same identity starts with neither.
-    register(store, &[1])?;
+    // A new account of the same identity starts with neither, and may take the locator again.
+    register_owner(store, 1)?;
     assert!(matches!(
-        store.recover(&account(1), &auth_key(1), NOW),
+        store.recover(&locator(1), &auth_key(1), NOW),
+        Err(StoreError::NotFound)
+    ));
+    set_recovery(store, 1, 2, b"sealed again")?;
+    assert_eq!(granted(store, 2, NOW)?.bundle, b"sealed again");
+    Ok(())
+}
+
+fn segments_are_appended_in_order_after_the_last_one_named(store: &mut dyn Store) -> Outcome {
+    let owner = owner_with_recovery(store)?;
+    for number in 1..=5 {
+        finished_account_blob(store, number, 10)?;
+    }
+    store.commit()?;
+    // Nothing to append to yet.
+    assert!(matches!(
+        store.set_backup(&owner, segment(2, 20), Some(&blob_id(1)), NOW),
+        Err(StoreError::NotFound)
+    ));
+    store.set_backup(&owner, segment(1, 100), None, NOW)?;
+    assert!(
+        store
+            .set_backup(&owner, segment(2, 20), Some(&blob_id(1)), NOW)?
+            .is_empty()
+    );
+    assert!(
+        store
+            .set_backup(&owner, segment(3, 30), Some(&blob_id(2)), NOW)?
+            .is_empty()
+    );
+    store.commit()?;
+    let chain = [segment(1, 100), segment(2, 20), segment(3, 30)];
+    assert_eq!(backup_of(store)?, chain);
+
+    // After any segment but the last (another device's chain moved on), after a blob not in
+    // the chain, or a segment the chain holds already: refused, and nothing changes.
+    for after in [1, 2, 5] {
+        assert!(
+            matches!(
+                store.set_backup(&owner, segment(4, 40), Some(&blob_id(after)), NOW),
+                Err(StoreError::NotFound)
+            ),
+            "after blob {after}"
+        );
+    }
+    for again in [1, 3] {
+        assert!(
+            matches!(
+                store.set_backup(&owner, segment(again, 40), Some(&blob_id(3)), NOW),
+                Err(StoreError::Invalid(_))
+            ),
+            "blob {again} again"
+        );
+    }
+    store.commit()?;
+    assert_eq!(backup_of(store)?, chain);
+    assert_eq!(
+        store.live_blob_ids()?,
+        [1, 2, 3, 4, 5].map(blob_id).to_vec()
+    );
+    Ok(())
+}
+
+fn a_whole_backup_replaces_the_chain_and_deletes_its_segments(store: &mut dyn Store) -> Outcome {
+    let owner = owner_with_recovery(store)?;
+    for number in 1..=5 {
+        finished_account_blob(store, number, 10)?;
+    }
+    store.set_backup(&owner, segment(1, 100), None, NOW)?;
+    store.set_backup(&owner, segment(2, 20), Some(&blob_id(1)), NOW)?;
+    store.set_backup(&owner, segment(3, 30), Some(&blob_id(2)), NOW)?;
+    store.commit()?;
+
+    let mut replaced = store.set_backup(&owner, segment(4, 400), None, NOW)?;
+    replaced.sort();
+    assert_eq!(replaced, [1, 2, 3].map(blob_id));
+    store.commit()?;
+    assert_eq!(backup_of(store)?, [segment(4, 400)]);
+    assert_eq!(store.live_blob_ids()?, [blob_id(4), blob_id(5)]);
+    // The new chain grows after its own first segment only.
+    assert!(matches!(
+        store.set_backup(&owner, segment(5, 50), Some(&blob_id(3)), NOW),
+        Err(StoreError::NotFound)
+    ));
+    store.set_backup(&owner, segment(5, 50), Some(&blob_id(4)), NOW)?;
+    // A segment of the chain named as the whole backup: the others go.
+    assert_eq!(
+        store.set_backup(&owner, segment(5, 500), None, NOW)?,
+        [blob_id(4)]
+    );
+    store.commit()?;
+    assert_eq!(backup_of(store)?, [segment(5, 500)]);
+    assert_eq!(store.live_blob_ids()?, [blob_id(5)]);
+    Ok(())
+}
+
+fn a_backup_holds_at_most_64_segments(store: &mut dyn Store) -> Outcome {
+    let owner = owner_with_recovery(store)?;
+    for number in 1..=66 {
+        finished_account_blob(store, number, 1)?;
+    }
+    store.set_backup(&owner, segment(1, 1), None, NOW)?;
+    for number in 2..=64 {
+        store.set_backup(&owner, segment(number, 1), Some(&blob_id(number - 1)), NOW)?;
+    }
+    store.commit()?;
+    assert_eq!(backup_of(store)?.len(), MAX_BACKUP_SEGMENTS);
+    assert!(matches!(
+        store.set_backup(&owner, segment(65, 1), Some(&blob_id(64)), NOW),
+        Err(StoreError::Invalid(_))
+    ));
+    store.commit()?;
+    let chain = backup_of(store)?;
+    assert_eq!(chain.len(), 64);
+    assert_eq!(chain.last(), Some(&segment(64, 1)));
+    // A whole backup starts a chain again.
+    assert_eq!(
+        store.set_backup(&owner, segment(65, 1), None, NOW)?.len(),
+        64
+    );
+    store.set_backup(&owner, segment(66, 1), Some(&blob_id(65)), NOW)?;
+    store.commit()?;
+    assert_eq!(backup_of(store)?, [segment(65, 1), segment(66, 1)]);
+    Ok(())
+}
+
+fn every_segment_outlives_its_expiry_and_goes_with_the_account(store: &mut dyn Store) -> Outcome {
+    let owner = owner_with_recovery(store)?;
+    let other = register_owner(store, 2)?;
+    for number in 1..=4 {
+        store.create_blob(
+            NewBlob {
+                expires_at: NOW + DAY,
+                ..account_blob(number, device(1), 10)
+            },
+            QUOTA,
+        )?;
+        store.set_blob_length(&blob_id(number), &device(1), 10)?;
+    }
+    store.create_blob(account_blob(5, device(2), 10), QUOTA)?;
+    store.set_blob_length(&blob_id(5), &device(2), 10)?;
+    store.set_backup(&other, segment(5, 10), None, NOW)?;
+    store.set_backup(&owner, segment(1, 100), None, NOW)?;
+    store.set_backup(&owner, segment(2, 20), Some(&blob_id(1)), NOW)?;
+    store.set_backup(&owner, segment(3, 30), Some(&blob_id(2)), NOW)?;
+    store.commit()?;
+
+    // Blob 4 was never a segment: it expires; the three segments stay and are handed out.
+    let later = NOW + 90 * DAY;
+    store.touch_account(&owner, None, later)?;
+    store.touch_account(&other, None, later)?;
+    assert_eq!(store.expire(later, later)?, 1);
+    store.commit()?;
+    assert_eq!(store.live_blob_ids()?, [1, 2, 3, 5].map(blob_id).to_vec());
+    for number in 1..=3 {
+        assert_eq!(store.blob(&blob_id(number), &device(1), later)?.length, 10);
+    }
+    // The blob that expired is gone: it cannot become a segment.
+    assert!(matches!(
+        store.set_backup(&owner, segment(4, 40), Some(&blob_id(3)), later),
+        Err(StoreError::NotFound)
+    ));
+
+    store.delete_account(&owner)?;
+    store.commit()?;
+    assert_eq!(store.live_blob_ids()?, [blob_id(5)]);
+    assert!(matches!(
+        store.recover(&locator(1), &auth_key(1), later),
         Err(StoreError::NotFound)
     ));
     Ok(())

@@ -9,10 +9,11 @@ use std::ops::Bound;
 use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 
 use super::{
-    Appended, Backup, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord,
+    Appended, BackupSegment, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord,
     DeviceSummary, EntryKind, GroupCreated, InboxEntry, LogEntry, Membership, NewBlob, NewCommit,
-    NewDevice, NewGroup, Recovery, RecoveryBundle, RecoveryDecision, RecoveryFailures, Store,
-    StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_day, coarse_hour, day_number,
+    NewDevice, NewGroup, NewRecovery, Recovery, RecoveryBundle, RecoveryDecision, RecoveryFailures,
+    Store, StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_day, coarse_hour,
+    day_number,
 };
 
 /// A [`Store`] that keeps everything in memory; nothing survives the value.
@@ -32,7 +33,8 @@ pub struct MemoryStore {
     /// Linking mailboxes: the sealed message and when it expires.
     links: HashMap<[u8; 32], (Vec<u8>, u64)>,
     recoveries: HashMap<AccountId, StoredRecovery>,
-    backups: HashMap<AccountId, Backup>,
+    /// Each account's backup, first segment first.
+    backups: HashMap<AccountId, Vec<BackupSegment>>,
 }
 
 impl Store for MemoryStore {
@@ -280,15 +282,29 @@ impl Store for MemoryStore {
 
     fn set_recovery(
         &mut self,
-        account_id: &AccountId,
-        verifier: [u8; 32],
-        bundle: Vec<u8>,
+        requester: &DeviceId,
+        recovery: NewRecovery,
     ) -> Result<(), StoreError> {
+        let record = &self
+            .devices
+            .get(requester)
+            .ok_or(StoreError::AuthenticationFailed)?
+            .record;
+        let account_id = record.account_id;
+        super::check_recovery(&record.certificate, &account_id, &recovery)?;
+        let taken = self
+            .recoveries
+            .iter()
+            .any(|(holder, stored)| *holder != account_id && stored.locator == recovery.locator);
+        if taken {
+            return Err(StoreError::AlreadyExists);
+        }
         self.recoveries.insert(
-            *account_id,
+            account_id,
             StoredRecovery {
-                verifier,
-                bundle,
+                locator: recovery.locator,
+                verifier: recovery.verifier,
+                bundle: recovery.bundle,
                 failures: RecoveryFailures::default(),
             },
         );
@@ -297,13 +313,14 @@ impl Store for MemoryStore {
 
     fn recover(
         &mut self,
-        account_id: &AccountId,
+        locator: &[u8; 32],
         auth_key: &[u8; 32],
         now: u64,
     ) -> Result<Recovery, StoreError> {
-        let recovery = self
+        let (account_id, recovery) = self
             .recoveries
-            .get_mut(account_id)
+            .iter_mut()
+            .find(|(_, stored)| stored.locator == *locator)
             .ok_or(StoreError::NotFound)?;
         match super::decide_recovery(&recovery.verifier, recovery.failures, auth_key, now)? {
             RecoveryDecision::Locked => Ok(Recovery::Locked),
@@ -313,7 +330,7 @@ impl Store for MemoryStore {
             }
             RecoveryDecision::Granted => Ok(Recovery::Granted(RecoveryBundle {
                 bundle: recovery.bundle.clone(),
-                backup: self.backups.get(account_id).copied(),
+                backup: self.backups.get(account_id).cloned().unwrap_or_default(),
             })),
         }
     }
@@ -321,31 +338,28 @@ impl Store for MemoryStore {
     fn set_backup(
         &mut self,
         account_id: &AccountId,
-        blob_id: &BlobId,
-        size: u64,
+        segment: BackupSegment,
+        append_after: Option<&BlobId>,
         now: u64,
-    ) -> Result<Option<BlobId>, StoreError> {
-        let named_before = self.backups.get(account_id).map(|backup| backup.blob_id);
-        super::check_backup_blob(
-            self.blobs.get(blob_id).map(|blob| &blob.record),
+    ) -> Result<Vec<BlobId>, StoreError> {
+        let chain = self
+            .backups
+            .get(account_id)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let (chain, replaced) = super::next_backup_chain(
+            chain,
+            self.blobs.get(&segment.blob_id).map(|blob| &blob.record),
             account_id,
-            named_before == Some(*blob_id),
+            segment,
+            append_after,
             now,
         )?;
-        self.backups.insert(
-            *account_id,
-            Backup {
-                blob_id: *blob_id,
-                size,
-            },
-        );
-        match named_before {
-            Some(replaced) if replaced != *blob_id => {
-                self.blobs.remove(&replaced);
-                Ok(Some(replaced))
-            }
-            _ => Ok(None),
+        self.backups.insert(*account_id, chain);
+        for blob_id in &replaced {
+            self.blobs.remove(blob_id);
         }
+        Ok(replaced)
     }
 
     fn delete_account(&mut self, account_id: &AccountId) -> Result<(), StoreError> {
@@ -766,8 +780,12 @@ impl Store for MemoryStore {
         // Likewise, only whole hours before the day's start surely are a day old.
         let unfinished_cutoff_hour = coarse_hour(now.saturating_sub(UNFINISHED_BLOB_LIFETIME));
         let groups = &self.groups;
-        let backups: BTreeSet<BlobId> =
-            self.backups.values().map(|backup| backup.blob_id).collect();
+        let backups: BTreeSet<BlobId> = self
+            .backups
+            .values()
+            .flatten()
+            .map(|segment| segment.blob_id)
+            .collect();
         let before = self.blobs.len();
         self.blobs.retain(|blob_id, blob| {
             let unfinished = blob.record.length < blob.record.size;
@@ -836,7 +854,8 @@ impl Store for MemoryStore {
         let is_backup = || {
             self.backups
                 .values()
-                .any(|backup| backup.blob_id == *blob_id)
+                .flatten()
+                .any(|segment| segment.blob_id == *blob_id)
         };
         let blob = &self
             .blobs
@@ -999,6 +1018,7 @@ struct Stored<T> {
 }
 
 struct StoredRecovery {
+    locator: [u8; 32],
     verifier: [u8; 32],
     bundle: Vec<u8>,
     failures: RecoveryFailures,

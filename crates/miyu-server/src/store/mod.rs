@@ -192,21 +192,40 @@ pub struct BlobRecord {
     pub expires_at: u64,
 }
 
+/// A recovery bundle to store for an account; see [`Store::set_recovery`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRecovery {
+    /// SHA-256 of the key [`Store::recover`] must be given.
+    pub verifier: [u8; 32],
+    /// What [`Store::recover`] finds the bundle by.
+    pub locator: [u8; 32],
+    pub bundle: Vec<u8>,
+    /// The account's identity key's signature over the three
+    /// (`miyu_proto::cert::recovery_payload`).
+    pub signature: Vec<u8>,
+}
+
 /// How an account can be recovered when its devices are lost (PROTOCOL.md §7.18): the bundle
-/// its client sealed, opaque to the server, and the account's latest backup.
+/// its client sealed, opaque to the server, and the account's backup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecoveryBundle {
     pub bundle: Vec<u8>,
-    pub backup: Option<Backup>,
+    /// The segments of the account's backup, first to last; empty when it has none.
+    pub backup: Vec<BackupSegment>,
 }
 
-/// The blob an account named as its latest backup, and the backup's plaintext length as its
-/// client gave it.
+/// One segment of an account's backup (PROTOCOL.md §7.19): a blob of the account, and the
+/// segment's plaintext length as its client gave it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backup {
+pub struct BackupSegment {
     pub blob_id: BlobId,
     pub size: u64,
 }
+
+/// The most segments an account's backup may have: a whole one, then changes.
+pub const MAX_BACKUP_SEGMENTS: usize = 64;
+// The refusal of one more segment names the number.
+const _: () = assert!(MAX_BACKUP_SEGMENTS == 64);
 
 /// What one attempt to recover an account came to; see [`Store::recover`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -373,42 +392,47 @@ pub trait Store: Send + 'static {
     /// none, or only one that has expired at `now`.
     fn take_link(&mut self, mailbox: &[u8; 32], now: u64) -> Result<Vec<u8>, StoreError>;
 
-    /// Stores the account's recovery bundle and `verifier`, the SHA-256 of the key that
-    /// [`recover`](Store::recover) must be given, replacing any earlier ones, and forgets the
-    /// account's failed recovery attempts.
+    /// Stores the recovery bundle of `requester`'s account, with its verifier and locator,
+    /// replacing any earlier one, and forgets the account's failed recovery attempts.
+    /// `AuthenticationFailed` if the requester is not a registered device, or the signature
+    /// does not verify under the account's identity key (named by the requester's
+    /// certificate); `AlreadyExists` if another account's bundle has the locator.
     fn set_recovery(
         &mut self,
-        account_id: &AccountId,
-        verifier: [u8; 32],
-        bundle: Vec<u8>,
+        requester: &DeviceId,
+        recovery: NewRecovery,
     ) -> Result<(), StoreError>;
 
-    /// Hands out the account's recovery bundle and backup if the SHA-256 of `auth_key` is its
-    /// verifier (compared in constant time). Once [`MAX_RECOVERY_FAILURES`] attempts failed in
-    /// the current window (see [`RECOVERY_WINDOW`]), every attempt is `Locked`, the key
-    /// unchecked, until the window ends. A wrong key is `WrongKey` and counts one failure,
-    /// which stays with the batch like any other change. A right key changes nothing.
-    /// `NotFound` if the account has no bundle, whether or not it exists.
+    /// Hands out the recovery bundle found by `locator`, and its account's backup, if the
+    /// SHA-256 of `auth_key` is its verifier (compared in constant time). Once
+    /// [`MAX_RECOVERY_FAILURES`] attempts failed in the current window (see
+    /// [`RECOVERY_WINDOW`]), every attempt is `Locked`, the key unchecked, until the window
+    /// ends. A wrong key is `WrongKey` and counts one failure, which stays with the batch like
+    /// any other change. A right key changes nothing. `NotFound` if no bundle has the locator.
     fn recover(
         &mut self,
-        account_id: &AccountId,
+        locator: &[u8; 32],
         auth_key: &[u8; 32],
         now: u64,
     ) -> Result<Recovery, StoreError>;
 
-    /// Names `blob_id`, `size` plaintext bytes, as the account's backup: a finished blob of
-    /// the account (none of a group) that has not expired at `now`, or the backup already.
-    /// While it stays the backup, `expire` leaves it be and `blob` hands it out whatever its
-    /// expiry. The blob named before, if another, is deleted, and its id returned so that its
-    /// file can go too. `NotFound` if the blob does not exist, has expired, is another
-    /// account's or a group's, or is unfinished.
+    /// Sets the account's backup, a chain of segments (PROTOCOL.md §7.19). Without
+    /// `append_after`, `segment` becomes the whole backup, replacing the chain; with it, the
+    /// segment is added after the chain's last, which must be the blob `append_after` names
+    /// (`NotFound` otherwise, also when the account has no backup). The segment's blob must be
+    /// a finished blob of the account (none of a group) that has not expired at `now`, unless
+    /// it is in the chain already and replaces it (then only its size changes); `NotFound`
+    /// otherwise. `Invalid` if an appended blob is in the chain already, or the chain has
+    /// [`MAX_BACKUP_SEGMENTS`] already. The segments replaced are deleted, and their ids
+    /// returned so that their files can go too. While a blob is a segment, `expire` leaves it
+    /// be and `blob` hands it out whatever its expiry.
     fn set_backup(
         &mut self,
         account_id: &AccountId,
-        blob_id: &BlobId,
-        size: u64,
+        segment: BackupSegment,
+        append_after: Option<&BlobId>,
         now: u64,
-    ) -> Result<Option<BlobId>, StoreError>;
+    ) -> Result<Vec<BlobId>, StoreError>;
 
     /// Deletes an account and everything stored for it: devices, the record of its revoked
     /// devices, key packages, inboxes, group memberships, invites, grants, username, recovery
@@ -526,7 +550,7 @@ pub trait Store: Send + 'static {
     fn ack_inbox(&mut self, device_id: &DeviceId, seq: u64) -> Result<(), StoreError>;
 
     /// Deletes log and inbox entries stored before `cutoff`, log entries, invites, grants,
-    /// blobs (but an account's backup) and linking mailboxes that expired before `now`,
+    /// blobs (but an account's backup segments) and linking mailboxes that expired before `now`,
     /// accounts inactive for longer than
     /// their lifetime, blobs whose group has no member left, and unfinished blobs created more than a day before
     /// `now` (they go once their whole hour of creation is: late rather than early, so that no
@@ -543,7 +567,7 @@ pub trait Store: Send + 'static {
 
     /// A blob, for a device allowed to see it: its uploader, a current member of its group or,
     /// for a blob of an account, a registered device of that account. `NotFound` if there is
-    /// no such blob or it has expired at `now` (an account's backup does not expire);
+    /// no such blob or it has expired at `now` (an account's backup segments do not expire);
     /// `Forbidden` for anyone else.
     fn blob(
         &mut self,
@@ -598,14 +622,12 @@ fn check_unattributed(
     Ok(())
 }
 
-/// The signature check of [`Store::revoke_device`]: the requester's certificate (compact form)
-/// names the account's identity key, which must have signed the revocation.
-fn check_revocation(
+/// The identity key of `account_id` as the certificate (compact form) of one of its devices
+/// names it.
+fn identity_key_of(
     requester_certificate: &[u8],
     account_id: &AccountId,
-    device_id: &DeviceId,
-    signature: &[u8],
-) -> Result<(), StoreError> {
+) -> Result<[u8; 32], StoreError> {
     let identity_key: [u8; 32] = requester_certificate
         .get(..32)
         .and_then(|bytes| bytes.try_into().ok())
@@ -615,7 +637,38 @@ fn check_revocation(
             "a stored certificate names another account's identity key",
         ));
     }
+    Ok(identity_key)
+}
+
+/// The signature check of [`Store::revoke_device`]: the requester's certificate (compact form)
+/// names the account's identity key, which must have signed the revocation.
+fn check_revocation(
+    requester_certificate: &[u8],
+    account_id: &AccountId,
+    device_id: &DeviceId,
+    signature: &[u8],
+) -> Result<(), StoreError> {
+    let identity_key = identity_key_of(requester_certificate, account_id)?;
     if !miyu_proto::cert::verify_revocation(&identity_key, device_id, signature) {
+        return Err(StoreError::AuthenticationFailed);
+    }
+    Ok(())
+}
+
+/// The signature check of [`Store::set_recovery`], as for a revocation.
+fn check_recovery(
+    requester_certificate: &[u8],
+    account_id: &AccountId,
+    recovery: &NewRecovery,
+) -> Result<(), StoreError> {
+    let identity_key = identity_key_of(requester_certificate, account_id)?;
+    if !miyu_proto::cert::verify_recovery(
+        &identity_key,
+        &recovery.verifier,
+        &recovery.locator,
+        &recovery.bundle,
+        &recovery.signature,
+    ) {
         return Err(StoreError::AuthenticationFailed);
     }
     Ok(())
@@ -686,25 +739,52 @@ fn decide_recovery(
     }
 }
 
-/// The checks of [`Store::set_backup`] on the blob's record: a finished blob of `account_id`
-/// and of no group that has not expired at `now`, unless it is the backup already.
-fn check_backup_blob(
+/// What [`Store::set_backup`] makes of the account's `chain`, given the record of the
+/// segment's blob: the chain to store and the blobs that leave it. Both backends store the
+/// chain and let this decide.
+fn next_backup_chain(
+    chain: &[BackupSegment],
     blob: Option<&BlobRecord>,
     account_id: &AccountId,
-    already_the_backup: bool,
+    segment: BackupSegment,
+    append_after: Option<&BlobId>,
     now: u64,
-) -> Result<(), StoreError> {
+) -> Result<(Vec<BackupSegment>, Vec<BlobId>), StoreError> {
+    let in_chain = chain.iter().any(|kept| kept.blob_id == segment.blob_id);
+    if let Some(after) = append_after {
+        if chain.last().map(|last| &last.blob_id) != Some(after) {
+            return Err(StoreError::NotFound);
+        }
+        if in_chain {
+            return Err(StoreError::Invalid("that blob is in the backup already"));
+        }
+        if chain.len() >= MAX_BACKUP_SEGMENTS {
+            return Err(StoreError::Invalid(
+                "the backup has 64 segments, the most it may have: send a whole backup",
+            ));
+        }
+    }
+    // A segment replacing the chain it is in may have outlived its expiry.
     let fits = blob.is_some_and(|blob| {
         blob.account_id == *account_id
             && blob.group_id.is_none()
             && blob.length == blob.size
-            && (blob.expires_at > now || already_the_backup)
+            && (blob.expires_at > now || (in_chain && append_after.is_none()))
     });
-    if fits {
-        Ok(())
-    } else {
-        Err(StoreError::NotFound)
+    if !fits {
+        return Err(StoreError::NotFound);
     }
+    if append_after.is_some() {
+        let mut longer = chain.to_vec();
+        longer.push(segment);
+        return Ok((longer, Vec::new()));
+    }
+    let replaced = chain
+        .iter()
+        .map(|kept| kept.blob_id)
+        .filter(|blob_id| *blob_id != segment.blob_id)
+        .collect();
+    Ok((vec![segment], replaced))
 }
 
 /// The checks of [`Store::commit_members`] that need no stored data.

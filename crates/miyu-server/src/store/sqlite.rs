@@ -12,10 +12,11 @@ use miyu_proto::{AccountId, DeviceId, Epoch, GroupId};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    Appended, Backup, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord,
+    Appended, BackupSegment, BlobId, BlobRecord, ClaimedKeyPackage, Committed, DeviceRecord,
     DeviceSummary, EntryKind, GroupCreated, InboxEntry, LogEntry, Membership, NewBlob, NewCommit,
-    NewDevice, NewGroup, Recovery, RecoveryBundle, RecoveryDecision, RecoveryFailures, Store,
-    StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_day, coarse_hour, day_number,
+    NewDevice, NewGroup, NewRecovery, Recovery, RecoveryBundle, RecoveryDecision, RecoveryFailures,
+    Store, StoreError, UNFINISHED_BLOB_LIFETIME, check_blob_length, coarse_day, coarse_hour,
+    day_number,
 };
 
 /// A [`Store`] in one SQLite database file.
@@ -385,21 +386,37 @@ impl Store for SqliteStore {
 
     fn set_recovery(
         &mut self,
-        account_id: &AccountId,
-        verifier: [u8; 32],
-        bundle: Vec<u8>,
+        requester: &DeviceId,
+        recovery: NewRecovery,
     ) -> Result<(), StoreError> {
         self.write(|db| {
+            let (account, certificate) = db
+                .prepare_cached("SELECT account_id, certificate FROM devices WHERE device_id = ?1")?
+                .query_row([requester.as_bytes().as_slice()], |row| {
+                    Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
+                })
+                .optional()?
+                .ok_or(StoreError::AuthenticationFailed)?;
+            let account_id = AccountId::from_bytes(&account)
+                .map_err(|_| StoreError::Corrupt("a stored account id has the wrong length"))?;
+            super::check_recovery(&certificate, &account_id, &recovery)?;
+            let taken = db
+                .prepare_cached("SELECT 1 FROM recovery WHERE locator = ?1 AND account_id != ?2")?
+                .exists(params![recovery.locator.as_slice(), account])?;
+            if taken {
+                return Err(StoreError::AlreadyExists);
+            }
             db.prepare_cached(
-                "INSERT INTO recovery (account_id, verifier, bundle, failures, window_ends_at) \
-                 VALUES (?1, ?2, ?3, 0, 0) ON CONFLICT (account_id) DO UPDATE SET \
-                 verifier = excluded.verifier, bundle = excluded.bundle, failures = 0, \
-                 window_ends_at = 0",
+                "INSERT INTO recovery (account_id, locator, verifier, bundle, failures, \
+                 window_ends_at) VALUES (?1, ?2, ?3, ?4, 0, 0) ON CONFLICT (account_id) DO \
+                 UPDATE SET locator = excluded.locator, verifier = excluded.verifier, \
+                 bundle = excluded.bundle, failures = 0, window_ends_at = 0",
             )?
             .execute(params![
-                account_id.as_bytes().as_slice(),
-                verifier.as_slice(),
-                bundle
+                account,
+                recovery.locator.as_slice(),
+                recovery.verifier.as_slice(),
+                recovery.bundle
             ])?;
             Ok(())
         })
@@ -407,23 +424,23 @@ impl Store for SqliteStore {
 
     fn recover(
         &mut self,
-        account_id: &AccountId,
+        locator: &[u8; 32],
         auth_key: &[u8; 32],
         now: u64,
     ) -> Result<Recovery, StoreError> {
         self.write(|db| {
-            let account = account_id.as_bytes().as_slice();
-            let (verifier, bundle, count, window_ends_at) = db
+            let (account, verifier, bundle, count, window_ends_at) = db
                 .prepare_cached(
-                    "SELECT verifier, bundle, failures, window_ends_at FROM recovery \
-                     WHERE account_id = ?1",
+                    "SELECT account_id, verifier, bundle, failures, window_ends_at FROM recovery \
+                     WHERE locator = ?1",
                 )?
-                .query_row([account], |row| {
+                .query_row([locator.as_slice()], |row| {
                     Ok((
                         row.get::<_, Vec<u8>>(0)?,
                         row.get::<_, Vec<u8>>(1)?,
-                        row.get::<_, i64>(2)?,
+                        row.get::<_, Vec<u8>>(2)?,
                         row.get::<_, i64>(3)?,
+                        row.get::<_, i64>(4)?,
                     ))
                 })
                 .optional()?
@@ -449,7 +466,7 @@ impl Store for SqliteStore {
                 }
                 RecoveryDecision::Granted => Ok(Recovery::Granted(RecoveryBundle {
                     bundle,
-                    backup: backup_of(db, account)?,
+                    backup: backup_chain(db, &account)?,
                 })),
             }
         })
@@ -458,34 +475,42 @@ impl Store for SqliteStore {
     fn set_backup(
         &mut self,
         account_id: &AccountId,
-        blob_id: &BlobId,
-        size: u64,
+        segment: BackupSegment,
+        append_after: Option<&BlobId>,
         now: u64,
-    ) -> Result<Option<BlobId>, StoreError> {
+    ) -> Result<Vec<BlobId>, StoreError> {
         self.write(|db| {
             let account = account_id.as_bytes().as_slice();
-            let named_before = backup_of(db, account)?.map(|backup| backup.blob_id);
-            let blob = blob_row(db, blob_id)?;
-            super::check_backup_blob(
+            let chain = backup_chain(db, account)?;
+            let blob = blob_row(db, &segment.blob_id)?;
+            let (chain, replaced) = super::next_backup_chain(
+                &chain,
                 blob.as_ref(),
                 account_id,
-                named_before == Some(*blob_id),
+                segment,
+                append_after,
                 now,
             )?;
-            db.prepare_cached(
-                "INSERT INTO backups (account_id, blob_id, size) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (account_id) DO UPDATE SET blob_id = excluded.blob_id, \
-                 size = excluded.size",
-            )?
-            .execute(params![account, blob_id.as_slice(), clamp_to_sql(size)])?;
-            match named_before {
-                Some(replaced) if replaced != *blob_id => {
-                    db.prepare_cached("DELETE FROM blobs WHERE blob_id = ?1")?
-                        .execute([replaced.as_slice()])?;
-                    Ok(Some(replaced))
-                }
-                _ => Ok(None),
+            // At most 64 rows: rewritten whole rather than patched.
+            db.prepare_cached("DELETE FROM backup_segments WHERE account_id = ?1")?
+                .execute([account])?;
+            let mut insert = db.prepare_cached(
+                "INSERT INTO backup_segments (account_id, position, blob_id, size) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (position, kept) in chain.iter().enumerate() {
+                insert.execute(params![
+                    account,
+                    i64::try_from(position).unwrap_or(i64::MAX),
+                    kept.blob_id.as_slice(),
+                    clamp_to_sql(kept.size)
+                ])?;
             }
+            let mut delete = db.prepare_cached("DELETE FROM blobs WHERE blob_id = ?1")?;
+            for blob_id in &replaced {
+                delete.execute([blob_id.as_slice()])?;
+            }
+            Ok(replaced)
         })
     }
 
@@ -954,7 +979,7 @@ impl Store for SqliteStore {
                 ("DELETE FROM add_grants WHERE expires_at <= ?1", now),
                 (
                     "DELETE FROM blobs WHERE expires_at <= ?1 \
-                     AND blob_id NOT IN (SELECT blob_id FROM backups)",
+                     AND blob_id NOT IN (SELECT blob_id FROM backup_segments)",
                     now,
                 ),
                 ("DELETE FROM link_mailboxes WHERE expires_at <= ?1", now),
@@ -1207,7 +1232,7 @@ impl SqliteStore {
 /// How long the right to add a device, won by claiming an invite, lasts.
 const GRANT_LIFETIME: u64 = 24 * 3600;
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 8;
 
 const SCHEMA: &str = "
 CREATE TABLE devices (
@@ -1406,12 +1431,46 @@ CREATE TABLE backups (
 ) WITHOUT ROWID;
 ";
 
+/// Version 7: an account's backup is a chain of segments, a whole one then changes (at most
+/// 64), each a blob kept past its expiry while it is in the chain. A backup named before
+/// becomes a chain of one.
+const MIGRATION_7: &str = "
+CREATE TABLE backup_segments (
+    account_id BLOB NOT NULL,
+    -- 0 for the first segment, then 1, 2, ... without gaps.
+    position INTEGER NOT NULL,
+    blob_id BLOB NOT NULL UNIQUE REFERENCES blobs (blob_id),
+    size INTEGER NOT NULL,
+    PRIMARY KEY (account_id, position)
+) WITHOUT ROWID;
+INSERT INTO backup_segments (account_id, position, blob_id, size)
+    SELECT account_id, 0, blob_id, size FROM backups;
+DROP TABLE backups;
+";
+
+/// Version 8: a recovery bundle is found by its locator, derived from the recovery key, which
+/// only the key's holder knows, rather than by the account id anyone may know. Bundles stored
+/// before have none and can never be found: they are dropped (their accounts set recovery up
+/// again).
+const MIGRATION_8: &str = "
+CREATE TABLE recovery_8 (
+    account_id BLOB PRIMARY KEY NOT NULL,
+    locator BLOB NOT NULL UNIQUE,
+    verifier BLOB NOT NULL,
+    bundle BLOB NOT NULL,
+    failures INTEGER NOT NULL,
+    window_ends_at INTEGER NOT NULL
+);
+DROP TABLE recovery;
+ALTER TABLE recovery_8 RENAME TO recovery;
+";
+
 fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     // Immediate, so that two processes opening a new file do not both create the schema.
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let version: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
     match version {
-        0..=5 => {
+        0..=7 => {
             if version == 0 {
                 transaction.execute_batch(SCHEMA)?;
             }
@@ -1427,7 +1486,13 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
             if version < 5 {
                 transaction.execute_batch(MIGRATION_5)?;
             }
-            transaction.execute_batch(MIGRATION_6)?;
+            if version < 6 {
+                transaction.execute_batch(MIGRATION_6)?;
+            }
+            if version < 7 {
+                transaction.execute_batch(MIGRATION_7)?;
+            }
+            transaction.execute_batch(MIGRATION_8)?;
             transaction.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         SCHEMA_VERSION => {}
@@ -1454,8 +1519,8 @@ fn delete_account_rows(db: &Connection, account_id: &[u8]) -> Result<(), StoreEr
          OR target IN (SELECT device_id FROM devices WHERE account_id = ?1)",
         "DELETE FROM group_members WHERE device_id IN (SELECT device_id FROM devices WHERE account_id = ?1)",
         "DELETE FROM inbox WHERE device_id IN (SELECT device_id FROM devices WHERE account_id = ?1)",
-        // Before the blobs, one of which it names.
-        "DELETE FROM backups WHERE account_id = ?1",
+        // Before the blobs, which it names.
+        "DELETE FROM backup_segments WHERE account_id = ?1",
         "DELETE FROM blobs WHERE account_id = ?1",
         "DELETE FROM devices WHERE account_id = ?1",
         "DELETE FROM revoked_devices WHERE account_id = ?1",
@@ -1518,29 +1583,32 @@ fn blob_row(db: &Connection, blob_id: &BlobId) -> Result<Option<BlobRecord>, Sto
     }))
 }
 
-/// True when an account names the blob as its backup.
+/// True when the blob is a segment of an account's backup.
 fn is_backup(db: &Connection, blob_id: &BlobId) -> Result<bool, StoreError> {
     Ok(db
-        .prepare_cached("SELECT 1 FROM backups WHERE blob_id = ?1")?
+        .prepare_cached("SELECT 1 FROM backup_segments WHERE blob_id = ?1")?
         .exists([blob_id.as_slice()])?)
 }
 
-/// The backup an account named, if any.
-fn backup_of(db: &Connection, account: &[u8]) -> Result<Option<Backup>, StoreError> {
-    let row = db
-        .prepare_cached("SELECT blob_id, size FROM backups WHERE account_id = ?1")?
-        .query_row([account], |row| {
+/// The segments of an account's backup, first to last.
+fn backup_chain(db: &Connection, account: &[u8]) -> Result<Vec<BackupSegment>, StoreError> {
+    let rows = db
+        .prepare_cached(
+            "SELECT blob_id, size FROM backup_segments WHERE account_id = ?1 ORDER BY position",
+        )?
+        .query_map([account], |row| {
             Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, i64>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|(blob_id, size)| {
+            Ok(BackupSegment {
+                blob_id: BlobId::try_from(blob_id)
+                    .map_err(|_| StoreError::Corrupt("a stored blob id has the wrong length"))?,
+                size: u64_from_sql(size)?,
+            })
         })
-        .optional()?;
-    let Some((blob_id, size)) = row else {
-        return Ok(None);
-    };
-    Ok(Some(Backup {
-        blob_id: BlobId::try_from(blob_id)
-            .map_err(|_| StoreError::Corrupt("a stored blob id has the wrong length"))?,
-        size: u64_from_sql(size)?,
-    }))
+        .collect()
 }
 
 /// The account of a registered device.
@@ -1928,6 +1996,35 @@ mod tests {
         }
     }
 
+    /// A device of the account of identity key `seed`, whose certificate names that key (its
+    /// signature left blank: the store trusts certificates checked at registration), and the
+    /// identity key's signature setting recovery with `verifier` at `locator`.
+    fn owner(seed: u8, verifier: [u8; 32], locator: [u8; 32]) -> (NewDevice, NewRecovery) {
+        use ed25519_dalek::Signer;
+        let identity = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let identity_key = identity.verifying_key().to_bytes();
+        let device = NewDevice {
+            device_id: DeviceId::from_device_key(&[seed; 32]),
+            account_id: AccountId::from_identity_key(&identity_key),
+            certificate: [identity_key.as_slice(), &[seed; 32], &[0; 64]].concat(),
+            ..new_device(seed)
+        };
+        let bundle = b"sealed".to_vec();
+        let signature = identity
+            .sign(&miyu_proto::cert::recovery_payload(
+                &verifier, &locator, &bundle,
+            ))
+            .to_bytes()
+            .to_vec();
+        let recovery = NewRecovery {
+            verifier,
+            locator,
+            bundle,
+            signature,
+        };
+        (device, recovery)
+    }
+
     /// Device 1 alone in group 1.
     fn group_alone(store: &mut SqliteStore) -> Result<(DeviceId, GroupId), StoreError> {
         let device = new_device(1);
@@ -2101,11 +2198,12 @@ mod tests {
     }
 
     #[test]
-    fn a_database_of_versions_1_to_5_is_upgraded_in_place_and_keeps_its_data()
+    fn a_database_of_versions_1_to_7_is_upgraded_in_place_and_keeps_its_data()
     -> Result<(), StoreError> {
+        use sha2::{Digest, Sha256};
         const DAY: u64 = 86_400;
         let account_active_day = NOW - NOW % DAY + 2 * DAY;
-        for old_version in [1, 2, 3, 4, 5] {
+        for old_version in [1, 2, 3, 4, 5, 6, 7] {
             let folder = tempfile::tempdir().expect("a temporary folder");
             let path = folder.path().join("miyu.sqlite");
             let device_id = new_device(1).device_id;
@@ -2118,6 +2216,8 @@ mod tests {
                     (3, MIGRATION_3),
                     (4, MIGRATION_4),
                     (5, MIGRATION_5),
+                    (6, MIGRATION_6),
+                    (7, MIGRATION_7),
                 ] {
                     if old_version >= version {
                         connection.execute_batch(migration)?;
@@ -2189,12 +2289,38 @@ mod tests {
                         params![[6u8; 32].as_slice(), clamp_to_sql(NOW + 600)],
                     )?;
                 }
+                if old_version >= 6 {
+                    // A recovery bundle without a locator, and one blob as the account's
+                    // backup: version 6 named it, version 7 made it a chain of one.
+                    connection.execute(
+                        "INSERT INTO recovery (account_id, verifier, bundle, failures, \
+                         window_ends_at) VALUES (?1, ?2, x'02', 0, 0)",
+                        params![
+                            account_id.as_bytes().as_slice(),
+                            Sha256::digest([1u8; 32]).as_slice()
+                        ],
+                    )?;
+                    let backup = if old_version == 6 {
+                        "INSERT INTO backups (account_id, blob_id, size) VALUES (?1, ?2, 7)"
+                    } else {
+                        "INSERT INTO backup_segments (account_id, position, blob_id, size) \
+                         VALUES (?1, 0, ?2, 7)"
+                    };
+                    connection.execute(
+                        backup,
+                        params![account_id.as_bytes().as_slice(), [4u8; 32].as_slice()],
+                    )?;
+                }
             }
             let mut store = SqliteStore::open(&path)?;
             assert!(store.device(&device_id)?.is_some());
             if old_version >= 5 {
                 assert_eq!(store.take_link(&[6; 32], NOW)?, [1]);
                 assert_eq!(store.blob(&[4; 32], &device_id, NOW)?.length, 10);
+            }
+            if old_version >= 6 {
+                // The backup is a segment: served past its expiry.
+                assert_eq!(store.blob(&[4; 32], &device_id, NOW + 7200)?.length, 10);
             }
             // The device's last active day is its account's, which version 1 did not keep.
             let listed = store.account_devices(&device_id)?;
@@ -2235,9 +2361,17 @@ mod tests {
             // A blob of the account, which has no group.
             store.create_blob(blob(3, None), 40)?;
             store.put_link([5; 32], b"sealed".to_vec(), NOW + 600, NOW)?;
-            store.set_recovery(&account_id, [8; 32], b"sealed".to_vec())?;
+            let (owner_device, owner_recovery) = owner(9, [8; 32], [10; 32]);
+            store.register_device(owner_device)?;
+            store.set_recovery(&DeviceId::from_device_key(&[9; 32]), owner_recovery)?;
             store.set_blob_length(&[3; 32], &device_id, 10)?;
-            assert_eq!(store.set_backup(&account_id, &[3; 32], 5, NOW)?, None);
+            let segment = BackupSegment {
+                blob_id: [3; 32],
+                size: 5,
+            };
+            // The one named before, if any, is replaced.
+            let replaced = store.set_backup(&account_id, segment, None, NOW)?;
+            assert_eq!(replaced.len(), usize::from(old_version >= 6));
             store.commit()?;
             drop(store);
             let connection = Connection::open(&path)?;
@@ -2249,6 +2383,10 @@ mod tests {
                 |row| row.get(0),
             )?;
             assert_eq!(dangling, 0);
+            // A bundle without a locator could never be found again: it went.
+            let bundles: i64 =
+                connection.query_row("SELECT count(*) FROM recovery", [], |row| row.get(0))?;
+            assert_eq!(bundles, 1);
             let mut store = SqliteStore::open(&path)?;
             let mut live = vec![[1; 32], [3; 32]];
             if old_version >= 3 {
@@ -2257,16 +2395,14 @@ mod tests {
                 assert_eq!(old.group_id, GroupId::from_bytes(&[2; 16]).ok());
                 assert_eq!(old.length, 10);
             }
-            if old_version >= 5 {
+            if old_version == 5 {
                 live.push([4; 32]);
             }
             assert_eq!(store.live_blob_ids()?, live);
             assert_eq!(store.blob(&[3; 32], &device_id, NOW)?.group_id, None);
-            // The new tables work: a wrong key counts, and the backup outlives its expiry.
-            assert_eq!(
-                store.recover(&account_id, &[1; 32], NOW)?,
-                Recovery::WrongKey
-            );
+            // The new tables work: a bundle is found by its locator and a wrong key counts,
+            // and the backup outlives its expiry.
+            assert_eq!(store.recover(&[10; 32], &[1; 32], NOW)?, Recovery::WrongKey);
             store.expire(NOW + 7200, 0)?;
             store.commit()?;
             assert_eq!(store.live_blob_ids()?, [[3; 32]]);
@@ -2279,20 +2415,19 @@ mod tests {
         use sha2::{Digest, Sha256};
         let folder = tempfile::tempdir().expect("a temporary folder");
         let path = folder.path().join("miyu.sqlite");
-        let account_id = new_device(1).account_id;
         let verifier: [u8; 32] = Sha256::digest([1u8; 32]).into();
+        let (device, recovery) = owner(1, verifier, [10; 32]);
+        let requester = device.device_id;
         let mut store = SqliteStore::open(&path)?;
-        store.set_recovery(&account_id, verifier, b"sealed".to_vec())?;
+        store.register_device(device)?;
+        store.set_recovery(&requester, recovery)?;
         for _ in 0..5 {
-            assert_eq!(
-                store.recover(&account_id, &[9; 32], NOW)?,
-                Recovery::WrongKey
-            );
+            assert_eq!(store.recover(&[10; 32], &[9; 32], NOW)?, Recovery::WrongKey);
             store.commit()?;
             drop(store);
             store = SqliteStore::open(&path)?;
         }
-        assert_eq!(store.recover(&account_id, &[1; 32], NOW)?, Recovery::Locked);
+        assert_eq!(store.recover(&[10; 32], &[1; 32], NOW)?, Recovery::Locked);
         Ok(())
     }
 

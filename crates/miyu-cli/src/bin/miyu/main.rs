@@ -105,8 +105,9 @@ enum Command {
         #[arg(long)]
         no_passphrase: bool,
     },
-    /// Upload an encrypted backup of the history (replacing the previous one), readable only
-    /// with the recovery key.
+    /// Upload an encrypted backup of the history, readable only with the recovery key: what
+    /// changed since the last backup, or now and then the whole history, which replaces the
+    /// backup before.
     Backup,
     /// Bring the latest backup into this profile's history.
     Restore {
@@ -369,8 +370,8 @@ fn print_restored(restored: &miyu_client::recovery::Restored, json: bool) -> any
     }
     if restored.backup {
         println!(
-            "account {}: {} conversations and {} messages back from the backup",
-            restored.account_id, restored.conversations, restored.messages
+            "account {}: {} conversations and {} messages back from the backup ({} segments)",
+            restored.account_id, restored.conversations, restored.messages, restored.segments
         );
     } else {
         println!("account {}: no backup to bring back", restored.account_id);
@@ -601,16 +602,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Backup => {
             let mut client = open(&profile, proxy).await?;
-            let messages = client.backup().await?;
+            let backed = client.backup().await?;
             client.disconnect().await;
             if cli.json {
-                print_json(&serde_json::json!({ "messages": messages }))
-            } else {
-                println!(
-                    "backed up ({messages} messages); the server keeps it until the next backup"
-                );
-                Ok(())
+                return print_json(&backed);
             }
+            use miyu_client::recovery::BackupKind;
+            let messages = backed.messages;
+            match backed.kind {
+                BackupKind::Full => println!(
+                    "full backup ({messages} messages): {} bytes, {} uploaded",
+                    backed.size, backed.uploaded
+                ),
+                BackupKind::Incremental => println!(
+                    "incremental backup ({messages} messages): {} bytes of changes, {} uploaded; \
+                     the backup has {} segments",
+                    backed.size, backed.uploaded, backed.segments
+                ),
+                BackupKind::Unchanged => {
+                    println!("nothing changed since the last backup; nothing uploaded")
+                }
+            }
+            Ok(())
         }
         Command::Restore { key } => {
             let mut client = open(&profile, proxy).await?;
