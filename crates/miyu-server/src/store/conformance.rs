@@ -2235,9 +2235,10 @@ fn a_revoked_device_loses_its_rows_and_groups_and_can_never_register_again(
     store.create_blob(new_blob(1, device(4), group(1), 100), QUOTA)?;
     store.create_blob(account_blob(2, device(4), 100), QUOTA)?;
     claim(store, device(4), 3, 3)?;
-    // Group 2: device 4 was removed by a commit it has not read yet.
-    store.create_group(new_group(2, device(1), &[device(4)]))?;
-    store.commit_members(member_commit(&group(2), 1, 0, &[], &[4]))?;
+    // Group 2: device 2 removed device 4 by a commit device 4 has not read yet.
+    claim(store, device(1), 2, 5)?;
+    store.create_group(new_group(2, device(1), &[device(4), device(2)]))?;
+    store.commit_members(member_commit(&group(2), 2, 0, &[], &[4]))?;
     store.commit()?;
     assert_eq!(store.memberships(&device(4))?.len(), 2);
     assert_eq!(store.inbox_entries(&device(4), 0, 10)?.len(), 1);
