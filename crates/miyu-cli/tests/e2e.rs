@@ -1348,6 +1348,86 @@ fn a_revoked_device_is_disconnected_at_once_and_can_never_get_back_in() {
     });
 }
 
+fn removal(group_id: &[u8], epoch: u64, device: &miyu_proto::DeviceId) -> Request {
+    Request::Commit(wire::Commit {
+        group_id: group_id.to_vec(),
+        epoch,
+        payload: b"a commit removing a leaf".to_vec(),
+        remove_devices: vec![device.as_bytes().to_vec()],
+        ..Default::default()
+    })
+}
+
+#[test]
+fn a_linked_device_cannot_remove_its_accounts_other_devices_until_they_are_revoked() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&root.path().join("server"), "127.0.0.1:0", &[]);
+    let address: ServerAddress = server.address.parse().unwrap();
+    runtime().block_on(async {
+        let (mut phone, phone_keys) = register(&address).await;
+        let phone_id = phone_keys.certificate().device_id();
+        let mut device_secret = [0u8; 32];
+        getrandom(&mut device_secret);
+        // A second device of the same account, certified by the same identity key.
+        let laptop_keys = miyu_crypto::identity::AccountKeys::from_secrets(
+            phone_keys.identity_secret().unwrap().as_slice(),
+            &device_secret,
+        )
+        .unwrap();
+        let laptop_id = laptop_keys.certificate().device_id();
+        let mut laptop = register_keys(&address, &laptop_keys).await;
+        let mut group_id = vec![0u8; 16];
+        getrandom(&mut group_id);
+        let id = phone
+            .send(Request::CreateGroup(wire::CreateGroup {
+                group_id: group_id.clone(),
+                epoch: 0,
+                member_devices: vec![laptop_id.as_bytes().to_vec()],
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        assert!(matches!(answer(&mut phone, id).await, Ok(Reply::Done(_))));
+
+        // Stolen, say: it may not end the phone's membership.
+        assert_eq!(
+            refused(&mut laptop, removal(&group_id, 0, &phone_id)).await,
+            ErrorCode::Forbidden
+        );
+        // The group is where it was: the phone posts at epoch 0, and the laptop still gets it.
+        let id = phone
+            .send(Request::Post(wire::Post {
+                group_id: group_id.clone(),
+                epoch: 0,
+                kind: wire::EntryKind::Application as i32,
+                payload: b"still in".to_vec(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        assert!(matches!(answer(&mut phone, id).await, Ok(Reply::Posted(_))));
+        let delivered = loop {
+            if let Some(Reply::Delivery(wire::Delivery {
+                entry: Some(wire::delivery::Entry::GroupEntry(entry)),
+            })) = laptop.receive().await.unwrap().body
+            {
+                break entry;
+            }
+        };
+        assert_eq!((delivered.seq, delivered.epoch), (1, 0));
+        assert_eq!(delivered.payload, b"still in");
+
+        // Revoked with the identity key, the laptop is out; naming it in a commit is then fine.
+        let id = phone
+            .send(revoke(&laptop_id, revocation(&phone_keys, &laptop_id)))
+            .await
+            .unwrap();
+        assert!(matches!(answer(&mut phone, id).await, Ok(Reply::Done(_))));
+        let id = phone.send(removal(&group_id, 0, &laptop_id)).await.unwrap();
+        assert!(matches!(answer(&mut phone, id).await, Ok(Reply::Posted(_))));
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Recovery: a bundle found by its locator, handed out against a key, set by the identity key
 // only, guessing locked out per bundle.

@@ -107,6 +107,7 @@ conformance_suite! {
     revoked_devices_are_forgotten_with_their_account
     own_devices_are_claimed_without_a_shared_group_and_without_the_claimer
     own_devices_are_added_to_groups_without_a_grant
+    a_commit_removes_no_registered_device_of_its_committers_account
     an_account_blob_is_seen_by_the_accounts_registered_devices_only
     account_blobs_count_against_the_quota_expire_and_go_with_the_account
     a_recovery_bundle_is_found_by_its_locator_for_the_right_key_and_replaced_by_the_next
@@ -2240,9 +2241,10 @@ fn a_revoked_device_loses_its_rows_and_groups_and_can_never_register_again(
     store.create_blob(new_blob(1, device(4), group(1), 100), QUOTA)?;
     store.create_blob(account_blob(2, device(4), 100), QUOTA)?;
     claim(store, device(4), 3, 3)?;
-    // Group 2: device 4 was removed by a commit it has not read yet.
-    store.create_group(new_group(2, device(1), &[device(4)]))?;
-    store.commit_members(member_commit(&group(2), 1, 0, &[], &[4]))?;
+    // Group 2: device 2 removed device 4 by a commit device 4 has not read yet.
+    claim(store, device(1), 2, 5)?;
+    store.create_group(new_group(2, device(1), &[device(4), device(2)]))?;
+    store.commit_members(member_commit(&group(2), 2, 0, &[], &[4]))?;
     store.commit()?;
     assert_eq!(store.memberships(&device(4))?.len(), 2);
     assert_eq!(store.inbox_entries(&device(4), 0, 10)?.len(), 1);
@@ -2406,6 +2408,75 @@ fn own_devices_are_added_to_groups_without_a_grant(store: &mut dyn Store) -> Out
         Err(StoreError::Forbidden)
     ));
     store.commit()?;
+    Ok(())
+}
+
+fn a_commit_removes_no_registered_device_of_its_committers_account(
+    store: &mut dyn Store,
+) -> Outcome {
+    let alice = identity(1);
+    store.register_device(device_of(&alice, 1))?;
+    store.register_device(device_of(&alice, 4))?;
+    register(store, &[2])?;
+    claim(store, device(4), 2, 2)?;
+    // Alice's devices 1 and 4, and device 2 of another account.
+    store.create_group(new_group(1, device(4), &[device(1), device(2)]))?;
+    store.commit()?;
+    // Neither of Alice's devices may cut the other off (a stolen linked one, say), alone or
+    // along with another account's device, and a retry at another epoch would not help.
+    for (committer, epoch, remove) in [
+        (4, 0, &[1][..]),
+        (4, 0, &[2, 1]),
+        (1, 0, &[4]),
+        (4, 5, &[1]),
+    ] {
+        assert!(
+            matches!(
+                store.commit_members(member_commit(&group(1), committer, epoch, &[], remove)),
+                Err(StoreError::Forbidden)
+            ),
+            "device {committer} removing {remove:?} at epoch {epoch} must be forbidden"
+        );
+    }
+    store.commit()?;
+    // Nothing changed: no entry, every member still in, the group still at epoch 0.
+    assert!(
+        store
+            .group_entries(&group(1), &device(1), 0, 10, NOW)?
+            .is_empty()
+    );
+    assert_eq!(
+        store.memberships(&device(1))?,
+        vec![Membership {
+            group_id: group(1),
+            cursor: 0
+        }]
+    );
+    let appended = store.append(
+        &group(1),
+        &device(1),
+        Epoch(0),
+        EntryKind::Application,
+        b"still here".to_vec(),
+        None,
+        NOW,
+    )?;
+    assert_eq!(
+        sorted(appended.members),
+        sorted(vec![device(1), device(2), device(4)])
+    );
+    // Another account's device is removed as before.
+    let committed = store.commit_members(member_commit(&group(1), 4, 0, &[], &[2]))?;
+    assert_eq!(committed.removed, [device(2)]);
+    assert_eq!(committed.members, sorted(vec![device(1), device(4)]));
+    // Once revoked (which ends its memberships), device 4 may be named; so may an unknown
+    // device. Nothing changes for either.
+    store.revoke_device(&device(1), &device(4), &revocation(&alice, 4))?;
+    let committed = store.commit_members(member_commit(&group(1), 1, 1, &[], &[4, 9]))?;
+    store.commit()?;
+    assert_eq!(committed.seq, 3);
+    assert!(committed.removed.is_empty());
+    assert_eq!(committed.members, [device(1)]);
     Ok(())
 }
 

@@ -486,12 +486,7 @@ impl Store for MemoryStore {
         claimer: &DeviceId,
         now: u64,
     ) -> Result<Vec<ClaimedKeyPackage>, StoreError> {
-        let account_of = |device: &DeviceId| {
-            self.devices
-                .get(device)
-                .map(|device| device.record.account_id)
-        };
-        if account_of(claimer) == Some(*account_id) {
+        if self.account_of(claimer) == Some(*account_id) {
             // The claimer's other devices: it needs no key package of its own.
             return Ok(self.claim_account(*account_id, claimer, now, Some(*claimer)));
         }
@@ -500,7 +495,7 @@ impl Store for MemoryStore {
                 && group
                     .members
                     .keys()
-                    .any(|member| account_of(member) == Some(*account_id))
+                    .any(|member| self.account_of(member) == Some(*account_id))
         });
         if !shares_a_group {
             return Err(StoreError::NotFound);
@@ -510,6 +505,19 @@ impl Store for MemoryStore {
 
     fn commit_members(&mut self, commit: NewCommit) -> Result<Committed, StoreError> {
         super::check_commit_shape(&commit)?;
+        // Only a revocation, signed by the identity key, ends the memberships of an account's
+        // own devices, so that a stolen linked device cannot cut the others off. A revoked
+        // device is registered no longer, and may be named.
+        let committer_account = self
+            .account_of(&commit.committer)
+            .ok_or(StoreError::Forbidden)?;
+        if commit
+            .remove
+            .iter()
+            .any(|device| self.account_of(device) == Some(committer_account))
+        {
+            return Err(StoreError::Forbidden);
+        }
         let group = self
             .groups
             .get(&commit.group_id)
@@ -952,16 +960,18 @@ impl MemoryStore {
 }
 
 impl MemoryStore {
+    /// The account of a registered device; `None` for one unknown or revoked.
+    fn account_of(&self, device: &DeviceId) -> Option<AccountId> {
+        self.devices
+            .get(device)
+            .map(|device| device.record.account_id)
+    }
+
     /// What lets `adder` add `device` to a group at `now`, if anything: being of the same
     /// account (and registered), or an unexpired grant from a claim.
     fn may_add(&self, adder: &DeviceId, device: &DeviceId, now: u64) -> Option<Right> {
-        let account_of = |device: &DeviceId| {
-            self.devices
-                .get(device)
-                .map(|device| device.record.account_id)
-        };
-        let target = account_of(device)?;
-        if account_of(adder) == Some(target) {
+        let target = self.account_of(device)?;
+        if self.account_of(adder) == Some(target) {
             return Some(Right::SameAccount);
         }
         self.grants

@@ -462,7 +462,9 @@ pub trait Store: Send + 'static {
     /// step. `NotFound` if there is no such group, `EpochMismatch` as for `append`,
     /// `Forbidden` if the committer is not a member, an added device is not registered or, of
     /// another account than the committer's, has no grant to the committer (grants are
-    /// consumed), or a Welcome goes to a device not being added,
+    /// consumed), a removed device is a registered one of the committer's own account (only
+    /// `revoke_device`, signed by the identity key, ends those), or a Welcome goes to a device
+    /// not being added,
     /// `Invalid` if a device is named twice, both added and removed, the committer, or added
     /// while a member already. A removed device that is no longer a member (it left) is
     /// skipped. Added devices start reading after the commit; removed ones still read up to

@@ -639,6 +639,9 @@ impl Store for SqliteStore {
         super::check_commit_shape(&commit)?;
         self.write(|db| {
             let group_key = commit.group_id.as_bytes();
+            let committer_account =
+                account_of(db, &commit.committer)?.ok_or(StoreError::Forbidden)?;
+            check_own_removals(db, &committer_account, &commit.remove)?;
             let seq = append_entry(
                 db,
                 &commit.group_id,
@@ -668,8 +671,6 @@ impl Store for SqliteStore {
                     removed_now.push(*device);
                 }
             }
-            let committer_account =
-                account_of(db, &commit.committer)?.ok_or(StoreError::Forbidden)?;
             for device in &commit.add {
                 if is_member(db, group_key, device)? {
                     return Err(StoreError::Invalid("an added device is a member already"));
@@ -1617,6 +1618,23 @@ fn account_of(db: &Connection, device_id: &DeviceId) -> Result<Option<Vec<u8>>, 
         .prepare_cached("SELECT account_id FROM devices WHERE device_id = ?1")?
         .query_row([device_id.as_bytes().as_slice()], |row| row.get(0))
         .optional()?)
+}
+
+/// `Forbidden` if `remove` names a registered device of `committer_account`: only a
+/// revocation, signed by the identity key, ends the memberships of an account's own devices,
+/// so that a stolen linked device cannot cut the others off. A revoked device is registered no
+/// longer, and may be named.
+fn check_own_removals(
+    db: &Connection,
+    committer_account: &[u8],
+    remove: &[DeviceId],
+) -> Result<(), StoreError> {
+    for device in remove {
+        if account_of(db, device)?.is_some_and(|account| account == committer_account) {
+            return Err(StoreError::Forbidden);
+        }
+    }
+    Ok(())
 }
 
 /// The right of `adder` (of `adder_account`) to add `device` to a group: a device of the same
