@@ -7,7 +7,7 @@ use std::path::Path;
 
 use common::{
     Chat, Server, answer, connect_pair, conversation, count_in_files, miyu, miyu_ok, register,
-    register_keys, runtime,
+    register_keys, register_second_device, runtime,
 };
 use miyu_client::net::Connection;
 use miyu_proto::ServerAddress;
@@ -1235,15 +1235,9 @@ fn a_revoked_device_is_disconnected_at_once_and_can_never_get_back_in() {
     let address: ServerAddress = server.address.parse().unwrap();
     runtime().block_on(async {
         let (mut phone, phone_keys) = register(&address).await;
-        let mut device_secret = [0u8; 32];
-        getrandom(&mut device_secret);
-        let laptop_keys = miyu_crypto::identity::AccountKeys::from_secrets(
-            phone_keys.identity_secret().unwrap().as_slice(),
-            &device_secret,
-        )
-        .unwrap();
+        // A second device of the same account, certified by the same identity key.
+        let (mut laptop, laptop_keys) = register_second_device(&address, &phone_keys).await;
         let laptop_id = laptop_keys.certificate().device_id();
-        let mut laptop = register_keys(&address, &laptop_keys).await;
         let (mut stranger, stranger_keys) = register(&address).await;
 
         let today = std::time::SystemTime::now()
@@ -1366,16 +1360,9 @@ fn a_linked_device_cannot_remove_its_accounts_other_devices_until_they_are_revok
     runtime().block_on(async {
         let (mut phone, phone_keys) = register(&address).await;
         let phone_id = phone_keys.certificate().device_id();
-        let mut device_secret = [0u8; 32];
-        getrandom(&mut device_secret);
         // A second device of the same account, certified by the same identity key.
-        let laptop_keys = miyu_crypto::identity::AccountKeys::from_secrets(
-            phone_keys.identity_secret().unwrap().as_slice(),
-            &device_secret,
-        )
-        .unwrap();
+        let (mut laptop, laptop_keys) = register_second_device(&address, &phone_keys).await;
         let laptop_id = laptop_keys.certificate().device_id();
-        let mut laptop = register_keys(&address, &laptop_keys).await;
         let mut group_id = vec![0u8; 16];
         getrandom(&mut group_id);
         let id = phone

@@ -469,6 +469,21 @@ pub(crate) fn free_contact_name(
     })
 }
 
+/// The contact of a one-to-one conversation (none for a group or an unknown one).
+pub(crate) fn conversation_contact(
+    connection: &Connection,
+    group_id: &[u8],
+) -> Result<Option<String>, Error> {
+    Ok(connection
+        .query_row(
+            "SELECT contact FROM conversations WHERE group_id = ?1",
+            params![group_id],
+            |row| row.get(0),
+        )
+        .optional()?
+        .flatten())
+}
+
 /// A name for a group that no contact and no other group has: `wanted`, else `wanted-2`, ...
 pub(crate) fn free_group_name(
     connection: &Connection,

@@ -1127,14 +1127,7 @@ impl Client {
         // A conversation the account's history brought: only our own device may bring us
         // into it, and only with the contact it is with (a server could otherwise build a
         // Welcome of its own for the same id and stand in for the contact).
-        let known: Option<String> = db
-            .query_row(
-                "SELECT contact FROM conversations WHERE group_id = ?1",
-                params![group_id],
-                |row| row.get(0),
-            )
-            .optional()?
-            .flatten();
+        let known = db::conversation_contact(db, &group_id)?;
         if let Some(contact) = known
             && (contact != account || joined.sender.account_id() != me)
         {
@@ -1753,38 +1746,13 @@ impl Client {
             .to_string();
         let named_locally = name.is_some();
         let contact = db::in_transaction(&self.db, |db| {
-            let provider = Provider::new(db);
-            let created = mls::create_group(
-                &provider,
-                &self.keys,
-                &group_id,
-                &key_packages,
-                mls::Tree::InWelcome,
-            )?;
-            let welcome = wire::WelcomePackage {
-                welcome: created.welcome,
-                ..Default::default()
-            }
-            .encode_to_vec();
+            let announce =
+                self.create_conversation_group(db, &group_id, &devices, &key_packages)?;
             let contact_name = db::free_contact_name(db, &wanted, &account)?;
             db.execute(
                 "INSERT INTO contacts (account_id, name, named_locally, certificate, added_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![account, contact_name, named_locally, certificate.to_compact(), now_ms()],
             )?;
-            let announce = wire::CreateGroup {
-                group_id: group_id.to_vec(),
-                epoch: created.epoch,
-                member_devices: devices.iter().map(|d| d.as_bytes().to_vec()).collect(),
-                welcome: Vec::new(),
-                posting_key: Vec::new(),
-                welcomes: devices
-                    .iter()
-                    .map(|d| wire::InboxMessage {
-                        device_id: d.as_bytes().to_vec(),
-                        payload: welcome.clone(),
-                    })
-                    .collect(),
-            };
             db.execute(
                 "INSERT INTO conversations (group_id, contact, scope, announce, last_update_ms) VALUES (?1, ?2, ?2, ?3, ?4)",
                 params![group_id.as_slice(), account, announce.encode_to_vec(), now_ms()],
@@ -1815,6 +1783,42 @@ impl Client {
         self.announce_pending_groups().await?;
         self.flush_outbox().await?;
         Ok(contact)
+    }
+
+    /// Creates the MLS group of a conversation with the devices of `key_packages` (its small
+    /// tree travels in the Welcome), in the caller's transaction; returns the `CreateGroup`
+    /// that announces it to the server (`announce_pending_groups` sends it).
+    fn create_conversation_group(
+        &self,
+        db: &Connection,
+        group_id: &[u8],
+        devices: &[miyu_proto::DeviceId],
+        key_packages: &[mls::KeyPackage],
+    ) -> Result<wire::CreateGroup, Error> {
+        let created = mls::create_group(
+            &Provider::new(db),
+            &self.keys,
+            group_id,
+            key_packages,
+            mls::Tree::InWelcome,
+        )?;
+        let welcome = if devices.is_empty() {
+            Vec::new()
+        } else {
+            wire::WelcomePackage {
+                welcome: created.welcome,
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        Ok(wire::CreateGroup {
+            group_id: group_id.to_vec(),
+            epoch: created.epoch,
+            member_devices: devices.iter().map(|d| d.as_bytes().to_vec()).collect(),
+            welcomes: Vec::new(),
+            welcome,
+            posting_key: Vec::new(),
+        })
     }
 
     /// Sends CreateGroup for conversations the server does not know yet.

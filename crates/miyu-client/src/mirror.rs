@@ -87,8 +87,8 @@ pub(crate) fn join(db: &Connection, joined: &JoinedGroup, me: AccountId) -> Resu
     Ok(())
 }
 
-/// The account groups this device can post to with at least one other device in them.
-fn shared_groups(db: &Connection) -> Result<Vec<Vec<u8>>, Error> {
+/// The account groups this device is still a member of, with their MLS state.
+fn account_groups(db: &Connection) -> Result<Vec<(Vec<u8>, MlsGroup)>, Error> {
     let candidates: Vec<Vec<u8>> = {
         let mut statement = db.prepare_cached(
             "SELECT group_id FROM conversations WHERE scope = ?1 AND broken IS NULL",
@@ -102,35 +102,31 @@ fn shared_groups(db: &Connection) -> Result<Vec<Vec<u8>>, Error> {
     for group_id in candidates {
         if let Some(group) = mls::load_group(&provider, &group_id)?
             && mls::is_active(&group)
-            && mls::members(&group).len() > 1
         {
-            groups.push(group_id);
+            groups.push((group_id, group));
         }
     }
     Ok(groups)
 }
 
+/// The account groups this device can post to with at least one other device in them.
+fn shared_groups(db: &Connection) -> Result<Vec<Vec<u8>>, Error> {
+    Ok(account_groups(db)?
+        .into_iter()
+        .filter(|(_, group)| mls::members(group).len() > 1)
+        .map(|(group_id, _)| group_id)
+        .collect())
+}
+
 /// The account's other devices as its account groups know them (MLS-authenticated members,
 /// certified by the identity key), without those revoked.
 fn account_devices(db: &Connection, me: DeviceId) -> Result<HashSet<DeviceId>, Error> {
-    let candidates: Vec<Vec<u8>> = {
-        let mut statement =
-            db.prepare("SELECT group_id FROM conversations WHERE scope = ?1 AND broken IS NULL")?;
-        statement
-            .query_map(params![SCOPE], |row| row.get(0))?
-            .collect::<Result<_, _>>()?
-    };
-    let provider = Provider::new(db);
     let mut found = HashSet::new();
-    for group_id in candidates {
-        if let Some(group) = mls::load_group(&provider, &group_id)?
-            && mls::is_active(&group)
-        {
-            for (_, member) in mls::members(&group) {
-                let device = member.device_id();
-                if device != me && !devices::is_revoked(db, &device)? {
-                    found.insert(device);
-                }
+    for (_, group) in account_groups(db)? {
+        for (_, member) in mls::members(&group) {
+            let device = member.device_id();
+            if device != me && !devices::is_revoked(db, &device)? {
+                found.insert(device);
             }
         }
     }
@@ -139,20 +135,7 @@ fn account_devices(db: &Connection, me: DeviceId) -> Result<HashSet<DeviceId>, E
 
 /// Whether this device has an account group it is still a member of.
 fn has_account_group(db: &Connection) -> Result<bool, Error> {
-    let candidates: Vec<Vec<u8>> = {
-        let mut statement =
-            db.prepare("SELECT group_id FROM conversations WHERE scope = ?1 AND broken IS NULL")?;
-        statement
-            .query_map(params![SCOPE], |row| row.get(0))?
-            .collect::<Result<_, _>>()?
-    };
-    let provider = Provider::new(db);
-    for group_id in candidates {
-        if mls::load_group(&provider, &group_id)?.is_some_and(|group| mls::is_active(&group)) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    Ok(!account_groups(db)?.is_empty())
 }
 
 /// A contact as `Sync` carries it, if the account has accepted them.
@@ -297,16 +280,7 @@ impl Client {
             {
                 Ok(()) => {
                     // The newcomer may know nothing of the contact (no backup): their name.
-                    let contact: Option<String> = self
-                        .db
-                        .query_row(
-                            "SELECT contact FROM conversations WHERE group_id = ?1",
-                            params![group_id],
-                            |row| row.get(0),
-                        )
-                        .optional()?
-                        .flatten();
-                    if let Some(contact) = contact {
+                    if let Some(contact) = db::conversation_contact(&self.db, &group_id)? {
                         db::in_transaction(&self.db, |db| self.share_contact_in(db, &contact))?;
                     }
                 }
@@ -382,31 +356,8 @@ impl Client {
             .unwrap_or_default();
         let group_id: [u8; ACCOUNT_GROUP_ID_LEN] = random();
         db::in_transaction(&self.db, |db| {
-            let provider = Provider::new(db);
-            let created = mls::create_group(
-                &provider,
-                &self.keys,
-                &group_id,
-                &key_packages,
-                mls::Tree::InWelcome,
-            )?;
-            let welcome = wire::WelcomePackage {
-                welcome: created.welcome,
-                ..Default::default()
-            }
-            .encode_to_vec();
-            let announce = wire::CreateGroup {
-                group_id: group_id.to_vec(),
-                epoch: created.epoch,
-                member_devices: devices.iter().map(|d| d.as_bytes().to_vec()).collect(),
-                welcomes: Vec::new(),
-                welcome: if devices.is_empty() {
-                    Vec::new()
-                } else {
-                    welcome
-                },
-                posting_key: Vec::new(),
-            };
+            let announce =
+                self.create_conversation_group(db, &group_id, &devices, &key_packages)?;
             db.execute(
                 "INSERT INTO conversations (group_id, contact, scope, announce, last_update_ms) VALUES (?1, NULL, ?2, ?3, ?4)",
                 params![group_id.as_slice(), SCOPE, announce.encode_to_vec(), now_ms()],

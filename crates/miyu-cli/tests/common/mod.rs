@@ -341,6 +341,27 @@ pub async fn register(
     (connection, keys)
 }
 
+/// Registers another device of the account of `first` (which holds its identity key) over a
+/// raw connection.
+pub async fn register_second_device(
+    address: &miyu_proto::ServerAddress,
+    first: &miyu_crypto::identity::AccountKeys,
+) -> (
+    miyu_client::net::Connection,
+    miyu_crypto::identity::AccountKeys,
+) {
+    use rand::RngCore as _;
+    let mut device_secret = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut device_secret);
+    let keys = miyu_crypto::identity::AccountKeys::from_secrets(
+        first.identity_secret().unwrap().as_slice(),
+        &device_secret,
+    )
+    .unwrap();
+    let connection = register_keys(address, &keys).await;
+    (connection, keys)
+}
+
 /// Registers the device of `keys` over a raw connection.
 pub async fn register_keys(
     address: &miyu_proto::ServerAddress,
