@@ -293,6 +293,8 @@ ALTER TABLE contacts ADD COLUMN intro_proof BLOB;
 -- The identity key's signature over a revoked device's revocation: with it any device of the
 -- account may remove the device from a group.
 ALTER TABLE devices ADD COLUMN revocation BLOB;
+-- The server has taken the revocation (this device sent it, or learned it from another).
+ALTER TABLE devices ADD COLUMN revoked_at_server INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// Version 9: incremental backups. The keys of rows a backup holds that changed since the last

@@ -435,16 +435,13 @@ impl Client {
                     })
                 })?;
             // The server cannot slip another account's device, this one, or one we revoked
-            // into our own.
-            if certificate.account_id() != me.account_id() || certificate == me {
-                return Err(Error::Security(
-                    "the server handed out a device that is not another of ours".into(),
-                ));
-            }
-            if self.is_revoked(&certificate.device_id())? {
-                return Err(Error::Security(
-                    "the server handed out a device this account revoked".into(),
-                ));
+            // into our own: such a device is left out (and what else is to be done goes on).
+            if certificate.account_id() != me.account_id()
+                || certificate == me
+                || self.is_revoked(&certificate.device_id())?
+            {
+                tracing::warn!("the server handed out a device that is not another of ours");
+                continue;
             }
             key_packages.push(mls::check_key_package(
                 &provider,
@@ -574,28 +571,41 @@ impl Client {
         // device is never added anywhere again. The account's other devices are told, with
         // the signature, so that they remove it from their groups too (this device may not be
         // in all of them).
+        let revocation = mls::Revocation { device, signature };
         db::in_transaction(&self.db, |db| {
-            record_revocation(db, &device, &signature)?;
-            self.queue_sync_in(
-                db,
-                wire::Sync {
-                    revoked: vec![wire::DeviceRevocation {
-                        device_id: device.as_bytes().to_vec(),
-                        signature: signature.to_vec(),
-                    }],
-                    ..Default::default()
-                },
-            )?;
+            record_revocation(db, self.keys.certificate(), &revocation, false)?;
+            // Every Sync of this device carries its revocations (`queue_sync_in`).
+            self.queue_sync_in(db, wire::Sync::default())?;
             Ok(())
         })?;
-        self.call(Request::RevokeDevice(wire::RevokeDevice {
-            device_id: device.as_bytes().to_vec(),
-            signature: signature.to_vec(),
-        }))
-        .await?;
+        self.revoke_at_server(&revocation).await?;
         self.catch_up().await?;
         self.remove_revoked_devices().await?;
+        // The Sync, sealed before the removals, goes out now (sealed again for the account
+        // group's new epoch, which the revoked device no longer holds).
+        self.flush_outbox().await?;
         Ok(device.to_string())
+    }
+
+    /// Sends a revocation to the server (which takes it again without harm) and notes it.
+    async fn revoke_at_server(&mut self, revocation: &mls::Revocation) -> Result<(), Error> {
+        match self
+            .call(Request::RevokeDevice(wire::RevokeDevice {
+                device_id: revocation.device.as_bytes().to_vec(),
+                signature: revocation.signature.to_vec(),
+            }))
+            .await
+        {
+            Ok(_) => {}
+            // Never registered, or gone with its account: nothing to revoke there.
+            Err(Error::Server(error)) if error.code == wire::ErrorCode::NotFound => {}
+            Err(error) => return Err(error),
+        }
+        self.db.execute(
+            "UPDATE devices SET revoked_at_server = 1 WHERE device_id = ?1",
+            params![revocation.device.to_string()],
+        )?;
+        Ok(())
     }
 
     fn is_revoked(&self, device: &DeviceId) -> Result<bool, Error> {
@@ -606,6 +616,23 @@ impl Client {
     /// device is in and they still are: at revocation, and again at each sync until done, on
     /// every device of the account that knows of the revocation.
     pub(crate) async fn remove_revoked_devices(&mut self) -> Result<(), Error> {
+        // A `RevokeDevice` that failed (the network) is sent again until the server takes it.
+        let unsent: Vec<mls::Revocation> = {
+            let mut statement = self.db.prepare(
+                "SELECT device_id FROM devices WHERE revocation IS NOT NULL AND revoked_at_server = 0",
+            )?;
+            let ids: Vec<String> = statement
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            let known = revocations(&self.db)?;
+            known
+                .into_iter()
+                .filter(|revocation| ids.contains(&revocation.device.to_string()))
+                .collect()
+        };
+        for revocation in &unsent {
+            self.revoke_at_server(revocation).await?;
+        }
         let revoked: Vec<DeviceId> = {
             let mut statement = self
                 .db
@@ -658,16 +685,28 @@ pub(crate) fn is_revoked(db: &Connection, device: &DeviceId) -> Result<bool, Err
 }
 
 /// Remembers a device the identity key revoked, with the signature that lets this device
-/// remove it from groups.
+/// remove it from groups; `at_server` once the server has taken it (or another device saw to
+/// that). This device's own revocation is left to the server, which refuses it.
 pub(crate) fn record_revocation(
     db: &Connection,
-    device: &DeviceId,
-    signature: &[u8; 64],
+    me: &VerifiedCertificate,
+    revocation: &mls::Revocation,
+    at_server: bool,
 ) -> Result<(), Error> {
+    if revocation.device == me.device_id() {
+        return Ok(());
+    }
     db.execute(
-        "INSERT INTO devices (device_id, name, revoked_at_ms, revocation) VALUES (?1, '', ?2, ?3)
-         ON CONFLICT (device_id) DO UPDATE SET revoked_at_ms = COALESCE(revoked_at_ms, ?2), revocation = ?3",
-        params![device.to_string(), now_ms(), signature.as_slice()],
+        "INSERT INTO devices (device_id, name, revoked_at_ms, revocation, revoked_at_server)
+         VALUES (?1, '', ?2, ?3, ?4)
+         ON CONFLICT (device_id) DO UPDATE SET revoked_at_ms = COALESCE(revoked_at_ms, ?2),
+         revocation = ?3, revoked_at_server = MAX(revoked_at_server, ?4)",
+        params![
+            revocation.device.to_string(),
+            now_ms(),
+            revocation.signature.as_slice(),
+            at_server
+        ],
     )?;
     Ok(())
 }

@@ -1294,6 +1294,15 @@ impl Client {
                 return Ok(None);
             }
         };
+        if let Incoming::Commit(summary) = &incoming
+            && summary.committer.account_id() == self.account_id()
+        {
+            // Another device of ours removed a revoked one: now this device knows it too, and
+            // never brings it back (even if the account group's word of it never came).
+            for revocation in &summary.revocations {
+                devices::record_revocation(db, self.keys.certificate(), revocation, true)?;
+            }
+        }
         if account_group {
             return self.on_account_entry(db, &entry.group_id, &group, incoming);
         }

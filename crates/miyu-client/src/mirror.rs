@@ -201,12 +201,35 @@ fn is_empty(sync: &wire::Sync) -> bool {
         && sync.settings.is_empty()
         && sync.blocked.is_empty()
         && sync.declined.is_empty()
+        && sync.revoked.is_empty()
+        && sync.invites_used.is_empty()
 }
 
 impl Client {
     /// Queues `sync` for the account's other devices (in the caller's transaction); returns
     /// whether there was anyone to tell. `flush` (or the next sync) posts it.
-    pub(crate) fn queue_sync_in(&self, db: &Connection, sync: wire::Sync) -> Result<bool, Error> {
+    pub(crate) fn queue_sync_in(
+        &self,
+        db: &Connection,
+        mut sync: wire::Sync,
+    ) -> Result<bool, Error> {
+        if self.keys.has_identity() {
+            // The device that revokes repeats its revocations in every Sync: one the server
+            // kept from a device is made good by the next.
+            for revocation in devices::revocations(db)? {
+                let device_id = revocation.device.as_bytes().to_vec();
+                if !sync
+                    .revoked
+                    .iter()
+                    .any(|known| known.device_id == device_id)
+                {
+                    sync.revoked.push(wire::DeviceRevocation {
+                        device_id,
+                        signature: revocation.signature.to_vec(),
+                    });
+                }
+            }
+        }
         if is_empty(&sync) {
             return Ok(false);
         }
@@ -246,25 +269,25 @@ impl Client {
                     .into_iter()
                     .map(|(_, member)| member.device_id())
                     .collect();
-                if mine.iter().any(|device| !present.contains(device)) {
-                    lacking.push(group_id);
+                let missing: HashSet<DeviceId> = mine.difference(&present).copied().collect();
+                if !missing.is_empty() {
+                    lacking.push((group_id, missing));
                 }
             }
         }
         if lacking.is_empty() {
             return Ok(());
         }
-        for group_id in lacking {
-            // One key package of each other device: those already in are left out by the
-            // commit itself.
+        for (group_id, missing) in lacking {
+            // One key package of each other device; those the conversation lacks are added.
             let Some(claimed) = self.claim_own_devices().await? else {
-                return Ok(());
+                break;
             };
             let (devices, key_packages) = claimed
                 .devices
                 .into_iter()
                 .zip(claimed.key_packages)
-                .filter(|(device, _)| mine.contains(device))
+                .filter(|(device, _)| missing.contains(device))
                 .unzip();
             let claimed = Claimed {
                 account: claimed.account,
@@ -272,7 +295,9 @@ impl Client {
                 key_packages,
             };
             if claimed.devices.is_empty() {
-                continue;
+                // The server hands out none of them (revoked there, say): no use asking again
+                // for every conversation at this sync.
+                break;
             }
             match self
                 .commit_membership_once(&group_id, std::slice::from_ref(&claimed), Gone::NOBODY)
@@ -414,7 +439,8 @@ impl Client {
                     &signature,
                 )
             {
-                devices::record_revocation(db, &device, &signature)?;
+                let revocation = mls::Revocation { device, signature };
+                devices::record_revocation(db, self.keys.certificate(), &revocation, true)?;
             }
         }
         for contact in sync.contacts.iter().take(MAX_ITEMS) {

@@ -541,9 +541,9 @@ pub fn remove_members(
         .iter()
         .map(|leaf| LeafNodeIndex::new(*leaf))
         .collect();
-    // Devices of our own account go only with the identity key's revocation of each (made
-    // here, or passed on from the device that holds the key), which every member checks: a
-    // stolen linked device cannot push the account's others out.
+    // Devices of our own account go only with the identity key's revocation of each (made by
+    // `RevokeDevice`'s signer and passed in), which every member checks: a stolen linked device
+    // cannot push the account's others out.
     let me = keys.certificate().account_id();
     let mut authenticated_data = Vec::new();
     for leaf in &leaves {
@@ -553,17 +553,13 @@ pub fn remove_members(
         let device = member_certificate(&member.credential, &member.signature_key)?;
         if device.account_id() == me {
             let device_id = device.device_id();
-            let signature = match revocations
+            let signature = revocations
                 .iter()
                 .find(|revocation| revocation.device == device_id)
-            {
-                Some(revocation) => revocation.signature,
-                None => keys.sign_revocation(&device_id).map_err(|_| {
-                    MlsError::BadMember(
-                        "an own device is removed only once the identity key revoked it",
-                    )
-                })?,
-            };
+                .ok_or(MlsError::BadMember(
+                    "an own device is removed only once the identity key revoked it",
+                ))?
+                .signature;
             authenticated_data.extend_from_slice(device_id.as_bytes());
             authenticated_data.extend_from_slice(&signature);
         }
@@ -682,6 +678,9 @@ pub struct CommitSummary {
     pub committer: VerifiedCertificate,
     pub added: Vec<VerifiedCertificate>,
     pub removed: Vec<VerifiedCertificate>,
+    /// The identity key's revocations of the removed devices of the committer's own account,
+    /// checked: whoever reads the commit learns of them.
+    pub revocations: Vec<Revocation>,
 }
 
 /// Checks a leaf that replaces the one at `index`: valid certificate, same account.
@@ -715,26 +714,33 @@ pub struct Revocation {
 /// identity key's signature over its revocation (64 bytes, PROTOCOL.md §10.10).
 const REVOCATION_LEN: usize = 16 + 64;
 
-/// Whether a commit's authenticated data carries the revocation of `device`, signed by the
-/// identity key of the committer's account (which is also the device's).
+/// The revocation of `device` a commit's authenticated data carries, signed by the identity
+/// key of the committer's account (which is also the device's), if it does.
 fn revoked_in(
     authenticated_data: &[u8],
     committer: &VerifiedCertificate,
     device: &VerifiedCertificate,
-) -> bool {
+) -> Option<Revocation> {
     let device_id = device.device_id();
-    authenticated_data.len().is_multiple_of(REVOCATION_LEN)
-        && authenticated_data
-            .chunks_exact(REVOCATION_LEN)
-            .any(|revocation| {
-                let (id, signature) = revocation.split_at(16);
-                id == device_id.as_bytes()
-                    && miyu_proto::cert::verify_revocation(
-                        committer.identity_key(),
-                        &device_id,
-                        signature,
-                    )
+    if !authenticated_data.len().is_multiple_of(REVOCATION_LEN) {
+        return None;
+    }
+    authenticated_data
+        .chunks_exact(REVOCATION_LEN)
+        .find_map(|revocation| {
+            let (id, signature) = revocation.split_at(16);
+            let signature: [u8; 64] = signature.try_into().ok()?;
+            (id == device_id.as_bytes()
+                && miyu_proto::cert::verify_revocation(
+                    committer.identity_key(),
+                    &device_id,
+                    &signature,
+                ))
+            .then_some(Revocation {
+                device: device_id,
+                signature,
             })
+        })
 }
 
 /// Decrypts and verifies one message of the group's log. Unless `membership_changes`, a commit
@@ -810,15 +816,16 @@ pub fn process(
             {
                 return Err(MlsError::BadMember("commit changes the group's members"));
             }
+            let mut revocations = Vec::new();
             for device in removed
                 .iter()
                 .filter(|device| device.account_id() == committer.account_id())
             {
-                if !revoked_in(&authenticated_data, &committer, device) {
-                    return Err(MlsError::BadMember(
+                revocations.push(revoked_in(&authenticated_data, &committer, device).ok_or(
+                    MlsError::BadMember(
                         "a removal of the committer's own device without its revocation",
-                    ));
-                }
+                    ),
+                )?);
             }
             if let (Some(leaf), Sender::Member(index)) =
                 (staged.update_path_leaf_node(), &sender_leaf)
@@ -837,6 +844,7 @@ pub fn process(
                 committer,
                 added,
                 removed,
+                revocations,
             })))
         }
         // A stored proposal would ride along in this device's next commit (openmls commits
@@ -1071,7 +1079,12 @@ mod tests {
             .find(|(_, member)| *member == certificate)
             .unwrap()
             .0;
-        let commit = remove_members(&bob_mls, &bob, &mut bob_group, &[leaf], &[]).unwrap();
+        let revocation = Revocation {
+            device: certificate.device_id(),
+            signature: bob.sign_revocation(&certificate.device_id()).unwrap(),
+        };
+        let commit =
+            remove_members(&bob_mls, &bob, &mut bob_group, &[leaf], &[revocation]).unwrap();
         merge_own_commit(&bob_mls, &mut bob_group).unwrap();
         assert!(matches!(
             process(&alice_mls, &mut alice_group, &commit, false).unwrap(),
@@ -1192,6 +1205,8 @@ mod tests {
             match process(provider, group, &commit, false).unwrap() {
                 Incoming::Commit(summary) => {
                     assert_eq!(summary.removed, vec![tablet_certificate.clone()]);
+                    // Whoever reads the commit learns of the revocation.
+                    assert_eq!(summary.revocations, vec![revocation]);
                 }
                 _ => panic!("expected a commit"),
             }

@@ -597,7 +597,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 proxy.flatten(),
             )
             .await?;
+            // The account's other devices are now in its account group with this one: those
+            // lost must be revoked, or they keep taking part.
+            let others = client
+                .devices()
+                .await?
+                .into_iter()
+                .filter(|device| !device.this_device)
+                .count();
             client.disconnect().await;
+            if others > 0 && !cli.json {
+                eprintln!(
+                    "the account has {others} other device(s): revoke those you lost with \
+                     `miyu devices revoke ID` (`miyu devices` lists them); the others bring this \
+                     one into their conversations"
+                );
+            }
             print_restored(&restored, cli.json)
         }
         Command::Backup => {
