@@ -789,7 +789,9 @@ fn profiles_are_encrypted_at_rest_and_open_only_with_their_passphrase() {
             .map(|entry| entry.unwrap().path())
             .collect();
         assert!(files.iter().any(|f| f.ends_with("miyu.db")));
-        for needle in [marker.as_str(), "alice", "bob", "SQLite format"] {
+        // Needles of five bytes or more: a shorter one ("bob") turns up by chance in a few
+        // megabytes of ciphertext (about once in 16 MiB for three bytes).
+        for needle in [marker.as_str(), "alice", "SQLite format"] {
             assert_eq!(
                 count_in_files(&files, needle.as_bytes()),
                 0,

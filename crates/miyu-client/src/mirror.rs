@@ -4,8 +4,12 @@
 //!
 //! The devices of an account share an MLS group of their own, the account group (group ids of
 //! [`ACCOUNT_GROUP_ID_LEN`] bytes). The device holding the identity key creates it when it
-//! links the first other device, and links add each new device to it like to any conversation.
-//! `Sync` messages travel only there, and a device takes them only from its own account.
+//! links the first other device (or is recovered), and links add each new device to it like to
+//! any conversation. `Sync` messages travel only there, and a device takes them only from its
+//! own account. Its members are also the devices each device makes sure are in all of its
+//! conversations (`add_missing_own_devices`).
+
+use std::collections::HashSet;
 
 use miyu_crypto::mls::{self, Incoming, JoinedGroup, MlsGroup, Provider};
 use miyu_proto::cert::VerifiedCertificate;
@@ -14,10 +18,8 @@ use miyu_proto::{AccountId, DeviceId};
 use prost::Message as _;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::settings::Settings;
-use std::collections::HashSet;
-
 use crate::groups::{Claimed, Gone};
+use crate::settings::Settings;
 use crate::{Client, Contact, Error, Event, db, devices, now_ms, privacy, random};
 
 /// The length of an account group's id: neither a conversation's (16) nor a group's (32).
