@@ -41,6 +41,18 @@ pub fn auth_payload(server_certificate_sha256: &[u8; 32], nonce: &[u8]) -> Vec<u
     [AUTH_CONTEXT, server_certificate_sha256, nonce].concat()
 }
 
+/// Checks an Ed25519 signature (strictly: no malleable or small-order forms) over `payload`.
+fn verify_signature(key: &[u8; 32], payload: &[u8], signature: &[u8]) -> bool {
+    let Ok(key) = VerifyingKey::from_bytes(key) else {
+        return false;
+    };
+    let Ok(signature) = <[u8; 64]>::try_from(signature) else {
+        return false;
+    };
+    key.verify_strict(payload, &Signature::from_bytes(&signature))
+        .is_ok()
+}
+
 /// The bytes a group's posting key signs for a `GroupPost`: the group id (with its length),
 /// the epoch, the expiry and the SHA-256 of the payload.
 pub fn group_post_payload(group_id: &[u8], epoch: u64, expires_at: u64, payload: &[u8]) -> Vec<u8> {
@@ -63,17 +75,11 @@ pub fn verify_group_post(
     payload: &[u8],
     signature: &[u8],
 ) -> bool {
-    let Ok(key) = VerifyingKey::from_bytes(posting_key) else {
-        return false;
-    };
-    let Ok(signature) = <[u8; 64]>::try_from(signature) else {
-        return false;
-    };
-    key.verify_strict(
+    verify_signature(
+        posting_key,
         &group_post_payload(group_id, epoch, expires_at, payload),
-        &Signature::from_bytes(&signature),
+        signature,
     )
-    .is_ok()
 }
 
 /// The bytes an account's identity key signs to revoke one of its devices.
@@ -87,17 +93,7 @@ pub fn verify_revocation(
     device_id: &crate::DeviceId,
     signature: &[u8],
 ) -> bool {
-    let Ok(key) = VerifyingKey::from_bytes(identity_key) else {
-        return false;
-    };
-    let Ok(signature) = <[u8; 64]>::try_from(signature) else {
-        return false;
-    };
-    key.verify_strict(
-        &revoke_payload(device_id),
-        &Signature::from_bytes(&signature),
-    )
-    .is_ok()
+    verify_signature(identity_key, &revoke_payload(device_id), signature)
 }
 
 /// The bytes an account's identity key signs to set the account's recovery bundle: the
@@ -114,17 +110,11 @@ pub fn verify_recovery(
     bundle: &[u8],
     signature: &[u8],
 ) -> bool {
-    let Ok(key) = VerifyingKey::from_bytes(identity_key) else {
-        return false;
-    };
-    let Ok(signature) = <[u8; 64]>::try_from(signature) else {
-        return false;
-    };
-    key.verify_strict(
+    verify_signature(
+        identity_key,
         &recovery_payload(verifier, locator, bundle),
-        &Signature::from_bytes(&signature),
+        signature,
     )
-    .is_ok()
 }
 
 /// A device certificate whose signature has been checked.
@@ -235,17 +225,11 @@ pub fn verify_auth(
     nonce: &[u8],
     signature: &[u8],
 ) -> bool {
-    let Ok(key) = VerifyingKey::from_bytes(device_key) else {
-        return false;
-    };
-    let Ok(signature) = <[u8; 64]>::try_from(signature) else {
-        return false;
-    };
-    key.verify_strict(
+    verify_signature(
+        device_key,
         &auth_payload(server_certificate_sha256, nonce),
-        &Signature::from_bytes(&signature),
+        signature,
     )
-    .is_ok()
 }
 
 #[cfg(test)]
