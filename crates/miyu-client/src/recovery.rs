@@ -130,39 +130,37 @@ impl Client {
 
     /// The recovery key this device made, to write down again.
     pub fn recovery_key(&self) -> Result<Zeroizing<String>, Error> {
-        let key: Option<Vec<u8>> =
-            self.db
-                .query_row("SELECT recovery_key FROM account WHERE id = 1", [], |row| {
-                    row.get(0)
-                })?;
-        let key = Zeroizing::new(key.ok_or_else(|| {
-            Error::Usage(
-                "this device has no recovery key (only the account's first device has)".into(),
-            )
-        })?);
-        let bytes: [u8; 32] = key
-            .as_slice()
-            .try_into()
-            .map_err(|_| Error::Usage("the stored recovery key is damaged".into()))?;
-        Ok(RecoveryKey::from_bytes(bytes).to_text(&self.account_id()))
+        let bytes = self.stored_key(
+            "recovery_key",
+            "this device has no recovery key (only the account's first device has)",
+        )?;
+        Ok(RecoveryKey::from_bytes(*bytes).to_text(&self.account_id()))
     }
 
     fn backup_key(&self) -> Result<BackupKey, Error> {
-        let key: Option<Vec<u8>> =
-            self.db
-                .query_row("SELECT backup_key FROM account WHERE id = 1", [], |row| {
-                    row.get(0)
-                })?;
-        let key = Zeroizing::new(key.ok_or_else(|| {
-            Error::Usage(
-                "this device makes no backups (only the account's first device does)".into(),
-            )
-        })?);
-        let bytes: [u8; 32] = key
-            .as_slice()
-            .try_into()
-            .map_err(|_| Error::Usage("the stored backup key is damaged".into()))?;
-        Ok(BackupKey::from_bytes(bytes))
+        let bytes = self.stored_key(
+            "backup_key",
+            "this device makes no backups (only the account's first device does)",
+        )?;
+        Ok(BackupKey::from_bytes(*bytes))
+    }
+
+    /// A 32-byte key kept in the account row's `column` (a fixed name, never user input);
+    /// `missing` says why there is none.
+    fn stored_key(&self, column: &str, missing: &str) -> Result<Zeroizing<[u8; 32]>, Error> {
+        let key: Option<Vec<u8>> = self.db.query_row(
+            &format!("SELECT {column} FROM account WHERE id = 1"),
+            [],
+            |row| row.get(0),
+        )?;
+        let key = Zeroizing::new(key.ok_or_else(|| Error::Usage(missing.into()))?);
+        let bytes: [u8; 32] = key.as_slice().try_into().map_err(|_| {
+            Error::Usage(format!(
+                "the stored {} is damaged",
+                column.replace('_', " ")
+            ))
+        })?;
+        Ok(Zeroizing::new(bytes))
     }
 
     /// Backs the account's history up, sealed under the backup key: what changed since the last

@@ -292,13 +292,7 @@ impl Store for SqliteStore {
         signature: &[u8],
     ) -> Result<(), StoreError> {
         self.write(|db| {
-            let (account, certificate) = db
-                .prepare_cached("SELECT account_id, certificate FROM devices WHERE device_id = ?1")?
-                .query_row([requester.as_bytes().as_slice()], |row| {
-                    Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
-                })
-                .optional()?
-                .ok_or(StoreError::AuthenticationFailed)?;
+            let (account, certificate) = requester_of(db, requester)?;
             let device = device_id.as_bytes().as_slice();
             let registered = account_of(db, device_id)?.is_some_and(|of| of == account);
             let revoked_already = !registered
@@ -390,13 +384,7 @@ impl Store for SqliteStore {
         recovery: NewRecovery,
     ) -> Result<(), StoreError> {
         self.write(|db| {
-            let (account, certificate) = db
-                .prepare_cached("SELECT account_id, certificate FROM devices WHERE device_id = ?1")?
-                .query_row([requester.as_bytes().as_slice()], |row| {
-                    Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
-                })
-                .optional()?
-                .ok_or(StoreError::AuthenticationFailed)?;
+            let (account, certificate) = requester_of(db, requester)?;
             let account_id = AccountId::from_bytes(&account)
                 .map_err(|_| StoreError::Corrupt("a stored account id has the wrong length"))?;
             super::check_recovery(&certificate, &account_id, &recovery)?;
@@ -1618,6 +1606,17 @@ fn account_of(db: &Connection, device_id: &DeviceId) -> Result<Option<Vec<u8>>, 
         .prepare_cached("SELECT account_id FROM devices WHERE device_id = ?1")?
         .query_row([device_id.as_bytes().as_slice()], |row| row.get(0))
         .optional()?)
+}
+
+/// The account and certificate of a device making a request that needs them (a revocation,
+/// a recovery bundle): `AuthenticationFailed` if it is no longer registered.
+fn requester_of(db: &Connection, requester: &DeviceId) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
+    db.prepare_cached("SELECT account_id, certificate FROM devices WHERE device_id = ?1")?
+        .query_row([requester.as_bytes().as_slice()], |row| {
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
+        })
+        .optional()?
+        .ok_or(StoreError::AuthenticationFailed)
 }
 
 /// `Forbidden` if `remove` names a registered device of `committer_account`: only a
